@@ -1,0 +1,39 @@
+"""mixcls predict: fold ensemble + TTA over a folder of images -> submission CSV."""
+
+from __future__ import annotations
+
+import argparse
+
+from mixcls.runs import read_json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict", help="fold ensemble + TTA -> submission.csv",
+        description="Average class probabilities over every fold's best checkpoint and the first "
+        "--tta deterministic views (the image as it is first, then flips and transpose).")
+    p.add_argument("--run", required=True, help="a finished mixcls run folder")
+    p.add_argument("--images", required=True, help="folder of test images")
+    p.add_argument("--ids", help="CSV with an image_id column (e.g. sample_submission.csv)")
+    p.add_argument("--tta", type=int, default=None, help="TTA views (default: the run's tta)")
+    p.add_argument("--out", default="submission.csv", help="submission file to write")
+    p.add_argument("--with-probs", action="store_true", help="also write prob_0 … prob_{K-1}")
+    p.add_argument("--label-names", action="store_true", help="write class names, not indices")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from mixcls.predict import predict_run, resolve_images, write_submission
+
+    read_json(f"{args.run}/classes.json")  # fail on a wrong --run before reading images
+    ids, paths = resolve_images(args.images, args.ids)
+    probs = predict_run(args.run, paths, tta=args.tta, device=args.device,
+                        batch_size=args.batch_size, workers=args.workers, amp=args.amp)
+    write_submission(args.out, ids, probs, run_dir=args.run, with_probs=args.with_probs,
+                     label_names=args.label_names)
+    print(f"wrote {args.out}: {len(ids)} rows")
+    return 0

@@ -1,0 +1,300 @@
+"""The run configuration: dataclass defaults -> YAML file -> CLI flags -> validate -> save.
+
+Every option has one flat key, the same in a YAML file and on the command line (`img_size`
+in YAML is `--img-size` on the command line). Internally options are grouped by what uses them
+(`cfg.optim` goes to `build_optimizer`), so each section stays small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _opt(default: Any, help: str, *, choices: list[str] | None = None, key: str | None = None,
+         factory: Any = None) -> Any:
+    """A dataclass field that carries its CLI help, its allowed values and its flat key."""
+    meta = {"help": help, "choices": choices, "key": key}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+PRESETS = ["light", "cassava", "digits", "none"]
+AMP_MODES = ["none", "bf16", "fp16"]
+OPTIMIZERS = ["adamw", "adam", "sgd"]
+SCHEDULERS = ["cosine", "cosine_restarts", "onecycle", "constant"]
+LOSSES = ["ce", "label_smoothing", "bi_tempered", "symmetric_ce", "taylor_ce", "focal"]
+TTA_VIEWS = ["orig", "hflip", "vflip", "transpose", "rot90", "rot180", "rot270", "transverse"]
+CHECK_IMAGES = ["full", "header"]
+CACHE_IMAGES = ["auto", "yes", "no"]
+
+
+@dataclass
+class DataConfig:
+    data: str | None = _opt(None, "competition folder (train.csv + train_images/) or class-per-folder tree")
+    csv: str | None = _opt(None, "training table, when it is not DATA/train.csv")
+    images: str | None = _opt(None, "training images folder, when it is not DATA/train_images")
+    id_col: str = _opt("image_id", "column of image file names (relative to the images folder)")
+    label_col: str = _opt("label", "column of labels (integers or strings)")
+    img_size: int = _opt(224, "square side in pixels the model sees")
+    preset: str = _opt("light", "albumentations preset for training", choices=PRESETS)
+    workers: int = _opt(2, "DataLoader worker processes (0: load in the main process)")
+    cache_images: str = _opt("auto", "keep decoded images in RAM (auto: when they fit in 2 GiB)",
+                             choices=CACHE_IMAGES)
+    check_images: str = _opt("full", "before training, decode every image (full) or only read headers",
+                             choices=CHECK_IMAGES)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _opt("resnet18", "any timm model name", key="model")
+    pretrained: bool = _opt(False, "load the timm hub weights of the model (needs the hub)")
+    pretrained_file: str | None = _opt(None, "load weights from a local .pth/.safetensors file")
+    drop_rate: float = _opt(0.0, "dropout before the classifier")
+    channels_last: bool = _opt(False, "use the channels_last memory format (faster on GPUs)")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _opt("adamw", "optimizer", choices=OPTIMIZERS, key="optimizer")
+    lr: float = _opt(1e-3, "peak learning rate")
+    weight_decay: float = _opt(1e-2, "decoupled weight decay (adamw) or L2 (adam, sgd)")
+    momentum: float = _opt(0.9, "SGD momentum")
+
+
+@dataclass
+class SchedConfig:
+    name: str = _opt("cosine", "learning-rate schedule, stepped once per optimizer step",
+                     choices=SCHEDULERS, key="scheduler")
+    warmup_epochs: float = _opt(0.0, "linear warm-up length in epochs (cosine, onecycle)")
+    t0: int = _opt(10, "epochs of the first cosine cycle (cosine_restarts)")
+    t_mult: int = _opt(1, "cycle length factor after each restart (cosine_restarts)")
+    min_lr: float = _opt(1e-6, "floor of the cosine schedules")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _opt(10, "epochs per fold")
+    batch_size: int | str = _opt(32, "micro-batch per optimizer call, or 'auto' (largest that fits)")
+    effective_batch: int | None = _opt(None, "with --batch-size auto: accumulate to this batch")
+    accum_steps: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)")
+    amp: str = _opt("none", "mixed precision: fp16 (CUDA, GradScaler) or bf16 (CPU and CUDA)",
+                    choices=AMP_MODES)
+    grad_clip: float | None = _opt(None, "clip the gradient norm to this value")
+    patience: int | None = _opt(None, "early stopping: epochs without a better valid accuracy")
+    ema: bool = _opt(False, "keep an exponential moving average of the weights (timm ModelEmaV3)")
+    ema_decay: float = _opt(0.999, "EMA decay per optimizer step")
+    folds: int = _opt(5, "number of stratified folds")
+    train_folds: list[int] | None = _opt(None, "train only these folds (default: all)")
+    seed: int = _opt(42, "seed of folds, weights, augmentation, mixing and loader workers")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:N")
+    save_every_steps: int | None = _opt(None, "also checkpoint every N optimizer steps (resume)")
+    sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm under torchrun")
+    max_memory_mb: float | None = _opt(None, "with --batch-size auto: memory budget in MiB")
+
+
+@dataclass
+class MixConfig:
+    method: str = _opt("none", "none, mixup, cutmix, fmix, or weights like fmix:0.5,cutmix:0.5",
+                       key="mix")
+    alpha: float = _opt(1.0, "lambda ~ Beta(alpha, alpha)", key="mix_alpha")
+    prob: float = _opt(1.0, "probability of mixing a batch at all", key="mix_prob")
+    off_epochs: int = _opt(0, "no mixing in the last N epochs", key="mix_off_epochs")
+    decay_power: float = _opt(3.0, "fmix spectrum decay 1/f^d", key="mix_decay_power")
+    max_soft: float = _opt(0.0, "fmix soft edge width (0: binary mask)", key="mix_max_soft")
+    mode: str = _opt("batch", "one lambda per batch or per sample", choices=["batch", "sample"],
+                     key="mix_mode")
+
+
+@dataclass
+class LossConfig:
+    name: str = _opt("ce", "training loss (all take soft targets)", choices=LOSSES, key="loss")
+    smoothing: float = _opt(0.0, "label smoothing applied to the targets")
+    t1: float = _opt(0.8, "bi-tempered: temperature of the log (t1 < 1 bounds the loss)")
+    t2: float = _opt(1.4, "bi-tempered: temperature of the exp (t2 > 1 gives heavy tails)")
+    focal_gamma: float = _opt(2.0, "focal loss focusing power")
+    sce_alpha: float = _opt(0.1, "symmetric CE: weight of cross entropy")
+    sce_beta: float = _opt(1.0, "symmetric CE: weight of reverse cross entropy")
+    taylor_order: int = _opt(2, "Taylor CE: order of the expansion")
+
+
+@dataclass
+class PredictConfig:
+    tta: int = _opt(1, "number of TTA views (the original first)")
+    tta_views: list[str] = _opt(None, "ordered TTA views to take the first --tta of",
+                                factory=lambda: ["orig", "hflip", "vflip", "transpose"])
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used; the message names it."""
+
+
+def iter_options() -> list[tuple[str, str, dataclasses.Field]]:
+    """Every option as (flat key, section name, dataclass field)."""
+    out = []
+    for section, kind in _SECTION_TYPES.items():
+        for f in dataclasses.fields(kind):
+            out.append((f.metadata.get("key") or f.name, section, f))
+    return out
+
+
+_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+                  "sched": SchedConfig, "train": TrainConfig, "mix": MixConfig,
+                  "loss": LossConfig, "predict": PredictConfig}
+
+
+def _option_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    return {key: (section, f) for key, section, f in iter_options()}
+
+
+def apply_overrides(cfg: Config, values: dict[str, Any], *, source: str) -> Config:
+    """Set flat keys on `cfg` (in place); unknown keys raise naming `source` and close matches."""
+    index = _option_index()
+    for key, value in values.items():
+        norm = key.replace("-", "_")
+        if norm not in index:
+            import difflib
+            close = difflib.get_close_matches(norm, index, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+        section, f = index[norm]
+        setattr(getattr(cfg, section), f.name, _coerce(norm, value, f))
+    return cfg
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """Convert YAML/CLI values to the field's type; strings like '1e-4' become floats."""
+    if value is None:
+        return None
+    kind = str(f.type)
+    try:
+        if key == "batch_size":
+            return "auto" if str(value) == "auto" else int(value)
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind.startswith("list[int]"):
+            items = value.split(",") if isinstance(value, str) else value
+            return [int(v) for v in items]
+        if kind.startswith("list[str]"):
+            items = value.split(",") if isinstance(value, str) else value
+            return [str(v).strip() for v in items]
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: {value!r} is not a valid {kind.split(' |')[0]}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file at `path`, then `overrides`; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values")
+        apply_overrides(cfg, values, source=str(path))
+    if overrides:
+        apply_overrides(cfg, overrides, source="command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first bad key and its allowed values."""
+    for key, section, f in iter_options():
+        value = getattr(getattr(cfg, section), f.name)
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    _check_positive(cfg)
+    for view in cfg.predict.tta_views:
+        if view not in TTA_VIEWS:
+            raise ConfigError(f"tta_views: {view!r} is not one of {', '.join(TTA_VIEWS)}")
+    if cfg.predict.tta > len(cfg.predict.tta_views):
+        raise ConfigError(f"tta: {cfg.predict.tta} is more than the {len(cfg.predict.tta_views)} "
+                          f"tta_views {cfg.predict.tta_views}")
+    if cfg.predict.tta_views and cfg.predict.tta_views[0] != "orig":
+        raise ConfigError("tta_views: the first view must be 'orig' (the image as it is)")
+    if cfg.train.train_folds is not None:
+        bad = [k for k in cfg.train.train_folds if not 0 <= k < cfg.train.folds]
+        if bad:
+            raise ConfigError(f"train_folds: {bad} outside 0..{cfg.train.folds - 1}")
+    if cfg.loss.name == "bi_tempered" and not (cfg.loss.t1 <= 1.0 <= cfg.loss.t2):
+        raise ConfigError(f"t1, t2: bi-tempered needs t1 <= 1 <= t2, got {cfg.loss.t1}, {cfg.loss.t2}")
+    from mixcls.mix import parse_mix_spec  # local: mix imports nothing from config
+    try:
+        parse_mix_spec(cfg.mix.method)
+    except ValueError as exc:
+        raise ConfigError(f"mix: {exc}") from None
+
+
+def _check_positive(cfg: Config) -> None:
+    rules = {
+        "img_size": (cfg.data.img_size, 8), "epochs": (cfg.train.epochs, 1),
+        "accum_steps": (cfg.train.accum_steps, 1), "folds": (cfg.train.folds, 2),
+        "tta": (cfg.predict.tta, 1), "workers": (cfg.data.workers, 0),
+        "t0": (cfg.sched.t0, 1), "t_mult": (cfg.sched.t_mult, 1),
+    }
+    if cfg.train.batch_size != "auto":
+        rules["batch_size"] = (cfg.train.batch_size, 1)
+    for key, (value, low) in rules.items():
+        if value < low:
+            raise ConfigError(f"{key}: {value} must be >= {low}")
+    floats = {"lr": cfg.optim.lr, "mix_alpha": cfg.mix.alpha}
+    for key, value in floats.items():
+        if not value > 0:
+            raise ConfigError(f"{key}: {value} must be > 0")
+    for key, value in {"mix_prob": cfg.mix.prob, "smoothing": cfg.loss.smoothing,
+                       "ema_decay": cfg.train.ema_decay}.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}: {value} must be in [0, 1]")
+
+
+def config_to_flat(cfg: Config) -> dict[str, Any]:
+    """The flat key -> value mapping, as written to config.yaml and checkpoints."""
+    return {key: getattr(getattr(cfg, section), f.name) for key, section, f in iter_options()}
+
+
+def config_from_flat(values: dict[str, Any]) -> Config:
+    """Rebuild a Config from `config_to_flat` output (checkpoints, run folders)."""
+    cfg = apply_overrides(Config(), values, source="saved config")
+    validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of the resolved config, keys in the order of the sections."""
+    return yaml.safe_dump(config_to_flat(cfg), sort_keys=False)

@@ -1,0 +1,359 @@
+"""Read and check the training table and its images; the Dataset the loaders use.
+
+Every check runs before any training or writing starts, and all problems of one kind are
+reported together (the first 20 and a count), so a user fixes their data in one pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+CLASS_FILES = ("label_num_to_disease_map.json", "classes.json")
+MAX_LISTED = 20
+# Caching decoded images avoids re-decoding every epoch; above this the RAM is better left to
+# the OS page cache and the workers.
+CACHE_LIMIT_BYTES = 2 * 2**30
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file, rows or values."""
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to (H, W, 3) uint8 RGB, whatever its mode (grey, RGBA, palette, 16-bit)."""
+    with Image.open(path) as image:
+        image.load()  # decodes fully: a truncated file raises here, not in a worker later
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            array = np.asarray(image, dtype=np.float64)
+            top = 65535.0 if array.max(initial=0) > 255 else 255.0
+            grey = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            return np.repeat(grey[:, :, None], 3, axis=2)
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return np.asarray(image, dtype=np.uint8).copy()
+
+
+@dataclass
+class TrainTable:
+    """A checked training table.
+
+    `frame` has image_id, label (int index into `classes`), path (absolute), and when the CSV
+    had them: fold, label_given (int), keep (0/1), prob_0 … prob_{K-1} (soft targets).
+    """
+
+    frame: pd.DataFrame
+    classes: list[str]
+    images_dir: Path
+    csv_path: Path | None
+    integer_labels: bool
+    soft_targets: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.frame["label"].to_numpy(dtype=np.int64)
+
+
+def _listing(title: str, items: Sequence[str]) -> str:
+    shown = "\n".join(f"  {item}" for item in items[:MAX_LISTED])
+    more = f"\n  … and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return f"{title} ({len(items)}):\n{shown}{more}"
+
+
+def resolve_layout(data: str | Path | None, csv: str | Path | None,
+                   images: str | Path | None) -> tuple[Path | None, Path]:
+    """(csv path or None for a class-per-folder tree, images folder) from the user's paths."""
+    if data is None and csv is None:
+        raise DataError("no training data given: pass --data FOLDER, or --csv FILE with --images DIR")
+    if csv is not None:
+        csv = Path(csv)
+        if not csv.is_file():
+            raise DataError(f"training table {csv} does not exist")
+        base = Path(data) if data is not None else csv.parent
+        images_dir = Path(images) if images is not None else base / "train_images"
+    else:
+        data = Path(data)
+        if data.is_file() and data.suffix.lower() == ".csv":
+            return resolve_layout(None, data, images)
+        if not data.is_dir():
+            raise DataError(f"data folder {data} does not exist")
+        if (data / "train.csv").is_file():
+            csv = data / "train.csv"
+            images_dir = Path(images) if images is not None else data / "train_images"
+        else:
+            return None, Path(images) if images is not None else data
+    if not images_dir.is_dir():
+        raise DataError(f"images folder {images_dir} does not exist")
+    return csv, images_dir
+
+
+def read_class_names(folder: Path) -> dict[str, str] | list[str] | None:
+    """The class names file of a competition folder, if any: {label: name} or [name, …]."""
+    for name in CLASS_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                names = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: not valid JSON ({exc})") from None
+            if isinstance(names, dict):
+                return {str(k): str(v) for k, v in names.items()}
+            if isinstance(names, list):
+                return [str(v) for v in names]
+            raise DataError(f"{path}: expected a mapping label -> name or a list of names")
+    return None
+
+
+def _scan_class_folders(root: Path) -> pd.DataFrame:
+    """image_id (relative path) and label (folder name) from root/<class>/<file>."""
+    rows = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(class_dir.rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+                rows.append({"image_id": path.relative_to(root).as_posix(), "label": class_dir.name})
+    if not rows:
+        raise DataError(f"{root}: no train.csv and no class folders with images "
+                        f"({', '.join(IMAGE_EXTENSIONS)}) inside")
+    return pd.DataFrame(rows)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not a readable CSV: {exc}") from None
+    if frame.empty:
+        raise DataError(f"{path} has a header but no rows")
+    return frame
+
+
+def load_train_table(data: str | Path | None = None, *, csv: str | Path | None = None,
+                     images: str | Path | None = None, id_col: str = "image_id",
+                     label_col: str = "label", n_folds: int | None = None,
+                     check_images: str = "full", classes: list[str] | None = None) -> TrainTable:
+    """Read a Kaggle-layout folder, a CSV + images folder, or a class-per-folder tree, and check it.
+
+    `classes` fixes the class list (e.g. a run's classes.json when predicting or merging).
+    """
+    csv_path, images_dir = resolve_layout(data, csv, images)
+    if csv_path is None:
+        raw = _scan_class_folders(images_dir)
+        source = str(images_dir)
+        id_col, label_col = "image_id", "label"
+        names_file = None
+    else:
+        raw = _read_csv(csv_path)
+        source = str(csv_path)
+        missing = [c for c in (id_col, label_col) if c not in raw.columns]
+        if missing:
+            raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
+                            f"columns are {', '.join(raw.columns)}")
+        names_file = read_class_names(csv_path.parent)
+    frame = pd.DataFrame({"image_id": raw[id_col].astype(str).str.strip(),
+                          "label_raw": raw[label_col].astype(str).str.strip()})
+    _check_ids(frame, source, images_dir)
+    class_list, integer_labels = _resolve_classes(frame["label_raw"], names_file, classes)
+    frame["label"] = _map_labels(frame["label_raw"], class_list, integer_labels, source)
+    optional = _read_optional_columns(raw, frame, class_list, integer_labels, source)
+    frame = frame.drop(columns="label_raw")
+    frame["path"] = [str((images_dir / i).resolve()) for i in frame["image_id"]]
+    _check_files(frame, source, check_images)
+    if n_folds is not None:
+        _check_class_counts(frame, class_list, n_folds, source)
+    return TrainTable(frame=frame.assign(**optional["columns"]), classes=class_list,
+                      images_dir=images_dir.resolve(), csv_path=csv_path,
+                      integer_labels=integer_labels, soft_targets=optional["soft"])
+
+
+def _check_ids(frame: pd.DataFrame, source: str, images_dir: Path) -> None:
+    ids = frame["image_id"]
+    empty = [f"row {i + 2}" for i in np.flatnonzero(ids.eq("").to_numpy())]
+    if empty:
+        raise DataError(_listing(f"{source}: rows with an empty image id", empty))
+    dup = ids[ids.duplicated(keep=False)]
+    if len(dup):
+        listed = [f"row {i + 2}: {v!r}" for i, v in dup.items()]
+        raise DataError(_listing(f"{source}: duplicate image ids", listed))
+    root = images_dir.resolve()
+    outside = []
+    for i, image_id in ids.items():
+        candidate = Path(image_id)
+        if candidate.is_absolute() or ".." in candidate.parts:
+            outside.append(f"row {i + 2}: {image_id!r}")
+        elif not (root / candidate).resolve().is_relative_to(root):
+            outside.append(f"row {i + 2}: {image_id!r} (a link out of the folder)")
+    if outside:
+        raise DataError(_listing(f"{source}: image ids that point outside {images_dir}", outside))
+
+
+def _resolve_classes(labels: pd.Series, names_file: Any, classes: list[str] | None
+                     ) -> tuple[list[str], bool]:
+    """Class names in index order, and whether the table's labels are integer indices."""
+    values = labels.unique().tolist()
+    integer = all(v.lstrip("-").isdigit() for v in values)
+    if classes is not None:
+        indexed = list(classes) == [str(i) for i in range(len(classes))]
+        return list(classes), integer and (indexed or not set(values) <= set(classes))
+    if isinstance(names_file, dict):
+        keys = sorted(names_file, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else k))
+        if integer and all(k.isdigit() for k in keys) and [int(k) for k in keys] == list(range(len(keys))):
+            return [names_file[k] for k in keys], True
+        return [names_file[k] for k in keys], False
+    if isinstance(names_file, list):
+        return names_file, integer
+    if integer:
+        ints = sorted(int(v) for v in values)
+        if ints[0] >= 0 and ints[-1] < 1000:
+            return [str(i) for i in range(ints[-1] + 1)], True
+    return sorted(values), False
+
+
+def _map_labels(raw: pd.Series, classes: list[str], integer: bool, source: str) -> np.ndarray:
+    if integer:
+        index = {str(i): i for i in range(len(classes))}
+    else:
+        index = {name: i for i, name in enumerate(classes)}
+    mapped = raw.map(index)
+    bad = [f"row {i + 2}: {v!r}" for i, v in raw[mapped.isna()].items()]
+    if bad:
+        allowed = ", ".join(index) if len(index) <= 30 else f"{len(index)} classes"
+        raise DataError(_listing(f"{source}: labels outside the class list ({allowed})", bad))
+    return mapped.to_numpy(dtype=np.int64)
+
+
+def _read_optional_columns(raw: pd.DataFrame, frame: pd.DataFrame, classes: list[str],
+                           integer: bool, source: str) -> dict[str, Any]:
+    """fold / label_given / keep / prob_k columns written by `mixcls clean` or by hand."""
+    columns: dict[str, Any] = {}
+    if "label_given" in raw.columns:
+        columns["label_given"] = _map_labels(raw["label_given"].astype(str).str.strip(), classes,
+                                             integer, f"{source} (label_given)")
+    for name in ("fold", "keep"):
+        if name in raw.columns:
+            values = pd.to_numeric(raw[name], errors="coerce")
+            bad = [f"row {i + 2}: {raw[name][i]!r}" for i in np.flatnonzero(
+                values.isna().to_numpy() | (values < 0).to_numpy() | (values % 1 != 0).to_numpy())]
+            if bad:
+                raise DataError(_listing(f"{source}: column {name} must hold integers >= 0", bad))
+            columns[name] = values.to_numpy(dtype=np.int64)
+    if "keep" in columns and not set(np.unique(columns["keep"])) <= {0, 1}:
+        raise DataError(f"{source}: column keep must hold 0 or 1")
+    prob_cols = [c for c in raw.columns if c.startswith("prob_")]
+    soft = None
+    if prob_cols:
+        expected = [f"prob_{k}" for k in range(len(classes))]
+        if sorted(prob_cols, key=lambda c: int(c[5:]) if c[5:].isdigit() else -1) != expected:
+            raise DataError(f"{source}: soft-target columns must be exactly {expected[0]} … "
+                            f"{expected[-1]} for {len(classes)} classes, found {prob_cols}")
+        soft = raw[expected].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
+        sums = soft.sum(axis=1)
+        bad_rows = np.flatnonzero(~np.isfinite(sums) | (soft < 0).any(axis=1) | (abs(sums - 1) > 1e-3))
+        if len(bad_rows):
+            raise DataError(_listing(f"{source}: soft targets must be >= 0 and sum to 1",
+                                     [f"row {i + 2}: sum {sums[i]:.4f}" for i in bad_rows]))
+        soft = soft / soft.sum(axis=1, keepdims=True)
+    return {"columns": columns, "soft": soft}
+
+
+def _check_one_image(path: str, mode: str) -> str | None:
+    try:
+        if mode == "full":
+            read_image(path)
+        else:
+            with Image.open(path) as image:
+                image.verify()
+        return None
+    except FileNotFoundError:
+        return "missing file"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"unreadable image ({exc.__class__.__name__}: {str(exc)[:80]})"
+
+
+def _check_files(frame: pd.DataFrame, source: str, mode: str) -> None:
+    paths = frame["path"].tolist()
+    missing = [f"row {i + 2}: {frame['image_id'].iat[i]!r}"
+               for i, p in enumerate(paths) if not os.path.isfile(p)]
+    if missing:
+        raise DataError(_listing(f"{source}: image files that do not exist", missing))
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        problems = list(pool.map(lambda p: _check_one_image(p, mode), paths))
+    bad = [f"row {i + 2}: {frame['image_id'].iat[i]!r}: {msg}" for i, msg in enumerate(problems) if msg]
+    if bad:
+        raise DataError(_listing(f"{source}: images that cannot be decoded", bad))
+
+
+def _check_class_counts(frame: pd.DataFrame, classes: list[str], n_folds: int, source: str) -> None:
+    counts = np.bincount(frame["label"].to_numpy(), minlength=len(classes))
+    small = [f"{classes[k]!r}: {counts[k]} image(s)" for k in range(len(classes)) if counts[k] < n_folds]
+    if small:
+        raise DataError(_listing(f"{source}: classes with fewer images than the {n_folds} folds "
+                                 "(stratified k-fold needs at least one per fold)", small))
+
+
+def list_image_files(folder: str | Path) -> list[str]:
+    """Image ids (paths relative to `folder`) of every image file below it, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"images folder {folder} does not exist")
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def load_image_cache(paths: Sequence[str], *, mode: str = "auto") -> list[np.ndarray] | None:
+    """Decode every image once into RAM, or None when `mode` says no or they would not fit."""
+    if mode == "no" or not paths:
+        return None
+    if mode == "auto":
+        with Image.open(paths[0]) as first:
+            estimate = first.width * first.height * 3 * len(paths)
+        if estimate > CACHE_LIMIT_BYTES:
+            return None
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(read_image, paths))
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images with their targets: class indices (N,) int64 or soft targets (N, K) float32.
+
+    An item key is an index or an (index, seed) pair: with a seed the augmentation of that item
+    is a pure function of (seed, index), so a run is the same whatever the number of workers
+    and a resumed epoch can skip batches without changing the ones that follow.
+    """
+
+    def __init__(self, paths: Sequence[str], targets: np.ndarray | None, transform: Callable,
+                 *, cache: list[np.ndarray] | None = None):
+        self.paths = list(paths)
+        self.targets = targets
+        self.transform = transform
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image = self.cache[index] if self.cache is not None else read_image(self.paths[index])
+        if seed is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
+        tensor = self.transform(image=image)["image"]
+        if self.targets is None:
+            return tensor, index
+        return tensor, self.targets[index]

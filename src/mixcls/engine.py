@@ -1,0 +1,167 @@
+"""One epoch of training and one pass of evaluation, written as plain loops.
+
+What a batch does is readable top to bottom in `train_one_epoch`: mix, forward under autocast,
+loss on soft targets, backward outside autocast, and one optimizer + scheduler step per
+`accum_steps` micro-batches.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from mixcls.transforms import apply_tta_view
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+    lr: float
+    steps: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def should_step(i: int, n_batches: int, accum_steps: int) -> bool:
+    """Step after every `accum_steps` micro-batches and after the epoch's last one."""
+    return (i + 1) % accum_steps == 0 or i == n_batches - 1
+
+
+def group_size(i: int, n_batches: int, accum_steps: int) -> int:
+    """Micro-batches in the accumulation group of batch `i` (the epoch's last group may be short)."""
+    start = (i // accum_steps) * accum_steps
+    return min(accum_steps, n_batches - start)
+
+
+def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def to_soft_targets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class indices (B,) or soft targets (B, K) -> float soft targets (B, K)."""
+    if targets.ndim == 1:
+        return F.one_hot(targets.long(), num_classes).float()
+    return targets.float()
+
+
+def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.Optimizer, *,
+                    loss_fn: Callable, device: torch.device, num_classes: int,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                    mixer: Callable | None = None, generator: torch.Generator | None = None,
+                    accum_steps: int = 1, scaler: torch.amp.GradScaler | None = None,
+                    amp_dtype: torch.dtype | None = None, grad_clip: float | None = None,
+                    ema: nn.Module | None = None, channels_last: bool = False,
+                    start_batch: int = 0, n_batches: int | None = None,
+                    on_step: Callable[[int], None] | None = None,
+                    progress: bool = True, desc: str = "train") -> EpochStats:
+    """Train over `loader`; batches before `start_batch` were done before a resume.
+
+    `n_batches` is the epoch's full length when `loader` yields only the remaining batches.
+    `on_step(i)` runs after each optimizer step with the index of the last micro-batch.
+    """
+    model.train()
+    n_batches = n_batches if n_batches is not None else len(loader)
+    total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(total=n_batches, initial=start_batch, desc=desc, disable=not progress,
+               leave=False, dynamic_ncols=True)
+    optimizer.zero_grad(set_to_none=True)
+    for i, (images, targets) in enumerate(loader, start=start_batch):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        soft_targets = to_soft_targets(targets.to(device, non_blocking=True), num_classes)
+        if mixer is not None:
+            images, soft_targets, _ = mixer(images, soft_targets, generator=generator)
+        with autocast_context(device, amp_dtype):
+            logits = model(images)
+            loss = loss_fn(logits, soft_targets)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss is {loss.item()} at batch {i} of {n_batches}")
+        scaled = loss / group_size(i, n_batches, accum_steps)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if should_step(i, n_batches, accum_steps):
+            _optimizer_step(model, optimizer, scaler=scaler, grad_clip=grad_clip)
+            if scheduler is not None:
+                scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            steps += 1
+            if on_step is not None:
+                on_step(i)
+        batch = images.shape[0]
+        total_loss += loss.item() * batch
+        correct += (logits.argmax(1) == soft_targets.argmax(1)).sum().item()
+        seen += batch
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}",
+                        lr=f"{optimizer.param_groups[0]['lr']:.2e}", ips=f"{seen / elapsed:.0f}")
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - start
+    return EpochStats(loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), images=seen,
+                      seconds=seconds, lr=optimizer.param_groups[0]["lr"], steps=steps)
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                    scaler: torch.amp.GradScaler | None, grad_clip: float | None) -> None:
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: Sequence, *, device: torch.device,
+             loss_fn: Callable | None = None, num_classes: int | None = None,
+             amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+             tta_views: Sequence[str] = ("orig",), progress: bool = False,
+             desc: str = "valid") -> tuple[np.ndarray, float | None]:
+    """Class probabilities (N, K) averaged over `tta_views`, and the mean loss of the plain view.
+
+    Never mixes: validation and prediction see the images as they are (plus TTA views).
+    """
+    model.eval()
+    all_probs, total_loss, seen = [], 0.0, 0
+    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images = images.to(device, non_blocking=True)
+        probs = None
+        for view in tta_views:
+            x = apply_tta_view(images, view)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_context(device, amp_dtype):
+                logits = model(x).float()
+            probs = logits.softmax(1) if probs is None else probs + logits.softmax(1)
+            if view == "orig" and loss_fn is not None:
+                soft = to_soft_targets(targets.to(device), num_classes or logits.shape[1])
+                total_loss += loss_fn(logits, soft).item() * images.shape[0]
+        seen += images.shape[0]
+        all_probs.append((probs / len(tta_views)).cpu().numpy())
+    probs = np.concatenate(all_probs) if all_probs else np.zeros((0, num_classes or 0), np.float32)
+    return probs, (total_loss / max(seen, 1) if loss_fn is not None else None)

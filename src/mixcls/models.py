@@ -1,0 +1,121 @@
+"""Models: any timm architecture by name, pretrained from the hub or from a local file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from mixcls.config import ModelConfig
+
+
+class ModelError(ValueError):
+    """A model name or weights file that cannot be used; the message names it."""
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """timm.create_model(cfg.name, num_classes=…), with hub or local-file pretrained weights."""
+    if cfg.name not in timm.list_models() and cfg.name not in timm.list_models(pretrained=True):
+        close = timm.list_models(f"*{cfg.name.split('.')[0]}*")[:5]
+        raise ModelError(f"model: {cfg.name!r} is not a timm model"
+                         + (f"; close names: {', '.join(close)}" if close else ""))
+    try:
+        model = timm.create_model(cfg.name, pretrained=cfg.pretrained and not cfg.pretrained_file,
+                                  num_classes=num_classes, drop_rate=cfg.drop_rate)
+    except Exception as exc:  # the hub raises network errors of many types
+        if cfg.pretrained:
+            raise ModelError(f"pretrained weights of {cfg.name!r} could not be fetched from the hub "
+                             f"({exc.__class__.__name__}: {exc}); download them once and pass "
+                             "--pretrained-file FILE") from None
+        raise
+    if cfg.pretrained_file:
+        load_pretrained_file(model, cfg.pretrained_file)
+    return model
+
+
+def model_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input normalisation the architecture's pretrained weights expect."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelError(f"pretrained file {path} cannot be loaded safely: {exc}") from None
+    for key in ("state_dict", "model", "state_dict_ema"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"pretrained file {path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_pretrained_file(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load weights from a local file into `model`; returns what was loaded and skipped.
+
+    Keys are matched by name when the file comes from timm; otherwise (e.g. a port of the same
+    architecture with other names) tensors are matched in order, each pair checked for shape.
+    A classifier whose shape differs (other number of classes) is left freshly initialised.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"pretrained file {path} does not exist")
+    source = _read_state_dict(path)
+    target = model.state_dict()
+    by_name = {k: v for k, v in source.items() if k in target}
+    if len(by_name) >= 0.9 * len(_weights(target)):
+        mapped = by_name
+    else:
+        mapped = _map_in_order(source, target, path)
+    classifier = _classifier_keys(model)
+    loadable, skipped = {}, []
+    for key, tensor in mapped.items():
+        if target[key].shape == tensor.shape:
+            loadable[key] = tensor
+        elif key in classifier:
+            skipped.append(key)
+        else:
+            raise ModelError(f"pretrained file {path}: {key} has shape {tuple(tensor.shape)}, "
+                             f"the model needs {tuple(target[key].shape)}")
+    missing = [k for k in _weights(target) if k not in loadable and k not in classifier]
+    if missing:
+        raise ModelError(f"pretrained file {path} lacks {len(missing)} weights of the model, "
+                         f"e.g. {', '.join(missing[:5])}")
+    model.load_state_dict(loadable, strict=False)
+    return {"loaded": len(loadable), "skipped_classifier": skipped}
+
+
+def _weights(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k in state if not k.endswith("num_batches_tracked")]
+
+
+def _map_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                  path: Path) -> dict[str, torch.Tensor]:
+    src_keys, dst_keys = _weights(source), _weights(target)
+    if len(src_keys) != len(dst_keys):
+        raise ModelError(f"pretrained file {path}: its {len(src_keys)} tensors match neither the "
+                         f"names nor the count of the model's {len(dst_keys)}")
+    mapped = {}
+    for i, (src, dst) in enumerate(zip(src_keys, dst_keys)):
+        last = i >= len(dst_keys) - 2  # the classifier may differ in its class count
+        if source[src].shape != target[dst].shape and not last:
+            raise ModelError(f"pretrained file {path}: tensor {i} ({src}, {tuple(source[src].shape)}) "
+                             f"does not fit {dst} {tuple(target[dst].shape)} when matched in order")
+        mapped[dst] = source[src]
+    return mapped
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "")
+    names = name if isinstance(name, (list, tuple)) else [name]
+    return {k for k in model.state_dict() for n in names if n and k.startswith(n + ".")}

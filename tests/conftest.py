@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny generated competition folders, classes separable by colour."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+# Base colours of the classes; each image is its class colour plus noise and a random square.
+CLASS_COLOURS = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (220, 200, 40), (160, 40, 200)]
+
+
+def write_tiny_dataset(root: Path, *, n_per_class: int = 12, num_classes: int = 3,
+                       size: int = 24, seed: int = 0, string_labels: bool = False,
+                       extension: str = "png") -> Path:
+    """Write a Kaggle-layout folder (train.csv + train_images/) and return its path."""
+    rng = np.random.default_rng(seed)
+    images = root / "train_images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label in range(num_classes):
+        for i in range(n_per_class):
+            pixels = np.array(CLASS_COLOURS[label], dtype=np.float32)[None, None, :]
+            pixels = pixels + rng.normal(0, 20, size=(size, size, 3))
+            x, y = rng.integers(0, size - 6, size=2)
+            pixels[y:y + 6, x:x + 6] = rng.integers(0, 255, size=3)
+            image_id = f"c{label}_{i:03d}.{extension}"
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(images / image_id)
+            rows.append({"image_id": image_id,
+                         "label": f"class_{label}" if string_labels else label})
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    """3 classes x 12 images of 24 px, integer labels, Kaggle layout."""
+    return write_tiny_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny_data_named(tmp_path: Path) -> Path:
+    """Like tiny_data, with a label_num_to_disease_map.json naming the classes."""
+    root = write_tiny_dataset(tmp_path / "data_named")
+    names = {str(k): f"disease_{k}" for k in range(3)}
+    (root / "label_num_to_disease_map.json").write_text(json.dumps(names))
+    return root
