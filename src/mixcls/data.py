@@ -176,11 +176,12 @@ def load_train_table(data: str | Path | None = None, *, csv: str | Path | None =
     frame = frame.drop(columns="label_raw")
     frame["path"] = [str((images_dir / i).resolve()) for i in frame["image_id"]]
     _check_files(frame, source, check_images)
+    table = TrainTable(frame=frame.assign(**optional["columns"]), classes=class_list,
+                       images_dir=images_dir.resolve(), csv_path=csv_path,
+                       integer_labels=integer_labels, soft_targets=optional["soft"])
     if n_folds is not None:
-        _check_class_counts(frame, class_list, n_folds, source)
-    return TrainTable(frame=frame.assign(**optional["columns"]), classes=class_list,
-                      images_dir=images_dir.resolve(), csv_path=csv_path,
-                      integer_labels=integer_labels, soft_targets=optional["soft"])
+        check_class_counts(table, n_folds)
+    return table
 
 
 def _check_ids(frame: pd.DataFrame, source: str, images_dir: Path) -> None:
@@ -300,8 +301,10 @@ def _check_files(frame: pd.DataFrame, source: str, mode: str) -> None:
         raise DataError(_listing(f"{source}: images that cannot be decoded", bad))
 
 
-def _check_class_counts(frame: pd.DataFrame, classes: list[str], n_folds: int, source: str) -> None:
-    counts = np.bincount(frame["label"].to_numpy(), minlength=len(classes))
+def check_class_counts(table: TrainTable, n_folds: int) -> None:
+    """Stratified k-fold needs every class at least n_folds times."""
+    classes, source = table.classes, str(table.csv_path or table.images_dir)
+    counts = np.bincount(table.labels, minlength=len(classes))
     small = [f"{classes[k]!r}: {counts[k]} image(s)" for k in range(len(classes)) if counts[k] < n_folds]
     if small:
         raise DataError(_listing(f"{source}: classes with fewer images than the {n_folds} folds "

@@ -18,13 +18,15 @@ class ModelError(ValueError):
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """timm.create_model(cfg.name, num_classes=…), with hub or local-file pretrained weights."""
-    if cfg.name not in timm.list_models() and cfg.name not in timm.list_models(pretrained=True):
-        close = timm.list_models(f"*{cfg.name.split('.')[0]}*")[:5]
-        raise ModelError(f"model: {cfg.name!r} is not a timm model"
-                         + (f"; close names: {', '.join(close)}" if close else ""))
     try:
         model = timm.create_model(cfg.name, pretrained=cfg.pretrained and not cfg.pretrained_file,
                                   num_classes=num_classes, drop_rate=cfg.drop_rate)
+    except RuntimeError as exc:
+        if "Unknown model" not in str(exc):
+            raise
+        close = timm.list_models(f"*{cfg.name.split('.')[0][:12]}*")[:5]
+        raise ModelError(f"model: {cfg.name!r} is not a timm model"
+                         + (f"; close names: {', '.join(close)}" if close else "")) from None
     except Exception as exc:  # the hub raises network errors of many types
         if cfg.pretrained:
             raise ModelError(f"pretrained weights of {cfg.name!r} could not be fetched from the hub "
@@ -96,7 +98,8 @@ def load_pretrained_file(model: nn.Module, path: str | Path) -> dict[str, Any]:
 
 
 def _weights(state: dict[str, torch.Tensor]) -> list[str]:
-    return [k for k in state if not k.endswith("num_batches_tracked")]
+    """Float tensors only: BatchNorm's integer step counters carry no learned value."""
+    return [k for k, v in state.items() if v.is_floating_point()]
 
 
 def _map_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],

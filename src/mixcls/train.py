@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from mixcls import distributed as dist
 from mixcls.config import Config, ConfigError, config_to_flat, dump_config
-from mixcls.data import ImageDataset, TrainTable, load_image_cache, load_train_table
+from mixcls.data import (ImageDataset, TrainTable, check_class_counts, load_image_cache,
+                         load_train_table)
 from mixcls.engine import NonFiniteLossError, evaluate, train_one_epoch
 from mixcls.folds import make_folds
 from mixcls.losses import build_loss
@@ -132,7 +133,6 @@ def prepare_table(cfg: Config) -> tuple[TrainTable, np.ndarray]:
     """The checked table and each row's fold (the table's own `fold` column if it has one)."""
     table = load_train_table(cfg.data.data, csv=cfg.data.csv, images=cfg.data.images,
                              id_col=cfg.data.id_col, label_col=cfg.data.label_col,
-                             n_folds=None if "fold" in _columns_of(cfg) else cfg.train.folds,
                              check_images=cfg.data.check_images)
     frame = table.frame
     if "fold" in frame.columns:
@@ -142,17 +142,9 @@ def prepare_table(cfg: Config) -> tuple[TrainTable, np.ndarray]:
             raise ConfigError(f"folds: the table's fold column holds folds {present}, but folds is "
                               f"{cfg.train.folds}; set --folds {max(present) + 1}")
     else:
+        check_class_counts(table, cfg.train.folds)
         folds = make_folds(table.labels, cfg.train.folds, cfg.train.seed)
     return table, folds
-
-
-def _columns_of(cfg: Config) -> list[str]:
-    """Column names of the training CSV without reading it twice in the common case."""
-    from mixcls.data import resolve_layout
-    csv_path, _ = resolve_layout(cfg.data.data, cfg.data.csv, cfg.data.images)
-    if csv_path is None:
-        return []
-    return pd.read_csv(csv_path, nrows=0).columns.tolist()
 
 
 def fold_rows(table: TrainTable, folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:

