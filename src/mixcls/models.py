@@ -16,6 +16,70 @@ class ModelError(ValueError):
     """A model name or weights file that cannot be used; the message names it."""
 
 
+class SmallCNN(nn.Module):
+    """A small VGG-style CNN for tiny images on CPUs (digits, Fashion-MNIST benchmarks).
+
+    timm's smallest ImageNet models still cost ~0.5 GFLOP at 224 px and are built for large
+    inputs; the benchmarks here train dozens of models on 2 CPU cores, so they need a model
+    two orders of magnitude cheaper. It follows timm's classifier interface
+    (forward_features / forward_head(pre_logits=True) / get_classifier / reset_classifier).
+    """
+
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3, widths: tuple[int, ...] = (32, 64, 128),
+                 drop_rate: float = 0.0, **kwargs: Any):
+        super().__init__()
+        layers, prev = [], in_chans
+        for width in widths:
+            layers += [nn.Conv2d(prev, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                       nn.ReLU(inplace=True), nn.Conv2d(width, width, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            prev = width
+        self.features = nn.Sequential(*layers)
+        self.num_features = prev
+        self.drop = nn.Dropout(drop_rate)
+        self.num_classes = num_classes
+        self.fc = nn.Linear(prev, num_classes) if num_classes else nn.Identity()
+        self.pretrained_cfg = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                               "classifier": "fc"}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.drop(x.mean(dim=(2, 3)))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+
+def _register_small_cnns() -> None:
+    """Register the small CNNs in timm's registry so every `--model` path can name them."""
+    from timm.models import register_model
+
+    def small(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
+        return SmallCNN(widths=(32, 64, 128), **kwargs)
+
+    def tiny(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
+        return SmallCNN(widths=(16, 32, 64), **kwargs)
+
+    small.__name__, tiny.__name__ = "mixcls_cnn_small", "mixcls_cnn_tiny"
+    small.__module__ = tiny.__module__ = __name__
+    for fn in (small, tiny):
+        if not timm.is_model(fn.__name__):
+            register_model(fn)
+
+
+_register_small_cnns()
+
+
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """timm.create_model(cfg.name, num_classes=…), with hub or local-file pretrained weights."""
     try:
