@@ -8,9 +8,11 @@ in YAML is `--img-size` on the command line). Internally options are grouped by 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -240,6 +242,7 @@ def validate(cfg: Config) -> None:
         if choices and value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
     _check_positive(cfg)
+    _check_ranges(cfg)
     for view in cfg.predict.tta_views:
         if view not in TTA_VIEWS:
             raise ConfigError(f"tta_views: {view!r} is not one of {', '.join(TTA_VIEWS)}")
@@ -281,6 +284,52 @@ def _check_positive(cfg: Config) -> None:
                        "ema_decay": cfg.train.ema_decay}.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: {value} must be in [0, 1]")
+
+
+_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+_SEED_LIMIT = 2**32  # scikit-learn's random_state (the folds) takes seeds below 2**32
+
+
+def _finite(low: float, *, above: bool = False, high: float | None = None,
+            below: bool = False) -> Callable[[Any], bool]:
+    """A test for a finite number in [low, high] (open ends when `above` / `below`)."""
+    def test(value: Any) -> bool:
+        if not math.isfinite(value) or value < low or (above and value == low):
+            return False
+        return high is None or value < high or (value == high and not below)
+    return test
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Bounds of the numeric options that _check_positive does not cover; None means 'off'."""
+    t, o, s, m, lo = cfg.train, cfg.optim, cfg.sched, cfg.mix, cfg.loss
+    rules = [  # key, value, test, the allowed values in words
+        ("lr", o.lr, _finite(0, above=True), "a finite number > 0"),
+        ("weight_decay", o.weight_decay, _finite(0), "a finite number >= 0"),
+        ("momentum", o.momentum, _finite(0, high=1, below=True), "in [0, 1)"),
+        ("min_lr", s.min_lr, _finite(0), "a finite number >= 0"),
+        ("warmup_epochs", s.warmup_epochs, _finite(0, high=t.epochs), f"in [0, epochs={t.epochs}]"),
+        ("drop_rate", cfg.model.drop_rate, _finite(0, high=1, below=True), "in [0, 1)"),
+        ("grad_clip", t.grad_clip, _finite(0, above=True), "a finite number > 0, or unset (no clipping)"),
+        ("patience", t.patience, lambda v: v >= 1, "an integer >= 1, or unset (no early stopping)"),
+        ("save_every_steps", t.save_every_steps, lambda v: v >= 1,
+         "an integer >= 1, or unset (checkpoints at epoch ends only)"),
+        ("effective_batch", t.effective_batch, lambda v: v >= 1, "an integer >= 1, or unset"),
+        ("max_memory_mb", t.max_memory_mb, _finite(0, above=True), "a number of MiB > 0, or unset"),
+        ("seed", t.seed, lambda v: 0 <= v < _SEED_LIMIT, f"an integer in [0, {_SEED_LIMIT - 1}]"),
+        ("device", t.device, lambda v: _DEVICE_PATTERN.fullmatch(v) is not None,
+         "one of auto, cpu, cuda, cuda:N"),
+        ("mix_off_epochs", m.off_epochs, lambda v: 0 <= v <= t.epochs, f"in [0, epochs={t.epochs}]"),
+        ("mix_decay_power", m.decay_power, _finite(0, above=True), "a finite number > 0"),
+        ("mix_max_soft", m.max_soft, _finite(0, high=0.5), "in [0, 0.5]"),
+        ("focal_gamma", lo.focal_gamma, _finite(0), "a finite number >= 0"),
+        ("sce_alpha", lo.sce_alpha, _finite(0), "a finite number >= 0"),
+        ("sce_beta", lo.sce_beta, _finite(0), "a finite number >= 0"),
+        ("taylor_order", lo.taylor_order, lambda v: v >= 1, "an integer >= 1"),
+    ]
+    for key, value, test, allowed in rules:
+        if value is not None and not test(value):
+            raise ConfigError(f"{key}: {value!r} is not allowed; use {allowed}")
 
 
 def config_to_flat(cfg: Config) -> dict[str, Any]:

@@ -1,12 +1,21 @@
-"""torch.distributed glue: one process per device under torchrun, nothing when run plainly."""
+"""torch.distributed glue: one process per device under torchrun, nothing when run plainly.
+
+Rank 0 owns the run folder: it alone reads and writes it, and the other ranks receive what they
+need (decisions, a checkpoint to resume from, errors) by broadcast. So a multi-node job needs
+the run folder on node 0 only; the data folder must be at the same path on every node.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as tdist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,3 +73,75 @@ def barrier() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()
 
+
+def _collective_device() -> torch.device:
+    """nccl moves only CUDA tensors; gloo only CPU ones."""
+    if tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's `obj` on every rank (pickled; for decisions and checkpoints, not per-batch data)."""
+    if context().world_size == 1:
+        return obj
+    box = [obj if context().is_main else None]
+    tdist.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]
+
+
+def run_on_main(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 only and give its result to every rank.
+
+    An exception on rank 0 is raised on every rank too, so all of them stop with the same
+    message instead of the others waiting forever at the next collective.
+    """
+    result, error = None, None
+    if context().is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # re-raised below, on every rank
+            error = exc
+    if context().world_size > 1:
+        result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Elementwise sums over ranks (float64, so counts stay exact)."""
+    if context().world_size == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return tensor.cpu().tolist()
+
+
+def shard_indices(n: int) -> np.ndarray:
+    """This rank's rows of 0..n-1: every world_size-th from its rank (lengths differ by <= 1)."""
+    ctx = context()
+    return np.arange(ctx.rank, n, ctx.world_size)
+
+
+def gather_shards(local: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of `shard_indices`: every rank's (n_local, ...) rows back as (n, ...) in order.
+
+    all_gather needs equal sizes, so each rank pads its shard to ceil(n / world_size) rows and
+    the padding is cut off again; every rank receives the whole array.
+    """
+    ctx = context()
+    if ctx.world_size == 1:
+        return local
+    per_rank = -(-n // ctx.world_size)
+    padded = np.zeros((per_rank, *local.shape[1:]), dtype=local.dtype)
+    padded[:len(local)] = local
+    device = _collective_device()
+    mine = torch.from_numpy(padded).to(device)
+    parts = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    tdist.all_gather(parts, mine)
+    out = np.empty((n, *local.shape[1:]), dtype=local.dtype)
+    for rank, part in enumerate(parts):
+        rows = np.arange(rank, n, ctx.world_size)
+        out[rows] = part.cpu().numpy()[:len(rows)]
+    return out

@@ -7,6 +7,7 @@ loss on soft targets, backward outside autocast, and one optimizer + scheduler s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,16 +28,33 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class EpochStats:
-    loss: float
-    accuracy: float
-    images: int
-    seconds: float
-    lr: float
-    steps: int
+    """Running sums of one epoch's training; sums (not means) so that parts add up exactly.
+
+    A resumed epoch continues the sums saved at its last step checkpoint, and ranks under
+    torchrun add theirs, so the reported loss is the mean over every image of the epoch.
+    """
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    lr: float = 0.0
+    steps: int = 0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.images, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.images, 1)
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
 
 
 def should_step(i: int, n_batches: int, accum_steps: int) -> bool:
@@ -71,17 +89,20 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
                     amp_dtype: torch.dtype | None = None, grad_clip: float | None = None,
                     ema: nn.Module | None = None, channels_last: bool = False,
                     start_batch: int = 0, n_batches: int | None = None,
-                    on_step: Callable[[int], None] | None = None,
+                    start_stats: EpochStats | None = None,
+                    on_step: Callable[[int, EpochStats], None] | None = None,
                     progress: bool = True, desc: str = "train") -> EpochStats:
     """Train over `loader`; batches before `start_batch` were done before a resume.
 
-    `n_batches` is the epoch's full length when `loader` yields only the remaining batches.
-    `on_step(i)` runs after each optimizer step with the index of the last micro-batch.
+    `n_batches` is the epoch's full length when `loader` yields only the remaining batches, and
+    `start_stats` the sums of the batches done before the resume (the result includes them).
+    `on_step(i, stats)` runs after each optimizer step with the index of the last micro-batch
+    and the sums so far (batch `i` included).
     """
     model.train()
     n_batches = n_batches if n_batches is not None else len(loader)
-    total_loss, correct, seen, steps = 0.0, 0, 0, 0
-    start = time.perf_counter()
+    stats = dataclasses.replace(start_stats) if start_stats is not None else EpochStats()
+    start = time.perf_counter() - stats.seconds
     bar = tqdm(total=n_batches, initial=start_batch, desc=desc, disable=not progress,
                leave=False, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
@@ -99,27 +120,28 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
             raise NonFiniteLossError(f"loss is {loss.item()} at batch {i} of {n_batches}")
         scaled = loss / group_size(i, n_batches, accum_steps)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        stats.loss_sum += loss.item() * images.shape[0]
+        stats.correct += int((logits.argmax(1) == soft_targets.argmax(1)).sum().item())
+        stats.images += images.shape[0]
         if should_step(i, n_batches, accum_steps):
             _optimizer_step(model, optimizer, scaler=scaler, grad_clip=grad_clip)
             if scheduler is not None:
                 scheduler.step()
             if ema is not None:
-                ema.update(model)
-            steps += 1
+                ema.update(getattr(model, "module", model))  # the EMA copies the bare model, not DDP
+            stats.steps += 1
+            stats.lr = optimizer.param_groups[0]["lr"]
+            stats.seconds = time.perf_counter() - start
             if on_step is not None:
-                on_step(i)
-        batch = images.shape[0]
-        total_loss += loss.item() * batch
-        correct += (logits.argmax(1) == soft_targets.argmax(1)).sum().item()
-        seen += batch
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}",
-                        lr=f"{optimizer.param_groups[0]['lr']:.2e}", ips=f"{seen / elapsed:.0f}")
+                on_step(i, stats)
+        bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.accuracy:.3f}",
+                        lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                        ips=f"{stats.images / max(time.perf_counter() - start, 1e-9):.0f}")
         bar.update(1)
     bar.close()
-    seconds = time.perf_counter() - start
-    return EpochStats(loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), images=seen,
-                      seconds=seconds, lr=optimizer.param_groups[0]["lr"], steps=steps)
+    stats.seconds = time.perf_counter() - start
+    stats.lr = optimizer.param_groups[0]["lr"]
+    return stats
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, *,

@@ -133,7 +133,8 @@ def to_grey(image: np.ndarray) -> np.ndarray:
 
 
 def centred_spectrum(image: np.ndarray) -> np.ndarray:
-    """(H, W) complex: F(u, v) = Σ_x Σ_y f(x, y) e^(−j2π(ux/M + vy/N)), zero frequency at (H//2, W//2)."""
+    """(H, W) complex F(u, v) = Σ_x Σ_y f(x, y) e^(−j2π(ux/M + vy/N)), zero frequency at
+    (H//2, W//2)."""
     return np.fft.fftshift(np.fft.fft2(image))
 
 
@@ -318,10 +319,15 @@ def plot_memory(results: Sequence[MemoryResult]) -> Figure:
     ax.set_xlabel("micro-batch (x accumulation steps), amp")
     ax.set_ylabel("peak memory of one step (MiB)")
     ax.set_ylim(0, bottom.max() * 1.12 + 1)
-    where = "torch.cuda.max_memory_allocated" if first.device.startswith("cuda") else "peak RSS of a fresh process"
-    ax.set_title(f"{first.model} at {first.img_size} px, forward + backward + AdamW step on "
-                 f"{first.device}\n({where}; parameters, gradients, optimizer from tensor sizes)",
-                 fontsize=10)
+    for i in range(1, len(results)):
+        if results[i].amp != results[i - 1].amp:
+            ax.axvline(i - 0.5, color="#999999", ls="--", lw=0.8)
+    where = ("torch.cuda.max_memory_allocated" if first.device.startswith("cuda")
+             else "peak RSS of a fresh process per setting")
+    ax.set_title(f"{first.model} at {first.img_size} px: forward + backward + AdamW step on "
+                 f"{first.device} ({where})\nparameters, gradients, optimizer state from tensor "
+                 "sizes; the rest of the peak: activations, input batch, temporaries",
+                 fontsize=11)
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles[::-1], labels[::-1], fontsize=9, loc="upper left")
     return fig

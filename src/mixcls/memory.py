@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 AMP_DTYPES = {"none": None, "bf16": "bfloat16", "fp16": "float16"}
 _RESULT_MARK = "MIXCLS_MEMORY_RESULT "
@@ -87,10 +87,13 @@ def measure_step(model_name: str, img_size: int, *, num_classes: int, micro_batc
             "device": device, "seed": seed}
     what = f"{model_name} at {img_size} px, batch {micro_batch}x{accum_steps}, amp {amp}, {device}"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CHILD_CODE, json.dumps(spec)],
-                          capture_output=True, text=True, env=_child_env(), timeout=timeout_s)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD_CODE, json.dumps(spec)],
+                              capture_output=True, text=True, env=_child_env(), timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise MeasureError(f"measuring {what} took over {timeout_s:.0f} s; stopped") from None
     seconds = time.perf_counter() - start
-    if proc.returncode in (-9, 137):  # SIGKILL: on CPU, the kernel's out-of-memory killer
+    if proc.returncode == -9:  # SIGKILL: on CPU, the kernel's out-of-memory killer
         return _oom_result(spec, seconds)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_MARK)]
     if proc.returncode != 0 or not lines:
@@ -104,17 +107,28 @@ def measure_step(model_name: str, img_size: int, *, num_classes: int, micro_batc
 
 def measure_memory(model_name: str, img_size: int, *, num_classes: int,
                    batch_sizes: Sequence[int], amp_modes: Sequence[str] = ("none",),
-                   accum: Sequence[tuple[int, int]] = (), device: str = "cpu",
-                   seed: int = 0) -> list[MemoryResult]:
-    """Each batch size, then each (micro_batch, accum_steps) pair, under each amp mode."""
+                   accum: Sequence[tuple[int, int]] = (), device: str = "cpu", seed: int = 0,
+                   log: Callable[[str], None] | None = None) -> list[MemoryResult]:
+    """Each batch size, then each (micro_batch, accum_steps) pair, under each amp mode.
+
+    `log`, when given, receives one line per measured setting (each takes seconds).
+    """
     settings = [(b, 1) for b in batch_sizes] + [tuple(pair) for pair in accum]
     for amp in amp_modes:  # check every setting before spending minutes measuring
         for micro_batch, steps in settings:
             _check_setting(img_size=img_size, num_classes=num_classes, micro_batch=micro_batch,
                            accum_steps=steps, amp=amp)
-    return [measure_step(model_name, img_size, num_classes=num_classes, micro_batch=micro_batch,
-                         accum_steps=steps, amp=amp, device=device, seed=seed)
-            for amp in amp_modes for micro_batch, steps in settings]
+    results = []
+    for amp in amp_modes:
+        for micro_batch, steps in settings:
+            result = measure_step(model_name, img_size, num_classes=num_classes,
+                                  micro_batch=micro_batch, accum_steps=steps, amp=amp,
+                                  device=device, seed=seed)
+            if log is not None:
+                peak = "out of memory" if result.oom else f"peak {result.peak_mb:.1f} MiB"
+                log(f"{result.label}: {peak} ({result.seconds:.0f} s)")
+            results.append(result)
+    return results
 
 
 def find_max_batch(model_name: str, img_size: int, *, num_classes: int, budget_mb: float | None,
@@ -147,8 +161,9 @@ def find_max_batch(model_name: str, img_size: int, *, num_classes: int, budget_m
         else:
             high = mid - 1
     if best is None:
+        needs = "runs out of memory" if math.isnan(smallest_peak) else f"needs {smallest_peak:.0f} MiB"
         raise ValueError(f"{model_name} at {img_size} px does not fit {budget_mb:.0f} MiB even at "
-                         f"batch {ordered[0]} (needs {smallest_peak:.0f} MiB)")
+                         f"batch {ordered[0]} ({needs})")
     return best
 
 
@@ -254,33 +269,43 @@ def _measure_in_process(*, model: str, img_size: int, num_classes: int, micro_ba
     net = timm.create_model(model, num_classes=num_classes, pretrained=False).to(dev).train()
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    # fp16: the loss scale does not change the memory; a scale of 1 keeps a step on random
+    # images from overflowing, which would make GradScaler skip the optimizer step.
+    scaler = torch.amp.GradScaler(dev.type, init_scale=1.0) if amp == "fp16" else None
     # The warm-up step creates the optimizer state, as every step after a trainer's first one
     # finds it; its gradients go, as with zero_grad(set_to_none=True) in the trainer.
-    _train_step(net, optimizer, micro_batch=2, accum_steps=1, img_size=img_size,
+    _train_step(net, optimizer, scaler, micro_batch=2, accum_steps=1, img_size=img_size,
                 num_classes=num_classes, amp=amp, generator=generator)
     net.zero_grad(set_to_none=True)
     gc.collect()
 
+    state_before = _state_bytes(optimizer)
     baseline = _reset_peak(dev)
-    _train_step(net, optimizer, micro_batch=micro_batch, accum_steps=accum_steps,
+    _train_step(net, optimizer, scaler, micro_batch=micro_batch, accum_steps=accum_steps,
                 img_size=img_size, num_classes=num_classes, amp=amp, generator=generator)
     step_peak, process_peak = _read_peak(dev, baseline)
 
     params = sum(p.numel() * p.element_size() for p in net.parameters())
     grads = sum(p.grad.numel() * p.grad.element_size() for p in net.parameters()
                 if p.grad is not None)
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values()
-                for t in s.values() if torch.is_tensor(t))
-    # params and optimizer state were in memory before the step; the step added the rest.
-    peak = params + state + step_peak
+    state = _state_bytes(optimizer)
+    # Parameters and the optimizer state were in memory before the step; it added the rest.
+    peak = params + state_before + step_peak
     return {"model": model, "img_size": img_size, "device": device, "amp": amp,
             "micro_batch": micro_batch, "accum_steps": accum_steps,
             "params_mb": params / _MIB, "grads_mb": grads / _MIB, "optimizer_mb": state / _MIB,
-            "activations_mb": (step_peak - grads) / _MIB, "peak_mb": peak / _MIB,
+            "activations_mb": (peak - params - grads - state) / _MIB, "peak_mb": peak / _MIB,
             "process_peak_mb": process_peak / _MIB}
 
 
-def _train_step(model, optimizer, *, micro_batch: int, accum_steps: int, img_size: int,
+def _state_bytes(optimizer) -> int:
+    import torch
+
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values()
+               for t in s.values() if torch.is_tensor(t))
+
+
+def _train_step(model, optimizer, scaler, *, micro_batch: int, accum_steps: int, img_size: int,
                 num_classes: int, amp: str, generator) -> None:
     """accum_steps forward/backward passes on random images, then one optimizer step."""
     import torch
@@ -288,7 +313,6 @@ def _train_step(model, optimizer, *, micro_batch: int, accum_steps: int, img_siz
 
     dev = next(model.parameters()).device
     dtype = getattr(torch, AMP_DTYPES[amp]) if AMP_DTYPES[amp] else None
-    scaler = torch.amp.GradScaler(dev.type) if amp == "fp16" else None
     for _ in range(accum_steps):
         images = torch.randn(micro_batch, 3, img_size, img_size, generator=generator).to(dev)
         labels = torch.randint(num_classes, (micro_batch,), generator=generator).to(dev)
@@ -299,8 +323,12 @@ def _train_step(model, optimizer, *, micro_batch: int, accum_steps: int, img_siz
         loss = F.cross_entropy(logits.float(), labels) / accum_steps
         (scaler.scale(loss) if scaler else loss).backward()
     if scaler:
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        if scaler.get_scale() < scale:
+            raise RuntimeError("the fp16 step overflowed and GradScaler skipped the optimizer "
+                               "step, so its memory would be missing")
     else:
         optimizer.step()
     if dev.type == "cuda":

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 MIX_METHODS = ("mixup", "cutmix", "fmix")
 MIX_MODES = ("batch", "sample")
 
-# fmix thresholds come from the k-th value of a coarse grid of about this side squared (cheap), and a
+# fmix thresholds are estimated on a coarse grid of about this side squared (cheap), and a
 # mask whose mean then misses λ by more than FMIX_MEAN_TOLERANCE (absolute) is redone exactly.
 FMIX_COARSE_SIDE = 64
 FMIX_MEAN_TOLERANCE = 0.0025
@@ -83,7 +83,7 @@ def _lam_vector(lam: float | torch.Tensor, batch: int | None = None) -> torch.Te
     """λ as a float32 (B,) tensor, checked to lie in [0, 1]."""
     lam = torch.as_tensor(lam, dtype=torch.float32)
     if lam.ndim == 0:
-        lam = lam.expand(batch or 1)
+        lam = lam.expand(batch or 1).contiguous()
     if lam.ndim != 1 or (batch is not None and lam.shape[0] != batch):
         raise ValueError(f"lam must be a float or a ({batch or 'B'},) tensor, got shape {tuple(lam.shape)}")
     if bool(((lam < 0) | (lam > 1) | lam.isnan()).any()):
@@ -212,6 +212,28 @@ def _kth_largest(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.where(k == 0, above_max, kth)
 
 
+def _estimate_kth_largest(values: torch.Tensor, k: torch.Tensor, *, bins: int = 1024) -> torch.Tensor:
+    """Per row of `values` (R, n), a value t with about k (R,) values >= t (within a bin's count).
+
+    A per-row histogram with linear interpolation inside the bin that holds the k-th largest:
+    a few passes and one bincount, no sort or selection, so rows with different k cost the
+    same as one k (torch.kthvalue takes one k for all rows; padding rows to share one rank is
+    3x slower on a CPU). Good enough where the result is itself an estimate (coarse grids).
+    """
+    rows = values.shape[0]
+    k = k.to(values.device, values.dtype)
+    low, high = torch.aminmax(values, dim=1)
+    width = (high - low).clamp(min=1e-30) / (bins - 0.5)   # the maximum falls in the last bin
+    index = ((values - low[:, None]) / width[:, None]).long()
+    index += torch.arange(rows, device=values.device)[:, None] * bins
+    counts = torch.bincount(index.flatten(), minlength=rows * bins).view(rows, bins).to(values.dtype)
+    at_or_above = counts.flip(1).cumsum(1).flip(1)          # values in bins j, j + 1, ...
+    j = ((at_or_above >= k[:, None]).sum(1) - 1).clamp(min=0)
+    above = torch.cat([at_or_above, at_or_above.new_zeros(rows, 1)], 1).gather(1, (j + 1)[:, None])[:, 0]
+    inside = counts.gather(1, j[:, None])[:, 0].clamp(min=1)
+    return low + (j + 1 - (k - above) / inside) * width
+
+
 def _coarse_values(field: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The field's surface on a grid of about FMIX_COARSE_SIDE² square cells, as (B, n) rows."""
     scale = min(1.0, FMIX_COARSE_SIDE / math.sqrt(height * width))
@@ -223,19 +245,19 @@ def _binary_fmix(field: torch.Tensor, lam: torch.Tensor, height: int, width: int
                  tolerance: float) -> torch.Tensor:
     """Masks (B, 1, H, W) of 0/1: the top ≈ λ·H·W pixels of each field's full-size surface.
 
-    The threshold is the coarse grid's k-th value (a few thousand values instead of H·W per
+    The threshold is estimated from the coarse grid (a few thousand values instead of H·W per
     row); any mask whose mean misses λ by more than `tolerance` gets the exact full-size
     threshold, so exactly round(λ·H·W) pixels (up to equal values) are 1.
     """
     coarse = _coarse_values(field, height, width)
     k = torch.round(lam * coarse.shape[1]).long()
-    thresholds = _kth_largest(coarse, k)
+    if coarse.shape[1] == height * width:              # a small image: its own grid, exactly
+        return (coarse >= _kth_largest(coarse, k)[:, None]).float().view(-1, 1, height, width)
+    thresholds = _estimate_kth_largest(coarse, k)
     # None or all of the coarse values: none or all of the pixels (the surface between coarse
     # points may reach beyond the coarse extremes).
     thresholds = torch.where(k == 0, math.inf, torch.where(k == coarse.shape[1], -math.inf, thresholds))
     masks = _resize(field, (height, width)).ge_(thresholds.view(-1, 1, 1, 1))
-    if coarse.shape[1] == height * width:
-        return masks                                   # the coarse grid was the full grid
     bad = ((masks.mean(dim=(1, 2, 3)) - lam).abs() > tolerance).nonzero().squeeze(1)
     if bad.numel():
         grey = _resize(field[bad], (height, width)).flatten(1)
@@ -252,7 +274,7 @@ def _soft_fmix(field: torch.Tensor, lam: torch.Tensor, height: int, width: int, 
     coarse = _coarse_values(field, height, width)
     n = coarse.shape[1]
     k_high, k_low = torch.round((lam - soft) * n).long(), torch.round((lam + soft) * n).long()
-    high, low = _kth_largest(coarse, k_high), _kth_largest(coarse, k_low)
+    high, low = _estimate_kth_largest(coarse, k_high), _estimate_kth_largest(coarse, k_low)
     grey = _resize(field, (height, width)).sub_(low.view(-1, 1, 1, 1))
     masks = grey.div_((high - low).clamp(min=1e-12).view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
     steps = (k_high == k_low).nonzero().squeeze(1)     # no band (λ at 0 or 1): a plain threshold
@@ -283,13 +305,16 @@ def fmix_masks(batch: int, height: int, width: int, lam: float | torch.Tensor,
     """FMix masks (B, 1, H, W) float32: the top ≈ λ·H·W pixels of `fmix_grey` images are 1.
 
     `lam` is a float or a (B,) tensor. With max_soft = 0 each mask is 0/1 and its mean lies
-    within FMIX_MEAN_TOLERANCE of λ; with max_soft > 0 a band of about 2·max_soft·H·W pixels
-    ramps from 1 to 0 (soft edges) and the mean is close to λ. The one draw is the spectrum.
+    within FMIX_MEAN_TOLERANCE (absolute) of λ; with max_soft > 0 a band of about 2·s·H·W
+    pixels, s = min(max_soft, λ, 1 − λ), ramps from 1 to 0 (soft edges) and the mean lies
+    within about s of λ. Either way the caller's λ_eff is the mask's real mean. The one random
+    draw is the spectrum.
     """
     if not 0.0 <= max_soft <= 0.5:
         raise ValueError(f"fmix max_soft must be in [0, 0.5], got {max_soft}")
+    lam = _lam_vector(lam, batch)
     field = _fmix_field(batch, height, width, decay_power, generator, device)
-    lam = _lam_vector(lam, batch).to(field.device)
+    lam = lam.to(field.device)
     if max_soft > 0:
         return _soft_fmix(field, lam, height, width, max_soft=max_soft)
     return _binary_fmix(field, lam, height, width, tolerance=FMIX_MEAN_TOLERANCE)

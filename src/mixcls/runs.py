@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,20 +24,55 @@ class RunError(RuntimeError):
     user_facing = True
 
 
+TEMP_SUFFIX = ".tmp"
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it over `path`."""
+    """Yield a temporary path beside `path`; on success rename it over `path`.
+
+    An OSError while writing (disk full, folder gone) becomes a RunError naming `path`, and the
+    temporary file is removed; a SIGKILL can leave only a `.NAME.*.tmp` file, never a torn NAME.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _create_temporary(path)
+    except OSError as exc:
+        raise RunError(f"cannot write {path}: {exc.strerror or exc}") from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise RunError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _create_temporary(path: Path) -> Path:
+    """A new empty `.NAME.<random>.tmp` beside `path`.
+
+    Not tempfile.mkstemp: its files are private (0600), and a renamed checkpoint or CSV should
+    get the permissions of any other new file (0666 less the umask) so a team can share runs.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the `.NAME.*.tmp` files a killed run left below `folder`; return them."""
+    stale = [p for p in Path(folder).rglob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -93,19 +128,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def check_writable(folder: str | Path, *, min_free_mb: float = 50.0) -> Path:
-    """Create `folder` if needed and fail early if it cannot be written or the disk is full."""
+    """Create `folder` if needed and fail early if it cannot be written or its disk is too full.
+
+    On failure the folders this call created are removed again, so a refused run leaves nothing.
+    """
     folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_probe"
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as exc:
-        raise RunError(f"run folder {folder} is not writable: {exc.strerror or exc}") from None
-    free_mb = shutil.disk_usage(folder).free / 2**20
-    if free_mb < min_free_mb:
-        raise RunError(f"run folder {folder}: only {free_mb:.0f} MiB free on its disk "
-                       f"(need at least {min_free_mb:.0f} MiB)")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".write_probe"
+            probe.write_bytes(b"x")
+            probe.unlink()
+        except OSError as exc:
+            raise RunError(f"run folder {folder} is not writable: {exc.strerror or exc}") from None
+        free_mb = shutil.disk_usage(folder).free / 2**20
+        if free_mb < min_free_mb:
+            raise RunError(f"run folder {folder}: only {free_mb:.0f} MiB free on its disk, the run "
+                           f"needs about {min_free_mb:.0f} MiB (checkpoints of every fold)")
+    except RunError:
+        for path in created:  # innermost first
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+        raise
     return folder
 
 

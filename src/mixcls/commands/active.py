@@ -3,6 +3,7 @@
 select: which unlabelled pool images a person should label next.
 review: which given training labels a person should check first.
 merge:  put the person's new or corrected labels back into the training table.
+al-sim: measure strategies on a fully labelled dataset (hide labels, query, reveal, retrain).
 """
 
 from __future__ import annotations
@@ -305,6 +306,31 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- al-sim ------------------------------------------------------------------------------------
+
+def run_al_sim(args: argparse.Namespace) -> int:
+    from mixcls.commands.train import config_overrides  # the training flags, as `mixcls train` reads them
+    from mixcls.config import ConfigError
+    from mixcls.al_sim import parse_strategies, simulate  # torch loads only when a simulation runs
+
+    strategies = parse_strategies(args.strategy)
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds} must be >= 1")
+    cfg = load_config(args.config, config_overrides(args))
+    if cfg.data.data is None and cfg.data.csv is None:
+        raise ConfigError("al-sim needs --data FOLDER (or --csv FILE --images DIR)")
+    seeds = [cfg.train.seed + i for i in range(args.seeds)]
+    summary = simulate(cfg, strategies=strategies, start=args.start, budget=args.budget,
+                       rounds=args.rounds, seeds=seeds, out_dir=args.out, holdout=args.holdout,
+                       bald_members=args.bald_members, candidates=args.candidates,
+                       batch_size=args.score_batch_size)
+    last = summary.groupby("strategy", sort=False).tail(1)  # the summary is sorted by round
+    for row in last.itertuples():
+        print(f"{row.strategy}: {row.accuracy_mean:.4f} held-out accuracy with {row.labels} labels")
+    print(f"wrote {args.out}/curve.csv, curve_summary.csv, selections.csv, curve.png")
+    return 0
+
+
 # --- argparse ----------------------------------------------------------------------------------
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -357,3 +383,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--id-col", default="image_id", help="column of image ids in both tables")
     p.add_argument("--label-col", default="label", help="column of labels in both tables")
     p.set_defaults(func=run_merge)
+
+    _register_al_sim(subparsers)
+
+
+def _register_al_sim(subparsers: argparse._SubParsersAction) -> None:
+    from mixcls.commands.train import add_config_flags
+
+    p = subparsers.add_parser(
+        "al-sim", help="simulate active learning on a fully labelled dataset",
+        description="Hide the labels of a fully labelled training set, then per round: train on the "
+                    "labelled rows, measure held-out accuracy, let a strategy choose --budget rows, "
+                    "reveal their labels. Held out: DATA/test.csv + DATA/test_images when present, "
+                    "else a stratified --holdout fraction of the training table. Writes "
+                    "OUT/curve.csv (strategy, seed, round), curve_summary.csv (mean, std over seeds), "
+                    "selections.csv and curve.png. All training flags of `mixcls train` apply.")
+    p.add_argument("--out", required=True, help="new folder for the curve")
+    p.add_argument("--config", help="YAML training config; flags override it")
+    p.add_argument("--strategy", default="random,margin",
+                   help=f"comma-separated strategies from: {', '.join(sorted(STRATEGIES))}")
+    p.add_argument("--start", type=int, default=50, help="random labelled rows to start from")
+    p.add_argument("--budget", type=int, default=50, help="rows revealed per round")
+    p.add_argument("--rounds", type=int, default=5, help="query rounds (rounds + 1 trainings per curve)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="repeat with seeds --seed, --seed + 1, …; the curve is their mean ± std")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="held-out fraction of the training table when DATA has no test.csv")
+    p.add_argument("--bald-members", type=int, default=3,
+                   help="bald: models trained on the same rows with different seeds (its extra cost)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="score a random subset of this many unlabelled rows per round (default: all)")
+    p.add_argument("--score-batch-size", type=int, default=1024,
+                   help="images per forward pass when scoring the pool and the held-out set")
+    add_config_flags(p)
+    p.set_defaults(func=run_al_sim)

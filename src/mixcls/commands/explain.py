@@ -7,6 +7,7 @@ atomically; nothing is written when a flag is bad.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_beta(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
     alphas = _parse_numbers(args.alpha, "--alpha", float)
-    bad = [a for a in alphas if not a > 0]
+    bad = [a for a in alphas if not (a > 0 and math.isfinite(a))]
     if bad:
-        raise ConfigError(f"--alpha: {bad[0]:g} must be > 0 (Beta(α, α) needs α > 0)")
+        raise ConfigError(f"--alpha: {bad[0]:g} must be a finite number > 0 (Beta(α, α) needs α > 0)")
     if args.samples < 100:
         raise ConfigError(f"--samples: {args.samples} must be >= 100")
     runs.atomic_save_figure(explain.plot_beta(alphas, n_samples=args.samples, seed=args.seed), out)
@@ -107,7 +108,8 @@ def run_fmix(args: argparse.Namespace) -> int:
         raise ConfigError(f"--lam: {args.lam} must be in (0, 1)")
     if args.size < 16:
         raise ConfigError(f"--size: {args.size} must be >= 16")
-    runs.atomic_save_figure(explain.plot_fmix(args.lam, decay_powers=decays, size=args.size, seed=args.seed), out)
+    fig = explain.plot_fmix(args.lam, decay_powers=decays, size=args.size, seed=args.seed)
+    runs.atomic_save_figure(fig, out)
     print(f"wrote {out}: FMix at λ = {args.lam:g}, decay powers {', '.join(f'{d:g}' for d in decays)}")
     return 0
 
@@ -131,7 +133,7 @@ def run_memory(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     results = measure_memory(args.model, args.img_size, num_classes=args.num_classes,
                              batch_sizes=batches, amp_modes=amps, accum=accum, device=device,
-                             seed=args.seed)
+                             seed=args.seed, log=lambda line: print(line, flush=True))
     print(f"{args.model} at {args.img_size} px on {device}, one training step, MiB:")
     print(format_memory_table(results))
     runs.atomic_save_figure(explain.plot_memory(results), out)

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mixcls import distributed as dist
-from mixcls.config import ConfigError, iter_options, load_config
+from mixcls.config import Config, ConfigError, iter_options, load_config
 
 # With --resume the run's own config.yaml decides; only where and how fast may change.
 RESUME_OVERRIDABLE = {"device", "workers"}
@@ -46,33 +45,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML file whose keys mirror these flags; flags override it")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its config.yaml decides)")
     p.add_argument("--nproc", type=int, default=None,
-                   help="launch this many processes with torchrun (DDP: nccl on CUDA, gloo on CPU)")
+                   help="launch this many processes per node with torchrun (DDP: nccl on CUDA, gloo "
+                   "on CPU); with several nodes run the same command on each")
+    p.add_argument("--nnodes", type=int, default=1, help="with --nproc: number of nodes")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="with --nnodes > 1: a host:port every node reaches (usually node 0's)")
+    p.add_argument("--rdzv-id", default="mixcls", help="with --nnodes > 1: a job id shared by the nodes")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs only)")
     add_config_flags(p)
     p.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    if args.nproc and args.nproc > 1 and not dist.launched_by_torchrun():
-        return _launch_torchrun(args.nproc)
-    overrides = config_overrides(args)
-    if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a mixcls run folder?")
-        extra = sorted(set(overrides) - RESUME_OVERRIDABLE)
-        if extra or args.config:
-            raise ConfigError(f"--resume uses {run_dir}/config.yaml; drop "
-                              f"{', '.join('--' + k.replace('_', '-') for k in extra) or '--config'}")
-        cfg = load_config(run_dir / "config.yaml", overrides)
-    else:
-        if not args.out:
-            raise ConfigError("train needs --out RUN (a new run folder) or --resume RUN")
-        run_dir = Path(args.out)
-        cfg = load_config(args.config, overrides)
-        if cfg.data.data is None and cfg.data.csv is None:
-            raise ConfigError("train needs --data FOLDER (or --csv FILE --images DIR)")
-    from mixcls.train import fit_folds  # torch and timm load only when training really starts
+    run_dir, cfg = _resolve_run(args)
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc: {args.nproc} must be >= 1")
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    if (args.nproc or 1) * args.nnodes > 1 and not _launched_by_torchrun():
+        _check_before_launch(cfg)  # refused once here, not once per process
+        return _launch_torchrun(args)
+    from mixcls import distributed as dist  # torch and timm load only when training really starts
+    from mixcls.train import fit_folds
 
     dist.init_process_group(cfg.train.device)
     try:
@@ -83,21 +77,77 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch_torchrun(nproc: int) -> int:
+def _resolve_run(args: argparse.Namespace) -> tuple[Path, Config]:
+    """The run folder and its validated config (with --resume: the run's own config.yaml)."""
+    overrides = config_overrides(args)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a mixcls run folder?")
+        extra = sorted(set(overrides) - RESUME_OVERRIDABLE)
+        if extra or args.config or args.out:
+            drop = [f"--{k.replace('_', '-')}" for k in extra] + ["--config"] * bool(args.config) \
+                + ["--out"] * bool(args.out)
+            raise ConfigError(f"--resume uses {run_dir}/config.yaml; drop {', '.join(drop)} "
+                              f"(only {', '.join('--' + k for k in sorted(RESUME_OVERRIDABLE))} may change)")
+        return run_dir, load_config(run_dir / "config.yaml", overrides)
+    if not args.out:
+        raise ConfigError("train needs --out RUN (a new run folder) or --resume RUN")
+    cfg = load_config(args.config, overrides)
+    if cfg.data.data is None and cfg.data.csv is None:
+        raise ConfigError("train needs --data FOLDER (or --csv FILE --images DIR)")
+    return Path(args.out), cfg
+
+
+def _launched_by_torchrun() -> bool:
+    """Read from the environment only, so the launcher itself never imports torch."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _check_before_launch(cfg: Config) -> None:
+    if cfg.train.sync_bn:
+        import torch
+        from mixcls.train import check_distributed_options
+        on_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+        check_distributed_options(cfg, torch.device("cuda" if on_cuda else "cpu"), world_size=2)
+
+
+def torchrun_command(args: argparse.Namespace) -> list[str]:
+    """The torchrun command line that re-runs this training once per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc or 1}"]
+    if args.nnodes > 1:
+        cmd += [f"--nnodes={args.nnodes}", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={args.rdzv_endpoint}", f"--rdzv_id={args.rdzv_id}"]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "mixcls", "train", *_train_argv(args)]
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    """`mixcls train` arguments equivalent to `args`, without the launcher's own options.
+
+    Rebuilt from the parsed arguments rather than sys.argv, so it also holds when main() was
+    called with an argument list.
+    """
+    argv = []
+    for name in ("out", "config", "resume"):
+        if getattr(args, name):
+            argv += [f"--{name}", str(getattr(args, name))]
+    if args.no_progress:
+        argv.append("--no-progress")
+    for key, value in config_overrides(args).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else flag.replace("--", "--no-", 1))
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, ",".join(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _launch_torchrun(args: argparse.Namespace) -> int:
     """Re-run this very command under torchrun, one process per device."""
-    argv = sys.argv[1:]
-    cleaned, skip = [], False
-    for token in argv:
-        if skip:
-            skip = False
-            continue
-        if token == "--nproc":
-            skip = True
-            continue
-        if token.startswith("--nproc="):
-            continue
-        cleaned.append(token)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "mixcls"] + cleaned
-    print("launching:", " ".join(cmd), file=sys.stderr)
+    cmd = torchrun_command(args)
+    print("launching:", " ".join(cmd), file=sys.stderr, flush=True)
     return subprocess.call(cmd, env=os.environ.copy())

@@ -1,0 +1,381 @@
+"""Noisy labels on Fashion-MNIST: robust losses and clean-then-retrain against training on the
+clean labels, and how well `mixcls noise` finds the labels we flipped on purpose.
+
+Training labels are flipped on purpose; the official 10,000-image test set keeps its labels
+and scores every model. Noise settings:
+  sym20, sym40  20 % / 40 % of the rows get a uniformly drawn *other* class
+  pair20        20 % of the shirts (class 6) are labelled T-shirt/top (class 0) and
+                20 % of the T-shirts/tops are labelled shirt (class-pair flip)
+Per setting:
+  1. k-fold CE run (`mixcls train`): its OOF probabilities feed `mixcls noise` (precision and
+     recall against the flipped rows); its fold-0 model is the CE entry of the loss table
+     (fit_fold seeds each fold from (seed, fold), so it is the model a one-fold CE run trains).
+  2. label_smoothing, bi_tempered (t1=0.8, t2=1.4), symmetric_ce, taylor_ce: fold 0 only.
+  3. clean-then-retrain: `mixcls clean --policy drop` on the k-fold run, then CE on the cleaned
+     table, fold 0 only (the cleaned table carries the run's folds; validation keeps the given
+     labels).
+Every loss-table entry is one model trained on the same (k-1)/k of the rows and scored on the
+clean test set; the reference is CE on the clean labels, same split size.
+
+Jobs run in priority order (the clean reference, then sym20 complete, then detection and
+clean-then-retrain for sym40 and pair20, then their loss rows); a job whose estimated time
+would overrun --budget-minutes is skipped and shown as "cut".
+
+    nice -n 5 python benchmarks/noise.py [--quick] [--work DIR] [--budget-minutes 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from mixcls.cli import main as mixcls_main
+from mixcls.config import load_config
+from mixcls.data import ImageDataset, load_image_cache
+from mixcls.engine import evaluate
+from mixcls.models import model_mean_std
+from mixcls.predict import load_fold_models, predict_run
+from mixcls.runs import read_json
+from mixcls.train import fit_folds
+from mixcls.transforms import build_valid_transform
+
+NUM_CLASSES = 10
+SHIRT, TSHIRT = 6, 0
+SETTINGS = ("sym20", "sym40", "pair20")
+ROBUST_LOSSES = ("label_smoothing", "bi_tempered", "symmetric_ce", "taylor_ce")
+METHODS = ("ce",) + ROBUST_LOSSES + ("clean+retrain",)
+# Act on every suspect cleanlab flags at these noise rates (the CLI's 0.2 cap would bind at 40 %).
+CLEAN_MAX_FRACTION = 0.5
+
+
+@dataclass
+class Sizes:
+    limit: int
+    test_limit: int | None
+    epochs: int
+    folds: int
+    settings: tuple[str, ...]
+
+
+FULL = Sizes(limit=10_000, test_limit=None, epochs=2, folds=3, settings=SETTINGS)
+QUICK = Sizes(limit=2_000, test_limit=2_000, epochs=1, folds=3, settings=("sym20",))
+
+
+@dataclass
+class Bench:
+    """What the jobs share: data, sizes, results, and the clock of the time budget."""
+
+    work: Path
+    data: Path
+    sizes: Sizes
+    train_options: dict
+    test_paths: list[str]
+    test_labels: np.ndarray
+    test_cache: list[np.ndarray]
+    clean_labels: np.ndarray
+    image_ids: list[str]
+    budget_s: float
+    started: float = field(default_factory=time.perf_counter)
+    accuracy: dict = field(default_factory=dict)      # (method, setting) -> test accuracy
+    detection: dict = field(default_factory=dict)     # setting -> dict of counts and scores
+    flipped: dict = field(default_factory=dict)       # setting -> (N,) bool
+    noisy_csv: dict = field(default_factory=dict)     # setting -> Path
+    cut: list = field(default_factory=list)
+    unit_seconds: list = field(default_factory=list)  # seconds per fold trained (measured)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def flip_symmetric(labels: np.ndarray, rate: float, *, num_classes: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy labels, flipped mask), both (N,): round(rate N) rows get a uniform other class."""
+    flipped = np.zeros(len(labels), dtype=bool)
+    flipped[rng.choice(len(labels), size=round(rate * len(labels)), replace=False)] = True
+    noisy = labels.copy()
+    noisy[flipped] = (labels[flipped] + rng.integers(1, num_classes, size=flipped.sum())) % num_classes
+    return noisy, flipped
+
+
+def flip_pair(labels: np.ndarray, rate: float, *, a: int, b: int,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy labels, flipped mask): round(rate n_a) rows of class a become b, and vice versa."""
+    noisy, flipped = labels.copy(), np.zeros(len(labels), dtype=bool)
+    for src, dst in ((a, b), (b, a)):
+        rows = np.flatnonzero(labels == src)
+        chosen = rng.choice(rows, size=round(rate * len(rows)), replace=False)
+        noisy[chosen], flipped[chosen] = dst, True
+    return noisy, flipped
+
+
+def make_noisy_labels(setting: str, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([seed, SETTINGS.index(setting)])
+    if setting == "pair20":
+        return flip_pair(labels, 0.2, a=SHIRT, b=TSHIRT, rng=rng)
+    rate = {"sym20": 0.2, "sym40": 0.4}[setting]
+    return flip_symmetric(labels, rate, num_classes=NUM_CLASSES, rng=rng)
+
+
+def export_data(work: Path, sizes: Sizes, source: str) -> Path:
+    """`mixcls data fashion-mnist` into work/, reused when already there."""
+    out = work / f"fmnist_{sizes.limit}_{sizes.test_limit or 'all'}"
+    if not (out / "test.csv").is_file():
+        argv = ["data", "fashion-mnist", "--from", source, "--out", str(out), "--limit", str(sizes.limit)]
+        if sizes.test_limit:
+            argv += ["--test-limit", str(sizes.test_limit)]
+        if mixcls_main(argv) != 0:
+            raise SystemExit("export of Fashion-MNIST failed")
+    return out
+
+
+def train_run(bench: Bench, csv: Path, out: Path, *, loss: str, train_folds: list[int] | None) -> Path:
+    """`mixcls train` (through fit_folds) on `csv`; fold 0 only or all folds."""
+    overrides = dict(bench.train_options, csv=str(csv), images=str(bench.data / "train_images"),
+                     loss=loss, folds=bench.sizes.folds, epochs=bench.sizes.epochs)
+    if train_folds is not None:
+        overrides["train_folds"] = train_folds
+    if loss == "bi_tempered":
+        overrides.update(t1=0.8, t2=1.4)
+    cfg = load_config(None, overrides)
+    fit_folds(cfg, out, progress=False, log=lambda msg: log(f"  [{out.name}] {msg}"))
+    return out
+
+
+def test_accuracy(bench: Bench, run_dir: Path, *, fold: int = 0) -> float:
+    """Accuracy on the clean test set of the run's fold `fold` model (test images decoded once)."""
+    classes = read_json(run_dir / "classes.json")
+    if classes != [str(k) for k in range(NUM_CLASSES)]:
+        raise SystemExit(f"{run_dir}: classes {classes}; expected the digits 0..9 of the noisy CSVs")
+    models = [m for m in load_fold_models(run_dir, torch.device("cpu")) if m.fold == fold]
+    if len(models) != 1:
+        raise SystemExit(f"{run_dir}: no fold {fold} checkpoint")
+    fm = models[0]
+    mean, std = model_mean_std(fm.model)
+    dataset = ImageDataset(bench.test_paths, None, build_valid_transform(fm.config.data.img_size,
+                           mean=mean, std=std), cache=bench.test_cache)
+    loader = DataLoader(dataset, batch_size=512, num_workers=0, shuffle=False)
+    probs, _ = evaluate(fm.model, loader, device=torch.device("cpu"))
+    return float((probs.argmax(1) == bench.test_labels).mean())
+
+
+def find_flipped(bench: Bench, setting: str, run_dir: Path) -> dict:
+    """`mixcls noise` on the run: precision and recall of its suspects against the flipped rows."""
+    suspects_csv = bench.work / f"suspects_{setting}.csv"
+    with contextlib.redirect_stdout(sys.stderr):
+        if mixcls_main(["noise", "--run", str(run_dir), "--out", str(suspects_csv)]) != 0:
+            raise SystemExit(f"mixcls noise failed on {run_dir}")
+    flagged = set(pd.read_csv(suspects_csv, dtype={"image_id": str})["image_id"])
+    flipped = set(np.asarray(bench.image_ids)[bench.flipped[setting]])
+    hits = len(flagged & flipped)
+    metrics = read_json(run_dir / "metrics.json")
+    return {"flipped": len(flipped), "flagged": len(flagged), "hits": hits,
+            "precision": hits / len(flagged) if flagged else float("nan"),
+            "recall": hits / len(flipped), "cv_accuracy": metrics["cv_accuracy"]}
+
+
+def job_reference(bench: Bench) -> None:
+    csv = bench.work / "labels_clean.csv"
+    pd.DataFrame({"image_id": bench.image_ids, "label": bench.clean_labels}).to_csv(csv, index=False)
+    run = train_run(bench, csv, bench.work / "run_clean_ce", loss="ce", train_folds=[0])
+    bench.accuracy[("ce", "clean")] = test_accuracy(bench, run)
+    # Once: the fold-ensemble predictor of the library agrees with the cached scorer used here.
+    library = predict_run(run, bench.test_paths[:512], device="cpu", batch_size=256)
+    ours = _probs_of(bench, run, 512)
+    if not np.allclose(library, ours, atol=1e-5):
+        raise SystemExit(f"cached test scoring disagrees with predict_run by {np.abs(library - ours).max():.2e}")
+
+
+def _probs_of(bench: Bench, run_dir: Path, n: int) -> np.ndarray:
+    fm = load_fold_models(run_dir, torch.device("cpu"))[0]
+    mean, std = model_mean_std(fm.model)
+    dataset = ImageDataset(bench.test_paths[:n], None, build_valid_transform(
+        fm.config.data.img_size, mean=mean, std=std), cache=bench.test_cache[:n])
+    probs, _ = evaluate(fm.model, DataLoader(dataset, batch_size=256), device=torch.device("cpu"))
+    return probs
+
+
+def job_kfold(bench: Bench, setting: str) -> None:
+    """Noisy labels, k-fold CE: detection scores and the CE entry (fold 0)."""
+    noisy, flipped = make_noisy_labels(setting, bench.clean_labels, seed=0)
+    bench.flipped[setting] = flipped
+    csv = bench.work / f"labels_{setting}.csv"
+    pd.DataFrame({"image_id": bench.image_ids, "label": noisy}).to_csv(csv, index=False)
+    bench.noisy_csv[setting] = csv
+    run = train_run(bench, csv, bench.work / f"run_{setting}_kfold_ce", loss="ce", train_folds=None)
+    bench.accuracy[("ce", setting)] = test_accuracy(bench, run, fold=0)
+    bench.detection[setting] = find_flipped(bench, setting, run)
+
+
+def job_clean_retrain(bench: Bench, setting: str) -> None:
+    run = bench.work / f"run_{setting}_kfold_ce"
+    cleaned = bench.work / f"clean_{setting}.csv"
+    with contextlib.redirect_stdout(sys.stderr):
+        code = mixcls_main(["clean", "--run", str(run), "--policy", "drop", "--out", str(cleaned),
+                            "--max-fraction", str(CLEAN_MAX_FRACTION)])
+    if code != 0:
+        raise SystemExit(f"mixcls clean failed on {run}")
+    table = pd.read_csv(cleaned, dtype={"image_id": str})
+    dropped = set(table["image_id"][table["keep"] == 0])
+    flipped = set(np.asarray(bench.image_ids)[bench.flipped[setting]])
+    bench.detection[setting].update(dropped=len(dropped), dropped_flipped=len(dropped & flipped))
+    retrained = train_run(bench, cleaned, bench.work / f"run_{setting}_clean_retrain", loss="ce",
+                          train_folds=[0])
+    bench.accuracy[("clean+retrain", setting)] = test_accuracy(bench, retrained)
+
+
+def job_loss(bench: Bench, setting: str, loss: str) -> None:
+    run = train_run(bench, bench.noisy_csv[setting], bench.work / f"run_{setting}_{loss}", loss=loss,
+                    train_folds=[0])
+    bench.accuracy[(loss, setting)] = test_accuracy(bench, run)
+
+
+@dataclass
+class Job:
+    name: str
+    folds_trained: int
+    run: Callable[[Bench], None]
+    required: bool  # required jobs ignore the budget
+    needs: str | None = None  # name of the job whose run folder or CSV this one uses
+
+
+def plan_jobs(sizes: Sizes) -> list[Job]:
+    """Every job in priority order: the reference, sym20 complete, then the other settings'
+    detection and clean-then-retrain, then their robust-loss rows."""
+    jobs = [Job("reference: ce on clean labels", 1, job_reference, True)]
+    for setting in sizes.settings:
+        required = setting == "sym20"
+        kfold = f"{setting}: k-fold ce + mixcls noise"
+        jobs.append(Job(kfold, sizes.folds, lambda b, s=setting: job_kfold(b, s), required))
+        jobs.append(Job(f"{setting}: clean (drop) + retrain ce", 1,
+                        lambda b, s=setting: job_clean_retrain(b, s), required, kfold))
+        if required:
+            jobs += [Job(f"{setting}: {loss}", 1, lambda b, s=setting, l=loss: job_loss(b, s, l), True, kfold)
+                     for loss in ROBUST_LOSSES]
+    for setting in sizes.settings:
+        if setting != "sym20":
+            jobs += [Job(f"{setting}: {loss}", 1, lambda b, s=setting, l=loss: job_loss(b, s, l), False,
+                         f"{setting}: k-fold ce + mixcls noise") for loss in ROBUST_LOSSES]
+    return jobs
+
+
+def run_jobs(bench: Bench, jobs: list[Job]) -> None:
+    """Run the jobs in order; skip an optional one whose estimated time would overrun the budget
+    (estimate: folds it trains x the mean measured seconds per trained fold so far)."""
+    done: set[str] = set()
+    for job in jobs:
+        elapsed = time.perf_counter() - bench.started
+        estimate = job.folds_trained * float(np.mean(bench.unit_seconds)) if bench.unit_seconds else 0.0
+        if job.needs is not None and job.needs not in done:
+            bench.cut.append(job.name)
+            continue
+        if not job.required and elapsed + estimate > bench.budget_s:
+            bench.cut.append(job.name)
+            log(f"cut (budget): {job.name} (~{estimate:.0f} s; {elapsed:.0f} s used)")
+            continue
+        log(f"job: {job.name}")
+        start = time.perf_counter()
+        job.run(bench)
+        seconds = time.perf_counter() - start
+        bench.unit_seconds.append(seconds / job.folds_trained)
+        done.add(job.name)
+        log(f"job done in {seconds:.0f} s: {job.name} (total {time.perf_counter() - bench.started:.0f} s)")
+
+
+def print_tables(bench: Bench) -> None:
+    columns = ("clean",) + bench.sizes.settings
+    n_train = len(bench.image_ids) * (bench.sizes.folds - 1) // bench.sizes.folds
+    print(f"test accuracy (%) on the clean Fashion-MNIST test set ({len(bench.test_labels)} images); "
+          f"each model: fold 0 of {bench.sizes.folds} folds, ~{n_train} training images, "
+          f"{bench.sizes.epochs} epochs")
+    print(f"{'method':<26}" + "".join(f"{c:>9}" for c in columns))
+    rows = [("clean labels (ce)", "ce", ("clean",))] + [(m, m, bench.sizes.settings) for m in METHODS]
+    for title, method, cols in rows:
+        cells = []
+        for c in columns:
+            if c not in cols:
+                cells.append("")
+            elif (method, c) in bench.accuracy:
+                cells.append(f"{100 * bench.accuracy[(method, c)]:.2f}")
+            else:
+                cells.append("cut")
+        print(f"{title:<26}" + "".join(f"{v:>9}" for v in cells))
+    print()
+    print(f"noise detection: `mixcls noise` (cleanlab prune_by_noise_rate) on the {bench.sizes.folds}-fold "
+          f"CE run's OOF; drop = rows `mixcls clean --policy drop --max-fraction {CLEAN_MAX_FRACTION}` "
+          "excluded")
+    print(f"{'setting':<8}{'flipped':>9}{'flagged':>9}{'precision':>11}{'recall':>8}"
+          f"{'cv_acc':>8}{'dropped':>9}{'of them flipped':>17}")
+    for setting in bench.sizes.settings:
+        d = bench.detection.get(setting)
+        if d is None:
+            print(f"{setting:<8}{'cut':>9}")
+            continue
+        print(f"{setting:<8}{d['flipped']:>9}{d['flagged']:>9}{d['precision']:>11.3f}{d['recall']:>8.3f}"
+              f"{d['cv_accuracy']:>8.3f}{d.get('dropped', '-'):>9}{d.get('dropped_flipped', '-'):>17}")
+    if bench.cut:
+        print(f"cut by the time budget: {'; '.join(bench.cut)}")
+
+
+def summary_line(bench: Bench) -> str:
+    d = bench.detection["sym20"]
+    best = max(bench.accuracy[(m, "sym20")] for m in METHODS if (m, "sym20") in bench.accuracy)
+    gap = 100 * (bench.accuracy[("ce", "clean")] - best)
+    return f"precision_sym20={d['precision']:.3f} recall_sym20={d['recall']:.3f} best_gap_sym20={gap:.2f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="2,000 training and 2,000 test images, 1 epoch, sym20 only")
+    parser.add_argument("--work", help="folder for the data and the runs (default: a new temporary one)")
+    parser.add_argument("--source", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--budget-minutes", type=float, default=40.0,
+                        help="skip optional jobs (beyond the reference and sym20) that would overrun this")
+    parser.add_argument("--model", default="mixcls_cnn_tiny")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 because on 2 shared, busy cores two threads spin-wait "
+                             "(measured here: a 28 px batch of 64 took 4x longer with 2 threads)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = QUICK if args.quick else FULL
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="noise_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"work folder {work}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    data = export_data(work, sizes, args.source)
+    train = pd.read_csv(data / "train.csv", dtype={"image_id": str})
+    test = pd.read_csv(data / "test.csv", dtype={"image_id": str})
+    test_paths = [str(data / "test_images" / i) for i in test["image_id"]]
+    bench = Bench(
+        work=work, data=data, sizes=sizes,
+        train_options=dict(model=args.model, img_size=28, batch_size=128, lr=3e-3, preset="none",
+                           workers=0, cache_images="yes", check_images="header", device="cpu",
+                           amp="none", seed=42),
+        test_paths=test_paths, test_labels=test["label"].to_numpy(dtype=np.int64),
+        test_cache=load_image_cache(test_paths, mode="yes"),
+        clean_labels=train["label"].to_numpy(dtype=np.int64), image_ids=train["image_id"].tolist(),
+        budget_s=60 * args.budget_minutes)
+    run_jobs(bench, plan_jobs(sizes))
+    minutes = (time.perf_counter() - bench.started) / 60
+    print(f"model {args.model}, 28 px, batch 128, AdamW lr 3e-3 cosine, preset none, fp32, "
+          f"{torch.get_num_threads()} torch thread(s); {minutes:.1f} min wall, load average now "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print_tables(bench)
+    print(summary_line(bench))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
