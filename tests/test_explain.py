@@ -143,6 +143,21 @@ def test_radial_profile_averages_rings():
     np.testing.assert_allclose(flat, 3.0)
 
 
+def test_fmix_picture_pairs_each_mask_with_its_grey_image():
+    """The picture draws fmix_grey and fmix_masks from one seed: the mask must be the top λ of
+    that very grey image, or the red edge and the mask panel would show different things."""
+    import torch
+
+    from mixcls.mix import fmix_grey, fmix_masks
+
+    for seed, decay, lam in ((0, 3.0, 0.4), (5, 1.0, 0.7)):
+        grey = fmix_grey(1, 48, 48, decay, generator=torch.Generator().manual_seed(seed))[0]
+        mask = fmix_masks(1, 48, 48, lam, decay_power=decay,
+                          generator=torch.Generator().manual_seed(seed))[0, 0]
+        top = grey >= torch.quantile(grey.flatten(), 1 - lam)
+        assert (top == mask.bool()).float().mean() > 0.99
+
+
 # ------------------------------------------------------------------------------- commands
 
 

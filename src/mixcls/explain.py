@@ -76,8 +76,10 @@ def plot_beta(alphas: Sequence[float], *, n_samples: int = 20000, seed: int = 0)
     for ax, alpha in zip(axes, alphas):
         lam = sample_lam(alpha, n_samples, generator=generator).double().numpy().ravel()
         heights, _, _ = ax.hist(lam, bins=40, range=(0, 1), density=True, color="#9ecae1",
-                                edgecolor="white", label=f"histogram of {n_samples} λ from mix.sample_lam")
-        ax.plot(theta, beta_density(theta, alpha), color="#d62728", lw=2, label="density " + formula)
+                                edgecolor="white",
+                                label=f"histogram of {n_samples} λ from mix.sample_lam")
+        ax.plot(theta, beta_density(theta, alpha), color="#d62728", lw=2,
+                label="density " + formula)
         if heights.max() > top:
             ax.text(0.5, 0.97 * top, f"edge bars reach {heights.max():.1f}", ha="center",
                     va="top", fontsize=8, color="#555555")
@@ -99,7 +101,11 @@ def plot_beta(alphas: Sequence[float], *, n_samples: int = 20000, seed: int = 0)
 
 
 def _check_alpha(alpha: float) -> None:
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+    try:
+        ok = math.isfinite(float(alpha)) and float(alpha) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
 
 
@@ -252,18 +258,7 @@ def plot_fmix(lam: float, *, decay_powers: Sequence[float] = (1, 3, 5), size: in
     for row, decay in zip(axes, decay_powers):
         greys = fmix_grey(n_spectra, size, size, decay,
                           generator=torch.Generator().manual_seed(seed + 1))
-        magnitude = np.abs(np.fft.fftshift(np.fft.fft2(greys.double().numpy()), axes=(-2, -1)))
-        freqs, profile = radial_profile(magnitude.mean(axis=0))
-        row[0].loglog(freqs, profile, "o", ms=3, color="#1f77b4", label="mean |F| of fmix_grey")
-        # The reference line's height is fitted on f = 1..4, where every grid holds the law;
-        # beyond the coarse grid mix.py samples on, bilinear upsampling leaves a faint floor.
-        low = freqs <= 4
-        offset = np.median(np.log(profile[low]) + decay * np.log(freqs[low]))
-        row[0].loglog(freqs, np.exp(offset) * freqs ** -float(decay), color="#d62728",
-                      label=f"∝ 1/f^{decay:g}")
-        row[0].set_xlabel("frequency f (cycles per image)")
-        row[0].set_title(f"decay d = {decay:g}: spectrum magnitude", fontsize=10)
-        row[0].legend(fontsize=8)
+        _draw_spectrum_profile(row[0], greys.double().numpy(), decay)
         # From the same generator state fmix_masks thresholds exactly the image fmix_grey gives.
         grey = fmix_grey(1, size, size, decay, generator=torch.Generator().manual_seed(seed))
         mask = fmix_masks(1, size, size, lam, decay_power=decay,
@@ -282,6 +277,22 @@ def plot_fmix(lam: float, *, decay_powers: Sequence[float] = (1, 3, 5), size: in
                  "(the flat tails at high f: mix.py makes the field on a coarse grid and "
                  "upsamples it bilinearly)", fontsize=12)
     return fig
+
+
+def _draw_spectrum_profile(ax, greys: np.ndarray, decay: float) -> None:
+    """Log-log: mean |DFT| over rings of equal frequency of greys (N, H, W), and 1/f^decay."""
+    magnitude = np.abs(np.fft.fftshift(np.fft.fft2(greys), axes=(-2, -1)))
+    freqs, profile = radial_profile(magnitude.mean(axis=0))
+    ax.loglog(freqs, profile, "o", ms=3, color="#1f77b4", label="mean |F| of fmix_grey")
+    # The reference line's height is fitted on f = 1..4, where every grid holds the law;
+    # beyond the coarse grid mix.py samples on, bilinear upsampling leaves a faint floor.
+    low = freqs <= 4
+    offset = np.median(np.log(profile[low]) + decay * np.log(freqs[low]))
+    ax.loglog(freqs, np.exp(offset) * freqs ** -float(decay), color="#d62728",
+              label=f"∝ 1/f^{decay:g}")
+    ax.set_xlabel("frequency f (cycles per image)")
+    ax.set_title(f"decay d = {decay:g}: spectrum magnitude", fontsize=10)
+    ax.legend(fontsize=8)
 
 
 def _tint(grey: np.ndarray, colour: tuple[float, float, float]) -> np.ndarray:
