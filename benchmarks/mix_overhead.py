@@ -166,7 +166,7 @@ def main() -> int:
         parser.error("--device cuda: CUDA is not available here")
     if args.threads:
         torch.set_num_threads(args.threads)
-    reps, step_reps, ref_reps = (3, 1, 3) if args.quick else (9, 2, 7)
+    reps, step_reps, ref_reps = (5, 1, 5) if args.quick else (9, 2, 9)
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"device {device} ({torch.get_num_threads()} torch threads), torch {torch.__version__}; "
           f"medians of {reps} (mixing), {step_reps} (resnet18 step), {ref_reps} (reference) runs; "
