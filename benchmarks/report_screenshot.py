@@ -8,7 +8,8 @@ and RUN/suspects.png, so that every section of the report has something to show.
     python benchmarks/report_screenshot.py                      # demo run, docs/report.png
     python benchmarks/report_screenshot.py --run runs/exp1 --png /tmp/exp1.png
 
-Needs the `chromium` binary (Debian/Ubuntu: apt-get install chromium).
+Needs a Chromium or Chrome binary (Debian: apt-get install chromium; elsewhere pass --chromium
+google-chrome or the browser's full path).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def main() -> int:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=2400)
+    parser.add_argument("--chromium", default="chromium",
+                        help="browser binary: chromium, chromium-browser, google-chrome or a path")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="mixcls-report-") as tmp:
@@ -82,15 +85,17 @@ def main() -> int:
         html_path = write_report(run)
         report_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        png = screenshot_report(html_path, args.png, width=args.width, height=args.height)
+        png = screenshot_report(html_path, args.png, width=args.width, height=args.height,
+                                chromium=args.chromium)
         shot_s = time.perf_counter() - t0
         page = describe_page(html_path)
         metrics = json.loads((run / "metrics.json").read_text())
         ink = ink_share(png)
 
-    rows = [("run", str(run) if args.run else f"demo digits, {args.model}, {args.folds} folds x {args.epochs} epochs, mix {args.mix}"),
-            ("cv_accuracy", f"{metrics['cv_accuracy']:.4f}"),
-            ("holdout_accuracy", f"{metrics['holdout_accuracy']:.4f}" if "holdout_accuracy" in metrics else "—"),
+    demo = f"demo digits, {args.model}, {args.folds} folds x {args.epochs} epochs, mix {args.mix}"
+    holdout = metrics.get("holdout_accuracy")
+    rows = [("run", str(run) if args.run else demo), ("cv_accuracy", f"{metrics['cv_accuracy']:.4f}"),
+            ("holdout_accuracy", f"{holdout:.4f}" if holdout is not None else "—"),
             ("train + noise seconds", f"{train_s:.1f}"), ("write_report seconds", f"{report_s:.2f}"),
             ("screenshot seconds", f"{shot_s:.2f}"), ("report KiB", f"{page['report_kib']:.0f}"),
             ("embedded images", str(page["images"])), ("sections", str(page["sections"])),

@@ -124,6 +124,8 @@ def _check_metrics(metrics: Any, num_classes: int, path: Path) -> None:
     missing = [k for k in ("cv_accuracy", "cv_macro_f1", "fold_accuracy", "confusion") if k not in metrics]
     if missing:
         raise DataError(f"{path}: missing key(s) {', '.join(missing)}")
+    if not isinstance(metrics["fold_accuracy"], dict):
+        raise DataError(f"{path}: fold_accuracy must map fold numbers to accuracies")
     shape = np.asarray(metrics["confusion"]).shape
     if shape != (num_classes, num_classes):
         raise DataError(f"{path}: confusion has shape {shape}, expected ({num_classes}, {num_classes}) "
@@ -275,7 +277,8 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], *, max_annotated: 
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
     ticks, names = _confusion_ticks(classes)
-    ax.set_xticks(ticks, names, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center",
+    slanted = k > 3 and max(len(n) for n in names) > 3  # long names would overlap side by side
+    ax.set_xticks(ticks, names, rotation=45 if slanted else 0, ha="right" if slanted else "center",
                   fontsize=8)
     ax.set_yticks(ticks, names, fontsize=8)
     ax.set_xlabel("predicted")
@@ -502,9 +505,11 @@ def _section_classes(run: RunFiles) -> str:
     if len(rows) > MAX_CLASS_ROWS:
         rows = sorted(rows, key=lambda r: r[3] if isinstance(r[3], float) else 2.0)[:MAX_CLASS_ROWS]
         note = _note(f"The {MAX_CLASS_ROWS} classes of lowest accuracy of {len(run.classes)}.")
-    table = _table(["class", "rows", "correct", "accuracy", "", "most often predicted as"], rows,
+    table = _table(["class", "rows", "correct", "accuracy", "", "most confused with"], rows,
                    table_id="class-accuracy", numeric=frozenset({1, 2, 3}))
-    body = (f'<div class="row"><div><img class="confusion" src="{uri}" alt="confusion matrix"></div>'
+    size = "wide" if len(run.classes) > 6 else "narrow"  # a larger matrix gets more of the row
+    picture = f'<img class="confusion" src="{uri}" alt="confusion matrix">'
+    body = (f'<div class="row classes {size}"><div>{picture}</div>'
             f"<div>{table}{note}</div></div>")
     return _section("classes", "Confusion matrix and per-class accuracy", body,
                     intro="Rows are the given labels, columns the out-of-fold predictions; colour is "
@@ -535,9 +540,11 @@ def _section_mistakes(run: RunFiles) -> str:
     cards = []
     for r in mistakes.itertuples():
         uri, why = _thumbnail(run.images_dir, r.image_id)
-        cards.append(_card(uri, [f"given {run.classes[r.label]} → predicted {run.classes[r.pred]} ({r.prob:.2f})",
+        given, predicted = run.classes[r.label], run.classes[r.pred]
+        cards.append(_card(uri, [f"given {given} → predicted {predicted} ({r.prob:.2f})",
                                  f"{r.image_id} · fold {r.fold}"], missing=why))
-    return _section("mistakes", "Most confidently wrong", f'<div class="grid" id="mistakes-grid">{"".join(cards)}</div>',
+    grid = f'<div class="grid" id="mistakes-grid">{"".join(cards)}</div>'
+    return _section("mistakes", "Most confidently wrong", grid,
                     intro=f"{len(mistakes)} of the {n_wrong} misclassified out-of-fold images, highest "
                           "probability of the wrong class first: label errors or hard cases.")
 
@@ -601,7 +608,8 @@ def _section_mix(run: RunFiles, *, seed: int) -> str:
         images = np.stack([_load_square(run.images_dir / i, side) for i in ids])
     except (OSError, ValueError) as exc:
         return _section("mix", title, _note(f"Cannot read the training images: {exc}"))
-    mix = {key: cfg[f"mix_{key}"] for key in ("alpha", "decay_power", "max_soft", "mode") if f"mix_{key}" in cfg}
+    mix = {key: cfg[f"mix_{key}"] for key in ("alpha", "decay_power", "max_soft", "mode")
+           if f"mix_{key}" in cfg}
     batches = make_mix_examples(images, run.oof["label"].to_numpy(dtype=np.int64)[rows],
                                 num_classes=len(run.classes), mix=dict(mix, method=cfg["mix"]),
                                 n_batches=n // MIX_BATCH_SIZE, seed=seed)
@@ -636,14 +644,15 @@ def _section_suspects(run: RunFiles) -> str:
             cards = []
             for r in top.itertuples():
                 uri, why = _thumbnail(run.images_dir, r.image_id)
-                cards.append(_card(uri, [f"given {r.given} → suggested {r.suggested} ({r.prob_suggested:.2f})",
-                                         str(r.image_id)], missing=why))
+                caption = f"given {r.given} → suggested {r.suggested} ({r.prob_suggested:.2f})"
+                cards.append(_card(uri, [caption, str(r.image_id)], missing=why))
             parts.append(f'<div class="grid">{"".join(cards)}</div>')
         columns = [c for c in ("rank", "image_id", "fold", "given", "suggested", "prob_given",
                                "prob_suggested", "quality") if c in top.columns]
         rows = [[float(v) if isinstance(v, (float, np.floating)) else v for v in row]
                 for row in top[columns].itertuples(index=False)]
-        numeric = frozenset(i for i, c in enumerate(columns) if c in ("rank", "fold") or c.startswith(("prob", "q")))
+        numeric = frozenset(i for i, c in enumerate(columns)
+                            if c in ("rank", "fold") or c.startswith(("prob", "quality")))
         parts.append(_table(columns, rows, table_id="suspects", numeric=numeric))
     return _section("suspects", "Suspect labels", "".join(parts),
                     intro="From mixcls noise (confident learning on the out-of-fold probabilities).")
@@ -676,17 +685,19 @@ dt{color:#616e7c;font-size:11px;text-transform:uppercase;letter-spacing:.03em}
 dd{margin:0;font-weight:600;word-break:break-word}
 .row{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}
 .row>div{flex:1 1 400px;min-width:0}
+.row.classes.narrow>div:first-child{flex:0 1 44%}
+.row.classes.wide>div:first-child{flex:0 1 58%}
 table{border-collapse:collapse;font-size:13px;margin:0 0 8px}
-th,td{padding:4px 10px;border-bottom:1px solid #e4e7eb;text-align:left;vertical-align:top}
+th,td{padding:4px 8px;border-bottom:1px solid #e4e7eb;text-align:left;vertical-align:top}
 td{max-width:280px;overflow-wrap:break-word}
 th,td.num{white-space:nowrap}
 .scroll{overflow-x:auto;max-width:100%}
 th{background:#f0f3f6;font-weight:600}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-.bar{display:inline-block;width:90px;height:8px;background:#e4e7eb;border-radius:4px;overflow:hidden}
+.bar{display:inline-block;width:60px;height:8px;background:#e4e7eb;border-radius:4px;overflow:hidden}
 .bar span{display:block;height:100%;background:#3b82c4}
 img.wide{max-width:100%;height:auto;display:block}
-img.confusion{max-width:100%;max-height:520px;height:auto}
+img.confusion{max-width:100%;max-height:640px;height:auto;display:block}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(160px,1fr));gap:12px}
 .grid.mix{grid-template-columns:repeat(6,minmax(0,1fr))}
 .card{margin:0;font-size:12px}
