@@ -6,9 +6,10 @@ seed, and reports the learning curves and, per strategy, the labels it needs to 
 held-out accuracy random sampling reaches with the full budget (first measured point of the
 mean curve at or above it; the resolution is one round's --budget).
 
-The strategies run in --processes parallel `mixcls al-sim` processes of one thread each (on
-a busy 2-core machine one oneDNN thread per process was 15x faster per training step than two
-threads fighting other jobs). BALD's ensemble of --bald-members models costs that many times the
+Each (strategy group, seed) is one `mixcls al-sim` job of one thread, --processes at a time
+(on a busy 2-core machine one oneDNN thread per process was 15x faster per training step than
+two threads fighting other jobs). Each round scores a random --candidates of the unlabelled
+rows, as Gal et al. (2017) did for BALD. BALD's ensemble of --bald-members models costs that many times the
 training and pool scoring of the others; the table prints each strategy's compute.
 
     nice -n 5 python benchmarks/active.py --out runs/bench_active
@@ -21,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--bald-members", type=int, default=3)
     p.add_argument("--processes", type=int, default=3, help="parallel al-sim processes")
-    p.add_argument("--candidates", type=int, default=3000,
+    p.add_argument("--candidates", type=int, default=2000,
                    help="unlabelled rows scored per round (a random subset of the pool)")
     p.add_argument("--picture", default="docs/active_curve.png", help="copy of the curve picture")
     p.add_argument("--train-flags", default="--model mixcls_cnn_tiny --img-size 28 --preset none "
@@ -56,33 +58,37 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def split_strategies(strategies: list[str], processes: int, bald_members: int) -> list[list[str]]:
-    """Greedy balance of the groups by trainings per round (bald: bald_members, others 1)."""
-    groups: list[list[str]] = [[] for _ in range(min(processes, len(strategies)))]
-    load = [0] * len(groups)
+def plan_jobs(strategies: list[str], *, seeds: list[int], bald_members: int) -> list[tuple[list[str], int]]:
+    """One al-sim job per (group, seed), longest first: bald alone (bald_members models per
+    round), the others in pairs, so the jobs of a seed share their round-0 model within a pair."""
+    others = [s for s in strategies if s != "bald"]
+    groups = ([["bald"]] if "bald" in strategies else []) + [others[i:i + 2] for i in range(0, len(others), 2)]
     cost = {s: bald_members if s == "bald" else 1 for s in strategies}
-    for name in sorted(strategies, key=lambda s: -cost[s]):
-        i = int(np.argmin(load))
-        groups[i].append(name)
-        load[i] += cost[name]
-    return [g for g in groups if g]
+    jobs = [(group, seed) for group in groups for seed in seeds]
+    return sorted(jobs, key=lambda job: -sum(cost[s] for s in job[0]))
 
 
-def run_parts(args: argparse.Namespace, data: Path, out: Path, groups: list[list[str]]) -> None:
+def run_jobs(args: argparse.Namespace, data: Path, out: Path, jobs: list[tuple[list[str], int]]) -> list[Path]:
+    """Run the jobs, --processes at a time, each `mixcls al-sim` with one thread; their folders."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = []
-    for i, group in enumerate(groups):
-        cmd = [sys.executable, "-m", "mixcls", "al-sim", "--data", str(data), "--out", str(out / f"part_{i}"),
+
+    def run(i: int, group: list[str], seed: int) -> Path:
+        part = out / f"part_{i}"
+        cmd = [sys.executable, "-m", "mixcls", "al-sim", "--data", str(data), "--out", str(part),
                "--strategy", ",".join(group), "--start", str(args.start), "--budget", str(args.budget),
-               "--rounds", str(args.rounds), "--seeds", str(args.seeds), "--seed", str(args.seed),
+               "--rounds", str(args.rounds), "--seeds", "1", "--seed", str(seed),
                "--bald-members", str(args.bald_members), "--candidates", str(args.candidates),
                *args.train_flags.split()]
-        log = open(out / f"part_{i}.log", "w")
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, cmd))
-    for proc, log, cmd in procs:
-        if proc.wait() != 0:
-            raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log.name}")
-        log.close()
+        with open(out / f"part_{i}.log", "w") as log:
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if code != 0:
+            raise RuntimeError(f"failed ({code}): {' '.join(cmd)}; see {log.name}")
+        print(f"done: {','.join(group)} seed {seed}", flush=True)
+        return part
+
+    with ThreadPoolExecutor(max_workers=args.processes) as pool:
+        futures = [pool.submit(run, i, group, seed) for i, (group, seed) in enumerate(jobs)]
+        return [f.result() for f in futures]
 
 
 def print_table(summary: pd.DataFrame, curve: pd.DataFrame, reach: pd.DataFrame) -> None:
@@ -111,10 +117,10 @@ def main() -> int:
     data = export_fashion_mnist(args.source, out / "data", limit=args.limit, test_limit=args.test_limit)
     print(f"exported Fashion-MNIST ({args.limit} pool, {args.test_limit} held out) in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
-    groups = split_strategies(strategies, args.processes, args.bald_members)
-    print(f"al-sim processes: {groups}", flush=True)
-    run_parts(args, data, out, groups)
-    parts = [out / f"part_{i}" for i in range(len(groups))]
+    jobs = plan_jobs(strategies, seeds=[args.seed + i for i in range(args.seeds)],
+                     bald_members=args.bald_members)
+    print(f"{len(jobs)} al-sim jobs, {args.processes} at a time: {jobs}", flush=True)
+    parts = run_jobs(args, data, out, jobs)
     curve = pd.concat([pd.read_csv(p / "curve.csv") for p in parts], ignore_index=True)
     selections = pd.concat([pd.read_csv(p / "selections.csv") for p in parts], ignore_index=True)
     order = {s: i for i, s in enumerate(strategies)}

@@ -17,7 +17,7 @@ import torch
 
 from conftest import write_tiny_dataset
 from mixcls.active import select
-from mixcls.al_sim import (forward_images, labels_to_reach, load_sim_data, monitor_rows,
+from mixcls.al_sim import (candidate_rows, forward_images, labels_to_reach, load_sim_data, monitor_rows,
                            selection_seed, simulate, summarise_curve)
 from mixcls.cli import main
 from mixcls.config import load_config
@@ -95,10 +95,11 @@ def test_round_zero_is_one_shared_learner_per_seed(sim):
     for seed in SEEDS:
         first = curve[(curve["seed"] == seed) & (curve["round"] == 0)]
         assert first["accuracy"].nunique() == 1, first
-        starts = {s: tuple(selections.query("seed == @seed and round == 0 and strategy == @s")["row"])
-                  for s in STRATEGIES}
+        first_rows = selections[(selections["seed"] == seed) & (selections["round"] == 0)]
+        starts = {s: tuple(first_rows.loc[first_rows["strategy"] == s, "row"]) for s in STRATEGIES}
         assert len(set(starts.values())) == 1 and len(starts["random"]) == START
-    by_seed = [set(selections.query("seed == @s and round == 0")["row"]) for s in SEEDS]
+    by_seed = [set(selections.loc[(selections["seed"] == s) & (selections["round"] == 0), "row"])
+               for s in SEEDS]
     assert by_seed[0] != by_seed[1]
 
 
@@ -170,6 +171,7 @@ def test_the_same_seed_gives_the_same_curve(sim, data_dir, tmp_path, one_thread)
     ({"--rounds": "9"}, "--rounds 9"),
     ({"--seeds": "0"}, "--seeds 0"),
     ({"--rounds": "0"}, "rounds: 0"),
+    ({"--candidates": "2"}, "candidates: 2"),
 ])
 def test_bad_arguments_name_the_value_and_write_nothing(data_dir, tmp_path, capsys, change, expected):
     argv = {"--data": str(data_dir), "--out": str(tmp_path / "out"), "--strategy": "random,margin",
@@ -287,6 +289,18 @@ def test_labels_to_reach_is_the_first_measured_point_at_or_above_random_final():
     assert reach.loc["random", "labels_needed"] <= labels[-1]
     with pytest.raises(ValueError, match="no 'random' curve"):
         labels_to_reach(summary.query("strategy != 'random'"))
+
+
+def test_candidate_rows_are_a_seeded_subset_of_the_unlabelled_rows():
+    rng = np.random.default_rng(secrets.randbits(32))
+    unlabelled = np.sort(rng.choice(1000, size=300, replace=False))
+    every = candidate_rows(unlabelled, candidates=None, seed=1, step=2)
+    assert every is unlabelled and candidate_rows(unlabelled, candidates=300, seed=1, step=2) is unlabelled
+    some = candidate_rows(unlabelled, candidates=50, seed=1, step=2)
+    assert len(some) == 50 and len(set(some)) == 50 and set(some) <= set(unlabelled)
+    assert (np.diff(some) > 0).all()
+    np.testing.assert_array_equal(some, candidate_rows(unlabelled, candidates=50, seed=1, step=2))
+    assert not np.array_equal(some, candidate_rows(unlabelled, candidates=50, seed=1, step=3))
 
 
 def test_monitor_rows_is_an_evenly_spread_subset():

@@ -20,6 +20,8 @@ Choices that keep the comparison honest:
   learner from the one the other strategies train. The accuracy on the curve is member 0's, the
   same learner as every other strategy; the ensemble's extra training and scoring is compute
   the other strategies do not get, and the timings in curve.csv show it.
+- With `candidates` a round scores only a random subset of the unlabelled rows (the same for
+  every strategy in round 0), as Gal et al. (2017) did to keep BALD affordable.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class SimData:
 
 @dataclass
 class Member:
-    """A model trained on one labelled set, and its held-out accuracy."""
+    """A model trained on one labelled set, and its held-out accuracy (NaN for members > 0)."""
 
     model: torch.nn.Module
     accuracy: float
@@ -321,7 +323,7 @@ def _selection_rows(strategy: str, seed: int, round_index: int, rows: np.ndarray
                     scores: np.ndarray, image_ids: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"strategy": strategy, "seed": seed, "round": round_index, "row": rows,
                          "image_id": image_ids[rows], "rank": np.arange(1, len(rows) + 1),
-                         "score": scores})
+                         "score": scores}, columns=SELECTION_COLUMNS)
 
 
 def start_rows(n_pool: int, *, start: int, seed: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -460,7 +462,9 @@ def simulate(cfg: Config, *, strategies: Sequence[str], start: int, budget: int,
     check_settings(strategies=strategies, start=start, budget=budget, rounds=rounds, seeds=seeds,
                    bald_members=bald_members, holdout=holdout, candidates=candidates)
     if batch_size < 1:
-        raise ConfigError(f"batch_size: {batch_size} must be >= 1")
+        raise ConfigError(f"score batch size: {batch_size} must be >= 1")
+    if cfg.train.batch_size == "auto":
+        raise ConfigError("batch_size: al-sim needs a number (auto sizing is done by mixcls train)")
     _check_out_dir(out_dir)
     device = resolve_device(cfg.train.device)
     amp_dtype, _ = amp_setup(cfg.train.amp, device)

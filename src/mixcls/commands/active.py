@@ -21,7 +21,7 @@ import pandas as pd
 
 from mixcls.active import (REVIEW_WEIGHT, STRATEGIES, MergePlan, format_listing, plan_merge,
                            rank_for_review, select)
-from mixcls.config import load_config
+from mixcls.config import ConfigError, load_config
 from mixcls.data import DataError, list_image_files, read_class_names, resolve_layout
 from mixcls.runs import RunError, atomic_path, atomic_write_csv, read_json
 
@@ -309,9 +309,8 @@ def run_merge(args: argparse.Namespace) -> int:
 # --- al-sim ------------------------------------------------------------------------------------
 
 def run_al_sim(args: argparse.Namespace) -> int:
-    from mixcls.commands.train import config_overrides  # the training flags, as `mixcls train` reads them
-    from mixcls.config import ConfigError
     from mixcls.al_sim import parse_strategies, simulate  # torch loads only when a simulation runs
+    from mixcls.commands.train import config_overrides  # the training flags, as `mixcls train` reads them
 
     strategies = parse_strategies(args.strategy)
     if args.seeds < 1:
