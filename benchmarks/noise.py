@@ -11,14 +11,16 @@ Per setting:
      recall against the flipped rows); its fold-0 model is the CE entry of the loss table
      (fit_fold seeds each fold from (seed, fold), so it is the model a one-fold CE run trains).
   2. label_smoothing, bi_tempered (t1=0.8, t2=1.4), symmetric_ce, taylor_ce: fold 0 only.
-  3. clean-then-retrain: `mixcls clean --policy drop` on the k-fold run, then CE on the cleaned
-     table, fold 0 only (the cleaned table carries the run's folds; validation keeps the given
-     labels).
+  3. clean-then-retrain: `mixcls clean --policy drop` (and, budget allowing, relabel) on the
+     k-fold run, then CE on the cleaned table, fold 0 only (the cleaned table carries the run's
+     folds; validation keeps the given labels).
 Every loss-table entry is one model trained on the same (k-1)/k of the rows and scored on the
-clean test set; the reference is CE on the clean labels, same split size.
+clean test set; the reference is CE on the clean labels, same split size, also trained with
+two more seeds to show how much one seed's accuracy moves by chance.
 
 Jobs run in priority order (the clean reference, then sym20 complete, then detection and
-clean-then-retrain for sym40 and pair20, then their loss rows); a job whose estimated time
+clean-then-retrain for sym40 and pair20, then their loss rows, the reference's extra seeds and
+the relabel policy); an optional job (all but the reference and sym20) whose estimated time
 would overrun --budget-minutes is skipped and shown as "cut".
 
     nice -n 5 python benchmarks/noise.py [--quick] [--work DIR] [--budget-minutes 40]
@@ -55,7 +57,9 @@ NUM_CLASSES = 10
 SHIRT, TSHIRT = 6, 0
 SETTINGS = ("sym20", "sym40", "pair20")
 ROBUST_LOSSES = ("label_smoothing", "bi_tempered", "symmetric_ce", "taylor_ce")
-METHODS = ("ce",) + ROBUST_LOSSES + ("clean+retrain",)
+METHODS = ("ce",) + ROBUST_LOSSES + ("clean+retrain", "relabel+retrain")
+# Seeds of the extra reference runs that show how far one seed's accuracy moves by chance.
+SPREAD_SEEDS = (1, 2)
 # Act on every suspect cleanlab flags at these noise rates (the CLI's 0.2 cap would bind at 40 %).
 CLEAN_MAX_FRACTION = 0.5
 
@@ -70,7 +74,7 @@ class Sizes:
 
 
 FULL = Sizes(limit=10_000, test_limit=None, epochs=2, folds=3, settings=SETTINGS)
-QUICK = Sizes(limit=2_000, test_limit=2_000, epochs=1, folds=3, settings=("sym20",))
+QUICK = Sizes(limit=2_000, test_limit=2_000, epochs=3, folds=3, settings=("sym20",))
 
 
 @dataclass
@@ -136,15 +140,20 @@ def export_data(work: Path, sizes: Sizes, source: str) -> Path:
         argv = ["data", "fashion-mnist", "--from", source, "--out", str(out), "--limit", str(sizes.limit)]
         if sizes.test_limit:
             argv += ["--test-limit", str(sizes.test_limit)]
-        if mixcls_main(argv) != 0:
+        with contextlib.redirect_stdout(sys.stderr):
+            code = mixcls_main(argv)
+        if code != 0:
             raise SystemExit("export of Fashion-MNIST failed")
     return out
 
 
-def train_run(bench: Bench, csv: Path, out: Path, *, loss: str, train_folds: list[int] | None) -> Path:
+def train_run(bench: Bench, csv: Path, out: Path, *, loss: str, train_folds: list[int] | None,
+              seed: int | None = None) -> Path:
     """`mixcls train` (through fit_folds) on `csv`; fold 0 only or all folds."""
     overrides = dict(bench.train_options, csv=str(csv), images=str(bench.data / "train_images"),
                      loss=loss, folds=bench.sizes.folds, epochs=bench.sizes.epochs)
+    if seed is not None:
+        overrides["seed"] = seed
     if train_folds is not None:
         overrides["train_folds"] = train_folds
     if loss == "bi_tempered":
@@ -154,8 +163,13 @@ def train_run(bench: Bench, csv: Path, out: Path, *, loss: str, train_folds: lis
     return out
 
 
-def test_accuracy(bench: Bench, run_dir: Path, *, fold: int = 0) -> float:
-    """Accuracy on the clean test set of the run's fold `fold` model (test images decoded once)."""
+def predict_test(bench: Bench, run_dir: Path, *, fold: int = 0, n: int | None = None) -> np.ndarray:
+    """(n, K) probabilities of the run's fold `fold` model on the first n clean test images.
+
+    The library's predict_run would decode the 10,000 test PNGs again for each of ~20 models;
+    here they are decoded once (bench.test_cache) and fed through the same transform and
+    `evaluate`. job_reference checks once that both agree.
+    """
     classes = read_json(run_dir / "classes.json")
     if classes != [str(k) for k in range(NUM_CLASSES)]:
         raise SystemExit(f"{run_dir}: classes {classes}; expected the digits 0..9 of the noisy CSVs")
@@ -163,12 +177,18 @@ def test_accuracy(bench: Bench, run_dir: Path, *, fold: int = 0) -> float:
     if len(models) != 1:
         raise SystemExit(f"{run_dir}: no fold {fold} checkpoint")
     fm = models[0]
+    n = len(bench.test_paths) if n is None else n
     mean, std = model_mean_std(fm.model)
-    dataset = ImageDataset(bench.test_paths, None, build_valid_transform(fm.config.data.img_size,
-                           mean=mean, std=std), cache=bench.test_cache)
+    dataset = ImageDataset(bench.test_paths[:n], None, build_valid_transform(
+        fm.config.data.img_size, mean=mean, std=std), cache=bench.test_cache[:n])
     loader = DataLoader(dataset, batch_size=512, num_workers=0, shuffle=False)
     probs, _ = evaluate(fm.model, loader, device=torch.device("cpu"))
-    return float((probs.argmax(1) == bench.test_labels).mean())
+    return probs
+
+
+def clean_test_accuracy(bench: Bench, run_dir: Path, *, fold: int = 0) -> float:
+    """Accuracy of the run's fold `fold` model on the clean test set."""
+    return float((predict_test(bench, run_dir, fold=fold).argmax(1) == bench.test_labels).mean())
 
 
 def find_flipped(bench: Bench, setting: str, run_dir: Path) -> dict:
@@ -190,21 +210,12 @@ def job_reference(bench: Bench) -> None:
     csv = bench.work / "labels_clean.csv"
     pd.DataFrame({"image_id": bench.image_ids, "label": bench.clean_labels}).to_csv(csv, index=False)
     run = train_run(bench, csv, bench.work / "run_clean_ce", loss="ce", train_folds=[0])
-    bench.accuracy[("ce", "clean")] = test_accuracy(bench, run)
-    # Once: the fold-ensemble predictor of the library agrees with the cached scorer used here.
+    bench.accuracy[("ce", "clean")] = clean_test_accuracy(bench, run)
+    # Once: the library's predictor (a one-fold run: its "ensemble" is fold 0) agrees with ours.
     library = predict_run(run, bench.test_paths[:512], device="cpu", batch_size=256)
-    ours = _probs_of(bench, run, 512)
+    ours = predict_test(bench, run, n=512)
     if not np.allclose(library, ours, atol=1e-5):
-        raise SystemExit(f"cached test scoring disagrees with predict_run by {np.abs(library - ours).max():.2e}")
-
-
-def _probs_of(bench: Bench, run_dir: Path, n: int) -> np.ndarray:
-    fm = load_fold_models(run_dir, torch.device("cpu"))[0]
-    mean, std = model_mean_std(fm.model)
-    dataset = ImageDataset(bench.test_paths[:n], None, build_valid_transform(
-        fm.config.data.img_size, mean=mean, std=std), cache=bench.test_cache[:n])
-    probs, _ = evaluate(fm.model, DataLoader(dataset, batch_size=256), device=torch.device("cpu"))
-    return probs
+        raise SystemExit(f"test scoring disagrees with predict_run by {np.abs(library - ours).max():.2e}")
 
 
 def job_kfold(bench: Bench, setting: str) -> None:
@@ -215,31 +226,47 @@ def job_kfold(bench: Bench, setting: str) -> None:
     pd.DataFrame({"image_id": bench.image_ids, "label": noisy}).to_csv(csv, index=False)
     bench.noisy_csv[setting] = csv
     run = train_run(bench, csv, bench.work / f"run_{setting}_kfold_ce", loss="ce", train_folds=None)
-    bench.accuracy[("ce", setting)] = test_accuracy(bench, run, fold=0)
+    bench.accuracy[("ce", setting)] = clean_test_accuracy(bench, run, fold=0)
     bench.detection[setting] = find_flipped(bench, setting, run)
 
 
-def job_clean_retrain(bench: Bench, setting: str) -> None:
+def job_clean_retrain(bench: Bench, setting: str, policy: str) -> None:
+    """`mixcls clean --policy drop|relabel` on the k-fold run, then CE on the cleaned table."""
     run = bench.work / f"run_{setting}_kfold_ce"
-    cleaned = bench.work / f"clean_{setting}.csv"
+    cleaned = bench.work / f"clean_{setting}_{policy}.csv"
     with contextlib.redirect_stdout(sys.stderr):
-        code = mixcls_main(["clean", "--run", str(run), "--policy", "drop", "--out", str(cleaned),
+        code = mixcls_main(["clean", "--run", str(run), "--policy", policy, "--out", str(cleaned),
                             "--max-fraction", str(CLEAN_MAX_FRACTION)])
     if code != 0:
         raise SystemExit(f"mixcls clean failed on {run}")
-    table = pd.read_csv(cleaned, dtype={"image_id": str})
-    dropped = set(table["image_id"][table["keep"] == 0])
-    flipped = set(np.asarray(bench.image_ids)[bench.flipped[setting]])
-    bench.detection[setting].update(dropped=len(dropped), dropped_flipped=len(dropped & flipped))
-    retrained = train_run(bench, cleaned, bench.work / f"run_{setting}_clean_retrain", loss="ce",
+    table = pd.read_csv(cleaned, dtype={"image_id": str, "label": str, "label_given": str})
+    if policy == "drop":
+        acted = set(table["image_id"][table["keep"] == 0])
+        flipped = set(np.asarray(bench.image_ids)[bench.flipped[setting]])
+        bench.detection[setting].update(dropped=len(acted), dropped_flipped=len(acted & flipped))
+    else:
+        changed = (table["label"] != table["label_given"]).to_numpy()
+        truly = table["label"].to_numpy(dtype=np.int64) == bench.clean_labels
+        bench.detection[setting].update(relabelled=int(changed.sum()),
+                                        relabelled_right=int((changed & truly).sum()))
+    retrained = train_run(bench, cleaned, bench.work / f"run_{setting}_{policy}_retrain", loss="ce",
                           train_folds=[0])
-    bench.accuracy[("clean+retrain", setting)] = test_accuracy(bench, retrained)
+    name = "clean+retrain" if policy == "drop" else "relabel+retrain"
+    bench.accuracy[(name, setting)] = clean_test_accuracy(bench, retrained)
+
+
+def job_seed_spread(bench: Bench, seed: int) -> None:
+    """The clean reference again with another seed (other folds and initial weights)."""
+    csv = bench.work / "labels_clean.csv"
+    run = train_run(bench, csv, bench.work / f"run_clean_ce_seed{seed}", loss="ce", train_folds=[0],
+                    seed=seed)
+    bench.accuracy[("ce", f"clean_seed{seed}")] = clean_test_accuracy(bench, run)
 
 
 def job_loss(bench: Bench, setting: str, loss: str) -> None:
     run = train_run(bench, bench.noisy_csv[setting], bench.work / f"run_{setting}_{loss}", loss=loss,
                     train_folds=[0])
-    bench.accuracy[(loss, setting)] = test_accuracy(bench, run)
+    bench.accuracy[(loss, setting)] = clean_test_accuracy(bench, run)
 
 
 @dataclass
@@ -260,7 +287,7 @@ def plan_jobs(sizes: Sizes) -> list[Job]:
         kfold = f"{setting}: k-fold ce + mixcls noise"
         jobs.append(Job(kfold, sizes.folds, lambda b, s=setting: job_kfold(b, s), required))
         jobs.append(Job(f"{setting}: clean (drop) + retrain ce", 1,
-                        lambda b, s=setting: job_clean_retrain(b, s), required, kfold))
+                        lambda b, s=setting: job_clean_retrain(b, s, "drop"), required, kfold))
         if required:
             jobs += [Job(f"{setting}: {loss}", 1, lambda b, s=setting, l=loss: job_loss(b, s, l), True, kfold)
                      for loss in ROBUST_LOSSES]
@@ -268,6 +295,11 @@ def plan_jobs(sizes: Sizes) -> list[Job]:
         if setting != "sym20":
             jobs += [Job(f"{setting}: {loss}", 1, lambda b, s=setting, l=loss: job_loss(b, s, l), False,
                          f"{setting}: k-fold ce + mixcls noise") for loss in ROBUST_LOSSES]
+    jobs += [Job(f"reference again, seed {seed}", 1, lambda b, s=seed: job_seed_spread(b, s), False)
+             for seed in SPREAD_SEEDS]
+    jobs += [Job(f"{setting}: clean (relabel) + retrain ce", 1,
+                 lambda b, s=setting: job_clean_retrain(b, s, "relabel"), False,
+                 f"{setting}: k-fold ce + mixcls noise") for setting in sizes.settings]
     return jobs
 
 
@@ -294,14 +326,18 @@ def run_jobs(bench: Bench, jobs: list[Job]) -> None:
         log(f"job done in {seconds:.0f} s: {job.name} (total {time.perf_counter() - bench.started:.0f} s)")
 
 
+TITLES = {"clean+retrain": "clean (drop) + retrain ce", "relabel+retrain": "clean (relabel) + retrain ce"}
+
+
 def print_tables(bench: Bench) -> None:
     columns = ("clean",) + bench.sizes.settings
     n_train = len(bench.image_ids) * (bench.sizes.folds - 1) // bench.sizes.folds
     print(f"test accuracy (%) on the clean Fashion-MNIST test set ({len(bench.test_labels)} images); "
           f"each model: fold 0 of {bench.sizes.folds} folds, ~{n_train} training images, "
-          f"{bench.sizes.epochs} epochs")
-    print(f"{'method':<26}" + "".join(f"{c:>9}" for c in columns))
-    rows = [("clean labels (ce)", "ce", ("clean",))] + [(m, m, bench.sizes.settings) for m in METHODS]
+          f"{bench.sizes.epochs} epochs, seed 42")
+    print(f"{'method':<30}" + "".join(f"{c:>9}" for c in columns))
+    rows = [("clean labels (ce)", "ce", ("clean",))]
+    rows += [(TITLES.get(m, m), m, bench.sizes.settings) for m in METHODS]
     for title, method, cols in rows:
         cells = []
         for c in columns:
@@ -311,20 +347,27 @@ def print_tables(bench: Bench) -> None:
                 cells.append(f"{100 * bench.accuracy[(method, c)]:.2f}")
             else:
                 cells.append("cut")
-        print(f"{title:<26}" + "".join(f"{v:>9}" for v in cells))
+        print(f"{title:<30}" + "".join(f"{v:>9}" for v in cells))
+    extra = [("ce", f"clean_seed{seed}") for seed in SPREAD_SEEDS]
+    spread = [bench.accuracy[("ce", "clean")]] + [bench.accuracy[k] for k in extra if k in bench.accuracy]
+    if len(spread) > 1:
+        print(f"clean labels (ce) with seeds 42, {', '.join(map(str, SPREAD_SEEDS[:len(spread) - 1]))}: "
+              f"{' / '.join(f'{100 * a:.2f}' for a in spread)} "
+              f"(range {100 * (max(spread) - min(spread)):.2f} points: what one seed moves by chance)")
     print()
     print(f"noise detection: `mixcls noise` (cleanlab prune_by_noise_rate) on the {bench.sizes.folds}-fold "
-          f"CE run's OOF; drop = rows `mixcls clean --policy drop --max-fraction {CLEAN_MAX_FRACTION}` "
-          "excluded")
-    print(f"{'setting':<8}{'flipped':>9}{'flagged':>9}{'precision':>11}{'recall':>8}"
-          f"{'cv_acc':>8}{'dropped':>9}{'of them flipped':>17}")
+          f"CE run's OOF (cv_acc: OOF accuracy against the noisy labels); `mixcls clean "
+          f"--max-fraction {CLEAN_MAX_FRACTION}`: drop excludes, relabel relabels the rows")
+    print(f"{'setting':<8}{'flipped':>9}{'flagged':>9}{'precision':>11}{'recall':>8}{'cv_acc':>8}"
+          f"{'dropped':>9}{'(flipped)':>11}{'relabelled':>12}{'(to true)':>11}")
     for setting in bench.sizes.settings:
         d = bench.detection.get(setting)
         if d is None:
             print(f"{setting:<8}{'cut':>9}")
             continue
         print(f"{setting:<8}{d['flipped']:>9}{d['flagged']:>9}{d['precision']:>11.3f}{d['recall']:>8.3f}"
-              f"{d['cv_accuracy']:>8.3f}{d.get('dropped', '-'):>9}{d.get('dropped_flipped', '-'):>17}")
+              f"{d['cv_accuracy']:>8.3f}{d.get('dropped', '-'):>9}{d.get('dropped_flipped', '-'):>11}"
+              f"{d.get('relabelled', '-'):>12}{d.get('relabelled_right', '-'):>11}")
     if bench.cut:
         print(f"cut by the time budget: {'; '.join(bench.cut)}")
 
@@ -339,7 +382,7 @@ def summary_line(bench: Bench) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="2,000 training and 2,000 test images, 1 epoch, sym20 only")
+                        help="2,000 training and 2,000 test images, 3 epochs, sym20 only")
     parser.add_argument("--work", help="folder for the data and the runs (default: a new temporary one)")
     parser.add_argument("--source", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--budget-minutes", type=float, default=40.0,

@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 
 from mixcls import runs
-from mixcls.data import DataError, read_image, resolve_layout
+from mixcls.data import CLASS_FILES, DataError, read_class_names, read_image, resolve_layout
 from mixcls.noise import (FILTER_METHODS, POLICIES, SCORE_METHODS, check_oof, clean_table,
                           estimate_noise_matrix, find_suspects, select_actions,
                           summarize_class_pairs)
@@ -203,11 +203,33 @@ def write_clean_table(run_dir: str | Path, out: str | Path, *, policy: str,
                         max_fraction=max_fraction, soft_weight=soft_weight)
     n_acted = len(select_actions(suspects, n_rows=len(oof), threshold=threshold,
                                  max_fraction=max_fraction))
-    names = np.asarray(classes, dtype=object)
-    table = table.assign(label=names[table["label"].to_numpy()],
-                         label_given=names[table["label_given"].to_numpy()], fold=folds)
+    info = Path(run_dir) / "dataset.json"  # written by every `mixcls train`; absent in hand-made runs
+    integer = (bool(runs.read_json(info).get("integer_labels", False)) if info.is_file()
+               else list(classes) == [str(k) for k in range(len(classes))])
+    # Labels keep the run's own format (integers stay integers, so a retrained run still writes
+    # the competition's submission format), and the run's class list goes beside the table, so
+    # the trainer reads the classes back in the run's order wherever the table is written.
+    values = np.arange(len(classes)) if integer else np.asarray(classes, dtype=object)
+    table = table.assign(label=values[table["label"].to_numpy()],
+                         label_given=values[table["label_given"].to_numpy()], fold=folds)
+    out = Path(out)
+    existing = [out.parent / name for name in CLASS_FILES if (out.parent / name).is_file()]
+    if existing and read_class_list(existing[0]) != list(classes):
+        raise DataError(f"{existing[0]} names other classes than the run {run_dir} "
+                        f"({len(classes)} classes); write the cleaned table to another folder")
     runs.atomic_write_csv(out, table)
+    if not existing:
+        runs.atomic_write_json(out.parent / "classes.json", list(classes))
     return table, n_acted
+
+
+def read_class_list(path: Path) -> list[str]:
+    """Class names in index order from a classes.json / label map file."""
+    names = read_class_names(path.parent)
+    if isinstance(names, dict):
+        keys = sorted(names, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else k))
+        return [names[k] for k in keys]
+    return list(names or [])
 
 
 # ----- argparse -----
