@@ -104,8 +104,10 @@ def test_only_some_folds_and_refuses_to_overwrite(tmp_path, capsys):
 
 def test_bf16_training_with_accumulation_and_ema(tmp_path):
     data = write_tiny_dataset(tmp_path / "data")
-    out = train(data, tmp_path / "run", "--folds", "2", "--train-folds", "0", "--epochs", "2",
-                "--amp", "bf16", "--accum-steps", "2", "--ema", "--ema-decay", "0.5",
+    # mixcls_cnn_tiny, not test_resnet: torch's CPU bf16 kernels sometimes give test_resnet's
+    # 1x1 conv on a 1x1 map non-finite gradients, depending on what ran before in the process.
+    out = train(data, tmp_path / "run", "--model", "mixcls_cnn_tiny", "--folds", "2",
+                "--train-folds", "0", "--epochs", "2", "--amp", "bf16", "--accum-steps", "2", "--ema", "--ema-decay", "0.5",
                 "--grad-clip", "1.0", "--scheduler", "onecycle")
     history = pd.read_csv(out / "fold_0" / "history.csv")
     assert len(history) == 2 and np.isfinite(history["train_loss"]).all()
