@@ -169,3 +169,58 @@ def test_two_ranks_compute_what_one_process_computes(runs):
         np.testing.assert_allclose(h[1]["train_loss"], h[0]["train_loss"], rtol=1e-4)
         np.testing.assert_allclose(h[1]["valid_loss"], h[0]["valid_loss"], rtol=1e-4)
         np.testing.assert_allclose(h[1]["lr"], h[0]["lr"], rtol=1e-12)
+
+
+COLLECTIVES = textwrap.dedent('''
+    import sys, tempfile
+    import numpy as np, torch
+    import torch.distributed as tdist
+    import torch.multiprocessing as mp
+    from mixcls import distributed as dist
+
+    def rank_main(rank, world, init_file, seed):
+        tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        rng = np.random.default_rng(seed)  # the same draws on every rank
+        for n in (0, 1, 2, 5, 7, 8, int(rng.integers(9, 50))):
+            full = rng.normal(size=(n, 3)).astype(np.float32)
+            back = dist.gather_shards(full[dist.shard_indices(n)], n)
+            assert back.shape == full.shape and np.array_equal(back, full), n
+        assert dist.all_gather_floats([rank + 0.5, 10.0 * rank]) == [[r + 0.5, 10.0 * r] for r in range(world)]
+        assert dist.all_reduce_sum([1.0, rank]) == [world, sum(range(world))]
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        model(torch.randn(8, 3, 6, 6) + rank)  # each rank its own running statistics
+        def gathered():
+            parts = [torch.empty(4) for _ in range(world)]
+            tdist.all_gather(parts, model[1].running_mean.clone())
+            return parts
+        assert not torch.equal(*gathered()[:2])
+        dist.broadcast_buffers(model)
+        assert all(torch.equal(p, gathered()[0]) for p in gathered())
+        def fails_on_rank_0():
+            raise ValueError("bad table")
+        try:
+            dist.run_on_main(fails_on_rank_0)
+        except ValueError as exc:
+            assert str(exc) == "bad table"
+        else:
+            raise AssertionError(f"rank {rank} did not get rank 0's error")
+        assert dist.run_on_main(lambda: {"from": tdist.get_rank()}) == {"from": 0}
+        tdist.destroy_process_group()
+        print(f"rank {rank} ok", flush=True)
+
+    if __name__ == "__main__":
+        mp.start_processes(rank_main, args=(2, tempfile.mktemp(), int(sys.argv[1])), nprocs=2,
+                           start_method="fork")
+''')
+
+
+def test_collectives_on_two_gloo_ranks(tmp_path):
+    """gather_shards inverts shard_indices; sums, gathers, buffers and errors reach every rank."""
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES)
+    seed = int(np.random.default_rng().integers(2**31))
+    done = subprocess.run([sys.executable, str(script), str(seed)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0 and "rank 0 ok" in done.stdout and "rank 1 ok" in done.stdout, \
+        f"seed {seed}\n{done.stdout}\n{done.stderr}"

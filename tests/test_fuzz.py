@@ -58,10 +58,12 @@ def _missing_id(rng: np.random.Generator, frame: pd.DataFrame, row: int) -> str:
 
 
 def _png_with_size(width: int, height: int) -> bytes:
-    """A PNG signature and IHDR chunk declaring width x height, no pixel data."""
+    """A well-formed PNG that declares width x height pixels and holds almost no data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    return b"\x89PNG\r\n\x1a\n" + chunk
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))
 
 
 # Defects on the table (a DataFrame of strings) ---------------------------------------------

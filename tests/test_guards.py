@@ -7,14 +7,18 @@ training where that is possible, and keeps what was good on disk.
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import os
 import re
 from collections import namedtuple
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import mixcls.engine
 import mixcls.runs
 import mixcls.train
 from conftest import write_tiny_dataset
@@ -45,9 +49,11 @@ def no_training(monkeypatch):
     monkeypatch.setattr(mixcls.train, "train_one_epoch", refuse)
 
 
-@pytest.mark.slow
-def test_nan_loss_stops_the_fold_naming_epoch_and_batch_and_keeps_last_good_checkpoint(
-        data, tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def nan_run(tmp_path_factory):
+    """A 3-epoch run (with EMA) whose loss turns NaN at batch 1 of epoch 2; (run folder, stderr)."""
+    root = tmp_path_factory.mktemp("nan")
+    data = write_tiny_dataset(root / "data", size=16)
     real = mixcls.train.train_one_epoch
     epochs_started = []
 
@@ -63,10 +69,17 @@ def test_nan_loss_stops_the_fold_naming_epoch_and_batch_and_keeps_last_good_chec
             return loss * float("nan") if len(calls) == 2 else loss
         return real(*args, loss_fn=poisoned, **kwargs)
 
-    monkeypatch.setattr(mixcls.train, "train_one_epoch", nan_in_epoch_2)
-    out = tmp_path / "run"
-    assert _train(data, out, "--epochs", "3") == 2
-    err = capsys.readouterr().err
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+        mp.setattr(mixcls.train, "train_one_epoch", nan_in_epoch_2)
+        code = _train(data, root / "run", "--epochs", "3", "--ema")
+    assert code == 2
+    return root / "run", err.getvalue()
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_the_fold_naming_epoch_and_batch_and_keeps_last_good_checkpoint(nan_run):
+    out, err = nan_run
     last = out / "fold_0" / "last.pt"
     assert re.search(rf"^mixcls: error: fold 0, epoch 2: loss is nan at batch 1 of \d+; training "
                      rf"stopped, the last good checkpoint {re.escape(str(last))} is kept", err, re.M), err
@@ -79,17 +92,33 @@ def test_nan_loss_stops_the_fold_naming_epoch_and_batch_and_keeps_last_good_chec
 
 
 @pytest.mark.slow
-def test_exploding_lr_stops_and_never_saves_blown_up_weights(data, tmp_path, capsys):
+def test_disk_estimate_covers_the_checkpoints_a_fold_really_writes(nan_run):
+    """The estimate counts parameters; the files are torch.save's real output (AdamW + EMA)."""
+    out, _ = nan_run
+    cfg = load_config(out / "config.yaml")
+    per_fold_mb = mixcls.train.estimate_run_mb(cfg, 3, 2) - mixcls.train.estimate_run_mb(cfg, 3, 1)
+    written_mb = sum(p.stat().st_size for p in (out / "fold_0").glob("*.pt")) / 2**20
+    assert 0.8 * per_fold_mb <= written_mb <= 1.25 * per_fold_mb, (written_mb, per_fold_mb)
+
+
+@pytest.mark.slow
+def test_weights_that_blew_up_are_never_saved(data, tmp_path, monkeypatch, capsys):
+    real = mixcls.engine._optimizer_step
+
+    def blow_up_at_first_step(model, optimizer, **kwargs):
+        real(model, optimizer, **kwargs)
+        if not hasattr(blow_up_at_first_step, "done"):
+            blow_up_at_first_step.done = True
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("inf"))
+
+    monkeypatch.setattr(mixcls.engine, "_optimizer_step", blow_up_at_first_step)
     out = tmp_path / "run"
-    assert _train(data, out, "--epochs", "2", "--optimizer", "sgd", "--lr", "1e38", "--momentum", "0",
-                  "--scheduler", "constant", "--save-every-steps", "1", "--batch-size", "4") == 2
+    assert _train(data, out, "--epochs", "1", "--save-every-steps", "1", "--batch-size", "4") == 2
     err = capsys.readouterr().err
-    assert re.search(r"^mixcls: error: fold 0, epoch 1: (loss is (nan|inf) at batch \d+ of 4|the "
-                     r"weights became NaN or infinite)", err, re.M), err
-    last = out / "fold_0" / "last.pt"
-    if last.exists():  # a step checkpoint made before the blow-up, never one after
-        weights = load_checkpoint(last)["model"]
-        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert re.search(r"^mixcls: error: fold 0, epoch 1: loss is nan at batch 1 of 4; training stopped "
+                     r"before any checkpoint", err, re.M), err
+    assert not (out / "fold_0" / "last.pt").exists()  # the step checkpoint after batch 0 was skipped
 
 
 def test_run_folder_below_a_regular_file_is_refused_before_training(data, tmp_path, no_training, capsys):
@@ -111,17 +140,6 @@ def test_full_disk_is_refused_before_training_and_leaves_no_folder(data, tmp_pat
     assert re.search(r"^mixcls: error: run folder .*run: only 1 MiB free on its disk, the run needs "
                      r"about \d+ MiB", err), err
     assert not (tmp_path / "deep").exists()  # the folders it made for the check are gone again
-
-
-@pytest.mark.slow
-def test_disk_estimate_covers_the_checkpoints_a_fold_really_writes(data, tmp_path):
-    """The estimate counts parameters; the measured files are torch.save's real output."""
-    out = tmp_path / "run"
-    assert _train(data, out, "--epochs", "1", "--ema", "--train-folds", "0") == 0
-    cfg = load_config(out / "config.yaml")
-    per_fold_mb = mixcls.train.estimate_run_mb(cfg, 3, 2) - mixcls.train.estimate_run_mb(cfg, 3, 1)
-    written_mb = sum(p.stat().st_size for p in (out / "fold_0").glob("*.pt")) / 2**20
-    assert 0.8 * per_fold_mb <= written_mb <= 1.25 * per_fold_mb, (written_mb, per_fold_mb)
 
 
 class Payload:
@@ -172,6 +190,7 @@ def test_every_torch_load_in_src_is_weights_only():
     ({"grad_clip": -1}, ["grad_clip", "> 0"]),
     ({"lr": "inf"}, ["lr", "finite"]),
     ({"lr": "nan"}, ["lr"]),
+    ({"lr": 1e300}, ["lr", "float32"]),
     ({"momentum": 1.0}, ["momentum", "[0, 1)"]),
     ({"weight_decay": -0.1}, ["weight_decay", ">= 0"]),
     ({"drop_rate": 1.0}, ["drop_rate", "[0, 1)"]),
@@ -243,3 +262,38 @@ def test_a_mid_epoch_checkpoint_is_not_continued_by_another_world_size():
     with pytest.raises(ConfigError, match=r"middle of epoch 2 \(world_size was 2, is 1\)"):
         mixcls.train._check_resumable(ckpt, cfg=cfg, fold=0)
     mixcls.train._check_resumable(dict(ckpt, batch=0), cfg=cfg, fold=0)  # an epoch end is fine
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_counted():
+    """The loss stays finite; one group's gradient is infinite (as CPU bf16 kernels sometimes
+    produce): that step leaves the weights as they were, the next one trains again."""
+    torch.manual_seed(int(np.random.default_rng().integers(2**31)))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))) for _ in range(3)]
+    calls = []
+
+    def poison_second_backward(grad):
+        calls.append(1)
+        return grad * float("inf") if len(calls) == 2 else grad
+
+    model[1].weight.register_hook(poison_second_backward)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    snapshots = []
+    stats = mixcls.engine.train_one_epoch(
+        model, batches, optimizer, loss_fn=lambda logits, soft: -(soft * logits.log_softmax(1)).sum(1).mean(),
+        device=torch.device("cpu"), num_classes=3, progress=False,
+        on_step=lambda i, s: snapshots.append([p.detach().clone() for p in model.parameters()]))
+    assert (stats.steps, stats.skipped_steps) == (3, 1)
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))  # step 2 skipped
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2]))  # step 3 trained
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_an_epoch_whose_every_step_is_skipped_stops_the_fold(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mixcls.engine, "_optimizer_step", lambda model, optimizer, **kwargs: False)
+    out = tmp_path / "run"
+    assert _train(data, out, "--epochs", "1", "--batch-size", "4") == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^mixcls: error: fold 0, epoch 1: every optimizer step \(4\) had NaN or infinite "
+                     r"gradients; training stopped before any checkpoint", err, re.M), err

@@ -121,37 +121,34 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     assert not list(run.rglob("*.tmp")), "a temporary file was left behind"
 
 
-def test_killed_between_epochs_mid_epoch_and_in_a_later_fold_resumes_exactly(setup, capsys):
+def test_killed_mid_epoch_then_between_epochs_of_a_later_fold_resumes_exactly(setup, capsys):
     root, data, hook_dir, reference = setup
     run = root / "killed"
-    # 1. killed while publishing fold 0's 5th checkpoint (epoch 2, after batch 1): the 4th,
-    #    written at the end of epoch 1, is what survives -> resume at an epoch boundary.
+    # 1. killed while publishing fold 0's 7th checkpoint (epoch 2 after batch 3): the 6th, made
+    #    after 2 of epoch 2's 4 batches, is what survives -> a resume in the middle of an epoch.
     first = _train(["--data", str(data), "--out", str(run), "--workers", "0", *FLAGS,
-                    "--save-every-steps", "1"], hook_dir, kill_at="fold_0/last.pt:5")
+                    "--save-every-steps", "1"], hook_dir, kill_at="fold_0/last.pt:7")
     assert first.returncode == -9, first.stderr
-    assert _where(run, 0) == (1, 0)
-    assert list((run / "fold_0").glob(".last.pt.*.tmp")), "the killed write should leave its .tmp"
-    assert not (run / "oof.csv").exists()
-    # 2. resumed, killed at its 3rd last.pt rename -> survives epoch 2 after 2 of 4 batches.
-    second = _resume(run, hook_dir, kill_at="fold_0/last.pt:3")
-    assert second.returncode == -9, second.stderr
-    assert "fold 0: resuming at epoch 2, batch 0" in second.stdout
     assert _where(run, 0) == (1, 2)
     ckpt = load_checkpoint(run / "fold_0" / "last.pt")
-    assert ckpt["epoch_stats"]["images"] == 2 * 4 and ckpt["epoch_stats"]["steps"] == 2
-    # 3. resumed mid-epoch (skips 2 batches = 8 rows), finishes fold 0, killed in fold 1.
-    third = _resume(run, hook_dir, kill_at="fold_1/last.pt:2")
-    assert third.returncode == -9, third.stderr
-    assert "fold 0: resuming at epoch 2, batch 2 of 4" in third.stdout
-    assert (run / "fold_0" / "oof.csv").is_file() and _where(run, 1) == (0, 1)
+    assert ckpt["epoch_stats"]["rank_sums"][0][2] == 2 * 4 and ckpt["epoch_stats"]["steps"] == 2
+    assert list((run / "fold_0").glob(".last.pt.*.tmp")), "the killed write should leave its .tmp"
+    assert not (run / "fold_0" / "oof.csv").exists()
+    # 2. resumed (skips 2 batches = 8 rows of epoch 2), finishes fold 0, then is killed while
+    #    publishing fold 1's 5th checkpoint: the 4th, from the end of epoch 1, survives.
+    second = _resume(run, hook_dir, kill_at="fold_1/last.pt:5")
+    assert second.returncode == -9, second.stderr
+    assert "fold 0: resuming at epoch 2, batch 2 of 4" in second.stdout
+    assert (run / "fold_0" / "oof.csv").is_file() and _where(run, 1) == (1, 0)
+    assert not list((run / "fold_0").glob("*.tmp")), "the resume should remove stale temporaries"
     fold_0 = {p.name: p.read_bytes() for p in (run / "fold_0").iterdir()}
-    # 4. resumed to the end (in this process; nothing kills it): fold 0 is not trained again.
+    # 3. resumed to the end (in this process; nothing kills it): fold 0 is not trained again.
     capsys.readouterr()
     with one_thread():
         assert main(["train", "--resume", str(run), "--workers", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "fold 0: already finished, skipped" in out
-    assert "fold 1: resuming at epoch 1, batch 1 of 4" in out
+    assert "fold 1: resuming at epoch 2, batch 0 of 4" in out
     assert {p.name: p.read_bytes() for p in (run / "fold_0").iterdir()} == fold_0
     _assert_same_run(run, reference)
 

@@ -288,6 +288,7 @@ def _check_positive(cfg: Config) -> None:
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 _SEED_LIMIT = 2**32  # scikit-learn's random_state (the folds) takes seeds below 2**32
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _finite(low: float, *, above: bool = False, high: float | None = None,
@@ -304,7 +305,8 @@ def _check_ranges(cfg: Config) -> None:
     """Bounds of the numeric options that _check_positive does not cover; None means 'off'."""
     t, o, s, m, lo = cfg.train, cfg.optim, cfg.sched, cfg.mix, cfg.loss
     rules = [  # key, value, test, the allowed values in words
-        ("lr", o.lr, _finite(0, above=True), "a finite number > 0"),
+        ("lr", o.lr, _finite(0, above=True, high=_FLOAT32_MAX),
+         f"a finite number > 0 and <= {_FLOAT32_MAX:.3g} (the optimizers step in float32)"),
         ("weight_decay", o.weight_decay, _finite(0), "a finite number >= 0"),
         ("momentum", o.momentum, _finite(0, high=1, below=True), "in [0, 1)"),
         ("min_lr", s.min_lr, _finite(0), "a finite number >= 0"),

@@ -6,8 +6,10 @@ reported together (the first 20 and a count), so a user fixes their data in one 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,8 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 CLASS_FILES = ("label_num_to_disease_map.json", "classes.json")
 MAX_LISTED = 20
+# Fold and keep values above this are typos or overflow (they would not fit an int32 index).
+MAX_INDEX = 2**31
 # Caching decoded images avoids re-decoding every epoch; above this the RAM is better left to
 # the OS page cache and the workers.
 CACHE_LIMIT_BYTES = 2 * 2**30
@@ -134,15 +138,29 @@ def _scan_class_folders(root: Path) -> pd.DataFrame:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path} is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not a readable CSV: {exc}") from None
+    """Every cell as a string ("" when empty or missing); rows must not outgrow the header."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pd.errors.ParserWarning)
+        try:
+            # index_col=False: without it pandas silently turns the first cells of rows with
+            # too many cells into an index, shifting every column by one.
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{path} is empty") from None
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path} is not a readable CSV: {exc}") from None
+    if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+        raise DataError(_listing(f"{path}: rows with more cells than the header's "
+                                 f"{len(frame.columns)} columns", _long_rows(path, len(frame.columns))))
     if frame.empty:
         raise DataError(f"{path} has a header but no rows")
-    return frame
+    return frame.fillna("")
+
+
+def _long_rows(path: Path, n_columns: int) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [f"row {i + 1}: {len(cells)} cells" for i, cells in enumerate(csv.reader(handle))
+                if len(cells) > n_columns]
 
 
 def load_train_table(data: str | Path | None = None, *, csv: str | Path | None = None,
@@ -170,6 +188,7 @@ def load_train_table(data: str | Path | None = None, *, csv: str | Path | None =
     frame = pd.DataFrame({"image_id": raw[id_col].astype(str).str.strip(),
                           "label_raw": raw[label_col].astype(str).str.strip()})
     _check_ids(frame, source, images_dir)
+    _check_labels(frame["label_raw"], source)
     class_list, integer_labels = _resolve_classes(frame["label_raw"], names_file, classes)
     frame["label"] = _map_labels(frame["label_raw"], class_list, integer_labels, source)
     optional = _read_optional_columns(raw, frame, class_list, integer_labels, source)
@@ -189,20 +208,36 @@ def _check_ids(frame: pd.DataFrame, source: str, images_dir: Path) -> None:
     empty = [f"row {i + 2}" for i in np.flatnonzero(ids.eq("").to_numpy())]
     if empty:
         raise DataError(_listing(f"{source}: rows with an empty image id", empty))
+    nul = [f"row {i + 2}: {v!r}" for i, v in ids.items() if "\x00" in v]
+    if nul:  # the OS cannot even look such a name up
+        raise DataError(_listing(f"{source}: image ids with a NUL character", nul))
     dup = ids[ids.duplicated(keep=False)]
     if len(dup):
         listed = [f"row {i + 2}: {v!r}" for i, v in dup.items()]
         raise DataError(_listing(f"{source}: duplicate image ids", listed))
     root = images_dir.resolve()
-    outside = []
+    outside, resolved = [], {}
     for i, image_id in ids.items():
         candidate = Path(image_id)
         if candidate.is_absolute() or ".." in candidate.parts:
             outside.append(f"row {i + 2}: {image_id!r}")
-        elif not (root / candidate).resolve().is_relative_to(root):
+            continue
+        target = (root / candidate).resolve()
+        if not target.is_relative_to(root):
             outside.append(f"row {i + 2}: {image_id!r} (a link out of the folder)")
+        resolved.setdefault(target, []).append(f"row {i + 2}: {image_id!r}")
     if outside:
         raise DataError(_listing(f"{source}: image ids that point outside {images_dir}", outside))
+    # 'a.png', './a.png', 'a.png/' and a link to a.png are one image: in two folds it would leak
+    same = [row for rows in resolved.values() if len(rows) > 1 for row in rows]
+    if same:
+        raise DataError(_listing(f"{source}: image ids that name the same file", same))
+
+
+def _check_labels(labels: pd.Series, source: str) -> None:
+    empty = [f"row {i + 2}" for i in np.flatnonzero(labels.eq("").to_numpy())]
+    if empty:
+        raise DataError(_listing(f"{source}: rows with an empty label", empty))
 
 
 def _resolve_classes(labels: pd.Series, names_file: Any, classes: list[str] | None
@@ -251,9 +286,11 @@ def _read_optional_columns(raw: pd.DataFrame, frame: pd.DataFrame, classes: list
         if name in raw.columns:
             values = pd.to_numeric(raw[name], errors="coerce")
             bad = [f"row {i + 2}: {raw[name][i]!r}" for i in np.flatnonzero(
-                values.isna().to_numpy() | (values < 0).to_numpy() | (values % 1 != 0).to_numpy())]
+                values.isna().to_numpy() | (values < 0).to_numpy() | (values % 1 != 0).to_numpy()
+                | (values >= MAX_INDEX).to_numpy())]
             if bad:
-                raise DataError(_listing(f"{source}: column {name} must hold integers >= 0", bad))
+                raise DataError(_listing(f"{source}: column {name} must hold integers in 0 … "
+                                         f"{MAX_INDEX - 1}", bad))
             columns[name] = values.to_numpy(dtype=np.int64)
     if "keep" in columns and not set(np.unique(columns["keep"])) <= {0, 1}:
         raise DataError(f"{source}: column keep must hold 0 or 1")
@@ -284,6 +321,8 @@ def _check_one_image(path: str, mode: str) -> str | None:
         return None
     except FileNotFoundError:
         return "missing file"
+    except Image.DecompressionBombError as exc:  # not an OSError: a header claiming gigapixels
+        return f"too large to decode safely ({str(exc)[:80]})"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return f"unreadable image ({exc.__class__.__name__}: {str(exc)[:80]})"
 

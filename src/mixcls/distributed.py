@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -109,6 +109,20 @@ def run_on_main(fn: Callable[[], T]) -> T:
     return result
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, in place.
+
+    DDP copies rank 0's buffers to the others before each training forward, but that forward
+    then updates each rank's copy with its own part of the batch (and the EMA follows it). The
+    ranks must evaluate with the buffers rank 0 saves, or each shard of the OOF probabilities
+    would come from a slightly different model than best.pt.
+    """
+    if context().world_size == 1:
+        return
+    for buffer in module.buffers():
+        tdist.broadcast(buffer, src=0)
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Elementwise sums over ranks (float64, so counts stay exact)."""
     if context().world_size == 1:
@@ -116,6 +130,17 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
     return tensor.cpu().tolist()
+
+
+def all_gather_floats(values: list[float]) -> list[list[float]]:
+    """Every rank's `values`, in rank order (float64, so counts stay exact)."""
+    ctx = context()
+    if ctx.world_size == 1:
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    parts = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    tdist.all_gather(parts, mine)
+    return [part.cpu().tolist() for part in parts]
 
 
 def shard_indices(n: int) -> np.ndarray:

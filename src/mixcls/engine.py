@@ -8,7 +8,9 @@ loss on soft targets, backward outside autocast, and one optimizer + scheduler s
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -40,6 +42,7 @@ class EpochStats:
     seconds: float = 0.0
     lr: float = 0.0
     steps: int = 0
+    skipped_steps: int = 0  # optimizer steps not taken: a gradient was NaN or infinite
 
     @property
     def loss(self) -> float:
@@ -113,20 +116,24 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
         soft_targets = to_soft_targets(targets.to(device, non_blocking=True), num_classes)
         if mixer is not None:
             images, soft_targets, _ = mixer(images, soft_targets, generator=generator)
-        with autocast_context(device, amp_dtype):
+        step = should_step(i, n_batches, accum_steps)
+        # Under DDP only the group's last micro-batch all-reduces the (accumulated) gradients.
+        with _no_sync(model, sync=step), autocast_context(device, amp_dtype):
             logits = model(images)
             loss = loss_fn(logits, soft_targets)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"loss is {loss.item()} at batch {i} of {n_batches}")
         scaled = loss / group_size(i, n_batches, accum_steps)
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        with _no_sync(model, sync=step):
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         stats.loss_sum += loss.item() * images.shape[0]
         stats.correct += int((logits.argmax(1) == soft_targets.argmax(1)).sum().item())
         stats.images += images.shape[0]
-        if should_step(i, n_batches, accum_steps):
-            _optimizer_step(model, optimizer, scaler=scaler, grad_clip=grad_clip)
-            if scheduler is not None:
-                scheduler.step()
+        if step:
+            stepped = _optimizer_step(model, optimizer, scaler=scaler, grad_clip=grad_clip)
+            stats.skipped_steps += not stepped
+            if scheduler is not None:  # on schedule even after a skipped step, as with GradScaler
+                _scheduler_step(scheduler, after_skipped_step=not stepped)
             if ema is not None:
                 ema.update(getattr(model, "module", model))  # the EMA copies the bare model, not DDP
             stats.steps += 1
@@ -144,18 +151,47 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
     return stats
 
 
+_SKIPPED_STEP_WARNING = re.escape("Detected call of `lr_scheduler.step()`")
+
+
+def _scheduler_step(scheduler: torch.optim.lr_scheduler.LRScheduler, *,
+                    after_skipped_step: bool) -> None:
+    with warnings.catch_warnings():
+        if after_skipped_step:  # torch warns when no optimizer.step() came first; we count it
+            warnings.filterwarnings("ignore", message=_SKIPPED_STEP_WARNING)
+        scheduler.step()
+
+
+def _no_sync(model: nn.Module, *, sync: bool):
+    """DistributedDataParallel.no_sync() for a micro-batch that does not end its group."""
+    return model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()
+
+
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                    scaler: torch.amp.GradScaler | None, grad_clip: float | None) -> None:
+                    scaler: torch.amp.GradScaler | None, grad_clip: float | None) -> bool:
+    """One optimizer step; False when it was skipped because a gradient was NaN or infinite.
+
+    fp16's GradScaler skips such steps itself. Without one (fp32, bf16) the same rule applies
+    here: CPU bf16 kernels now and then return non-finite gradients for a finite loss (seen on
+    a 1x1 convolution over a 1x1 map), and a single such step turns every weight into NaN.
+    """
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    norm = None
     if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    elif scaler is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
+        stepped = True
     else:
-        optimizer.step()
+        stepped = bool(torch.isfinite(norm))
+        if stepped:
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return stepped
 
 
 @torch.inference_mode()

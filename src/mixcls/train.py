@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from mixcls import distributed as dist
 from mixcls.config import Config, ConfigError, config_to_flat, dump_config
-from mixcls.data import (ImageDataset, TrainTable, check_class_counts, load_image_cache,
-                         load_train_table)
+from mixcls.data import (DataError, ImageDataset, TrainTable, check_class_counts,
+                         load_image_cache, load_train_table)
 from mixcls.engine import EpochStats, NonFiniteLossError, evaluate, train_one_epoch
 from mixcls.folds import make_folds
 from mixcls.losses import build_loss
@@ -183,17 +183,26 @@ def prepare_table(cfg: Config) -> tuple[TrainTable, np.ndarray]:
     table = load_train_table(cfg.data.data, csv=cfg.data.csv, images=cfg.data.images,
                              id_col=cfg.data.id_col, label_col=cfg.data.label_col,
                              check_images=cfg.data.check_images)
-    frame = table.frame
+    frame, source = table.frame, table.csv_path or table.images_dir
+    if table.num_classes < 2:
+        raise DataError(f"{source}: a classifier needs at least 2 classes, the table has only "
+                        f"{table.classes}")
     if "fold" in frame.columns:
         folds = frame["fold"].to_numpy(dtype=np.int64)
         present = sorted(set(folds.tolist()))
         if present != list(range(cfg.train.folds)):
-            raise ConfigError(f"folds: the table's fold column holds folds {present}, but folds is "
-                              f"{cfg.train.folds}; set --folds {max(present) + 1}")
+            hint = (f"set --folds {max(present) + 1}" if present == list(range(max(present) + 1))
+                    else f"number the folds 0 … {cfg.train.folds - 1}")
+            raise ConfigError(f"folds: the fold column of {source} holds folds "
+                              f"{_short(present)}, but folds is {cfg.train.folds}; {hint}")
     else:
         check_class_counts(table, cfg.train.folds)
         folds = make_folds(table.labels, cfg.train.folds, cfg.train.seed)
     return table, folds
+
+
+def _short(values: list[int], limit: int = 10) -> str:
+    return str(values) if len(values) <= limit else f"{values[:limit]} … ({len(values)} values)"
 
 
 def fold_rows(table: TrainTable, folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -310,7 +319,7 @@ def _fresh_state() -> dict[str, Any]:
 
 def _last_checkpoint(cfg: Config, table: TrainTable, parts: _Fold, state: dict[str, Any], *,
                      fold: int, epoch: int, batch: int, mix_gen: torch.Generator | None,
-                     epoch_stats: EpochStats | None, device: torch.device) -> dict[str, Any]:
+                     epoch_stats: dict[str, Any] | None, device: torch.device) -> dict[str, Any]:
     """last.pt: what a resume needs to continue the same arithmetic (only weights_only types).
 
     `model` holds the weights predict would use (the EMA when there is one, as in best.pt);
@@ -328,7 +337,7 @@ def _last_checkpoint(cfg: Config, table: TrainTable, parts: _Fold, state: dict[s
         "best_probs": torch.from_numpy(probs) if probs is not None else None,
         "rng": capture_rng_states(device) if batch else None,
         "mix_rng": mix_gen.get_state() if mix_gen is not None and batch else None,
-        "epoch_stats": epoch_stats.to_dict() if epoch_stats is not None and batch else None,
+        "epoch_stats": epoch_stats if batch else None,
         "world_size": dist.context().world_size, "batch_size": int(cfg.train.batch_size),
         "accum_steps": cfg.train.accum_steps,
     }
@@ -350,8 +359,25 @@ def _restore(ckpt: dict[str, Any], parts: _Fold, *, cfg: Config, fold: int) -> d
     return {"epoch": ckpt["epoch"], "batch": ckpt["batch"], "best_score": ckpt["best_score"],
             "best_epoch": ckpt["best_epoch"], "bad_epochs": ckpt["bad_epochs"],
             "history": list(ckpt["history"]), "best_probs": best.numpy() if best is not None else None,
-            "epoch_stats": EpochStats(**stats) if stats is not None else None,
+            "epoch_stats": _rank_stats(stats) if stats is not None else None,
             "rng": ckpt.get("rng"), "mix_rng": ckpt.get("mix_rng")}
+
+
+def _partial_stats(stats: EpochStats) -> dict[str, Any]:
+    """A step checkpoint's record of its epoch so far: the common fields and every rank's sums.
+
+    Each rank continues its own sums after a resume, so the epoch's totals are added in the
+    same order as in an unbroken run.
+    """
+    sums = dist.all_gather_floats([stats.loss_sum, stats.correct, stats.images])
+    return dict(stats.to_dict(), rank_sums=sums)
+
+
+def _rank_stats(saved: dict[str, Any]) -> EpochStats:
+    """This rank's part of a step checkpoint's partial epoch."""
+    loss_sum, correct, images = saved["rank_sums"][dist.context().rank]
+    common = {k: v for k, v in saved.items() if k != "rank_sums"}
+    return EpochStats(**dict(common, loss_sum=loss_sum, correct=int(correct), images=int(images)))
 
 
 def _check_resumable(ckpt: dict[str, Any], *, cfg: Config, fold: int) -> None:
@@ -387,6 +413,7 @@ def _evaluate_fold(parts: _Fold, *, cfg: Config, device: torch.device,
                    num_classes: int) -> tuple[np.ndarray, float]:
     """Probabilities (n_valid, K) of every validation row and their mean CE loss, on every rank."""
     n_valid = len(parts.valid_labels)
+    dist.broadcast_buffers(_eval_model(parts))
     local, local_loss = evaluate(_eval_model(parts), parts.valid_loader, device=device,
                                  loss_fn=build_loss("ce"), num_classes=num_classes,
                                  amp_dtype=parts.amp_dtype, channels_last=cfg.model.channels_last)
@@ -403,7 +430,7 @@ def _train_epoch(cfg: Config, parts: _Fold, state: dict[str, Any], *, fold: int,
     def on_step(i: int, stats: EpochStats) -> None:
         if save_every and (i + 1) % accum == 0 and ((i + 1) // accum) % save_every == 0 \
                 and i + 1 < parts.n_batches:
-            save_last(epoch=epoch, batch=i + 1, mix_gen=mix_gen, epoch_stats=stats)
+            save_last(epoch=epoch, batch=i + 1, mix_gen=mix_gen, epoch_stats=_partial_stats(stats))
 
     mixing = parts.mixer if epoch < cfg.train.epochs - cfg.mix.off_epochs else None
     try:
@@ -418,6 +445,10 @@ def _train_epoch(cfg: Config, parts: _Fold, state: dict[str, Any], *, fold: int,
             desc=f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs}")
     except NonFiniteLossError as exc:
         raise TrainingStopped(f"fold {fold}, epoch {epoch + 1}: {exc}; {_stopped_hint(state)}") from None
+    # One skipped step is a glitch (CPU bf16 kernels); an epoch of them is a diverged run.
+    if stats.steps >= 2 and stats.skipped_steps == stats.steps:
+        raise TrainingStopped(f"fold {fold}, epoch {epoch + 1}: every optimizer step ({stats.steps}) "
+                              f"had NaN or infinite gradients; {_stopped_hint(state)}")
     if not _weights_finite(parts.model):
         raise TrainingStopped(f"fold {fold}, epoch {epoch + 1}: the weights became NaN or infinite "
                               f"at the epoch's last step; {_stopped_hint(state)}")
@@ -426,6 +457,8 @@ def _train_epoch(cfg: Config, parts: _Fold, state: dict[str, Any], *, fold: int,
 
 
 def _stopped_hint(state: dict[str, Any]) -> str:
+    if not dist.context().is_main:
+        return "training stopped (rank 0 keeps the last good checkpoint)"
     path = state.get("last_path")
     if path is not None and Path(path).is_file():
         return f"training stopped, the last good checkpoint {path} is kept (try a lower --lr or --grad-clip)"
@@ -452,7 +485,7 @@ def fit_fold(cfg: Config, table: TrainTable, *, fold: int, train_rows: np.ndarra
     state["last_path"] = str(last_path) if ctx.is_main else None
 
     def save_last(*, epoch: int, batch: int, mix_gen: torch.Generator | None = None,
-                  epoch_stats: EpochStats | None = None) -> None:
+                  epoch_stats: dict[str, Any] | None = None) -> None:
         # Never replace a good checkpoint with weights that already blew up.
         if ctx.is_main and _weights_finite(parts.model):
             save_checkpoint(last_path, _last_checkpoint(
@@ -492,10 +525,12 @@ def _end_epoch(cfg: Config, table: TrainTable, parts: _Fold, state: dict[str, An
     state["history"].append({"epoch": epoch + 1, "train_loss": stats.loss,
                              "train_accuracy": stats.accuracy, "valid_loss": valid_loss,
                              "valid_accuracy": score, "lr": stats.lr, "seconds": stats.seconds,
-                             "images_per_s": stats.images_per_s})
+                             "images_per_s": stats.images_per_s, "skipped_steps": stats.skipped_steps})
+    skipped = f", {stats.skipped_steps} of {stats.steps} steps skipped (non-finite gradients)" \
+        if stats.skipped_steps else ""
     log(f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs}: train_loss {stats.loss:.4f} "
         f"valid_loss {valid_loss:.4f} valid_acc {score:.4f} lr {stats.lr:.2e} "
-        f"{stats.images_per_s:.0f} img/s ({stats.seconds:.1f}s)")
+        f"{stats.images_per_s:.0f} img/s ({stats.seconds:.1f}s{skipped})")
     is_main = dist.context().is_main
     if score > state["best_score"]:
         state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0, best_probs=probs)
@@ -603,7 +638,8 @@ def fit_folds(cfg: Config, run_dir: str | Path, *, progress: bool = True, resume
     run_dir = Path(run_dir)
     ctx = dist.context()
     log = log if ctx.is_main else _silent
-    table, folds = prepare_table(cfg)  # every rank reads the data: it trains on it
+    # Rank 0 checks the table and decodes every image once; the others receive the checked table.
+    table, folds = dist.run_on_main(lambda: prepare_table(cfg))
     device = dist.device_for(cfg.train.device) if ctx.world_size > 1 else resolve_device(cfg.train.device)
     check_distributed_options(cfg, device, ctx.world_size)
     chosen = cfg.train.train_folds if cfg.train.train_folds is not None else list(range(cfg.train.folds))

@@ -1,0 +1,208 @@
+"""One prepared device check: fp16 + GradScaler + channels_last training on CUDA, then DDP over nccl.
+
+Run on a machine with CUDA (takes a few minutes, most of it imports and process start-up):
+
+    python benchmarks/gpu_check.py                    # resnet18, 128 px, 2,048 generated images
+    python benchmarks/gpu_check.py --smoke-cpu        # the same steps, tiny, on the CPU (gloo, bf16)
+
+Steps:
+1. `fit_folds` on generated images for 1 epoch of 1 fold with --amp fp16 (a GradScaler) and
+   --channels-last: train images/s (from history.csv), peak GPU memory, whether every loss
+   was finite and the scaler's final scale.
+2. DDP: with 2 or more GPUs, `mixcls train --nproc 2 --sync-bn` (torchrun, nccl); with one GPU,
+   NCCL refuses two ranks on one device, so it probes nccl with 2 processes on that GPU and
+   reports the refusal, then checks a 1-rank nccl all_reduce.
+
+Prints a table, then one line of name=value pairs. Without CUDA (and no --smoke-cpu) it says so
+and exits 0 without measuring anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+NCCL_PROBE = textwrap.dedent('''
+    import os, torch, torch.distributed as dist
+    torch.cuda.set_device(0)  # every rank on the one GPU
+    dist.init_process_group("nccl")
+    x = torch.ones(4, device="cuda") * (dist.get_rank() + 1)
+    dist.all_reduce(x)
+    torch.cuda.synchronize()
+    expected = sum(range(1, dist.get_world_size() + 1))
+    assert x.eq(expected).all().item(), x
+    print("nccl all_reduce ok", dist.get_world_size(), "rank(s)")
+    dist.destroy_process_group()
+''')
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--img-size", type=int, default=128)
+    p.add_argument("--images", type=int, default=2048, help="generated images (half train one fold)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--timeout", type=int, default=300, help="seconds for each DDP subprocess")
+    p.add_argument("--smoke-cpu", action="store_true",
+                   help="run every step on the CPU with tiny settings (bf16, gloo): checks the script")
+    return p.parse_args()
+
+
+def write_images(root: Path, n: int, size: int, num_classes: int = 4, seed: int = 0) -> Path:
+    """n PNGs in the Kaggle layout, each class a colour plus noise (so the loss can fall)."""
+    rng = np.random.default_rng(seed)
+    (root / "train_images").mkdir(parents=True)
+    colours = rng.integers(30, 225, size=(num_classes, 3))
+    rows = []
+    for i in range(n):
+        label = i % num_classes
+        pixels = colours[label] + rng.normal(0, 40, size=(size, size, 3))
+        name = f"{i:05d}.png"
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / "train_images" / name)
+        rows.append({"image_id": name, "label": label})
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    return root
+
+
+def settings(args: argparse.Namespace) -> dict:
+    if args.smoke_cpu:
+        return {"model": "test_resnet", "img_size": 16, "batch_size": 8, "workers": 0, "amp": "bf16",
+                "device": "cpu", "channels_last": True}
+    return {"model": args.model, "img_size": args.img_size, "batch_size": args.batch_size,
+            "workers": args.workers, "amp": "fp16", "device": "cuda", "channels_last": True}
+
+
+def single_device_run(data: Path, run: Path, opts: dict) -> dict:
+    """1 epoch of fold 0 in this process; what it measured."""
+    from mixcls.config import load_config
+    from mixcls.runs import load_checkpoint
+    from mixcls.train import fit_folds
+
+    cfg = load_config(None, dict(opts, data=str(data), epochs=1, folds=2, train_folds="0", lr=1e-3,
+                                 cache_images="yes"))
+    cuda = opts["device"] == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    fit_folds(cfg, run, progress=False, log=lambda message: None)
+    history = pd.read_csv(run / "fold_0" / "history.csv")
+    scaler = load_checkpoint(run / "fold_0" / "last.pt").get("scaler")
+    return {"seconds": time.perf_counter() - started,
+            "train_images_per_s": float(history["images_per_s"].iloc[-1]),
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan"),
+            "loss_finite": bool(np.isfinite(history[["train_loss", "valid_loss"]].to_numpy()).all()),
+            "grad_scale": float(scaler["scale"]) if scaler else float("nan"),
+            "valid_accuracy": float(history["valid_accuracy"].iloc[-1])}
+
+
+def ddp_run(data: Path, run: Path, opts: dict, timeout: int) -> dict:
+    """`mixcls train --nproc 2` (nccl on CUDA with --sync-bn, gloo on the CPU)."""
+    cmd = [sys.executable, "-m", "mixcls", "train", "--nproc", "2", "--data", str(data), "--out", str(run),
+           "--epochs", "1", "--folds", "2", "--train-folds", "0", "--no-progress",
+           "--cache-images", "yes"]
+    for key, value in opts.items():
+        flag = "--" + key.replace("_", "-")
+        cmd += [flag] if value is True else [flag, str(value)]
+    if opts["device"] == "cuda":
+        cmd.append("--sync-bn")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "reason": f"timed out after {timeout}s"}
+    if done.returncode != 0:
+        return {"ok": False, "reason": _last_error(done.stdout + done.stderr)}
+    metrics = json.loads((run / "metrics.json").read_text())
+    history = pd.read_csv(run / "fold_0" / "history.csv")
+    return {"ok": metrics.get("world_size") == 2, "seconds": time.perf_counter() - started,
+            "train_images_per_s": float(history["images_per_s"].iloc[-1]),
+            "loss_finite": bool(np.isfinite(history["train_loss"]).all()),
+            "reason": "" if metrics.get("world_size") == 2 else f"world_size {metrics.get('world_size')}"}
+
+
+def nccl_probe(nproc: int, timeout: int) -> dict:
+    """torchrun a bare nccl all_reduce with `nproc` ranks on GPU 0."""
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as handle:
+        handle.write(NCCL_PROBE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           handle.name]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "reason": f"timed out after {timeout}s"}
+    finally:
+        os.unlink(handle.name)
+    ok = done.returncode == 0 and "nccl all_reduce ok" in done.stdout
+    return {"ok": ok, "reason": "" if ok else _last_error(done.stdout + done.stderr)}
+
+
+def _last_error(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if "Error" in line or "error" in line]
+    return (lines[-1] if lines else text.strip().splitlines()[-1] if text.strip() else "no output")[:160]
+
+
+def main() -> int:
+    args = parse_args()
+    if not torch.cuda.is_available() and not args.smoke_cpu:
+        print(f"gpu_check: no CUDA device here (torch {torch.__version__}, built with CUDA "
+              f"{torch.version.cuda or 'none'}); nothing measured. Run it on a CUDA machine, or "
+              "with --smoke-cpu to check the script on the CPU.")
+        print("cuda=none")
+        return 0
+    opts = settings(args)
+    gpus = torch.cuda.device_count() if opts["device"] == "cuda" else 0
+    n_images = 64 if args.smoke_cpu else args.images
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        data = write_images(Path(tmp) / "data", n_images, opts["img_size"])
+        single = single_device_run(data, Path(tmp) / "single", opts)
+        if args.smoke_cpu or gpus >= 2:
+            ddp = ddp_run(data, Path(tmp) / "ddp", opts, args.timeout)
+            two_on_one = {"ok": False, "reason": "not tried"}
+            one_rank = {"ok": None, "reason": "not needed"}
+        else:
+            ddp = {"ok": False, "reason": "one GPU: mixcls gives each rank its own device"}
+            two_on_one = nccl_probe(2, args.timeout)
+            one_rank = nccl_probe(1, args.timeout)
+    device = torch.cuda.get_device_name(0) if opts["device"] == "cuda" else "cpu (smoke)"
+    rows = [("device", device), ("gpus", gpus),
+            ("model / img / batch", f"{opts['model']} / {opts['img_size']} / {opts['batch_size']}"),
+            ("amp / channels_last", f"{opts['amp']} / {opts['channels_last']}"),
+            ("single: train images/s", f"{single['train_images_per_s']:.1f}"),
+            ("single: peak GPU MiB", f"{single['peak_gpu_mib']:.0f}"),
+            ("single: losses finite", single["loss_finite"]),
+            ("single: final grad scale", single["grad_scale"]),
+            ("single: valid accuracy", f"{single['valid_accuracy']:.3f}"),
+            ("ddp 2 ranks: ok", ddp["ok"]),
+            ("ddp 2 ranks: images/s", f"{ddp.get('train_images_per_s', float('nan')):.1f}"),
+            ("ddp: reason", ddp.get("reason", "")),
+            ("nccl 2 ranks on 1 GPU", f"{two_on_one['ok']} {two_on_one['reason']}".strip()),
+            ("nccl 1 rank all_reduce", f"{one_rank['ok']} {one_rank['reason']}".strip())]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    nccl_ok = ddp["ok"] if gpus >= 2 else one_rank["ok"]
+    fp16_finite = single["loss_finite"] and (args.smoke_cpu or math.isfinite(single["grad_scale"]))
+    print(f"device={device.replace(' ', '_')} images_per_s={single['train_images_per_s']:.1f} "
+          f"peak_gpu_mib={single['peak_gpu_mib']:.0f} fp16_loss_finite={int(fp16_finite)} "
+          f"ddp_images_per_s={ddp.get('train_images_per_s', float('nan')):.1f} "
+          f"nccl_ok={int(bool(nccl_ok)) if not args.smoke_cpu else 'n/a'} ddp_ok={int(bool(ddp['ok']))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
