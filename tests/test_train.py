@@ -133,3 +133,26 @@ def test_cleaned_table_trains_on_cleaned_labels_and_scores_on_given_ones(tmp_pat
     oof = pd.read_csv(out / "oof.csv")
     assert oof["label"].tolist() == frame["label_given"].tolist()
     assert oof["fold"].tolist() == frame["fold"].tolist()
+
+
+def test_batch_size_auto_accumulates_to_the_effective_batch(tmp_path, monkeypatch):
+    """The trainer asks memory.find_max_batch (tested on real steps in test_memory) for the
+    largest micro-batch within --max-memory-mb, then accumulates to --effective-batch."""
+    import mixcls.memory
+    asked = {}
+
+    def fake_find_max_batch(model_name, img_size, *, num_classes, budget_mb, device, amp, **kw):
+        asked.update(model=model_name, img_size=img_size, budget_mb=budget_mb, num_classes=num_classes)
+        return 5
+
+    monkeypatch.setattr(mixcls.memory, "find_max_batch", fake_find_max_batch)
+    data = write_tiny_dataset(tmp_path / "data")
+    args = [a for a in BASE if a not in ("--batch-size", "8")]
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *args, "--batch-size", "auto",
+                 "--effective-batch", "16", "--max-memory-mb", "300", "--folds", "2",
+                 "--train-folds", "0", "--epochs", "1"]) == 0
+    assert asked == {"model": "test_resnet", "img_size": 16, "budget_mb": 300.0, "num_classes": 3}
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["batch_size"], metrics["accum_steps"]) == (4, 4)  # plan_batch(16, 5): 4 x 4
+    ckpt = load_checkpoint(tmp_path / "run" / "fold_0" / "best.pt")
+    assert (ckpt["config"]["batch_size"], ckpt["config"]["accum_steps"]) == (4, 4)

@@ -31,7 +31,7 @@ AMP_MODES = ["none", "bf16", "fp16"]
 OPTIMIZERS = ["adamw", "adam", "sgd"]
 SCHEDULERS = ["cosine", "cosine_restarts", "onecycle", "constant"]
 LOSSES = ["ce", "label_smoothing", "bi_tempered", "symmetric_ce", "taylor_ce", "focal"]
-TTA_VIEWS = ["orig", "hflip", "vflip", "transpose", "rot90", "rot180", "rot270", "transverse"]
+TTA_VIEWS = ["orig", "hflip", "vflip", "transpose", "rot90", "rot180", "rot270", "transverse", "zoom"]
 CHECK_IMAGES = ["full", "header"]
 CACHE_IMAGES = ["auto", "yes", "no"]
 

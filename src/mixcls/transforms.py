@@ -6,6 +6,7 @@ from typing import Sequence
 
 import albumentations as A
 import torch
+import torch.nn.functional as F
 from albumentations.pytorch import ToTensorV2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -75,8 +76,20 @@ def build_valid_transform(img_size: int, *, mean: Sequence[float] = IMAGENET_MEA
     return A.Compose([A.Resize(img_size, img_size)] + _finish(mean, std))
 
 
-# Views act on a normalised batch (B, C, H, W); each is its own inverse or a pure rotation,
-# so they are exact and cost no decoding.
+ZOOM_CROP = 0.1  # the zoom view keeps the central 90% of each side
+
+
+def _zoom(x: torch.Tensor) -> torch.Tensor:
+    """The centre (1 - ZOOM_CROP) of each side, resized back: a label-preserving view for data
+    that flips would change (digits, text), where the flip views cannot be used."""
+    h, w = x.shape[-2:]
+    dh, dw = round(h * ZOOM_CROP / 2), round(w * ZOOM_CROP / 2)
+    crop = x[..., dh:h - dh, dw:w - dw]
+    return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
+
+
+# Views act on a normalised batch (B, C, H, W). The flips and rotations are exact pixel
+# permutations; zoom resamples. None needs the image decoded again.
 TTA_VIEWS = {
     "orig": lambda x: x,
     "hflip": lambda x: x.flip(-1),
@@ -86,6 +99,7 @@ TTA_VIEWS = {
     "rot180": lambda x: torch.rot90(x, 2, dims=(-2, -1)),
     "rot270": lambda x: torch.rot90(x, 3, dims=(-2, -1)),
     "transverse": lambda x: torch.rot90(x, 2, dims=(-2, -1)).transpose(-1, -2),
+    "zoom": _zoom,
 }
 
 
