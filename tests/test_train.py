@@ -156,3 +156,16 @@ def test_batch_size_auto_accumulates_to_the_effective_batch(tmp_path, monkeypatc
     assert (metrics["batch_size"], metrics["accum_steps"]) == (4, 4)  # plan_batch(16, 5): 4 x 4
     ckpt = load_checkpoint(tmp_path / "run" / "fold_0" / "best.pt")
     assert (ckpt["config"]["batch_size"], ckpt["config"]["accum_steps"]) == (4, 4)
+
+
+def test_a_failing_report_does_not_fail_a_finished_run(tmp_path, monkeypatch, capsys):
+    import mixcls.report
+
+    def broken(run_dir, **kwargs):
+        raise OSError("disk hiccup")
+
+    monkeypatch.setattr(mixcls.report, "write_report", broken)
+    data = write_tiny_dataset(tmp_path / "data")
+    out = train(data, tmp_path / "run", "--folds", "2", "--train-folds", "0", "--epochs", "1")
+    assert (out / "metrics.json").is_file() and not (out / "report.html").exists()
+    assert "report not written (OSError: disk hiccup)" in capsys.readouterr().out

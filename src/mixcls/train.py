@@ -711,9 +711,12 @@ def _plan_auto_batch(cfg: Config, num_classes: int, device: torch.device,
 
 
 def _write_report_if_possible(run_dir: Path, log: Callable[[str], None]) -> None:
+    """The report is a view of files already written: if it fails, the run still stands."""
+    from mixcls.report import write_report
+
     try:
-        from mixcls.report import write_report
-    except ImportError:
+        path = write_report(run_dir)
+    except Exception as exc:  # matplotlib, PIL and file errors alike must not undo a finished run
+        log(f"report not written ({exc.__class__.__name__}: {exc}); retry with: mixcls report {run_dir}")
         return
-    path = write_report(run_dir)
     log(f"report: {path}")
