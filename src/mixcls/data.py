@@ -124,6 +124,17 @@ def read_class_names(folder: Path) -> dict[str, str] | list[str] | None:
     return None
 
 
+def _ordered_keys(names: dict[str, str]) -> list[str]:
+    return sorted(names, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else k))
+
+
+def class_names_in_order(names: dict[str, str] | list[str] | None) -> list[str]:
+    """Class names in index order from `read_class_names` output (numeric keys sort as numbers)."""
+    if isinstance(names, dict):
+        return [names[k] for k in _ordered_keys(names)]
+    return list(names or [])
+
+
 def _scan_class_folders(root: Path) -> pd.DataFrame:
     """image_id (relative path) and label (folder name) from root/<class>/<file>."""
     rows = []
@@ -249,10 +260,9 @@ def _resolve_classes(labels: pd.Series, names_file: Any, classes: list[str] | No
         indexed = list(classes) == [str(i) for i in range(len(classes))]
         return list(classes), integer and (indexed or not set(values) <= set(classes))
     if isinstance(names_file, dict):
-        keys = sorted(names_file, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else k))
-        if integer and all(k.isdigit() for k in keys) and [int(k) for k in keys] == list(range(len(keys))):
-            return [names_file[k] for k in keys], True
-        return [names_file[k] for k in keys], False
+        keys = _ordered_keys(names_file)
+        indexed = keys == [str(i) for i in range(len(keys))]
+        return class_names_in_order(names_file), integer and indexed
     if isinstance(names_file, list):
         return names_file, integer
     if integer:

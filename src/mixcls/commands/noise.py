@@ -15,7 +15,8 @@ import pandas as pd
 import yaml
 
 from mixcls import runs
-from mixcls.data import CLASS_FILES, DataError, read_class_names, read_image, resolve_layout
+from mixcls.data import (CLASS_FILES, DataError, class_names_in_order, read_class_names, read_image,
+                         resolve_layout)
 from mixcls.noise import (FILTER_METHODS, POLICIES, SCORE_METHODS, check_oof, clean_table,
                           estimate_noise_matrix, find_suspects, select_actions,
                           summarize_class_pairs)
@@ -214,22 +215,13 @@ def write_clean_table(run_dir: str | Path, out: str | Path, *, policy: str,
                          label_given=values[table["label_given"].to_numpy()], fold=folds)
     out = Path(out)
     existing = [out.parent / name for name in CLASS_FILES if (out.parent / name).is_file()]
-    if existing and read_class_list(existing[0]) != list(classes):
+    if existing and class_names_in_order(read_class_names(out.parent)) != list(classes):
         raise DataError(f"{existing[0]} names other classes than the run {run_dir} "
                         f"({len(classes)} classes); write the cleaned table to another folder")
     runs.atomic_write_csv(out, table)
     if not existing:
         runs.atomic_write_json(out.parent / "classes.json", list(classes))
     return table, n_acted
-
-
-def read_class_list(path: Path) -> list[str]:
-    """Class names in index order from a classes.json / label map file."""
-    names = read_class_names(path.parent)
-    if isinstance(names, dict):
-        keys = sorted(names, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else k))
-        return [names[k] for k in keys]
-    return list(names or [])
 
 
 # ----- argparse -----
