@@ -6,6 +6,11 @@ seed, and reports the learning curves and, per strategy, the labels it needs to 
 held-out accuracy random sampling reaches with the full budget (first measured point of the
 mean curve at or above it; the resolution is one round's --budget).
 
+Every round trains from scratch for at least --min-steps optimizer steps (more epochs while
+few rows are labelled), so the first rounds' models are not under-trained: a model that has
+barely fitted 200 labels gives uncertainty scores that say little, and the comparison would
+then measure the schedule rather than the strategy.
+
 Each (strategy group, seed) is one `mixcls al-sim` job of one thread, --processes at a time
 (on a busy 2-core machine one oneDNN thread per process was 15x faster per training step than
 two threads fighting other jobs). Each round scores a random --candidates of the unlabelled
@@ -40,20 +45,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default="runs/bench_active", help="new folder for the data and the curves")
     p.add_argument("--source", default=str(FASHION_DEFAULT_DIR), help="Fashion-MNIST IDX folder")
     p.add_argument("--limit", type=int, default=10000, help="pool: stratified training images")
-    p.add_argument("--test-limit", type=int, default=2000, help="held-out: stratified test images")
+    p.add_argument("--test-limit", type=int, default=None,
+                   help="held-out: a stratified subset of the test images (default: all 10,000)")
     p.add_argument("--strategies", default=STRATEGIES)
-    p.add_argument("--start", type=int, default=100)
-    p.add_argument("--budget", type=int, default=100)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--start", type=int, default=200)
+    p.add_argument("--budget", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--bald-members", type=int, default=3)
     p.add_argument("--processes", type=int, default=3, help="parallel al-sim processes")
-    p.add_argument("--candidates", type=int, default=2000,
+    p.add_argument("--candidates", type=int, default=5000,
                    help="unlabelled rows scored per round (a random subset of the pool)")
     p.add_argument("--picture", default="docs/active_curve.png", help="copy of the curve picture")
+    p.add_argument("--min-steps", type=int, default=300,
+                   help="optimizer steps each round trains at least (al-sim --min-steps)")
     p.add_argument("--train-flags", default="--model mixcls_cnn_tiny --img-size 28 --preset none "
-                   "--epochs 6 --lr 3e-3 --batch-size 16 --workers 0 --cache-images yes "
+                   "--epochs 6 --lr 3e-3 --batch-size 64 --workers 0 --cache-images yes "
                    "--check-images header --device cpu", help="training flags of every round")
     return p.parse_args()
 
@@ -78,6 +86,7 @@ def run_jobs(args: argparse.Namespace, data: Path, out: Path, jobs: list[tuple[l
                "--strategy", ",".join(group), "--start", str(args.start), "--budget", str(args.budget),
                "--rounds", str(args.rounds), "--seeds", "1", "--seed", str(seed),
                "--bald-members", str(args.bald_members), "--candidates", str(args.candidates),
+               "--min-steps", str(args.min_steps),
                *args.train_flags.split()]
         with open(out / f"part_{i}.log", "w") as log:
             code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -115,7 +124,7 @@ def main() -> int:
         raise SystemExit(f"--out {out} is not empty")
     strategies = args.strategies.split(",")
     data = export_fashion_mnist(args.source, out / "data", limit=args.limit, test_limit=args.test_limit)
-    print(f"exported Fashion-MNIST ({args.limit} pool, {args.test_limit} held out) in "
+    print(f"exported Fashion-MNIST ({args.limit} pool, {args.test_limit or 'all 10000'} held out) in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
     jobs = plan_jobs(strategies, seeds=[args.seed + i for i in range(args.seeds)],
                      bald_members=args.bald_members)
@@ -126,7 +135,8 @@ def main() -> int:
     order = {s: i for i, s in enumerate(strategies)}
     curve = curve.sort_values(["strategy", "seed", "round"], key=lambda c: c.map(order)
                               if c.name == "strategy" else c, kind="stable").reset_index(drop=True)
-    title = f"Fashion-MNIST, {args.train_flags.split()[1]}, {args.limit} pool, {args.test_limit} held out"
+    title = (f"Fashion-MNIST, {args.train_flags.split()[1]}, {args.limit} pool, "
+             f"{args.test_limit or 10000} held out")
     summary = write_curve(out, curve, selections, title=title)
     atomic_save_figure(plot_curve(summary, title=title), args.picture)
     reach = labels_to_reach(summary)

@@ -18,7 +18,7 @@ import torch
 from conftest import write_tiny_dataset
 from mixcls.active import select
 from mixcls.al_sim import (candidate_rows, forward_images, labels_to_reach, load_sim_data, monitor_rows,
-                           selection_seed, simulate, summarise_curve)
+                           round_epochs, selection_seed, simulate, summarise_curve)
 from mixcls.cli import main
 from mixcls.config import load_config
 from mixcls.data import ImageDataset, load_train_table
@@ -172,6 +172,7 @@ def test_the_same_seed_gives_the_same_curve(sim, data_dir, tmp_path, one_thread)
     ({"--seeds": "0"}, "--seeds 0"),
     ({"--rounds": "0"}, "rounds: 0"),
     ({"--candidates": "2"}, "candidates: 2"),
+    ({"--min-steps": "0"}, "min steps: 0"),
 ])
 def test_bad_arguments_name_the_value_and_write_nothing(data_dir, tmp_path, capsys, change, expected):
     argv = {"--data": str(data_dir), "--out": str(tmp_path / "out"), "--strategy": "random,margin",
@@ -309,3 +310,45 @@ def test_monitor_rows_is_an_evenly_spread_subset():
     picked = monitor_rows(rows, limit=128)
     assert len(picked) == min(len(rows), 128) and len(set(picked)) == len(picked)
     assert set(picked) <= set(rows) and picked[0] == rows[0] and picked[-1] == rows[-1]
+
+
+# --- a step floor per round ----------------------------------------------------------------------------
+
+def test_round_epochs_reaches_min_steps_counted_by_a_dataloader_loop():
+    """Against the batches torch's DataLoader gives with fit_fold's drop_last rule, grouped by
+    accum_steps: the fewest epochs (never below `epochs`) whose optimizer steps reach min_steps."""
+    seed = secrets.randbits(32)
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        n_rows, batch_size = int(rng.integers(1, 300)), int(rng.integers(1, 64))
+        accum, epochs, min_steps = int(rng.integers(1, 4)), int(rng.integers(1, 5)), int(rng.integers(1, 400))
+        loader = torch.utils.data.DataLoader(range(n_rows), batch_size=batch_size, drop_last=n_rows > batch_size)
+        steps_per_epoch = sum(1 for i, _ in enumerate(loader) if (i + 1) % accum == 0 or i + 1 == len(loader))
+        expected = epochs
+        while expected * steps_per_epoch < min_steps:
+            expected += 1
+        got = round_epochs(epochs, n_rows=n_rows, batch_size=batch_size, accum_steps=accum, min_steps=min_steps)
+        assert got == expected, (seed, n_rows, batch_size, accum, epochs, min_steps)
+    assert round_epochs(3, n_rows=10, batch_size=4, min_steps=None) == 3
+
+
+def test_min_steps_sets_the_epochs_each_round_trains(data_dir, tmp_path, monkeypatch):
+    """The trainer is called with more epochs in the small first round than in later ones."""
+    import mixcls.al_sim as al_sim
+
+    seen: list[tuple[int, int]] = []
+
+    class Stop(Exception):
+        pass
+
+    def record(cfg, table, *, train_rows, **kwargs):
+        seen.append((len(train_rows), cfg.train.epochs))
+        raise Stop
+
+    monkeypatch.setattr(al_sim, "fit_fold", record)
+    cfg = load_config(None, {"data": str(data_dir), "check_images": "header", "batch_size": 4, "epochs": 1,
+                             "model": "mixcls_cnn_tiny", "img_size": 16, "device": "cpu"})
+    with pytest.raises(Stop):
+        simulate(cfg, strategies=["random"], start=8, budget=3, rounds=1, seeds=[0],
+                 out_dir=tmp_path / "out", holdout=0.25, min_steps=10)
+    assert seen == [(8, 5)]  # 8 rows, batch 4: 2 steps per epoch, 5 epochs for 10 steps

@@ -236,6 +236,7 @@ class _Run:
     workdir: Path
     bald_members: int
     shared: dict[tuple[int, int], Member]
+    min_steps: int | None = None
     shared_outputs: dict[int, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
 
     def pool_outputs(self, member: int, trained: Member, pool_rows: np.ndarray, *,
@@ -270,6 +271,20 @@ def monitor_rows(rows: np.ndarray, *, limit: int = MONITOR_ROWS) -> np.ndarray:
     return rows[np.linspace(0, len(rows) - 1, limit).round().astype(np.int64)]
 
 
+def round_epochs(epochs: int, *, n_rows: int, batch_size: int, accum_steps: int = 1,
+                 min_steps: int | None = None) -> int:
+    """Epochs one round trains: `epochs`, raised until the round makes at least `min_steps`
+    optimizer steps. A fixed epoch count gives the first rounds (a few hundred labels) a few dozen
+    steps and an under-trained model, whose uncertainty says little; a step floor trains every
+    round to a similar point, as active-learning studies that train to convergence do.
+    """
+    if not min_steps:
+        return epochs
+    batches = n_rows // batch_size if n_rows > batch_size else 1  # fit_fold drops a short last batch
+    steps_per_epoch = -(-batches // accum_steps)
+    return max(epochs, -(-min_steps // steps_per_epoch))
+
+
 def train_member(run: _Run, rows: np.ndarray, *, seed: int, round_index: int, member: int) -> Member:
     """Train on pool rows `rows` with the real trainer and keep the final weights (last.pt);
     member 0 is also scored on the held-out set, which training never sees."""
@@ -277,6 +292,8 @@ def train_member(run: _Run, rows: np.ndarray, *, seed: int, round_index: int, me
         return run.shared[(seed, member)]
     cfg = copy.deepcopy(run.cfg)
     cfg.train.seed = member_seed(seed, member)
+    cfg.train.epochs = round_epochs(cfg.train.epochs, n_rows=len(rows), batch_size=cfg.train.batch_size,
+                                    accum_steps=cfg.train.accum_steps, min_steps=run.min_steps)
     fold_dir = Path(tempfile.mkdtemp(prefix="member_", dir=run.workdir))
     started = time.perf_counter()
     try:
@@ -452,7 +469,7 @@ def _check_out_dir(out_dir: Path) -> None:
 
 def simulate(cfg: Config, *, strategies: Sequence[str], start: int, budget: int, rounds: int,
              seeds: Sequence[int], out_dir: str | Path, holdout: float = 0.2, bald_members: int = 3,
-             candidates: int | None = None, batch_size: int = 1024,
+             candidates: int | None = None, batch_size: int = 1024, min_steps: int | None = None,
              log: Callable[[str], None] = print) -> pd.DataFrame:
     """Run every strategy for every seed; write out_dir/{config.yaml, settings.json, curve.csv,
     curve_summary.csv, selections.csv, curve.png} (rewritten after each curve, so a long run can
@@ -463,6 +480,8 @@ def simulate(cfg: Config, *, strategies: Sequence[str], start: int, budget: int,
                    bald_members=bald_members, holdout=holdout, candidates=candidates)
     if batch_size < 1:
         raise ConfigError(f"score batch size: {batch_size} must be >= 1")
+    if min_steps is not None and min_steps < 1:
+        raise ConfigError(f"min steps: {min_steps} must be >= 1 (or left out)")
     if cfg.train.batch_size == "auto":
         raise ConfigError("batch_size: al-sim needs a number (auto sizing is done by mixcls train)")
     _check_out_dir(out_dir)
@@ -476,7 +495,7 @@ def simulate(cfg: Config, *, strategies: Sequence[str], start: int, budget: int,
     atomic_write_text(out_dir / "config.yaml", dump_config(cfg))
     atomic_write_json(out_dir / "settings.json", {
         "strategies": strategies, "start": start, "budget": budget, "rounds": rounds,
-        "seeds": list(seeds), "bald_members": bald_members, "candidates": candidates, "held_out": data.holdout_source,
+        "seeds": list(seeds), "bald_members": bald_members, "candidates": candidates, "min_steps": min_steps, "held_out": data.holdout_source,
         "pool_size": len(data.pool.frame), "held_out_size": len(data.test_paths)})
     log(f"pool {len(data.pool.frame)} images, held out {len(data.test_paths)} ({data.holdout_source}); "
         f"{len(strategies)} strategies x {len(seeds)} seeds x {rounds + 1} trainings")
@@ -484,7 +503,7 @@ def simulate(cfg: Config, *, strategies: Sequence[str], start: int, budget: int,
     title = f"{cfg.model.name}, {cfg.train.epochs} epochs, {Path(str(cfg.data.data or cfg.data.csv)).name}"
     with tempfile.TemporaryDirectory(prefix="mixcls_al_sim_") as workdir:
         for seed in seeds:
-            run = _Run(cfg, data, device, amp_dtype, batch_size, Path(workdir), bald_members, {})
+            run = _Run(cfg, data, device, amp_dtype, batch_size, Path(workdir), bald_members, {}, min_steps)
             for strategy in strategies:
                 curve, chosen = run_strategy(run, strategy, seed=seed, start=start, budget=budget,
                                              rounds=rounds, candidates=candidates, log=log)

@@ -264,6 +264,8 @@ def _measure_in_process(*, model: str, img_size: int, num_classes: int, micro_ba
     import timm
     import torch
 
+    import mixcls.models  # noqa: F401  registers mixcls_cnn_* with timm in this child process
+
     torch.manual_seed(seed)
     dev = torch.device(device)
     net = timm.create_model(model, num_classes=num_classes, pretrained=False).to(dev).train()

@@ -18,8 +18,14 @@ import pandas as pd
 from mixcls.data import DataError
 
 # cleanlab's filter_by: how rows are judged label issues.
-FILTER_METHODS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
-                  "predicted_neq_given")
+FILTER_METHODS = ("low_self_confidence", "low_normalized_margin", "prune_by_noise_rate",
+                  "prune_by_class", "both", "confident_learning", "predicted_neq_given")
+# The default: as many rows as confident learning estimates to be mislabelled
+# (cleanlab.count.num_label_issues), taken where the OOF probability of the given label is
+# lowest. On Fashion-MNIST with 20 % symmetric noise (benchmarks/noise.py) it flagged far fewer
+# clean rows of confusable classes than prune_by_noise_rate, which takes each off-diagonal
+# count of the confident joint by margin; docs/benchmarks.md has every filter's figures.
+DEFAULT_METHOD = "low_self_confidence"
 # cleanlab's label-quality scores (low = likely wrong): how suspects are ranked.
 SCORE_METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
 POLICIES = ("drop", "relabel", "soft")
@@ -78,7 +84,7 @@ def _labels_and_probs(oof: pd.DataFrame, num_classes: int) -> tuple[np.ndarray, 
     return labels, probs / probs.sum(axis=1, keepdims=True)
 
 
-def find_suspects(oof: pd.DataFrame, *, num_classes: int, method: str = "prune_by_noise_rate",
+def find_suspects(oof: pd.DataFrame, *, num_classes: int, method: str = DEFAULT_METHOD,
                   score: str = "self_confidence") -> pd.DataFrame:
     """Rows whose given label is likely wrong, worst first.
 

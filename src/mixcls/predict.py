@@ -15,7 +15,7 @@ from mixcls.config import Config, config_from_flat
 from mixcls.data import DataError, ImageDataset, list_image_files, read_image
 from mixcls.engine import evaluate
 from mixcls.models import build_model, model_mean_std
-from mixcls.runs import RunError, atomic_write_csv, load_checkpoint, read_json
+from mixcls.runs import RunError, RunFolder, atomic_write_csv, load_checkpoint, read_json
 from mixcls.train import resolve_device
 from mixcls.transforms import build_valid_transform
 
@@ -132,7 +132,7 @@ def write_submission(path: str | Path, image_ids: Sequence[str], probs: np.ndarr
     """image_id,label (the run's label format: integer or class name), optionally prob_k."""
     run_dir = Path(run_dir)
     classes = read_json(run_dir / "classes.json")
-    integer = read_json(run_dir / "dataset.json").get("integer_labels", False)
+    integer = RunFolder.open(run_dir).integer_labels
     pred = probs.argmax(1)
     labels = [classes[k] for k in pred] if (label_names or not integer) else pred
     frame = pd.DataFrame({"image_id": list(image_ids), "label": labels})

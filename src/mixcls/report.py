@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 from PIL import Image
 
 from mixcls import __version__, runs
@@ -33,7 +32,6 @@ from mixcls.data import DataError, read_image
 REPORT_NAME = "report.html"
 SUSPECTS_CSV = "suspects.csv"
 SUSPECTS_PNG = "suspects.png"
-REQUIRED_FILES = ("config.yaml", "classes.json", "metrics.json", "oof.csv")
 SUSPECT_COLUMNS = ("image_id", "given", "suggested", "prob_suggested")
 
 N_WRONG = 12             # confidently wrong OOF images shown
@@ -79,43 +77,15 @@ class RunFiles:
 # ---------------------------------------------------------------- reading the run
 
 def read_run(run_dir: str | Path) -> RunFiles:
-    """Read and check the files of a run folder; RunError/DataError name the bad file."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise runs.RunError(f"run folder {run_dir} does not exist")
-    missing = [name for name in REQUIRED_FILES if not (run_dir / name).is_file()]
-    if missing:
-        raise runs.RunError(f"{run_dir} is not a finished run folder: {', '.join(missing)} missing "
-                            f"(train it first: mixcls train --out {run_dir})")
-    config = _read_yaml(run_dir / "config.yaml")
-    classes = _read_json(run_dir / "classes.json")
-    if not isinstance(classes, list) or len(classes) < 2:
-        raise DataError(f"{run_dir / 'classes.json'}: expected a list of at least 2 class names")
-    classes = [str(c) for c in classes]
-    metrics = _read_json(run_dir / "metrics.json")
-    _check_metrics(metrics, len(classes), run_dir / "metrics.json")
-    oof = _read_oof(run_dir / "oof.csv", len(classes))
-    return RunFiles(run_dir=run_dir, config=config, classes=classes, metrics=metrics, oof=oof,
-                    histories=_read_histories(run_dir), images_dir=_images_dir(run_dir),
-                    suspects=_read_suspects(run_dir / SUSPECTS_CSV),
-                    suspects_png=_read_png(run_dir / SUSPECTS_PNG))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return runs.read_json(path)
-    except ValueError as exc:  # json.JSONDecodeError names a line, not the file
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DataError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(values, dict):
-        raise DataError(f"{path}: expected a mapping of config keys")
-    return values
+    """Read and check the files of a run folder; RunError/DataError/ConfigError name the bad file."""
+    run = runs.RunFolder.open(run_dir, require=("metrics.json", "oof.csv"))
+    classes = run.classes
+    _check_metrics(run.metrics, len(classes), run.path / "metrics.json")
+    oof = _read_oof(run.oof_path, len(classes))
+    return RunFiles(run_dir=run.path, config=run.flat_config, classes=classes, metrics=run.metrics,
+                    oof=oof, histories=_read_histories(run), images_dir=run.images_dir,
+                    suspects=_read_suspects(run.path / SUSPECTS_CSV),
+                    suspects_png=_read_png(run.path / SUSPECTS_PNG))
 
 
 def _check_metrics(metrics: Any, num_classes: int, path: Path) -> None:
@@ -145,30 +115,20 @@ def _read_oof(path: Path, num_classes: int) -> pd.DataFrame:
     return oof
 
 
-def _read_histories(run_dir: Path) -> dict[int, pd.DataFrame]:
+def _read_histories(run: runs.RunFolder) -> dict[int, pd.DataFrame]:
     """{fold: history} for every RUN/fold_K/history.csv that has an epoch column and rows."""
     histories = {}
-    for path in sorted(run_dir.glob("fold_*/history.csv")):
-        suffix = path.parent.name.removeprefix("fold_")
-        if not suffix.isdigit():
+    for fold, folder in run.fold_dirs.items():
+        path = folder / "history.csv"
+        if not path.is_file():
             continue
         try:
             frame = pd.read_csv(path)
         except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
             raise DataError(f"{path} is not a readable CSV: {exc}") from None
         if "epoch" in frame.columns and len(frame):
-            histories[int(suffix)] = frame
-    return dict(sorted(histories.items()))
-
-
-def _images_dir(run_dir: Path) -> Path | None:
-    """The training images folder named by RUN/dataset.json, None when it is gone."""
-    path = run_dir / "dataset.json"
-    if not path.is_file():
-        return None
-    data = _read_json(path)
-    images = data.get("images") if isinstance(data, dict) else None
-    return Path(images) if images and Path(images).is_dir() else None
+            histories[fold] = frame
+    return histories
 
 
 def _read_suspects(path: Path) -> pd.DataFrame | None:
@@ -595,7 +555,8 @@ def _section_mix(run: RunFiles, *, seed: int) -> str:
     cfg = run.config
     title = "Mixed batches"
     if run.images_dir is None:
-        return _section("mix", title, _note("The training images folder of dataset.json is not there."))
+        return _section("mix", title, _note("The training images folder of the run (from dataset.json, "
+                                            "or config.yaml without it) is not there."))
     # Display side: the training size, but at least 64 px so that boxes and masks are visible.
     side = int(np.clip(int(cfg.get("img_size") or 64), 64, THUMB_SIDE))
     rng = np.random.default_rng(seed)

@@ -2,7 +2,8 @@
 
 Every product of a run is written to a temporary name in the same folder and then renamed,
 so a crash or a kill never leaves a half-written file behind: readers see the old file or the
-new one, never a mix.
+new one, never a mix. `RunFolder` is the one reader of a finished run's files (noise, active,
+predict and the report all go through it).
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import os
 import secrets
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from mixcls.config import Config
 
 
 class RunError(RuntimeError):
@@ -171,3 +177,158 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+
+# ---------------------------------------------------------------- reading a run folder
+
+RUN_FILES = ("config.yaml", "classes.json")  # what every `mixcls train` writes first
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The files of a run folder (docs/architecture.md), read once each and checked.
+
+    config and data are imported inside the methods: both sit above this module, and a later
+    `from mixcls.runs import ...` in either must not become an import cycle.
+    """
+
+    path: Path
+
+    @classmethod
+    def open(cls, path: str | Path, *, require: tuple[str, ...] = ()) -> RunFolder:
+        """Check that `path` is a run folder holding config.yaml, classes.json and `require`.
+
+        RunError names the folder and every missing file at once.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise RunError(f"run folder {path} does not exist")
+        if not path.is_dir():
+            raise RunError(f"run folder {path} is not a folder")
+        missing = [name for name in (*RUN_FILES, *require) if not (path / name).is_file()]
+        if missing:
+            raise RunError(f"{path} is not a finished run folder: {', '.join(missing)} missing "
+                           f"(train it first: mixcls train --out {path})")
+        return cls(path)
+
+    @cached_property
+    def config(self) -> Config:
+        """The run's resolved config; ConfigError names config.yaml when it cannot be used."""
+        from mixcls.config import ConfigError, load_config
+
+        path = self.path / "config.yaml"
+        try:
+            return load_config(path)
+        except ConfigError as exc:
+            if str(path) in str(exc):
+                raise
+            # validate() names the key only; here the key came from this file.
+            raise ConfigError(f"{path}: {exc}") from None
+
+    @cached_property
+    def flat_config(self) -> dict[str, Any]:
+        """The config as flat key -> value (the keys of config.yaml and the CLI flags)."""
+        from mixcls.config import config_to_flat
+
+        return config_to_flat(self.config)
+
+    @cached_property
+    def classes(self) -> list[str]:
+        """The K class names of classes.json, index = label."""
+        path = self.path / "classes.json"
+        classes = _read_json_checked(path)
+        # Integers are accepted as names too: hand-made runs write [0, 1, 2].
+        if (not isinstance(classes, list) or len(classes) < 2
+                or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in classes)):
+            raise _data_error(f"{path}: expected a list of at least 2 class names")
+        return [str(c) for c in classes]
+
+    @cached_property
+    def dataset(self) -> dict[str, Any]:
+        """dataset.json (images, csv, rows, integer_labels); {} for a hand-made run without it."""
+        path = self.path / "dataset.json"
+        if not path.is_file():
+            return {}
+        values = _read_json_checked(path)
+        if not isinstance(values, dict):
+            raise _data_error(f"{path}: expected a JSON object")
+        return values
+
+    @property
+    def integer_labels(self) -> bool:
+        """Whether the training table's labels were integers (submissions write them so)."""
+        if (self.path / "dataset.json").is_file():
+            return bool(self.dataset.get("integer_labels", False))
+        # Without dataset.json, names "0" … "K-1" are what `train` writes for integer labels.
+        return self.classes == [str(k) for k in range(len(self.classes))]
+
+    @cached_property
+    def metrics(self) -> dict[str, Any]:
+        """metrics.json as written at the end of training; RunError when it is missing."""
+        path = self.path / "metrics.json"
+        values = _read_json_checked(path)
+        if not isinstance(values, dict):
+            raise _data_error(f"{path}: expected a JSON object")
+        return values
+
+    @property
+    def oof_path(self) -> Path:
+        return self.path / "oof.csv"
+
+    @property
+    def fold_dirs(self) -> dict[int, Path]:
+        """{fold: RUN/fold_K} for every fold folder on disk, in fold order (fold_10 after fold_9)."""
+        found = {int(p.name.removeprefix("fold_")): p for p in self.path.glob("fold_*")
+                 if p.is_dir() and p.name.removeprefix("fold_").isdigit()}
+        return dict(sorted(found.items()))
+
+    def layout(self) -> tuple[Path | None, Path]:
+        """(training table, or None for a class-per-folder tree; images folder) from config.yaml.
+
+        DataError names the path that is gone (data.resolve_layout's checks).
+        """
+        from mixcls.data import resolve_layout
+
+        data = self.config.data
+        return resolve_layout(data.data, data.csv, data.images)
+
+    def find_images_dir(self) -> Path:
+        """The training images folder; DataError names where it was looked for when it is gone.
+
+        dataset.json's `images` (the absolute folder the run trained on) when the run has one;
+        config.yaml's data / csv / images only for a run without it. A gone dataset.json folder
+        is not replaced by config.yaml's: its paths may be relative to another working folder,
+        and a wrong folder would show other images under the run's image ids.
+        """
+        images = self.dataset.get("images")
+        if not images:
+            return self.layout()[1]
+        folder = Path(images)
+        if not folder.is_dir():
+            raise _data_error(f"images folder {folder} (from {self.path / 'dataset.json'}) "
+                              "does not exist")
+        return folder
+
+    @property
+    def images_dir(self) -> Path | None:
+        """`find_images_dir()`, or None when the folder is gone (for readers that can do without)."""
+        from mixcls.data import DataError
+
+        try:
+            return self.find_images_dir()
+        except DataError:
+            return None
+
+
+def _read_json_checked(path: Path) -> Any:
+    """read_json with a message that names the file for bad JSON (the decoder names a line only)."""
+    try:
+        return read_json(path)
+    except ValueError as exc:
+        raise _data_error(f"{path}: not valid JSON ({exc})") from None
+
+
+def _data_error(message: str) -> Exception:
+    from mixcls.data import DataError
+
+    return DataError(message)

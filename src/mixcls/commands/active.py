@@ -22,8 +22,8 @@ import pandas as pd
 from mixcls.active import (REVIEW_WEIGHT, STRATEGIES, MergePlan, format_listing, plan_merge,
                            rank_for_review, select)
 from mixcls.config import ConfigError, load_config
-from mixcls.data import DataError, list_image_files, read_class_names, resolve_layout
-from mixcls.runs import RunError, atomic_path, atomic_write_csv, read_json
+from mixcls.data import DataError, list_image_files, read_class_names
+from mixcls.runs import RunError, RunFolder, atomic_path, atomic_write_csv, read_json
 
 
 # --- select ------------------------------------------------------------------------------------
@@ -34,17 +34,17 @@ def read_run_labelled(run_dir: str | Path) -> pd.DataFrame:
     The training table comes from RUN/config.yaml (data, csv, images, id_col); ids in
     RUN/oof.csv are added too, so a moved table still excludes what the run trained on.
     """
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    csv_path, images_dir = resolve_layout(cfg.data.data, cfg.data.csv, cfg.data.images)
+    run = RunFolder.open(run_dir)
+    csv_path, images_dir = run.layout()
+    id_col = run.config.data.id_col
     if csv_path is None:
         ids = list_image_files(images_dir)
     else:
         table = _read_csv(csv_path)
-        if cfg.data.id_col not in table.columns:
-            raise DataError(f"{csv_path}: missing column {cfg.data.id_col!r} (id_col of {run_dir})")
-        ids = table[cfg.data.id_col].str.strip().tolist()
-    oof = run_dir / "oof.csv"
+        if id_col not in table.columns:
+            raise DataError(f"{csv_path}: missing column {id_col!r} (id_col of {run.path})")
+        ids = table[id_col].str.strip().tolist()
+    oof = run.oof_path
     if oof.is_file():
         known = set(ids)
         ids += [i for i in dict.fromkeys(_read_csv(oof)["image_id"].str.strip()) if i not in known]
@@ -322,7 +322,7 @@ def run_al_sim(args: argparse.Namespace) -> int:
     summary = simulate(cfg, strategies=strategies, start=args.start, budget=args.budget,
                        rounds=args.rounds, seeds=seeds, out_dir=args.out, holdout=args.holdout,
                        bald_members=args.bald_members, candidates=args.candidates,
-                       batch_size=args.score_batch_size)
+                       batch_size=args.score_batch_size, min_steps=args.min_steps)
     last = summary.groupby("strategy", sort=False).tail(1)  # the summary is sorted by round
     for row in last.itertuples():
         print(f"{row.strategy}: {row.accuracy_mean:.4f} held-out accuracy with {row.labels} labels")
@@ -412,6 +412,9 @@ def _register_al_sim(subparsers: argparse._SubParsersAction) -> None:
                    help="bald: models trained on the same rows with different seeds (its extra cost)")
     p.add_argument("--candidates", type=int, default=None,
                    help="score a random subset of this many unlabelled rows per round (default: all)")
+    p.add_argument("--min-steps", type=int, default=None,
+                   help="train each round for at least this many optimizer steps (more epochs when "
+                        "few rows are labelled); default: --epochs for every round")
     p.add_argument("--score-batch-size", type=int, default=1024,
                    help="images per forward pass when scoring the pool and the held-out set")
     add_config_flags(p)

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from mixcls import runs
-from mixcls.data import (CLASS_FILES, DataError, class_names_in_order, read_class_names, read_image,
-                         resolve_layout)
-from mixcls.noise import (FILTER_METHODS, POLICIES, SCORE_METHODS, check_oof, clean_table,
+from mixcls.data import CLASS_FILES, DataError, class_names_in_order, read_class_names, read_image
+from mixcls.noise import (DEFAULT_METHOD, FILTER_METHODS, POLICIES, SCORE_METHODS, check_oof, clean_table,
                           estimate_noise_matrix, find_suspects, select_actions,
                           summarize_class_pairs)
 
@@ -39,15 +37,11 @@ class SuspectResult:
 
 def read_run_oof(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
     """RUN/oof.csv checked against RUN/classes.json: (oof table, class names)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise runs.RunError(f"run folder {run_dir} does not exist")
-    classes = runs.read_json(run_dir / "classes.json")
-    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
-        raise DataError(f"{run_dir / 'classes.json'}: expected a list of at least 2 class names")
-    path = run_dir / "oof.csv"
+    run = runs.RunFolder.open(run_dir)
+    classes = run.classes
+    path = run.oof_path
     if not path.is_file():
-        raise runs.RunError(f"{path} does not exist (train the run first: mixcls train --out {run_dir})")
+        raise runs.RunError(f"{path} does not exist (train the run first: mixcls train --out {run.path})")
     try:
         oof = pd.read_csv(path, dtype={"image_id": str})
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -85,22 +79,13 @@ def read_run_folds(run_dir: str | Path, oof: pd.DataFrame) -> np.ndarray:
 
 
 def resolve_run_images(run_dir: str | Path, image_ids: list[str]) -> list[Path]:
-    """Image files of `image_ids`, from RUN/config.yaml's data / csv / images keys."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise runs.RunError(f"{path} does not exist; it names the images for the gallery")
-    try:
-        flat = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise runs.RunError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(flat, dict):
-        raise runs.RunError(f"{path}: expected a mapping of config keys")
-    _, images_dir = resolve_layout(flat.get("data"), flat.get("csv"), flat.get("images"))
+    """Image files of `image_ids` in the run's training images folder (RunFolder.find_images_dir)."""
+    images_dir = runs.RunFolder.open(run_dir).find_images_dir()
     paths = [images_dir / image_id for image_id in image_ids]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"gallery: {len(missing)} image(s) not found, e.g. {missing[0]} "
-                        f"(images folder from {path})")
+                        f"(images folder of the run {run_dir}: {images_dir})")
     return paths
 
 
@@ -136,7 +121,7 @@ def _named(frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 
 
 def write_suspects(run_dir: str | Path, out: str | Path, *, gallery: str | Path | None = None,
-                   max_rows: int | None = None, method: str = "prune_by_noise_rate",
+                   max_rows: int | None = None, method: str = DEFAULT_METHOD,
                    score: str = "self_confidence") -> SuspectResult:
     """Find the run's suspect labels; write them (worst first) to `out`, the gallery if asked.
 
@@ -190,7 +175,7 @@ def format_suspect_summary(result: SuspectResult, *, top_pairs: int = 10) -> str
 
 def write_clean_table(run_dir: str | Path, out: str | Path, *, policy: str,
                       threshold: float = 0.0, max_fraction: float = 0.2, soft_weight: float = 0.5,
-                      method: str = "prune_by_noise_rate",
+                      method: str = DEFAULT_METHOD,
                       score: str = "self_confidence") -> tuple[pd.DataFrame, int]:
     """Write the cleaned training table of the run (labels as class names) to `out`.
 
@@ -204,9 +189,7 @@ def write_clean_table(run_dir: str | Path, out: str | Path, *, policy: str,
                         max_fraction=max_fraction, soft_weight=soft_weight)
     n_acted = len(select_actions(suspects, n_rows=len(oof), threshold=threshold,
                                  max_fraction=max_fraction))
-    info = Path(run_dir) / "dataset.json"  # written by every `mixcls train`; absent in hand-made runs
-    integer = (bool(runs.read_json(info).get("integer_labels", False)) if info.is_file()
-               else list(classes) == [str(k) for k in range(len(classes))])
+    integer = runs.RunFolder.open(run_dir).integer_labels
     # Labels keep the run's own format (integers stay integers, so a retrained run still writes
     # the competition's submission format), and the run's class list goes beside the table, so
     # the trainer reads the classes back in the run's order wherever the table is written.
@@ -228,8 +211,9 @@ def write_clean_table(run_dir: str | Path, out: str | Path, *, policy: str,
 
 def _add_suspect_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder with oof.csv and classes.json")
-    p.add_argument("--method", default="prune_by_noise_rate", choices=FILTER_METHODS,
-                   help="cleanlab filter deciding which labels are issues")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=FILTER_METHODS,
+                   help="cleanlab filter deciding which labels are issues (default: the estimated "
+                        "number of issues, lowest OOF probability of the given label first)")
     p.add_argument("--score", default="self_confidence", choices=SCORE_METHODS,
                    help="cleanlab label-quality score ranking the suspects")
 

@@ -1,0 +1,155 @@
+"""Peak memory of one training step per (batch, AMP mode), and the largest batch under a limit.
+
+A wrapper of `mixcls.memory`, the code behind `mixcls explain memory`: every setting is measured
+by `measure_memory` (forward + backward + AdamW step in a fresh child process; on CPU the peak
+resident set, on CUDA max_memory_allocated), then `find_max_batch` searches, per AMP mode, the
+largest micro-batch whose step fits --limit-mib (it measures again, in fresh children), and
+`plan_batch` turns that into micro-batch x accumulation steps for --effective-batch.
+
+    nice -n 5 .venv/bin/python benchmarks/memory.py          # the settings of docs/benchmarks.md
+    nice -n 10 .venv/bin/python benchmarks/memory.py --img-size 32 --batch 8,16 --accum ""
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Sequence
+
+from mixcls.memory import (AMP_DTYPES, MeasureError, MemoryResult, find_max_batch,
+                           format_memory_table, measure_memory, plan_batch)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet18", help="timm model name")
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--num-classes", type=int, default=5)
+    p.add_argument("--batch", default="8,16,32,64", help="comma-separated batch sizes")
+    p.add_argument("--amp", default="none,bf16", help=f"comma-separated of {', '.join(AMP_DTYPES)}")
+    p.add_argument("--accum", default="8x8",
+                   help="comma-separated MICROxSTEPS (micro-batch x accumulation steps); '' for none")
+    p.add_argument("--limit-mib", type=float, default=256.0,
+                   help="memory limit of find_max_batch, MiB of one step's peak; 0 skips the search")
+    p.add_argument("--effective-batch", type=int, default=64,
+                   help="batch that plan_batch splits into micro-batch x accumulation steps")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def parse_settings(args: argparse.Namespace) -> tuple[list[int], list[str], list[tuple[int, int]]]:
+    """(batch sizes, AMP modes, (micro_batch, accum_steps) pairs) from the flags; SystemExit naming
+    the bad flag and value, before any measuring."""
+    try:
+        batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    except ValueError:
+        raise SystemExit(f"--batch: {args.batch!r} is not a comma-separated list of integers") from None
+    amps = [a.strip() for a in args.amp.split(",") if a.strip()]
+    bad = [a for a in amps if a not in AMP_DTYPES]
+    if bad or not amps:
+        raise SystemExit(f"--amp: {bad[0] if bad else args.amp!r} is not one of {', '.join(AMP_DTYPES)}")
+    accum = []
+    for item in (i.strip().lower() for i in args.accum.split(",") if i.strip()):
+        micro, sep, steps = item.partition("x")
+        if not (sep and micro.isdigit() and steps.isdigit() and int(steps) >= 1):
+            raise SystemExit(f"--accum: {item!r} is not MICROxSTEPS like 8x8")
+        accum.append((int(micro), int(steps)))
+    small = [b for b in batches + [m for m, _ in accum] if b < 2]
+    if (not batches and not accum) or small:
+        raise SystemExit(f"--batch/--accum: give batch sizes >= 2 (BatchNorm), got "
+                         f"{small[0] if small else 'none'}")
+    if args.limit_mib < 0 or args.effective_batch < 1:
+        raise SystemExit(f"--limit-mib ({args.limit_mib:g}) must be >= 0 and --effective-batch "
+                         f"({args.effective_batch}) >= 1")
+    return batches, amps, accum
+
+
+def check_model(name: str, device: str) -> None:
+    """Refuse a model or device the measuring child cannot use, before any measuring."""
+    import timm
+    import torch
+
+    import mixcls.models  # noqa: F401  registers mixcls_cnn_* with timm, as the measuring child does
+
+    if not timm.is_model(name):
+        raise SystemExit(f"--model: {name!r} is not a timm model")
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise SystemExit(f"--device: {device!r} is not cpu, or CUDA is not available")
+
+
+def amp_name(amp: str) -> str:
+    """'none' runs in float32; name it so."""
+    return "fp32" if amp == "none" else amp
+
+
+def peak_name(result: MemoryResult) -> str:
+    """Name of a setting's peak in the final line: peak_mib_b64_fp32, peak_mib_b8x8_bf16."""
+    batch = str(result.micro_batch) if result.accum_steps == 1 else f"{result.micro_batch}x{result.accum_steps}"
+    return f"peak_mib_b{batch}_{amp_name(result.amp)}"
+
+
+def search_max_batch(args: argparse.Namespace, amps: Sequence[str]) -> dict[str, int | None]:
+    """Per AMP mode, find_max_batch at --limit-mib; None where even the smallest batch does not fit."""
+    found = {}
+    for amp in amps:
+        try:
+            found[amp] = find_max_batch(args.model, args.img_size, num_classes=args.num_classes,
+                                        budget_mb=args.limit_mib, device=args.device, amp=amp,
+                                        seed=args.seed)
+        except MeasureError as exc:  # a child that failed is an error, not "nothing fits"
+            raise SystemExit(f"error: {exc}") from None
+        except ValueError as exc:  # nothing fits: a result, not a failure of the benchmark
+            print(f"{amp_name(amp)}: {exc}")
+            found[amp] = None
+    return found
+
+
+def print_search(found: dict[str, int | None], *, limit_mib: float, effective_batch: int) -> list[str]:
+    """Print the search table; return its name=value pairs for the final line."""
+    limit = f"{limit_mib:g}mib"
+    print(f"\nlargest micro-batch whose step peak <= {limit_mib:g} MiB (find_max_batch), and the "
+          f"plan for an effective batch of {effective_batch} (plan_batch):")
+    print(f"{'amp':>6} {'max batch':>10} {'micro x accum':>14}")
+    pairs = []
+    for amp, max_batch in found.items():
+        if max_batch is None:
+            print(f"{amp_name(amp):>6} {'none fits':>10} {'-':>14}")
+            pairs.append(f"max_batch_{amp_name(amp)}_at_{limit}=nan")
+            continue
+        micro, steps = plan_batch(effective_batch, max_batch)
+        print(f"{amp_name(amp):>6} {max_batch:>10} {f'{micro} x {steps}':>14}")
+        pairs += [f"max_batch_{amp_name(amp)}_at_{limit}={max_batch}",
+                  f"plan_micro_batch_{amp_name(amp)}_eff{effective_batch}={micro}",
+                  f"plan_accum_steps_{amp_name(amp)}_eff{effective_batch}={steps}"]
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    batches, amps, accum = parse_settings(args)
+    check_model(args.model, args.device)
+    start = time.perf_counter()
+    try:
+        results = measure_memory(args.model, args.img_size, num_classes=args.num_classes,
+                                 batch_sizes=batches, amp_modes=amps, accum=accum,
+                                 device=args.device, seed=args.seed,
+                                 log=lambda line: print(line, flush=True))
+    except MeasureError as exc:  # the child's error, one line, names the setting
+        raise SystemExit(f"error: {exc}") from None
+    print(f"\n{args.model} at {args.img_size} px, {args.num_classes} classes, on {args.device}: "
+          "one training step, MiB")
+    print(format_memory_table(results))
+    pairs = [f"{peak_name(r)}={'nan' if math.isnan(r.peak_mb) else f'{r.peak_mb:.1f}'}" for r in results]
+    if args.limit_mib > 0:
+        found = search_max_batch(args, amps)
+        pairs += print_search(found, limit_mib=args.limit_mib, effective_batch=args.effective_batch)
+    print(f"\nwall time {time.perf_counter() - start:.0f} s")
+    print(" ".join(pairs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""benchmarks/memory.py and benchmarks/demo.py: the final line agrees with the table; bad flags
+are refused before any work.
+
+memory.py's main runs in this process; each measured setting is a fresh child process of
+mixcls.memory (~5 s each), measuring mixcls's own tiny CNN (registered with timm in the child).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+MODEL, IMG_SIZE, NUM_CLASSES, BATCHES = "mixcls_cnn_tiny", 16, 3, (2, 4)
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table_rows(lines: list[str]) -> dict[str, list[float]]:
+    """Rows of format_memory_table: label -> [eff.batch, params, grads, optim, act+work, peak, ...]."""
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["setting", "eff.batch"])
+    assert set(lines[start + 1]) == {"-"}
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.strip():
+            break
+        tokens = line.split()
+        label = " ".join(tokens[:-8])
+        rows[label] = [float(t) for t in tokens[-8:]]
+    return rows
+
+
+@pytest.mark.slow
+def test_memory_final_line_matches_the_table(capsys):
+    import timm
+
+    memory_bench = _load("memory")
+    code = memory_bench.main(["--model", MODEL, "--img-size", str(IMG_SIZE), "--num-classes",
+                              str(NUM_CLASSES), "--batch", ",".join(map(str, BATCHES)),
+                              "--amp", "none", "--accum", "", "--limit-mib", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    final = [line for line in lines if line.strip()][-1]
+    pairs = dict(item.split("=", 1) for item in final.split())
+    values = {name: float(value) for name, value in pairs.items()}
+    assert all(math.isfinite(v) and v > 0 for v in values.values()), pairs
+
+    rows = _table_rows(lines)
+    assert sorted(rows) == sorted(str(b) for b in BATCHES)
+    assert sorted(values) == sorted(f"peak_mib_b{b}_fp32" for b in BATCHES)
+    model = timm.create_model(MODEL, num_classes=NUM_CLASSES)
+    params_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    for b in BATCHES:
+        eff, params, grads, optim, act, peak = rows[str(b)][:6]
+        assert values[f"peak_mib_b{b}_fp32"] == pytest.approx(peak, abs=0.05)
+        assert eff == b
+        assert params == pytest.approx(params_mib, abs=0.05)  # the table is of this model
+        assert params + grads + optim + act == pytest.approx(peak, abs=0.25)  # 4 roundings
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--amp", "none,fp8"], "fp8"),
+    (["--accum", "8y8"], "8y8"),
+    (["--batch", "1,4"], ">= 2"),
+    (["--model", "no_such_model"], "no_such_model"),
+])
+def test_memory_refuses_bad_flags(argv, message):
+    with pytest.raises(SystemExit) as exc:
+        _load("memory").main(argv)
+    assert message in str(exc.value.code)
+
+
+def test_demo_refuses_an_out_with_files(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    demo_bench = _load("demo")
+    with pytest.raises(SystemExit) as exc:
+        demo_bench.main(["--out", str(out), "--epochs", "1", "--folds", "2"])
+    assert str(out) in str(exc.value.code) and "--overwrite" in str(exc.value.code)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # refused before any work
+    with pytest.raises(SystemExit, match="--folds"):
+        demo_bench.main(["--out", str(tmp_path / "new"), "--folds", "1"])
+    assert not (tmp_path / "new").exists()
