@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -49,6 +49,9 @@ from mixcls.runs import (RunError, atomic_save_figure, atomic_write_csv, atomic_
                          atomic_write_text, check_writable, load_checkpoint)
 from mixcls.train import amp_setup, derive_seed, fit_fold, resolve_device
 from mixcls.transforms import build_valid_transform
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CURVE_COLUMNS = ["strategy", "seed", "round", "labels", "accuracy", "members", "train_seconds",
                  "score_seconds"]

@@ -81,7 +81,7 @@ def read_run(run_dir: str | Path) -> RunFiles:
     run = runs.RunFolder.open(run_dir, require=("metrics.json", "oof.csv"))
     classes = run.classes
     _check_metrics(run.metrics, len(classes), run.path / "metrics.json")
-    oof = _read_oof(run.oof_path, len(classes))
+    oof = run.read_oof()
     return RunFiles(run_dir=run.path, config=run.flat_config, classes=classes, metrics=run.metrics,
                     oof=oof, histories=_read_histories(run), images_dir=run.images_dir,
                     suspects=_read_suspects(run.path / SUSPECTS_CSV),
@@ -100,19 +100,6 @@ def _check_metrics(metrics: Any, num_classes: int, path: Path) -> None:
     if shape != (num_classes, num_classes):
         raise DataError(f"{path}: confusion has shape {shape}, expected ({num_classes}, {num_classes}) "
                         "for the classes of classes.json")
-
-
-def _read_oof(path: Path, num_classes: int) -> pd.DataFrame:
-    from mixcls.noise import check_oof  # the one check of an OOF table; cleanlab is not imported
-
-    try:
-        oof = pd.read_csv(path, dtype={"image_id": str})
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not a readable CSV: {exc}") from None
-    check_oof(oof, num_classes=num_classes, source=str(path))
-    if "pred" not in oof.columns:
-        oof = oof.assign(pred=oof[[f"prob_{k}" for k in range(num_classes)]].to_numpy().argmax(1))
-    return oof
 
 
 def _read_histories(run: runs.RunFolder) -> dict[int, pd.DataFrame]:

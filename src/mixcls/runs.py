@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from mixcls.config import Config
 
 
@@ -281,6 +283,26 @@ class RunFolder:
         found = {int(p.name.removeprefix("fold_")): p for p in self.path.glob("fold_*")
                  if p.is_dir() and p.name.removeprefix("fold_").isdigit()}
         return dict(sorted(found.items()))
+
+    def read_oof(self) -> "pd.DataFrame":
+        """oof.csv checked against classes.json (noise.check_oof), with a `pred` column
+        (argmax of the probabilities) added when a hand-made table lacks it."""
+        import pandas as pd
+
+        from mixcls.data import DataError
+        from mixcls.noise import check_oof  # the one check of an OOF table; cleanlab is not imported
+
+        path, num_classes = self.oof_path, len(self.classes)
+        if not path.is_file():
+            raise RunError(f"{path} does not exist (train the run first: mixcls train --out {self.path})")
+        try:
+            oof = pd.read_csv(path, dtype={"image_id": str})
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path} is not a readable CSV: {exc}") from None
+        check_oof(oof, num_classes=num_classes, source=f"{path} (classes from classes.json: {num_classes})")
+        if "pred" not in oof.columns:
+            oof = oof.assign(pred=oof[[f"prob_{k}" for k in range(num_classes)]].to_numpy().argmax(1))
+        return oof
 
     def layout(self) -> tuple[Path | None, Path]:
         """(training table, or None for a class-per-folder tree; images folder) from config.yaml.

@@ -15,7 +15,7 @@ import pandas as pd
 
 from mixcls import runs
 from mixcls.data import CLASS_FILES, DataError, class_names_in_order, read_class_names, read_image
-from mixcls.noise import (DEFAULT_METHOD, FILTER_METHODS, POLICIES, SCORE_METHODS, check_oof, clean_table,
+from mixcls.noise import (DEFAULT_METHOD, FILTER_METHODS, POLICIES, SCORE_METHODS, clean_table,
                           estimate_noise_matrix, find_suspects, select_actions,
                           summarize_class_pairs)
 
@@ -38,16 +38,7 @@ class SuspectResult:
 def read_run_oof(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
     """RUN/oof.csv checked against RUN/classes.json: (oof table, class names)."""
     run = runs.RunFolder.open(run_dir)
-    classes = run.classes
-    path = run.oof_path
-    if not path.is_file():
-        raise runs.RunError(f"{path} does not exist (train the run first: mixcls train --out {run.path})")
-    try:
-        oof = pd.read_csv(path, dtype={"image_id": str})
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not a readable CSV: {exc}") from None
-    check_oof(oof, num_classes=len(classes), source=f"{path} (classes from classes.json: {len(classes)})")
-    return oof, classes
+    return run.read_oof(), run.classes
 
 
 def read_run_folds(run_dir: str | Path, oof: pd.DataFrame) -> np.ndarray:
