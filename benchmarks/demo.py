@@ -13,7 +13,6 @@ config.yaml give the figures; the load average at start and end says how busy th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -22,9 +21,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from mixcls.commands.demo import DEMO_SETTINGS, default_cache
+from mixcls.runs import RunError, RunFolder
 
 _THREADS_MARK = "MIXCLS_BENCH_TORCH_THREADS "
 # The child: set torch's threads before mixcls imports anything, say how many, then run the CLI.
@@ -100,18 +99,18 @@ def run_child(argv: list[str], threads: int | None) -> tuple[int, float]:
 
 def read_run(run_dir: Path) -> dict:
     """The figures of a finished demo run: metrics.json, the TTA views, images per fold."""
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise SystemExit(f"{path}: missing; the demo did not finish")
-    metrics = json.loads(path.read_text())
+    try:
+        run = RunFolder.open(run_dir, require=("metrics.json", "oof.csv"))
+        metrics, tta_views = run.metrics, list(run.config.predict.tta_views or [])
+    except (RunError, ValueError) as exc:  # ValueError: DataError, ConfigError
+        raise SystemExit(f"the demo did not finish: {exc}") from None
     need = ["cv_accuracy", "fold_accuracy", "rows", "folds_trained", "seconds",
             "holdout_accuracy", "holdout_rows", "holdout_tta"]
     missing = [key for key in need if key not in metrics]
     if missing:
-        raise SystemExit(f"{path}: no {', '.join(missing)}")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    oof = pd.read_csv(run_dir / "oof.csv", usecols=["fold"])
-    return dict(metrics, tta_views=config.get("tta_views") or [],
+        raise SystemExit(f"{run.path / 'metrics.json'}: no {', '.join(missing)}")
+    oof = pd.read_csv(run.oof_path, usecols=["fold"])
+    return dict(metrics, tta_views=tta_views,
                 fold_rows={str(k): int(n) for k, n in oof["fold"].value_counts().items()})
 
 

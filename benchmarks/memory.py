@@ -18,8 +18,10 @@ import sys
 import time
 from typing import Sequence
 
-from mixcls.memory import (AMP_DTYPES, MeasureError, MemoryResult, find_max_batch,
-                           format_memory_table, measure_memory, plan_batch)
+from mixcls.commands.explain import parse_memory_settings, resolve_device
+from mixcls.config import AMP_MODES
+from mixcls.memory import (MeasureError, MemoryResult, find_max_batch, format_memory_table,
+                           measure_memory, plan_batch)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,56 +30,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--num-classes", type=int, default=5)
     p.add_argument("--batch", default="8,16,32,64", help="comma-separated batch sizes")
-    p.add_argument("--amp", default="none,bf16", help=f"comma-separated of {', '.join(AMP_DTYPES)}")
+    p.add_argument("--amp", default="none,bf16", help=f"comma-separated of {', '.join(AMP_MODES)}")
     p.add_argument("--accum", default="8x8",
                    help="comma-separated MICROxSTEPS (micro-batch x accumulation steps); '' for none")
     p.add_argument("--limit-mib", type=float, default=256.0,
                    help="memory limit of find_max_batch, MiB of one step's peak; 0 skips the search")
     p.add_argument("--effective-batch", type=int, default=64,
                    help="batch that plan_batch splits into micro-batch x accumulation steps")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def parse_settings(args: argparse.Namespace) -> tuple[list[int], list[str], list[tuple[int, int]]]:
-    """(batch sizes, AMP modes, (micro_batch, accum_steps) pairs) from the flags; SystemExit naming
-    the bad flag and value, before any measuring."""
+    """(batch sizes, AMP modes, (micro_batch, accum_steps) pairs): `mixcls explain memory`'s own
+    checks of the flags, then this script's; SystemExit naming the bad flag, before any measuring."""
     try:
-        batches = [int(b) for b in args.batch.split(",") if b.strip()]
-    except ValueError:
-        raise SystemExit(f"--batch: {args.batch!r} is not a comma-separated list of integers") from None
-    amps = [a.strip() for a in args.amp.split(",") if a.strip()]
-    bad = [a for a in amps if a not in AMP_DTYPES]
-    if bad or not amps:
-        raise SystemExit(f"--amp: {bad[0] if bad else args.amp!r} is not one of {', '.join(AMP_DTYPES)}")
-    accum = []
-    for item in (i.strip().lower() for i in args.accum.split(",") if i.strip()):
-        micro, sep, steps = item.partition("x")
-        if not (sep and micro.isdigit() and steps.isdigit() and int(steps) >= 1):
-            raise SystemExit(f"--accum: {item!r} is not MICROxSTEPS like 8x8")
-        accum.append((int(micro), int(steps)))
-    small = [b for b in batches + [m for m, _ in accum] if b < 2]
-    if (not batches and not accum) or small:
-        raise SystemExit(f"--batch/--accum: give batch sizes >= 2 (BatchNorm), got "
-                         f"{small[0] if small else 'none'}")
+        settings = parse_memory_settings(args)
+        args.device = resolve_device(args.device)
+    except ValueError as exc:  # ConfigError, ModelError
+        raise SystemExit(str(exc)) from None
     if args.limit_mib < 0 or args.effective_batch < 1:
         raise SystemExit(f"--limit-mib ({args.limit_mib:g}) must be >= 0 and --effective-batch "
                          f"({args.effective_batch}) >= 1")
-    return batches, amps, accum
-
-
-def check_model(name: str, device: str) -> None:
-    """Refuse a model or device the measuring child cannot use, before any measuring."""
-    import timm
-    import torch
-
-    import mixcls.models  # noqa: F401  registers mixcls_cnn_* with timm, as the measuring child does
-
-    if not timm.is_model(name):
-        raise SystemExit(f"--model: {name!r} is not a timm model")
-    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
-        raise SystemExit(f"--device: {device!r} is not cpu, or CUDA is not available")
+    return settings
 
 
 def amp_name(amp: str) -> str:
@@ -130,7 +106,6 @@ def print_search(found: dict[str, int | None], *, limit_mib: float, effective_ba
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     batches, amps, accum = parse_settings(args)
-    check_model(args.model, args.device)
     start = time.perf_counter()
     try:
         results = measure_memory(args.model, args.img_size, num_classes=args.num_classes,

@@ -80,6 +80,19 @@ def _register_small_cnns() -> None:
 _register_small_cnns()
 
 
+def _unknown_model(name: str) -> ModelError:
+    close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
+    return ModelError(f"model: {name!r} is not a timm model"
+                      + (f"; close names: {', '.join(close)}" if close else ""))
+
+
+def check_model_name(name: str) -> None:
+    """ModelError naming `name` (and close names) when timm, with mixcls's own CNNs registered
+    by importing this module, has no such model; for checks made before any work."""
+    if not timm.is_model(name):
+        raise _unknown_model(name)
+
+
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """timm.create_model(cfg.name, num_classes=…), with hub or local-file pretrained weights."""
     try:
@@ -88,9 +101,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     except RuntimeError as exc:
         if "Unknown model" not in str(exc):
             raise
-        close = timm.list_models(f"*{cfg.name.split('.')[0][:12]}*")[:5]
-        raise ModelError(f"model: {cfg.name!r} is not a timm model"
-                         + (f"; close names: {', '.join(close)}" if close else "")) from None
+        raise _unknown_model(cfg.name) from None
     except Exception as exc:  # the hub raises network errors of many types
         if cfg.pretrained:
             raise ModelError(f"pretrained weights of {cfg.name!r} could not be fetched from the hub "

@@ -15,7 +15,7 @@ from mixcls.config import Config, config_from_flat
 from mixcls.data import DataError, ImageDataset, list_image_files, read_image
 from mixcls.engine import evaluate
 from mixcls.models import build_model, model_mean_std
-from mixcls.runs import RunError, RunFolder, atomic_write_csv, load_checkpoint, read_json
+from mixcls.runs import RunError, RunFolder, atomic_write_csv, load_checkpoint
 from mixcls.train import resolve_device
 from mixcls.transforms import build_valid_transform
 
@@ -29,11 +29,11 @@ class FoldModel:
 
 def load_fold_models(run_dir: str | Path, device: torch.device) -> list[FoldModel]:
     """The best checkpoint of every trained fold, in fold order, in eval mode on `device`."""
-    run_dir = Path(run_dir)
-    paths = sorted(run_dir.glob("fold_*/best.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
+    run = RunFolder(Path(run_dir))  # not .open(): the checkpoints carry their configs, no config.yaml needed
+    paths = [d / "best.pt" for d in run.fold_dirs.values() if (d / "best.pt").is_file()]
     if not paths:
-        raise RunError(f"{run_dir}: no fold_*/best.pt checkpoints; is this a finished mixcls run?")
-    classes = read_json(run_dir / "classes.json")
+        raise RunError(f"{run.path}: no fold_*/best.pt checkpoints; is this a finished mixcls run?")
+    classes = run.classes
     models = []
     for path in paths:
         ckpt = load_checkpoint(path)
@@ -130,9 +130,8 @@ def resolve_images(images: str | Path, ids_csv: str | Path | None, id_col: str =
 def write_submission(path: str | Path, image_ids: Sequence[str], probs: np.ndarray, *,
                      run_dir: str | Path, with_probs: bool = False, label_names: bool = False) -> Path:
     """image_id,label (the run's label format: integer or class name), optionally prob_k."""
-    run_dir = Path(run_dir)
-    classes = read_json(run_dir / "classes.json")
-    integer = RunFolder.open(run_dir).integer_labels
+    run = RunFolder.open(run_dir)
+    classes, integer = run.classes, run.integer_labels
     pred = probs.argmax(1)
     labels = [classes[k] for k in pred] if (label_names or not integer) else pred
     frame = pd.DataFrame({"image_id": list(image_ids), "label": labels})

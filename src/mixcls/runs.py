@@ -249,12 +249,7 @@ class RunFolder:
     def dataset(self) -> dict[str, Any]:
         """dataset.json (images, csv, rows, integer_labels); {} for a hand-made run without it."""
         path = self.path / "dataset.json"
-        if not path.is_file():
-            return {}
-        values = _read_json_checked(path)
-        if not isinstance(values, dict):
-            raise _data_error(f"{path}: expected a JSON object")
-        return values
+        return _read_json_object(path) if path.is_file() else {}
 
     @property
     def integer_labels(self) -> bool:
@@ -267,11 +262,7 @@ class RunFolder:
     @cached_property
     def metrics(self) -> dict[str, Any]:
         """metrics.json as written at the end of training; RunError when it is missing."""
-        path = self.path / "metrics.json"
-        values = _read_json_checked(path)
-        if not isinstance(values, dict):
-            raise _data_error(f"{path}: expected a JSON object")
-        return values
+        return _read_json_object(self.path / "metrics.json")
 
     @property
     def oof_path(self) -> Path:
@@ -290,7 +281,7 @@ class RunFolder:
         import pandas as pd
 
         from mixcls.data import DataError
-        from mixcls.noise import check_oof  # the one check of an OOF table; cleanlab is not imported
+        from mixcls.noise import check_oof, prob_columns  # cleanlab is not imported
 
         path, num_classes = self.oof_path, len(self.classes)
         if not path.is_file():
@@ -301,7 +292,7 @@ class RunFolder:
             raise DataError(f"{path} is not a readable CSV: {exc}") from None
         check_oof(oof, num_classes=num_classes, source=f"{path} (classes from classes.json: {num_classes})")
         if "pred" not in oof.columns:
-            oof = oof.assign(pred=oof[[f"prob_{k}" for k in range(num_classes)]].to_numpy().argmax(1))
+            oof = oof.assign(pred=oof[prob_columns(num_classes)].to_numpy().argmax(1))
         return oof
 
     def layout(self) -> tuple[Path | None, Path]:
@@ -340,6 +331,14 @@ class RunFolder:
             return self.find_images_dir()
         except DataError:
             return None
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; DataError names the file otherwise."""
+    values = _read_json_checked(path)
+    if not isinstance(values, dict):
+        raise _data_error(f"{path}: expected a JSON object")
+    return values
 
 
 def _read_json_checked(path: Path) -> Any:

@@ -23,18 +23,17 @@ from mixcls.active import (REVIEW_WEIGHT, STRATEGIES, MergePlan, format_listing,
                            rank_for_review, select)
 from mixcls.config import ConfigError, load_config
 from mixcls.data import DataError, list_image_files, read_class_names
-from mixcls.runs import RunError, RunFolder, atomic_path, atomic_write_csv, read_json
+from mixcls.runs import RunError, RunFolder, atomic_path, atomic_write_csv
 
 
 # --- select ------------------------------------------------------------------------------------
 
-def read_run_labelled(run_dir: str | Path) -> pd.DataFrame:
+def read_run_labelled(run: RunFolder) -> pd.DataFrame:
     """image_id and resolved path of every image the run already has a label for.
 
     The training table comes from RUN/config.yaml (data, csv, images, id_col); ids in
     RUN/oof.csv are added too, so a moved table still excludes what the run trained on.
     """
-    run = RunFolder.open(run_dir)
     csv_path, images_dir = run.layout()
     id_col = run.config.data.id_col
     if csv_path is None:
@@ -118,10 +117,6 @@ def _predict_module() -> Any:
     return importlib.import_module("mixcls.predict")
 
 
-def _count_folds(run_dir: Path) -> int:
-    return len(list(run_dir.glob("fold_*/best.pt")))
-
-
 def select_from_pool(run_dir: str | Path, pool: str | Path, *, strategy: str, budget: int,
                      seed: int = 42, tta: int | None = None, pool_images: str | Path | None = None,
                      device: str = "auto", batch_size: int = 64,
@@ -133,20 +128,20 @@ def select_from_pool(run_dir: str | Path, pool: str | Path, *, strategy: str, bu
     Returns (the selection table, best first: image_id, label (empty, for the person), rank,
     score, pred_class, prob_0 … prob_{K-1}, path; counts from `find_candidates` plus selected).
     """
-    run_dir = Path(run_dir)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(sorted(STRATEGIES))}")
-    if strategy == "bald" and _count_folds(run_dir) < 2:
-        raise RunError(f"{run_dir}: bald needs at least 2 trained folds (fold_*/best.pt), "
-                       f"found {_count_folds(run_dir)}")
-    classes = read_json(run_dir / "classes.json")
-    labelled = read_run_labelled(run_dir)
+    run = RunFolder.open(run_dir)
+    n_folds = sum((d / "best.pt").is_file() for d in run.fold_dirs.values())
+    if strategy == "bald" and n_folds < 2:
+        raise RunError(f"{run.path}: bald needs at least 2 trained folds (fold_*/best.pt), found {n_folds}")
+    classes = run.classes
+    labelled = read_run_labelled(run)
     candidates, counts = find_candidates(read_pool(pool, pool_images=pool_images), labelled)
     if candidates.empty:
         raise DataError(f"pool {pool}: no image left to label ({counts['labelled']} already "
                         f"labelled, {counts['duplicates']} duplicates)")
     budget = min(budget, len(candidates))
-    outputs = _model_outputs(run_dir, candidates["path"].tolist(), strategy=strategy,
+    outputs = _model_outputs(run.path, candidates["path"].tolist(), strategy=strategy,
                              labelled_paths=labelled["path"].tolist(), num_classes=len(classes),
                              tta=tta, device=device, batch_size=batch_size, workers=workers)
     indices, scores = select(strategy, budget=budget, seed=seed, **outputs)
@@ -228,12 +223,8 @@ def review_run(run_dir: str | Path, *, budget: int, weight: float = REVIEW_WEIGH
     Columns: rank, image_id, label (given class name; edit it and `mixcls merge
     --allow-relabel`), pred_class, review_score, issue_score, uncertainty, fold, prob_*.
     """
-    run_dir = Path(run_dir)
-    classes = read_json(run_dir / "classes.json")
-    oof_path = run_dir / "oof.csv"
-    if not oof_path.is_file():
-        raise RunError(f"{oof_path} does not exist (train the run first)")
-    oof = pd.read_csv(oof_path)
+    run = RunFolder.open(run_dir)
+    classes, oof = run.classes, run.read_oof()
     ranked = rank_for_review(oof, num_classes=len(classes), weight=weight).head(budget)
     names = np.asarray(classes, dtype=object)
     prob_cols = [f"prob_{k}" for k in range(len(classes))]

@@ -118,19 +118,8 @@ def run_memory(args: argparse.Namespace) -> int:
     from mixcls.memory import format_memory_table, measure_memory
 
     out = _check_out(args.out)
-    batches = _parse_numbers(args.batch, "--batch", int)
-    amps = [a.strip() for a in args.amp.split(",") if a.strip()]
-    accum = [_parse_accum(item) for item in args.accum.split(",") if item.strip()]
-    if any(b < 2 for b in batches + [m for m, _ in accum]):
-        raise ConfigError(f"--batch/--accum: batch sizes must be >= 2 (BatchNorm), got {args.batch!r}")
-    bad = [a for a in amps if a not in AMP_MODES]
-    if bad or not amps:
-        raise ConfigError(f"--amp: {bad[0] if bad else args.amp!r} is not one of {', '.join(AMP_MODES)}")
-    if args.img_size < 8 or args.num_classes < 2:
-        raise ConfigError(f"--img-size ({args.img_size}) must be >= 8 and --num-classes "
-                          f"({args.num_classes}) >= 2")
-    _check_model(args.model)
-    device = _resolve_device(args.device)
+    batches, amps, accum = parse_memory_settings(args)
+    device = resolve_device(args.device)
     results = measure_memory(args.model, args.img_size, num_classes=args.num_classes,
                              batch_sizes=batches, amp_modes=amps, accum=accum, device=device,
                              seed=args.seed, log=lambda line: print(line, flush=True))
@@ -175,16 +164,28 @@ def _parse_accum(item: str) -> tuple[int, int]:
     return pair
 
 
-def _check_model(name: str) -> None:
-    import timm
+def parse_memory_settings(args: argparse.Namespace) -> tuple[list[int], list[str], list[tuple[int, int]]]:
+    """(batch sizes, AMP modes, (micro_batch, accum_steps) pairs) of the memory flags (--batch,
+    --amp, --accum, --img-size, --num-classes, --model), checked before any measuring; also the
+    checks of benchmarks/memory.py."""
+    from mixcls.models import check_model_name  # registers mixcls's own CNNs with timm
 
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name}*")[:5]
-        hint = f"; close names: {', '.join(close)}" if close else ""
-        raise ConfigError(f"--model: {name!r} is not a timm model{hint}")
+    batches = _parse_numbers(args.batch, "--batch", int)
+    amps = [a.strip() for a in args.amp.split(",") if a.strip()]
+    accum = [_parse_accum(item) for item in args.accum.split(",") if item.strip()]
+    if any(b < 2 for b in batches + [m for m, _ in accum]):
+        raise ConfigError(f"--batch/--accum: batch sizes must be >= 2 (BatchNorm), got {args.batch!r}")
+    bad = [a for a in amps if a not in AMP_MODES]
+    if bad or not amps:
+        raise ConfigError(f"--amp: {bad[0] if bad else args.amp!r} is not one of {', '.join(AMP_MODES)}")
+    if args.img_size < 8 or args.num_classes < 2:
+        raise ConfigError(f"--img-size ({args.img_size}) must be >= 8 and --num-classes "
+                          f"({args.num_classes}) >= 2")
+    check_model_name(args.model)
+    return batches, amps, accum
 
 
-def _resolve_device(text: str) -> str:
+def resolve_device(text: str) -> str:
     import torch
 
     if text == "auto":

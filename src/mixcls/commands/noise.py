@@ -35,12 +35,6 @@ class SuspectResult:
     n_suspects: int  # before --max-rows
 
 
-def read_run_oof(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """RUN/oof.csv checked against RUN/classes.json: (oof table, class names)."""
-    run = runs.RunFolder.open(run_dir)
-    return run.read_oof(), run.classes
-
-
 def read_run_folds(run_dir: str | Path, oof: pd.DataFrame) -> np.ndarray:
     """(N,) the fold of each OOF row from RUN/folds.csv, which must agree with oof.csv."""
     path = Path(run_dir) / "folds.csv"
@@ -69,14 +63,14 @@ def read_run_folds(run_dir: str | Path, oof: pd.DataFrame) -> np.ndarray:
     return matched.to_numpy(dtype=np.int64)
 
 
-def resolve_run_images(run_dir: str | Path, image_ids: list[str]) -> list[Path]:
+def resolve_run_images(run: runs.RunFolder, image_ids: list[str]) -> list[Path]:
     """Image files of `image_ids` in the run's training images folder (RunFolder.find_images_dir)."""
-    images_dir = runs.RunFolder.open(run_dir).find_images_dir()
+    images_dir = run.find_images_dir()
     paths = [images_dir / image_id for image_id in image_ids]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"gallery: {len(missing)} image(s) not found, e.g. {missing[0]} "
-                        f"(images folder of the run {run_dir}: {images_dir})")
+                        f"(images folder of the run {run.path}: {images_dir})")
     return paths
 
 
@@ -120,7 +114,8 @@ def write_suspects(run_dir: str | Path, out: str | Path, *, gallery: str | Path 
     """
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows {max_rows} must be >= 1")
-    oof, classes = read_run_oof(run_dir)
+    run = runs.RunFolder.open(run_dir)
+    oof, classes = run.read_oof(), run.classes
     k = len(classes)
     suspects = find_suspects(oof, num_classes=k, method=method, score=score)
     pairs = _named(summarize_class_pairs(oof, suspects, num_classes=k), classes)
@@ -130,7 +125,7 @@ def write_suspects(run_dir: str | Path, out: str | Path, *, gallery: str | Path 
     figure = None
     if gallery is not None:
         shown = table.head(GALLERY_SIZE)
-        paths = resolve_run_images(run_dir, shown["image_id"].tolist())
+        paths = resolve_run_images(run, shown["image_id"].tolist())
         try:
             images = [read_image(p) for p in paths]
         except OSError as exc:
@@ -173,14 +168,15 @@ def write_clean_table(run_dir: str | Path, out: str | Path, *, policy: str,
     Returns (the table as written, number of rows acted on). Columns: image_id, label,
     label_given, fold (from RUN/folds.csv), keep, and prob_0 … prob_{K-1} for policy soft.
     """
-    oof, classes = read_run_oof(run_dir)
-    folds = read_run_folds(run_dir, oof)
+    run = runs.RunFolder.open(run_dir)
+    oof, classes = run.read_oof(), run.classes
+    folds = read_run_folds(run.path, oof)
     suspects = find_suspects(oof, num_classes=len(classes), method=method, score=score)
     table = clean_table(oof, suspects, num_classes=len(classes), policy=policy, threshold=threshold,
                         max_fraction=max_fraction, soft_weight=soft_weight)
     n_acted = len(select_actions(suspects, n_rows=len(oof), threshold=threshold,
                                  max_fraction=max_fraction))
-    integer = runs.RunFolder.open(run_dir).integer_labels
+    integer = run.integer_labels
     # Labels keep the run's own format (integers stay integers, so a retrained run still writes
     # the competition's submission format), and the run's class list goes beside the table, so
     # the trainer reads the classes back in the run's order wherever the table is written.
