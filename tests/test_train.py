@@ -169,3 +169,12 @@ def test_a_failing_report_does_not_fail_a_finished_run(tmp_path, monkeypatch, ca
     out = train(data, tmp_path / "run", "--folds", "2", "--train-folds", "0", "--epochs", "1")
     assert (out / "metrics.json").is_file() and not (out / "report.html").exists()
     assert "report not written (OSError: disk hiccup)" in capsys.readouterr().out
+
+
+def test_resolve_device_names_a_bad_device_in_a_config_error():
+    from mixcls.config import ConfigError
+    from mixcls.train import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match="'gpu0' is not a device name"):
+        resolve_device("gpu0")

@@ -94,9 +94,14 @@ def restore_rng_states(states: dict[str, Any], device: torch.device) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; ConfigError for a name torch does not know or
+    for CUDA asked for on a machine without it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} asked for, but CUDA is not available here; use cpu")
     return device

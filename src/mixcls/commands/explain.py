@@ -186,15 +186,14 @@ def parse_memory_settings(args: argparse.Namespace) -> tuple[list[int], list[str
 
 
 def resolve_device(text: str) -> str:
-    import torch
+    """The trainer's device rule (auto, CUDA availability), limited to what memory measuring
+    supports: cpu or cuda[:N]."""
+    from mixcls.train import resolve_device as resolve_train_device
 
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    if text != "cpu" and not text.startswith("cuda"):
+    device = resolve_train_device(text)
+    if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device: {text!r} is not auto, cpu, cuda or cuda:N")
-    if text.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device: {text} asked for, but CUDA is not available")
-    return text
+    return str(device)
 
 
 def _read_grey(path: Path, max_side: int) -> np.ndarray:
