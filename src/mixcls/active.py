@@ -17,7 +17,7 @@ import pandas as pd
 from scipy.spatial.distance import cdist
 from scipy.special import entr
 
-from mixcls.data import DataError
+from mixcls.data import DataError, prob_columns
 
 MAX_LISTED = 20
 # Softmax outputs averaged over folds and TTA views sum to 1 within float32 rounding;
@@ -287,7 +287,7 @@ def rank_for_review(oof: pd.DataFrame, *, num_classes: int,
     """
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight: {weight} must be in [0, 1]")
-    prob_cols = [f"prob_{k}" for k in range(num_classes)]
+    prob_cols = prob_columns(num_classes)
     missing = [c for c in ["image_id", "label", *prob_cols] if c not in oof.columns]
     if missing:
         raise DataError(f"oof table: missing column(s) {', '.join(missing)}")

@@ -22,6 +22,11 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 CLASS_FILES = ("label_num_to_disease_map.json", "classes.json")
+
+
+def prob_columns(num_classes: int) -> list[str]:
+    """prob_0 … prob_{K-1}: the probability columns of oof.csv, soft-label tables, submissions."""
+    return [f"prob_{k}" for k in range(num_classes)]
 MAX_LISTED = 20
 # Fold and keep values above this are typos or overflow (they would not fit an int32 index).
 MAX_INDEX = 2**31
@@ -307,7 +312,7 @@ def _read_optional_columns(raw: pd.DataFrame, frame: pd.DataFrame, classes: list
     prob_cols = [c for c in raw.columns if c.startswith("prob_")]
     soft = None
     if prob_cols:
-        expected = [f"prob_{k}" for k in range(len(classes))]
+        expected = prob_columns(len(classes))
         if sorted(prob_cols, key=lambda c: int(c[5:]) if c[5:].isdigit() else -1) != expected:
             raise DataError(f"{source}: soft-target columns must be exactly {expected[0]} … "
                             f"{expected[-1]} for {len(classes)} classes, found {prob_cols}")

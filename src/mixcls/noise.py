@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from mixcls.data import DataError
+from mixcls.data import DataError, prob_columns
 
 # cleanlab's filter_by: how rows are judged label issues.
 FILTER_METHODS = ("low_self_confidence", "low_normalized_margin", "prune_by_noise_rate",
@@ -32,10 +32,6 @@ POLICIES = ("drop", "relabel", "soft")
 # OOF rows are softmax outputs written as text; allow for the rounding of a CSV round trip.
 PROB_SUM_TOLERANCE = 1e-3
 MAX_LISTED = 10
-
-
-def prob_columns(num_classes: int) -> list[str]:
-    return [f"prob_{k}" for k in range(num_classes)]
 
 
 def _rows(index: np.ndarray) -> str:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mixcls.config import Config, config_from_flat
-from mixcls.data import DataError, ImageDataset, list_image_files, read_image
+from mixcls.data import DataError, ImageDataset, list_image_files, prob_columns, read_image
 from mixcls.engine import evaluate
 from mixcls.models import build_model, model_mean_std
 from mixcls.runs import RunError, RunFolder, atomic_write_csv, load_checkpoint
@@ -136,6 +136,5 @@ def write_submission(path: str | Path, image_ids: Sequence[str], probs: np.ndarr
     labels = [classes[k] for k in pred] if (label_names or not integer) else pred
     frame = pd.DataFrame({"image_id": list(image_ids), "label": labels})
     if with_probs:
-        for k in range(probs.shape[1]):
-            frame[f"prob_{k}"] = probs[:, k]
+        frame[prob_columns(probs.shape[1])] = probs
     return atomic_write_csv(path, frame)

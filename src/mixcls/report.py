@@ -27,7 +27,7 @@ import pandas as pd
 from PIL import Image
 
 from mixcls import __version__, runs
-from mixcls.data import DataError, read_image
+from mixcls.data import DataError, prob_columns, read_image
 
 REPORT_NAME = "report.html"
 SUSPECTS_CSV = "suspects.csv"
@@ -468,7 +468,7 @@ def find_confident_mistakes(oof: pd.DataFrame, num_classes: int, *, limit: int =
 
     Returns image_id, fold, label, pred, prob (of pred) for at most `limit` rows.
     """
-    probs = oof[[f"prob_{k}" for k in range(num_classes)]].to_numpy(dtype=np.float64)
+    probs = oof[prob_columns(num_classes)].to_numpy(dtype=np.float64)
     pred = oof["pred"].to_numpy(dtype=np.int64)
     wrong = np.flatnonzero(pred != oof["label"].to_numpy(dtype=np.int64))
     prob = probs[wrong, pred[wrong]]

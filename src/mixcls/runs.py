@@ -280,8 +280,8 @@ class RunFolder:
         (argmax of the probabilities) added when a hand-made table lacks it."""
         import pandas as pd
 
-        from mixcls.data import DataError
-        from mixcls.noise import check_oof, prob_columns  # cleanlab is not imported
+        from mixcls.data import DataError, prob_columns
+        from mixcls.noise import check_oof  # the one check of an OOF table; cleanlab is not imported
 
         path, num_classes = self.oof_path, len(self.classes)
         if not path.is_file():

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Sampler
 from mixcls import distributed as dist
 from mixcls.config import Config, ConfigError, config_to_flat, dump_config
 from mixcls.data import (DataError, ImageDataset, TrainTable, check_class_counts,
-                         load_image_cache, load_train_table)
+                         load_image_cache, load_train_table, prob_columns)
 from mixcls.engine import EpochStats, NonFiniteLossError, evaluate, train_one_epoch
 from mixcls.folds import make_folds
 from mixcls.losses import build_loss
@@ -613,8 +613,7 @@ def _oof_frame(table: TrainTable, folds: np.ndarray, rows: np.ndarray, probs: np
     frame = pd.DataFrame({"image_id": table.frame["image_id"].to_numpy()[rows],
                           "label": valid_labels_of(table)[rows], "fold": folds[rows],
                           "pred": probs.argmax(1)})
-    for k in range(probs.shape[1]):
-        frame[f"prob_{k}"] = probs[:, k]
+    frame[prob_columns(probs.shape[1])] = probs
     frame.index = rows
     return frame
 

@@ -22,7 +22,7 @@ import pandas as pd
 from mixcls.active import (REVIEW_WEIGHT, STRATEGIES, MergePlan, format_listing, plan_merge,
                            rank_for_review, select)
 from mixcls.config import ConfigError, load_config
-from mixcls.data import DataError, list_image_files, read_class_names
+from mixcls.data import DataError, list_image_files, prob_columns, read_class_names
 from mixcls.runs import RunError, RunFolder, atomic_path, atomic_write_csv
 
 
@@ -150,7 +150,7 @@ def select_from_pool(run_dir: str | Path, pool: str | Path, *, strategy: str, bu
     table = pd.DataFrame({
         "image_id": chosen["image_id"], "label": "", "rank": np.arange(1, len(indices) + 1),
         "score": scores[indices], "pred_class": [classes[k] for k in probs[indices].argmax(axis=1)],
-        **{f"prob_{k}": probs[indices, k] for k in range(len(classes))}, "path": chosen["path"]})
+        **dict(zip(prob_columns(len(classes)), probs[indices].T)), "path": chosen["path"]})
     return table, {**counts, "selected": len(table)}
 
 
@@ -227,7 +227,7 @@ def review_run(run_dir: str | Path, *, budget: int, weight: float = REVIEW_WEIGH
     classes, oof = run.classes, run.read_oof()
     ranked = rank_for_review(oof, num_classes=len(classes), weight=weight).head(budget)
     names = np.asarray(classes, dtype=object)
-    prob_cols = [f"prob_{k}" for k in range(len(classes))]
+    prob_cols = prob_columns(len(classes))
     out = pd.DataFrame({
         "rank": ranked["rank"], "image_id": ranked["image_id"],
         "label": names[ranked["label"].to_numpy(dtype=np.int64)],
