@@ -45,12 +45,12 @@ from torch.utils.data import DataLoader
 
 from mixcls.cli import main as mixcls_main
 from mixcls.config import load_config
-from mixcls.data import ImageDataset, load_image_cache
+from mixcls.data import ImageDataset, load_image_cache, prob_columns
 from mixcls.engine import evaluate
 from mixcls.models import model_mean_std
 from mixcls.noise import DEFAULT_METHOD
 from mixcls.predict import load_fold_models, predict_run
-from mixcls.runs import read_json
+from mixcls.runs import RunFolder, read_json
 from mixcls.train import fit_folds
 from mixcls.transforms import build_valid_transform
 
@@ -211,11 +211,10 @@ def find_flipped(bench: Bench, setting: str, run_dir: Path) -> dict:
         by_method[method] = {"flagged": len(flagged), "hits": hits,
                              "precision": hits / len(flagged) if flagged else float("nan"),
                              "recall": hits / len(flipped)}
-    oof = pd.read_csv(run_dir / "oof.csv", dtype={"image_id": str})
-    probs = oof[[f"prob_{k}" for k in range(NUM_CLASSES)]].to_numpy()
-    metrics = read_json(run_dir / "metrics.json")
+    run = RunFolder.open(run_dir)
+    probs = run.read_oof()[prob_columns(NUM_CLASSES)].to_numpy()
     return {"flipped": len(flipped), **by_method[DEFAULT_METHOD], "methods": by_method,
-            "cv_accuracy": metrics["cv_accuracy"],
+            "cv_accuracy": run.metrics["cv_accuracy"],
             "oof_true_accuracy": float((probs.argmax(1) == bench.clean_labels).mean())}
 
 
