@@ -5,7 +5,7 @@ from torch import nn
 
 from mixcls.config import ConfigError
 from mixcls.engine import NonFiniteLossError, evaluate, group_size, should_step, train_one_epoch
-from mixcls.train import amp_setup
+from mixcls.devices import amp_setup
 
 
 def _ce(logits, soft):

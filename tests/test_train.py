@@ -173,7 +173,7 @@ def test_a_failing_report_does_not_fail_a_finished_run(tmp_path, monkeypatch, ca
 
 def test_resolve_device_names_a_bad_device_in_a_config_error():
     from mixcls.config import ConfigError
-    from mixcls.train import resolve_device
+    from mixcls.devices import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ConfigError, match="'gpu0' is not a device name"):

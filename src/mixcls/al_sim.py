@@ -47,7 +47,8 @@ from mixcls.engine import autocast_context
 from mixcls.models import build_model, model_mean_std
 from mixcls.runs import (RunError, atomic_save_figure, atomic_write_csv, atomic_write_json,
                          atomic_write_text, check_writable, load_checkpoint)
-from mixcls.train import amp_setup, derive_seed, fit_fold, resolve_device
+from mixcls.devices import amp_setup, resolve_device
+from mixcls.train import derive_seed, fit_fold
 from mixcls.transforms import build_valid_transform
 
 if TYPE_CHECKING:

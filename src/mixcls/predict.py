@@ -16,7 +16,7 @@ from mixcls.data import DataError, ImageDataset, list_image_files, prob_columns,
 from mixcls.engine import evaluate
 from mixcls.models import build_model, model_mean_std
 from mixcls.runs import RunError, RunFolder, atomic_write_csv, load_checkpoint
-from mixcls.train import resolve_device
+from mixcls.devices import amp_dtype, resolve_device
 from mixcls.transforms import build_valid_transform
 
 
@@ -59,7 +59,7 @@ def predict_fold_probs(run_dir: str | Path, paths: Sequence[str], *, tta: int | 
     """Per-fold probabilities (F, N, K), each the mean over the first `tta` TTA views."""
     dev = resolve_device(device)
     folds = load_fold_models(run_dir, dev)
-    amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16 if amp == "fp16" else None
+    dtype = amp_dtype(amp, dev)  # the trainer's rule: fp16 is refused on a CPU
     out = []
     for fm in folds:
         views = fm.config.predict.tta_views[: tta or fm.config.predict.tta]
@@ -67,7 +67,7 @@ def predict_fold_probs(run_dir: str | Path, paths: Sequence[str], *, tta: int | 
             raise DataError(f"tta: {tta} views asked for, the run knows "
                             f"{len(fm.config.predict.tta_views)}: {fm.config.predict.tta_views}")
         loader = _loader(paths, fm.config, fm.model, batch_size=batch_size, workers=workers)
-        probs, _ = evaluate(fm.model, loader, device=dev, amp_dtype=amp_dtype, tta_views=views,
+        probs, _ = evaluate(fm.model, loader, device=dev, amp_dtype=dtype, tta_views=views,
                             channels_last=fm.config.model.channels_last)
         out.append(probs)
     return np.stack(out)

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from mixcls import distributed as dist
 from mixcls.config import Config, ConfigError, config_to_flat, dump_config
+from mixcls.devices import amp_setup, resolve_device
 from mixcls.data import (DataError, ImageDataset, TrainTable, check_class_counts,
                          load_image_cache, load_train_table, prob_columns)
 from mixcls.engine import EpochStats, NonFiniteLossError, evaluate, train_one_epoch
@@ -91,32 +92,6 @@ def restore_rng_states(states: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(states["torch"])
     if device.type == "cuda" and states.get("cuda") is not None:
         torch.cuda.set_rng_state(states["cuda"], device)
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; ConfigError for a name torch does not know or
-    for CUDA asked for on a machine without it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device: {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} asked for, but CUDA is not available here; use cpu")
-    return device
-
-
-def amp_setup(amp: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """Autocast dtype and GradScaler: fp16 needs a scaler (and CUDA), bf16 needs none."""
-    if amp == "none":
-        return None, None
-    if amp == "bf16":
-        return torch.bfloat16, None
-    if device.type != "cuda":
-        raise ConfigError("amp: fp16 needs CUDA (its GradScaler guards fp16 gradients); "
-                          "use --amp bf16 on the CPU")
-    return torch.float16, torch.amp.GradScaler("cuda")
 
 
 def check_distributed_options(cfg: Config, device: torch.device, world_size: int) -> None:

@@ -188,7 +188,7 @@ def parse_memory_settings(args: argparse.Namespace) -> tuple[list[int], list[str
 def resolve_device(text: str) -> str:
     """The trainer's device rule (auto, CUDA availability), limited to what memory measuring
     supports: cpu or cuda[:N]."""
-    from mixcls.train import resolve_device as resolve_train_device
+    from mixcls.devices import resolve_device as resolve_train_device
 
     device = resolve_train_device(text)
     if device.type not in ("cpu", "cuda"):
