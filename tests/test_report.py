@@ -6,8 +6,10 @@ import base64
 import binascii
 import io
 import json
+import os
 import re
 import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -414,11 +416,89 @@ def test_find_confident_mistakes_against_a_loop():
     np.testing.assert_allclose(found["prob"], [p for p, _ in slow[:7]])
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="chromium not installed (Debian/Ubuntu: apt-get install chromium)")
+# The flags of a headless Chromium that stays off the network (report.CHROMIUM_FLAGS, spelled out
+# here so that the test does not trust the code it checks); a fresh profile is added per call.
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+REPORT_SECTIONS = {"config": "Settings", "cv": "Cross-validation", "curves": "Learning curves",
+                   "classes": "Confusion matrix and per-class accuracy",
+                   "mistakes": "Most confidently wrong"}
+
+
+def require_chromium() -> str:
+    """The chromium binary; skip without one, except under CI (CI set) where a missing browser
+    fails, so that CI can never silently stop opening the report in a browser (.ci/run installs it)."""
+    binary = shutil.which("chromium")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but chromium is not installed; .ci/run installs it "
+                        "(apt-get install -y chromium)")
+        pytest.skip("chromium not installed (Debian: apt-get install chromium; CI installs it)")
+    return binary
+
+
+def dump_dom(binary: str, html_path: Path, profile: Path) -> str:
+    """The DOM as Chromium built it from `html_path` (--dump-dom)."""
+    command = [binary, *BROWSER_FLAGS, f"--user-data-dir={profile}", "--dump-dom",
+               html_path.resolve().as_uri()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and "<html" in done.stdout, done.stderr[-2000:]
+    return done.stdout
+
+
+class SectionParser(HTMLParser):
+    """Each <section id> with the text of its <h2>; the src of every <img>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: dict[str, str] = {}
+        self.img_src: list[str] = []
+        self._section: str | None = None
+        self._heading: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self._section = attrs.get("id") or ""
+        elif tag == "h2" and self._section is not None:
+            self._heading = []
+        elif tag == "img":
+            self.img_src.append(attrs.get("src") or "")
+
+    def handle_endtag(self, tag):
+        if tag == "h2" and self._heading is not None:
+            self.sections[self._section] = "".join(self._heading).strip()
+            self._heading = None
+        elif tag == "section":
+            self._section = None
+
+    def handle_data(self, data):
+        if self._heading is not None:
+            self._heading.append(data)
+
+
 def test_report_renders_in_headless_chromium(runs, tmp_path):
+    binary = require_chromium()
     full, _ = runs
-    shot = screenshot_report(full / "report.html", tmp_path / "report.png", width=1280, height=2400)
+    html_path = full / "report.html"
+    dom = SectionParser()
+    dom.feed(dump_dom(binary, html_path, tmp_path / "profile"))
+    source = SectionParser()
+    source.feed(html_path.read_text())
+    # The browser built every section of the page, with its heading.
+    assert dom.sections == source.sections
+    for anchor, heading in REPORT_SECTIONS.items():
+        assert dom.sections.get(anchor) == heading, (anchor, dom.sections)
+    # Every embedded picture survived the browser's parse and decodes to a real image.
+    assert len(dom.img_src) == len(source.img_src) >= 3
+    sizes = []
+    for uri in dom.img_src:
+        with Image.open(io.BytesIO(decode_png(uri))) as image:
+            sizes.append(image.size)
+            assert min(image.size) >= 16, image.size  # thumbnails keep the 24 px training images
+            assert np.asarray(image.convert("L")).std() > 1  # not a flat, empty picture
+    assert sum(min(size) >= 200 for size in sizes) >= 2, sizes  # the curves and the confusion matrix
+    shot = screenshot_report(html_path, tmp_path / "report.png", width=1280, height=2400)
     with Image.open(shot) as image:
         assert image.size == (1280, 2400)
         pixels = np.asarray(image.convert("L"), dtype=np.float64)
