@@ -9,7 +9,8 @@ import sys
 from mixcls import __version__
 
 # One module per command group under mixcls.commands, each with register(subparsers).
-COMMAND_MODULES = ["train", "predict", "demo", "data", "show_mix", "noise", "active", "explain", "report"]
+COMMAND_MODULES = ["train", "predict", "demo", "data", "show_mix", "noise", "active", "explain", "report",
+                   "lr_find"]
 
 
 def build_parser() -> argparse.ArgumentParser:
