@@ -1,0 +1,183 @@
+"""The runs table: one row per run folder with its CV scores, settings and folds fingerprint.
+
+A run folder is one holding config.yaml and folds.csv (what `mixcls train` writes before the
+first fold). Runs whose folds fingerprints match validated every image on the same fold, so
+their scores compare row for row. A run is finished when metrics.json is there and oof.csv
+holds rows of every fold in its `folds_trained`; an unfinished run shows its settings and how
+many folds are done, with empty scores; a run folder that cannot be read gives a row marked
+broken with the reason instead of stopping the table.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import log_loss
+
+from mixcls.config import ConfigError
+from mixcls.data import DataError, prob_columns
+from mixcls.folds import folds_fingerprint
+from mixcls.runs import RunError, RunFolder
+
+RUN_MARKERS = ("config.yaml", "folds.csv")
+COLUMNS = ["name", "cv_accuracy", "cv_macro_f1", "cv_logloss", "model", "img_size", "loss", "mix",
+           "epochs", "seconds", "folds_fingerprint", "finished", "status"]
+SCORES = ("cv_accuracy", "cv_macro_f1", "cv_logloss")
+# --sort KEY -> (column, ascending): best first for scores, fastest first for seconds.
+SORT_KEYS = {"logloss": ("cv_logloss", True), "accuracy": ("cv_accuracy", False),
+             "f1": ("cv_macro_f1", False), "name": ("name", True), "seconds": ("seconds", True)}
+# What a damaged run folder raises while it is read; anything else is a bug and propagates.
+READ_ERRORS = (RunError, DataError, ConfigError, ValueError, KeyError, OSError)
+
+
+def is_run_folder(path: Path) -> bool:
+    return all((path / name).is_file() for name in RUN_MARKERS)
+
+
+def find_runs(dirs: Iterable[str | Path]) -> list[Path]:
+    """Every run folder at or below each of `dirs`, sorted, each once; RunError for a missing dir."""
+    found: set[Path] = set()
+    for folder in map(Path, dirs):
+        if not folder.is_dir():
+            raise RunError(f"runs folder {folder} does not exist (or is not a folder)")
+        candidates = [folder, *(p.parent for p in folder.rglob("config.yaml"))]
+        found.update(p for p in candidates if is_run_folder(p))
+    return sorted(found)
+
+
+def run_row(run_dir: str | Path) -> dict[str, Any]:
+    """One row of the table (the keys of COLUMNS, name = the folder's name); None where unknown.
+
+    A folder that cannot be read gives finished=False and status "broken: <reason>".
+    """
+    run_dir = Path(run_dir)
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(name=run_dir.name, finished=False)
+    try:
+        run = RunFolder.open(run_dir, require=RUN_MARKERS)
+        row.update(_settings(run))
+        row.update(_progress(run))
+    except READ_ERRORS as exc:
+        row.update(dict.fromkeys(SCORES), finished=False, status=f"broken: {_reason(exc)}")
+    return row
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _settings(run: RunFolder) -> dict[str, Any]:
+    """What the run was trained with, from config.yaml."""
+    cfg = run.config
+    return {"model": cfg.model.name, "img_size": cfg.data.img_size, "loss": cfg.loss.name,
+            "mix": cfg.mix.method, "epochs": cfg.train.epochs}
+
+
+def _progress(run: RunFolder) -> dict[str, Any]:
+    """Scores, seconds, fingerprint and status: finished, or how far an unfinished run got."""
+    metrics = run.metrics if (run.path / "metrics.json").is_file() else None
+    fingerprint = (metrics or {}).get("folds_fingerprint") or _fingerprint_of(run.path / "folds.csv")
+    row = {"folds_fingerprint": fingerprint,
+           "seconds": _number((metrics or {}).get("seconds"))}
+    if metrics is None or not run.oof_path.is_file():
+        done, chosen = _folds_done(run)
+        return row | {"status": f"unfinished: {len(done)} of {len(chosen)} folds done"}
+    oof = run.read_oof()
+    trained = [int(f) for f in metrics.get("folds_trained", sorted(oof["fold"].unique()))]
+    missing = sorted(set(trained) - set(oof["fold"].astype(int)))
+    if missing:
+        return row | {"status": f"unfinished: oof.csv has no rows of fold(s) "
+                                f"{', '.join(map(str, missing))}"}
+    logloss = metrics.get("cv_logloss")
+    return row | {"cv_accuracy": _number(metrics["cv_accuracy"]),
+                  "cv_macro_f1": _number(metrics["cv_macro_f1"]),
+                  "cv_logloss": _number(logloss) if logloss is not None
+                  else oof_logloss(oof, len(run.classes)),
+                  "finished": True, "status": f"finished ({len(trained)} folds)"}
+
+
+def _folds_done(run: RunFolder) -> tuple[list[int], list[int]]:
+    """(folds with their fold_K/oof.csv, folds the config trains) of a run still training."""
+    train = run.config.train
+    chosen = train.train_folds if train.train_folds is not None else list(range(train.folds))
+    done = [f for f in chosen if (run.path / f"fold_{f}" / "oof.csv").is_file()]
+    return done, list(chosen)
+
+
+def _fingerprint_of(path: Path) -> str:
+    """folds_fingerprint of folds.csv's rows (for runs whose metrics.json does not record it)."""
+    try:
+        folds = pd.read_csv(path, dtype={"image_id": str})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not a readable CSV: {exc}") from None
+    if not {"image_id", "fold"} <= set(folds.columns):
+        raise DataError(f"{path}: expected columns image_id, fold; found {', '.join(map(str, folds.columns))}")
+    if folds["fold"].isna().any() or folds["image_id"].isna().any():
+        raise DataError(f"{path}: empty image_id or fold in row(s) "
+                        f"{', '.join(map(str, folds.index[folds.isna().any(axis=1)][:5] + 2))}")
+    return folds_fingerprint(folds["image_id"], folds["fold"])
+
+
+def oof_logloss(oof: pd.DataFrame, num_classes: int) -> float:
+    """sklearn's log_loss of the OOF labels under the OOF probabilities (rows renormalised:
+    the CSV's rounded probabilities miss 1 by a few ulps, which sklearn warns about)."""
+    probs = oof[prob_columns(num_classes)].to_numpy(dtype=np.float64)
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    return float(log_loss(oof["label"].to_numpy(), probs, labels=list(range(num_classes))))
+
+
+def _number(value: Any) -> float | None:
+    """A float, or None for a missing or non-finite value."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def runs_table(dirs: Iterable[str | Path], *, sort: str = "logloss") -> pd.DataFrame:
+    """The table (COLUMNS) of every run folder under `dirs`, named by its path relative to the
+    dir it was found under, sorted by `sort` (SORT_KEYS; rows without the score last)."""
+    if sort not in SORT_KEYS:
+        raise ValueError(f"unknown sort {sort!r}; use one of {', '.join(SORT_KEYS)}")
+    rows = []
+    for folder in map(Path, dirs):
+        for run_dir in find_runs([folder]):
+            relative = run_dir.relative_to(folder).as_posix()
+            rows.append(run_row(run_dir) | {"name": relative if relative != "." else run_dir.name})
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    column, ascending = SORT_KEYS[sort]
+    # Name breaks ties so that the order never depends on the file system's listing.
+    table = table.sort_values([column, "name"], ascending=[ascending, True], na_position="last",
+                              kind="mergesort")
+    return table.reset_index(drop=True)
+
+
+def format_runs_table(table: pd.DataFrame) -> str:
+    """The table as aligned text: numbers right-aligned, '-' where a value is missing."""
+    formats = {"cv_accuracy": "{:.4f}", "cv_macro_f1": "{:.4f}", "cv_logloss": "{:.4f}",
+               "seconds": "{:.0f}", "img_size": "{:.0f}", "epochs": "{:.0f}"}
+    cells = [[_cell(value, formats.get(column)) for column, value in row.items()]
+             for row in table[COLUMNS].to_dict("records")]
+    widths = [max([len(column), *(len(r[i]) for r in cells)]) for i, column in enumerate(COLUMNS)]
+    right = {i for i, column in enumerate(COLUMNS) if column in formats}
+
+    def line(values: list[str]) -> str:
+        parts = [v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))]
+        return "  ".join(parts).rstrip()
+
+    # The last column (status) is not padded, so its rule stays as long as its header.
+    rule = ["-" * w for w in widths[:-1]] + ["-" * len(COLUMNS[-1])]
+    return "\n".join([line(COLUMNS), line(rule), *map(line, cells)])
+
+
+def _cell(value: Any, fmt: str | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return fmt.format(value) if fmt else str(value)

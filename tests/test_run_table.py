@@ -1,0 +1,207 @@
+"""The runs table (`mixcls runs`): rows equal the runs' own files, sorting, CSV, bad folders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import f1_score, log_loss
+
+from conftest import write_tiny_dataset
+from mixcls.cli import main
+from mixcls.config import load_config
+from mixcls.run_table import COLUMNS, find_runs, format_runs_table, run_row, runs_table
+from mixcls.train import fit_folds
+
+TINY = {"model": "mixcls_cnn_tiny", "img_size": 16, "epochs": 1, "folds": 2, "batch_size": 8,
+        "workers": 0, "device": "cpu", "check_images": "header", "preset": "none"}
+
+
+def train_run(data: Path, out: Path, **overrides) -> Path:
+    cfg = load_config(None, {"data": str(data), **TINY, **overrides})
+    fit_folds(cfg, out, progress=False, log=lambda message: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two real runs (other seeds, so other folds; one with cutmix) in runs/ and runs/group/."""
+    root = tmp_path_factory.mktemp("run_table")
+    data = write_tiny_dataset(root / "data", n_per_class=8, num_classes=3, size=16, seed=1)
+    runs = root / "runs"
+    first = train_run(data, runs / "base", seed=1)
+    second = train_run(data, runs / "group" / "cutmix", seed=2, mix="cutmix", loss="label_smoothing",
+                       smoothing=0.1)
+    return runs, first, second
+
+
+def fingerprint_of_csv(path: Path) -> str:
+    """The fingerprint rule written out: sha256 of `image_id,fold` lines, first 12 hex chars."""
+    folds = pd.read_csv(path, dtype={"image_id": str})
+    text = "".join(f"{i},{int(f)}\n" for i, f in zip(folds["image_id"], folds["fold"]))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def numpy_logloss(oof: pd.DataFrame, num_classes: int) -> float:
+    probs = oof[[f"prob_{k}" for k in range(num_classes)]].to_numpy(dtype=np.float64)
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    picked = np.clip(probs[np.arange(len(oof)), oof["label"].to_numpy()], np.finfo(np.float64).eps, 1)
+    return float(-np.log(picked).mean())
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("*.pt", "report.html"))
+    return dest
+
+
+def test_rows_of_real_runs_equal_their_files(trained):
+    runs, first, second = trained
+    assert find_runs([runs]) == sorted([first, second])  # fold_K folders are not runs
+    table = runs_table([runs], sort="name")
+    assert list(table.columns) == COLUMNS
+    assert table["name"].tolist() == ["base", "group/cutmix"]
+    for run, (_, row) in zip([first, second], table.iterrows()):
+        metrics = json.loads((run / "metrics.json").read_text())
+        oof = pd.read_csv(run / "oof.csv")
+        assert row["finished"] and row["status"].startswith("finished")
+        assert row["cv_accuracy"] == pytest.approx(metrics["cv_accuracy"])
+        assert row["cv_accuracy"] == pytest.approx((oof["label"] == oof["pred"]).mean())
+        assert row["cv_macro_f1"] == pytest.approx(f1_score(oof["label"], oof["pred"], average="macro"))
+        if "cv_logloss" in metrics:
+            assert row["cv_logloss"] == pytest.approx(metrics["cv_logloss"])
+        assert row["cv_logloss"] == pytest.approx(numpy_logloss(oof, 3), rel=1e-6)
+        assert row["seconds"] == pytest.approx(metrics["seconds"])
+        assert row["folds_fingerprint"] == fingerprint_of_csv(run / "folds.csv")
+        assert (row["model"], row["img_size"], row["epochs"]) == ("mixcls_cnn_tiny", 16, 1)
+    assert table.loc[1, ["mix", "loss"]].tolist() == ["cutmix", "label_smoothing"]
+    assert table.loc[0, ["mix", "loss"]].tolist() == ["none", "ce"]
+    # Other seeds, other folds: the table says the two runs' scores do not compare row for row.
+    assert table.loc[0, "folds_fingerprint"] != table.loc[1, "folds_fingerprint"]
+
+
+def test_logloss_and_fingerprint_from_files_when_metrics_lack_them(trained, tmp_path):
+    _, first, _ = trained
+    run = copy_run(first, tmp_path / "run")
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.pop("cv_logloss", None)
+    metrics.pop("folds_fingerprint", None)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    oof = pd.read_csv(run / "oof.csv")
+    probs = oof[[f"prob_{k}" for k in range(3)]].to_numpy()
+    row = run_row(run)
+    assert row["cv_logloss"] == pytest.approx(log_loss(oof["label"], probs / probs.sum(1, keepdims=True)))
+    assert row["folds_fingerprint"] == fingerprint_of_csv(run / "folds.csv")
+    # Recorded values win over recomputation (metrics.json is what training measured).
+    (run / "metrics.json").write_text(json.dumps(metrics | {"cv_logloss": 0.123, "folds_fingerprint": "abc"}))
+    row = run_row(run)
+    assert (row["cv_logloss"], row["folds_fingerprint"]) == (0.123, "abc")
+    # One changed fold in folds.csv changes the computed fingerprint.
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    folds = pd.read_csv(run / "folds.csv", dtype={"image_id": str})
+    folds.loc[3, "fold"] = 1 - folds.loc[3, "fold"]
+    folds.to_csv(run / "folds.csv", index=False)
+    changed = run_row(run)["folds_fingerprint"]
+    assert changed == fingerprint_of_csv(run / "folds.csv") and changed != row["folds_fingerprint"]
+
+
+def make_bad_runs(trained, root: Path) -> Path:
+    """runs/ with the two real runs, one still training, one missing a fold, two broken."""
+    runs, first, second = trained
+    copy_run(first, root / "base")
+    copy_run(second, root / "group" / "cutmix")
+    training = copy_run(first, root / "training")
+    for name in ("metrics.json", "oof.csv", "fold_1/oof.csv"):
+        (training / name).unlink()
+    gap = copy_run(first, root / "gap")
+    oof = pd.read_csv(gap / "oof.csv")
+    oof[oof["fold"] == 0].to_csv(gap / "oof.csv", index=False)
+    broken = copy_run(first, root / "broken_config")
+    (broken / "config.yaml").write_text("epochs: [not, a, number\n")
+    empty = copy_run(first, root / "broken_oof")
+    (empty / "oof.csv").write_text("image_id,label\nx.png,0\n")
+    (root / "notes").mkdir()
+    (root / "notes" / "config.yaml").write_text("model: x\n")  # no folds.csv: not a run folder
+    return root
+
+
+def test_unfinished_and_broken_runs_are_rows_not_crashes(trained, tmp_path):
+    root = make_bad_runs(trained, tmp_path / "runs")
+    table = runs_table([root], sort="accuracy").set_index("name")
+    assert sorted(table.index) == ["base", "broken_config", "broken_oof", "gap", "group/cutmix", "training"]
+    assert table.loc["training", "status"] == "unfinished: 1 of 2 folds done"
+    assert table.loc["gap", "status"] == "unfinished: oof.csv has no rows of fold(s) 1"
+    for name in ("training", "gap"):
+        assert not table.loc[name, "finished"] and table.loc[name, "model"] == "mixcls_cnn_tiny"
+        assert table.loc[name, ["cv_accuracy", "cv_macro_f1", "cv_logloss"]].isna().all()
+    assert table.loc["training", "folds_fingerprint"] == fingerprint_of_csv(root / "training" / "folds.csv")
+    assert table.loc["broken_config", "status"].startswith("broken: ")
+    assert "config.yaml" in table.loc["broken_config", "status"]
+    assert table.loc["broken_oof", "status"].startswith("broken: ") and "oof.csv" in table.loc["broken_oof", "status"]
+    assert table.loc[["base", "group/cutmix"], "finished"].all()
+
+
+@pytest.mark.parametrize("sort", ["logloss", "accuracy", "f1", "name", "seconds"])
+def test_sort_orders_best_first_and_missing_last(trained, tmp_path, sort):
+    root = make_bad_runs(trained, tmp_path / "runs")
+    # Hand-set scores make every order distinct (two tiny runs may tie on accuracy).
+    rng = np.random.default_rng()
+    for name in ("base", "group/cutmix"):
+        path = root / name / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics.update(cv_accuracy=rng.random(), cv_macro_f1=rng.random(), cv_logloss=rng.random() * 2,
+                       seconds=rng.random() * 100)
+        path.write_text(json.dumps(metrics))
+    table = runs_table([root], sort=sort)
+    column, best_first_is_low = {"logloss": ("cv_logloss", True), "accuracy": ("cv_accuracy", False),
+                                 "f1": ("cv_macro_f1", False), "name": ("name", True),
+                                 "seconds": ("seconds", True)}[sort]
+    values = table[column].tolist()
+    known = [v for v in values if not pd.isna(v)]
+    assert known == sorted(known, reverse=not best_first_is_low)
+    assert all(pd.isna(v) for v in values[len(known):])  # rows without the value come last
+    if sort != "name":  # the finished runs have scores; "gap" has metrics.json's seconds too
+        assert len(known) == (3 if sort == "seconds" else 2)
+        assert table["name"].tolist()[len(known):] == sorted(table["name"].tolist()[len(known):])
+    with pytest.raises(ValueError, match="unknown sort"):
+        runs_table([root], sort="speed")
+
+
+def test_cli_prints_aligned_table_and_writes_csv(trained, tmp_path, capsys):
+    runs, _, _ = trained
+    out = tmp_path / "table.csv"
+    assert main(["runs", str(runs), "--sort", "accuracy", "--csv", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    table = runs_table([runs], sort="accuracy")
+    header, rule, *rows = printed[:2 + len(table)]
+    assert header.split() == COLUMNS and set(rule) <= {"-", " "}
+    # Aligned: every value of a column ends (numbers) or starts (text) where its header does.
+    end = header.index("cv_accuracy") + len("cv_accuracy")
+    start = header.index("folds_fingerprint")
+    for line, (_, row) in zip(rows, table.iterrows()):
+        assert line.startswith(row["name"])
+        assert line[:end].endswith(f"{row['cv_accuracy']:.4f}")
+        assert line[start:].startswith(row["folds_fingerprint"])
+    assert printed[-1] == f"wrote {out} (2 runs)"
+    back = pd.read_csv(out, dtype={"folds_fingerprint": str})
+    pd.testing.assert_frame_equal(back, table, check_dtype=False)
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing left behind
+
+
+def test_cli_errors_and_empty_folder(tmp_path, capsys):
+    assert main(["runs", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["runs", str(tmp_path / "empty")]) == 0
+    assert "no run folders" in capsys.readouterr().out
+
+
+def test_format_marks_missing_values():
+    row = dict.fromkeys(COLUMNS) | {"name": "x", "finished": False, "status": "broken: why"}
+    text = format_runs_table(pd.DataFrame([row], columns=COLUMNS))
+    last = text.splitlines()[-1]
+    assert last.split()[:4] == ["x", "-", "-", "-"] and last.split()[-3:] == ["no", "broken:", "why"]
