@@ -1,0 +1,608 @@
+"""Blending finished runs, with a cross-validation figure that can be trusted.
+
+A blend combines the out-of-fold (OOF) probabilities of several runs trained on the same folds.
+Anything fitted on the OOF (weights, a stacker, a temperature) is scored *nested*: the rule that
+scores fold g is fitted on the other folds' rows only, and those out-of-fold blended
+probabilities are pooled into the blend's own oof.csv. The in-sample figure (fitted and scored on
+the same rows) is kept beside it, labelled optimistic, because the gap between the two is what a
+notebook blend usually hides.
+
+Shapes: member probs (M, N, K), labels (N,), folds (N,); a blended table is (N, K).
+The array functions know nothing of files; `blend_runs` and `predict_blend` read and write
+blend folders (BLEND/blend.json beside the run-folder files that noise, review and report read).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize, minimize_scalar
+from scipy.special import softmax
+from scipy.stats import rankdata
+from sklearn.metrics import f1_score
+
+from mixcls.data import DataError, prob_columns
+from mixcls.runs import (RunError, RunFolder, atomic_write_csv, atomic_write_json,
+                         atomic_write_text, read_json)
+
+BLEND_METHODS = ("mean", "weighted", "rank", "caruana", "stack")
+METRICS = ("logloss", "accuracy")
+BLEND_FILE = "blend.json"
+BLEND_FORMAT = 1
+# Log-loss clips like sklearn.metrics.log_loss (float64 eps), so both give the same figure.
+EPS = float(np.finfo(np.float64).eps)
+STACK_CLIP = 1e-6          # log-probability features of the stacker: log(1e-6) ~ -13.8 at worst
+STACK_C = 1.0              # small fixed regularisation; tuning it on the OOF would be a new leak
+CARUANA_ITERATIONS = 30    # forward-selection steps per bag (members may be picked repeatedly)
+CARUANA_BAGS = 10
+CARUANA_BAG_FRACTION = 0.7  # of the members per bag: half of a few runs would drop too many
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+Fitter = Callable[[np.ndarray, np.ndarray], "BlendParams"]
+
+
+# ---------------------------------------------------------------- scores
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log probability of the true class; probs (N, K), labels (N,)."""
+    p_true = probs[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(p_true, EPS, None))))
+
+
+def score_probs(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """accuracy, macro_f1 and logloss of probs (N, K) against labels (N,)."""
+    pred = probs.argmax(axis=1)
+    k = probs.shape[1]
+    return {"accuracy": float((pred == labels).mean()),
+            "macro_f1": float(f1_score(labels, pred, average="macro", labels=list(range(k)),
+                                       zero_division=0)),
+            "logloss": log_loss(probs, labels)}
+
+
+def metric_loss(probs: np.ndarray, labels: np.ndarray, metric: str) -> float:
+    """The selection metric as a loss (lower is better): logloss, or 1 - accuracy."""
+    if metric == "logloss":
+        return log_loss(probs, labels)
+    return float(1.0 - (probs.argmax(axis=1) == labels).mean())
+
+
+# ---------------------------------------------------------------- combining rules
+
+@dataclass
+class BlendParams:
+    """A fitted combining rule: member weights (M,), or a stacker's coefficients."""
+
+    method: str
+    weights: np.ndarray | None = None
+    stacker: dict[str, Any] | None = None
+
+
+def average_probs(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted average (N, K) of member probs (M, N, K) with weights (M,) summing to 1."""
+    return np.tensordot(weights, probs, axes=1)
+
+
+def rank_average(probs: np.ndarray) -> np.ndarray:
+    """Average of per-class rank percentiles (N, K) over members, rows renormalised to sum to 1.
+
+    Percentiles are ranks (ties averaged) divided by N, computed within the N rows given: a
+    rank blend of one image alone is uniform.
+    """
+    percentiles = rankdata(probs, axis=1) / probs.shape[1]
+    mean = percentiles.mean(axis=0)
+    return mean / mean.sum(axis=1, keepdims=True)
+
+
+def stack_features(probs: np.ndarray) -> np.ndarray:
+    """(N, M*K) clipped log-probabilities of the members, member after member."""
+    m, n, k = probs.shape
+    return np.log(np.clip(probs, STACK_CLIP, 1.0)).transpose(1, 0, 2).reshape(n, m * k)
+
+
+def apply_stacker(stacker: dict[str, Any], probs: np.ndarray) -> np.ndarray:
+    """The stacker's probabilities (N, K) for member probs (M, N, K), as sklearn's predict_proba.
+
+    Classes the stacker never saw get probability 0.
+    """
+    coef, intercept = np.asarray(stacker["coef"]), np.asarray(stacker["intercept"])
+    logits = stack_features(probs) @ coef.T + intercept
+    if logits.shape[1] == 1:  # sklearn's binary model: one logit for its second class
+        logits = np.hstack([np.zeros_like(logits), logits])
+    out = np.zeros((probs.shape[1], probs.shape[2]))
+    out[:, np.asarray(stacker["classes"], dtype=np.int64)] = softmax(logits, axis=1)
+    return out
+
+
+def apply_blend(params: BlendParams, probs: np.ndarray) -> np.ndarray:
+    """Blended probabilities (N, K) of member probs (M, N, K) under a fitted rule."""
+    if params.method == "rank":
+        return rank_average(probs)
+    if params.method == "stack":
+        return apply_stacker(params.stacker, probs)
+    return average_probs(probs, params.weights)
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(p) / T) of probs (N, K): T > 1 softens, T < 1 sharpens."""
+    return softmax(np.log(np.clip(probs, EPS, 1.0)) / temperature, axis=1)
+
+
+# ---------------------------------------------------------------- fitting
+
+def fit_weights(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Non-negative weights (M,) summing to 1 that minimise the log-loss of the weighted average.
+
+    The average's log-loss depends on each member's probability of the true class only, and is
+    convex in the weights, so SLSQP on the simplex finds the one optimum.
+    """
+    m = probs.shape[0]
+    p_true = probs[:, np.arange(len(labels)), labels].T  # (N, M)
+
+    def loss(w: np.ndarray) -> float:
+        return float(-np.mean(np.log(np.clip(p_true @ w, EPS, None))))
+
+    def grad(w: np.ndarray) -> np.ndarray:
+        return -(p_true / np.clip(p_true @ w, EPS, None)[:, None]).mean(axis=0)
+
+    result = minimize(loss, np.full(m, 1.0 / m), jac=grad, method="SLSQP",
+                      bounds=[(0.0, 1.0)] * m,
+                      constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0,
+                                    "jac": lambda w: np.ones_like(w)}],
+                      options={"ftol": 1e-12, "maxiter": 1000})
+    weights = np.clip(result.x, 0.0, None)
+    return weights / weights.sum()
+
+
+def _selection_key(probs: np.ndarray, labels: np.ndarray, metric: str) -> tuple[float, float]:
+    """Lower is better: the metric as a loss, ties (frequent for accuracy) broken by log-loss."""
+    return metric_loss(probs, labels, metric), log_loss(probs, labels)
+
+
+def select_forward(probs: np.ndarray, labels: np.ndarray, *, metric: str,
+                   iterations: int = CARUANA_ITERATIONS) -> np.ndarray:
+    """Caruana forward selection with replacement: weights (M,) as pick counts / iterations.
+
+    Starts from the best single member, then adds (again and again, if it helps most) the member
+    whose inclusion in the running average scores best; remaining ties go to the lower index.
+    """
+    def best_of(candidates: list[np.ndarray]) -> int:
+        keys = [_selection_key(p, labels, metric) for p in candidates]
+        return min(range(len(keys)), key=keys.__getitem__)
+
+    counts = np.zeros(len(probs))
+    best = best_of(list(probs))
+    counts[best], total = 1, probs[best].copy()
+    for step in range(1, iterations):
+        best = best_of([(total + p) / (step + 1) for p in probs])
+        counts[best] += 1
+        total += probs[best]
+    return counts / counts.sum()
+
+
+def fit_caruana(probs: np.ndarray, labels: np.ndarray, *, metric: str, seed: int,
+                iterations: int = CARUANA_ITERATIONS, n_bags: int = CARUANA_BAGS,
+                bag_fraction: float = CARUANA_BAG_FRACTION) -> np.ndarray:
+    """Bagged forward selection (Caruana et al. 2004): weights (M,) averaged over `n_bags` bags,
+    each a random subset of ceil(bag_fraction * M) members (at least 2 where there are 2)."""
+    rng = np.random.default_rng(seed)
+    m = probs.shape[0]
+    size = min(m, max(2, math.ceil(bag_fraction * m)))
+    weights = np.zeros(m)
+    for _ in range(n_bags):
+        chosen = np.sort(rng.choice(m, size=size, replace=False))
+        weights[chosen] += select_forward(probs[chosen], labels, metric=metric, iterations=iterations)
+    return weights / n_bags
+
+
+def fit_stacker(probs: np.ndarray, labels: np.ndarray, *, c: float = STACK_C) -> dict[str, Any]:
+    """A multinomial LogisticRegression on the members' clipped log-probabilities (N, M*K)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(np.unique(labels)) < 2:
+        raise DataError("stack: the rows to fit hold a single class; a stacker needs two or more")
+    model = LogisticRegression(C=c, max_iter=5000).fit(stack_features(probs), labels)
+    return {"coef": model.coef_.tolist(), "intercept": model.intercept_.tolist(),
+            "classes": model.classes_.astype(int).tolist(), "C": c}
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The T in TEMPERATURE_BOUNDS minimising the log-loss of softmax(log(p) / T); probs (N, K)."""
+    result = minimize_scalar(lambda t: log_loss(apply_temperature(probs, t), labels),
+                             bounds=TEMPERATURE_BOUNDS, method="bounded", options={"xatol": 1e-6})
+    return float(result.x)
+
+
+def make_fitter(method: str, *, metric: str = "logloss", seed: int = 0) -> Fitter:
+    """fit(probs (M, N, K), labels (N,)) -> BlendParams for one of BLEND_METHODS.
+
+    `weighted` and `stack` always fit log-loss (a smooth objective); `metric` steers Caruana's
+    selection only.
+    """
+    check_method(method, metric)
+
+    def fit(probs: np.ndarray, labels: np.ndarray) -> BlendParams:
+        m = probs.shape[0]
+        if method in ("mean", "rank"):
+            return BlendParams(method, weights=np.full(m, 1.0 / m))
+        if method == "weighted":
+            return BlendParams(method, weights=fit_weights(probs, labels))
+        if method == "caruana":
+            return BlendParams(method, weights=fit_caruana(probs, labels, metric=metric, seed=seed))
+        return BlendParams(method, stacker=fit_stacker(probs, labels))
+
+    return fit
+
+
+def check_method(method: str, metric: str) -> None:
+    if method not in BLEND_METHODS:
+        raise ValueError(f"unknown blend method {method!r}; use one of {', '.join(BLEND_METHODS)}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+
+
+def fit_objective(method: str, metric: str) -> str:
+    """What the method's fit minimises, in words for blend.json and the terminal."""
+    return {"mean": "none", "rank": "none", "weighted": "logloss", "stack": "logloss"}.get(method, metric)
+
+
+# ---------------------------------------------------------------- nested cross-validation
+
+@dataclass
+class NestedBlend:
+    """The blend scored fold by fold, each fold by a rule fitted without its rows."""
+
+    probs: np.ndarray                                 # (N, K) pooled out-of-fold blended rows
+    fold_params: dict[int, BlendParams]
+    fold_temperatures: dict[int, float] = field(default_factory=dict)
+
+
+def fit_nested(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, *, fit: Fitter,
+               calibrate: bool = False) -> NestedBlend:
+    """For each fold g: fit on the other folds' rows, blend (and calibrate) fold g's rows.
+
+    The temperature for fold g is fitted on the other folds' rows blended by fold g's rule.
+    probs (M, N, K), labels (N,), folds (N,).
+    """
+    out = np.empty(probs.shape[1:])
+    params, temperatures = {}, {}
+    for g in np.unique(folds).tolist():
+        rest, rows = folds != g, folds == g
+        params[g] = fit(probs[:, rest], labels[rest])
+        blended = apply_blend(params[g], probs[:, rows])
+        if calibrate:
+            temperatures[g] = fit_temperature(apply_blend(params[g], probs[:, rest]), labels[rest])
+            blended = apply_temperature(blended, temperatures[g])
+        out[rows] = blended
+    return NestedBlend(out, params, temperatures)
+
+
+@dataclass
+class BlendFit:
+    """A blend fitted on all OOF rows (for prediction) and scored nested and in-sample."""
+
+    params: BlendParams
+    temperature: float | None
+    in_sample_probs: np.ndarray  # (N, K) fitted and scored on the same rows: optimistic
+    nested: NestedBlend
+
+
+def fit_blend(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, *, method: str,
+              metric: str = "logloss", calibrate: bool = False, seed: int = 0) -> BlendFit:
+    """Fit the blend on all rows and nested over `folds`; probs (M, N, K), labels/folds (N,)."""
+    if len(np.unique(folds)) < 2:
+        raise DataError("blend: the OOF rows come from one fold only; nested CV needs two or more")
+    fit = make_fitter(method, metric=metric, seed=seed)
+    nested = fit_nested(probs, labels, folds, fit=fit, calibrate=calibrate)
+    params = fit(probs, labels)
+    in_sample = apply_blend(params, probs)
+    temperature = fit_temperature(in_sample, labels) if calibrate else None
+    if temperature is not None:
+        in_sample = apply_temperature(in_sample, temperature)
+    return BlendFit(params, temperature, in_sample, nested)
+
+
+def error_correlation(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(M, M) correlation of the members' per-row errors 1 - p(true class); NaN for a constant one."""
+    errors = 1.0 - probs[:, np.arange(len(labels)), labels]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.atleast_2d(np.corrcoef(errors))
+
+
+# ---------------------------------------------------------------- reading the members
+
+@dataclass
+class Members:
+    """The runs to blend, checked to share classes, folds and labels; rows in the first's order."""
+
+    paths: list[Path]        # absolute run folders
+    classes: list[str]
+    image_ids: list[str]     # (N,)
+    labels: np.ndarray       # (N,)
+    folds: np.ndarray        # (N,)
+    probs: np.ndarray        # (M, N, K)
+
+
+def _read_folds(run: RunFolder) -> pd.Series:
+    """image_id -> fold from RUN/folds.csv."""
+    path = run.path / "folds.csv"
+    frame = pd.read_csv(path, dtype={"image_id": str}, keep_default_na=False)
+    if not {"image_id", "fold"} <= set(frame.columns):
+        raise DataError(f"{path}: expected columns image_id, fold; found {', '.join(frame.columns)}")
+    return frame.set_index("image_id")["fold"].astype(np.int64)
+
+
+def _check_same_classes(first: RunFolder, other: RunFolder) -> None:
+    a, b = first.classes, other.classes
+    if a == b:
+        return
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    shown_a, shown_b = (a[i] if i < len(a) else "nothing"), (b[i] if i < len(b) else "nothing")
+    raise DataError(f"runs {first.path} and {other.path} have different classes ({len(a)} and "
+                    f"{len(b)}): class {i} is {shown_a!r} in the first and {shown_b!r} in the "
+                    "second; blend runs trained on the same classes")
+
+
+def _check_same_folds(first: RunFolder, other: RunFolder, a: pd.Series, b: pd.Series) -> None:
+    only = a.index.symmetric_difference(b.index)
+    if len(only):
+        where = first.path if only[0] in a.index else other.path
+        raise DataError(f"runs {first.path} and {other.path} have different folds: "
+                        f"{len(only)} image(s) are in the folds.csv of one only, first {only[0]!r} "
+                        f"(only in {where}); blend runs trained on the same table and folds")
+    differ = a.index[a.to_numpy() != b.reindex(a.index).to_numpy()]
+    if len(differ):
+        image_id = differ[0]
+        raise DataError(f"runs {first.path} and {other.path} have different folds: {len(differ)} "
+                        f"image(s) differ, first {image_id!r} (fold {a[image_id]} in the first, "
+                        f"fold {b[image_id]} in the second); train both on a table with a fold "
+                        "column, or with the same --folds and --seed")
+
+
+def _aligned_oof(run: RunFolder, image_ids: list[str], folds: pd.Series) -> pd.DataFrame:
+    """The run's OOF table in the order of `image_ids`; its folds must be folds.csv's."""
+    oof = run.read_oof().set_index("image_id")
+    missing = pd.Index(image_ids).difference(oof.index)
+    extra = oof.index.difference(pd.Index(image_ids))
+    if len(missing) or len(extra):
+        image_id = missing[0] if len(missing) else extra[0]
+        raise DataError(f"{run.oof_path}: its OOF rows differ from the other members' "
+                        f"({len(missing)} missing, {len(extra)} extra, first {image_id!r}); blend "
+                        "runs that trained every fold of the same table")
+    oof = oof.reindex(image_ids)
+    wrong = oof.index[oof["fold"].to_numpy() != folds.reindex(oof.index).to_numpy()]
+    if len(wrong):
+        raise DataError(f"{run.oof_path}: fold of image {wrong[0]!r} differs from {run.path}/folds.csv")
+    return oof
+
+
+def read_members(run_dirs: Sequence[str | Path]) -> Members:
+    """Open and check the runs to blend; DataError names the runs and the first differing ids."""
+    if not run_dirs:
+        raise DataError("blend: name at least one run folder")
+    runs = [RunFolder.open(Path(d).resolve(), require=("oof.csv", "folds.csv")) for d in run_dirs]
+    _check_distinct(runs)
+    folds = [_read_folds(run) for run in runs]
+    for run, run_folds in zip(runs[1:], folds[1:]):
+        _check_same_classes(runs[0], run)
+        _check_same_folds(runs[0], run, folds[0], run_folds)
+    first = runs[0].read_oof()
+    image_ids = first["image_id"].tolist()
+    oofs = [_aligned_oof(run, image_ids, folds[0]) for run in runs]
+    labels = oofs[0]["label"].to_numpy(dtype=np.int64)
+    for run, oof in zip(runs[1:], oofs[1:]):
+        differ = np.flatnonzero(oof["label"].to_numpy(dtype=np.int64) != labels)
+        if len(differ):
+            raise DataError(f"runs {runs[0].path} and {run.path} give image "
+                            f"{image_ids[differ[0]]!r} different labels ({len(differ)} differ)")
+    k = len(runs[0].classes)
+    probs = np.stack([oof[prob_columns(k)].to_numpy(dtype=np.float64) for oof in oofs])
+    probs /= probs.sum(axis=2, keepdims=True)  # undo CSV rounding
+    return Members([run.path for run in runs], runs[0].classes, image_ids, labels,
+                   oofs[0]["fold"].to_numpy(dtype=np.int64), probs)
+
+
+def _check_distinct(runs: list[RunFolder]) -> None:
+    seen: set[Path] = set()
+    for run in runs:
+        if (run.path / BLEND_FILE).is_file():
+            raise DataError(f"{run.path} is a blend folder; blend its member runs instead")
+        if run.path in seen:
+            raise DataError(f"run {run.path} is named twice; name each member once")
+        seen.add(run.path)
+
+
+# ---------------------------------------------------------------- checkpoints of the members
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_checkpoints(run_dir: str | Path) -> dict[str, str]:
+    """{"fold_K/best.pt": sha256} for every fold checkpoint of a run, in fold order."""
+    run = RunFolder(Path(run_dir))
+    return {f"{d.name}/best.pt": sha256_file(d / "best.pt") for d in run.fold_dirs.values()
+            if (d / "best.pt").is_file()}
+
+
+def verify_members(spec: dict[str, Any], blend_dir: str | Path) -> None:
+    """RunError naming the member and file unless every member's checkpoints are as blended."""
+    for member in spec["members"]:
+        path = Path(member["path"])
+        if not path.is_dir():
+            raise RunError(f"blend {blend_dir}: member run {path} does not exist (moved or "
+                           "deleted?); blend the runs again from where they are now")
+        if not member["checkpoints"]:
+            raise RunError(f"blend {blend_dir}: member run {path} had no fold_K/best.pt "
+                           "checkpoints when blended, so it cannot predict")
+        found = hash_checkpoints(path)
+        for name in sorted(set(found) | set(member["checkpoints"])):
+            if found.get(name) != member["checkpoints"].get(name):
+                state = ("is missing" if name not in found else "is new" if name not in
+                         member["checkpoints"] else "changed since the blend")
+                raise RunError(f"blend {blend_dir}: checkpoint {path / name} of member run "
+                               f"{path} {state}; blend the runs again")
+
+
+# ---------------------------------------------------------------- the blend folder
+
+def is_blend_folder(path: str | Path) -> bool:
+    return (Path(path) / BLEND_FILE).is_file()
+
+
+def _params_to_json(params: BlendParams) -> dict[str, Any]:
+    weights = None if params.weights is None else params.weights.tolist()
+    return {"weights": weights, "stacker": params.stacker}
+
+
+def _params_from_json(method: str, values: dict[str, Any]) -> BlendParams:
+    weights = values.get("weights")
+    return BlendParams(method, weights=None if weights is None else np.asarray(weights, dtype=float),
+                       stacker=values.get("stacker"))
+
+
+def make_blend_spec(members: Members, result: BlendFit, *, method: str, metric: str,
+                    calibrate: bool, seed: int, checkpoints: list[dict[str, str]]) -> dict[str, Any]:
+    """The content of blend.json: members (absolute paths, checkpoint hashes), the rule fitted
+    on all rows, and the per-fold nested rules for transparency."""
+    nested = result.nested
+    return {
+        "format": BLEND_FORMAT, "method": method, "metric": metric,
+        "fit_objective": fit_objective(method, metric), "calibrate": calibrate, "seed": seed,
+        "classes": members.classes,
+        "members": [{"name": p.name, "path": str(p), "checkpoints": c}
+                    for p, c in zip(members.paths, checkpoints)],
+        **_params_to_json(result.params), "temperature": result.temperature,
+        "nested": {"folds": {str(g): {**_params_to_json(p),
+                                      "temperature": nested.fold_temperatures.get(g)}
+                             for g, p in nested.fold_params.items()}},
+        "settings": {"caruana_iterations": CARUANA_ITERATIONS, "caruana_bags": CARUANA_BAGS,
+                     "caruana_bag_fraction": CARUANA_BAG_FRACTION, "stack_C": STACK_C,
+                     "stack_clip": STACK_CLIP, "temperature_bounds": list(TEMPERATURE_BOUNDS)},
+    }
+
+
+def read_blend(blend_dir: str | Path) -> dict[str, Any]:
+    """blend.json, checked enough to predict; RunError/DataError name the file."""
+    path = Path(blend_dir) / BLEND_FILE
+    if not path.is_file():
+        raise RunError(f"{path} does not exist; write the blend with mixcls blend --out {blend_dir}")
+    try:
+        spec = read_json(path)
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    missing = [k for k in ("method", "members", "weights", "stacker", "temperature")
+               if not isinstance(spec, dict) or k not in spec]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {', '.join(missing)}")
+    if spec["method"] not in BLEND_METHODS:
+        raise DataError(f"{path}: unknown method {spec['method']!r}")
+    return spec
+
+
+def make_blend_oof(members: Members, probs: np.ndarray) -> pd.DataFrame:
+    """The run-folder oof.csv table (image_id, label, fold, pred, prob_*) of blended probs (N, K)."""
+    frame = pd.DataFrame({"image_id": members.image_ids, "label": members.labels,
+                          "fold": members.folds, "pred": probs.argmax(axis=1)})
+    frame[prob_columns(probs.shape[1])] = probs
+    return frame
+
+
+def make_blend_metrics(members: Members, result: BlendFit, oof: pd.DataFrame, *,
+                       method: str, metric: str) -> dict[str, Any]:
+    """metrics.json in the run-folder format (nested figures) plus in_sample and the members."""
+    from mixcls.train import compute_metrics
+
+    metrics = compute_metrics(oof, members.classes)
+    nested = score_probs(result.nested.probs, members.labels)
+    metrics["cv_logloss"] = nested["logloss"]
+    metrics["fold_logloss"] = {str(g): log_loss(result.nested.probs[members.folds == g],
+                                                members.labels[members.folds == g])
+                               for g in np.unique(members.folds).tolist()}
+    metrics["in_sample"] = score_probs(result.in_sample_probs, members.labels)
+    metrics["method"], metrics["metric"] = method, metric
+    metrics["members"] = [{"name": p.name, "path": str(p),
+                           **{f"cv_{k}": v for k, v in score_probs(probs, members.labels).items()}}
+                          for p, probs in zip(members.paths, members.probs)]
+    corr = error_correlation(members.probs, members.labels)
+    metrics["error_correlation"] = [[None if np.isnan(v) else float(v) for v in row] for row in corr]
+    return metrics
+
+
+def _check_out_folder(out: Path) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunError(f"blend folder {out} already holds files; pass another --out")
+    return out
+
+
+def blend_runs(run_dirs: Sequence[str | Path], out: str | Path, *, method: str,
+               metric: str = "logloss", calibrate: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Blend finished runs into the new folder `out`; return its metrics (nested CV figures).
+
+    Every input is read and checked, and the whole blend fitted, before the first file is written.
+    """
+    from mixcls.blend_report import build_blend_html
+
+    check_method(method, metric)
+    out = _check_out_folder(Path(out))
+    members = read_members(run_dirs)
+    checkpoints = [hash_checkpoints(p) for p in members.paths]
+    result = fit_blend(members.probs, members.labels, members.folds, method=method,
+                       metric=metric, calibrate=calibrate, seed=seed)
+    spec = make_blend_spec(members, result, method=method, metric=metric, calibrate=calibrate,
+                           seed=seed, checkpoints=checkpoints)
+    oof = make_blend_oof(members, result.nested.probs)
+    metrics = make_blend_metrics(members, result, oof, method=method, metric=metric)
+    page = build_blend_html(spec, metrics, out)
+    _write_blend_folder(out, members.paths[0], spec=spec, oof=oof, metrics=metrics, page=page)
+    return metrics
+
+
+def _write_blend_folder(out: Path, first: Path, *, spec: dict[str, Any], oof: pd.DataFrame,
+                        metrics: dict[str, Any], page: str) -> None:
+    """blend.json, oof.csv, metrics.json, report.html and the run-folder files of the first
+    member (config.yaml, dataset.json, classes.json, folds.csv) that RunFolder readers need."""
+    from mixcls.blend_report import REPORT_NAME
+
+    for name in ("config.yaml", "dataset.json", "folds.csv"):
+        if (first / name).is_file():
+            atomic_write_text(out / name, (first / name).read_text())
+    atomic_write_json(out / "classes.json", spec["classes"])
+    atomic_write_csv(out / "oof.csv", oof)
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_text(out / REPORT_NAME, page)
+    atomic_write_json(out / BLEND_FILE, spec)  # last: a folder with blend.json is complete
+
+
+# ---------------------------------------------------------------- predicting a blend
+
+def predict_blend(blend_dir: str | Path, paths: Sequence[str], *, tta: int | None = None,
+                  device: str = "auto", batch_size: int = 64, workers: int = 0,
+                  amp: str = "none") -> np.ndarray:
+    """Blended probabilities (N, K) of the images at `paths`.
+
+    Every member is verified first (folder present, checkpoints unchanged), then predicted with
+    its own image size, TTA views and fold models (`predict.predict_run`), and the members are
+    combined by the blend's rule fitted on all OOF rows (rank: percentiles within these N
+    images), then calibrated by its temperature.
+    """
+    from mixcls.predict import predict_run
+
+    spec = read_blend(blend_dir)
+    verify_members(spec, blend_dir)
+    member_probs = np.stack([predict_run(m["path"], paths, tta=tta, device=device,
+                                         batch_size=batch_size, workers=workers, amp=amp)
+                             for m in spec["members"]]).astype(np.float64)
+    probs = apply_blend(_params_from_json(spec["method"], spec), member_probs)
+    if spec["temperature"] is not None:
+        probs = apply_temperature(probs, float(spec["temperature"]))
+    return probs

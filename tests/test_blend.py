@@ -1,0 +1,302 @@
+"""Blending on arrays and on hand-made run folders: nested CV, fitters, checks of the members."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import softmax
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score, log_loss as sk_log_loss
+
+from mixcls import blend as b
+from mixcls.config import dump_config, load_config
+from mixcls.data import DataError, prob_columns
+from mixcls.runs import RunError
+
+
+def noisy_members(rng: np.random.Generator, *, n: int = 600, k: int = 3, m: int = 3,
+                  signal: float = 1.2, n_folds: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Members (M, N, K) whose logits add independent noise to a bump at the true class."""
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(size=(m, n, k))
+    logits[:, np.arange(n), labels] += signal
+    folds = rng.permutation(np.arange(n) % n_folds)
+    return softmax(logits, axis=2), labels, folds
+
+
+def sample_labels(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
+    """One label per row drawn from probs (N, K)."""
+    return (rng.random(len(probs))[:, None] > probs.cumsum(axis=1)).sum(axis=1)
+
+
+def nearest_rows(table: np.ndarray, rows: np.ndarray) -> set[int]:
+    """Indices of `table` (N, D) that the rows (n, D) are (each one exactly one of them)."""
+    dist = ((rows[:, None, :] - table[None, :, :]) ** 2).sum(axis=2)
+    assert np.all(dist.min(axis=1) < 1e-20)
+    return set(dist.argmin(axis=1).tolist())
+
+
+# ---------------------------------------------------------------- scores and rules
+
+def test_scores_match_sklearn():
+    rng = np.random.default_rng(0)
+    probs, labels, _ = noisy_members(rng, m=1)
+    scores = b.score_probs(probs[0], labels)
+    assert scores["logloss"] == pytest.approx(sk_log_loss(labels, probs[0], labels=[0, 1, 2]), rel=1e-12)
+    assert scores["macro_f1"] == pytest.approx(f1_score(labels, probs[0].argmax(1), average="macro"))
+    assert scores["accuracy"] == pytest.approx(np.mean(probs[0].argmax(1) == labels))
+
+
+def test_rank_average_matches_a_slow_loop():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(4), size=(3, 25))
+    probs[1, :5] = probs[1, 5]  # ties: equal rows share the average rank
+    m, n, k = probs.shape
+    expected = np.zeros((n, k))
+    for member in range(m):
+        for c in range(k):
+            for i in range(n):
+                below = sum(probs[member, j, c] < probs[member, i, c] for j in range(n))
+                equal = sum(probs[member, j, c] == probs[member, i, c] for j in range(n))
+                expected[i, c] += (below + (equal + 1) / 2) / n / m
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(b.rank_average(probs), expected, rtol=1e-12)
+
+
+def test_apply_stacker_equals_sklearn_predict_proba():
+    rng = np.random.default_rng(2)
+    for k in (2, 4):  # sklearn's binary model has one row of coefficients
+        probs = rng.dirichlet(np.ones(k), size=(2, 80))
+        labels = rng.integers(0, k, 80)
+        stacker = b.fit_stacker(probs, labels)
+        model = LogisticRegression(C=b.STACK_C, max_iter=5000).fit(b.stack_features(probs), labels)
+        np.testing.assert_allclose(b.apply_stacker(stacker, probs),
+                                   model.predict_proba(b.stack_features(probs)), atol=1e-6)
+
+
+def test_temperature_matches_a_grid_search():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, size=(3000, 4))
+    labels = sample_labels(rng, softmax(logits, axis=1))
+    under = softmax(logits * 0.5, axis=1)  # under-confident: the right temperature is 0.5
+    def grid_search(grid: np.ndarray) -> tuple[float, float]:
+        losses = [b.log_loss(softmax(np.log(under) / t, axis=1), labels) for t in grid]
+        return float(grid[int(np.argmin(losses))]), min(losses)
+
+    coarse, _ = grid_search(np.arange(0.2, 2.0, 0.01))
+    t_grid, grid_loss = grid_search(np.arange(coarse - 0.01, coarse + 0.01, 1e-5))
+    t_fit = b.fit_temperature(under, labels)
+    assert t_fit == pytest.approx(t_grid, abs=2e-4)
+    assert b.log_loss(b.apply_temperature(under, t_fit), labels) <= grid_loss + 1e-9
+    assert t_fit == pytest.approx(0.5, abs=0.05)
+
+
+def test_weighted_recovers_known_weights_and_the_grid_optimum():
+    rng = np.random.default_rng(4)
+    true_weights = np.array([0.5, 0.3, 0.2])
+    probs = rng.dirichlet(np.full(3, 0.7), size=(3, 10000))
+    # Labels drawn from the true mix: the population log-loss optimum is exactly true_weights.
+    labels = sample_labels(rng, b.average_probs(probs, true_weights))
+    weights = b.fit_weights(probs, labels)
+    assert weights.min() >= 0 and weights.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(weights, true_weights, atol=0.04)
+    # The sample optimum, independently: a coarse grid over the simplex, then a fine one near
+    # its best point (the loss is convex, so the coarse best lies next to the optimum).
+    p_true = probs[:, np.arange(len(labels)), labels].T
+
+    def grid_best(centre: np.ndarray, half_width: float, step: float) -> tuple[np.ndarray, float]:
+        axis = np.arange(-half_width, half_width + step / 2, step)
+        a, c = np.meshgrid(centre[0] + axis, centre[1] + axis)
+        grid = np.stack([a.ravel(), c.ravel(), 1 - a.ravel() - c.ravel()], axis=1)
+        grid = grid[(grid >= -1e-12).all(axis=1)]
+        losses = -np.log(np.clip(p_true @ grid.T, 1e-300, None)).mean(axis=0)
+        return grid[np.argmin(losses)], float(losses.min())
+
+    coarse, _ = grid_best(np.array([0.5, 0.5]), 0.5, 0.05)
+    best, best_loss = grid_best(coarse, 0.05, 0.0025)
+    np.testing.assert_allclose(weights, best, atol=0.0025)
+    assert b.log_loss(b.average_probs(probs, weights), labels) <= best_loss + 1e-9
+
+
+def test_mean_of_one_run_is_its_oof_exactly():
+    rng = np.random.default_rng(5)
+    probs, labels, folds = noisy_members(rng, m=1)
+    fitted = b.fit_blend(probs, labels, folds, method="mean")
+    assert np.array_equal(fitted.nested.probs, probs[0])
+    assert np.array_equal(fitted.in_sample_probs, probs[0])
+
+
+@pytest.mark.parametrize("method", ["caruana", "stack"])
+def test_caruana_and_stack_beat_the_best_member_in_nested_cv(method):
+    rng = np.random.default_rng(6)
+    probs, labels, folds = noisy_members(rng)
+    fitted = b.fit_blend(probs, labels, folds, method=method, seed=0)
+    nested = b.score_probs(fitted.nested.probs, labels)
+    members = [b.score_probs(p, labels) for p in probs]
+    assert nested["logloss"] < min(s["logloss"] for s in members) - 0.05
+    assert nested["accuracy"] > max(s["accuracy"] for s in members) + 0.05
+
+
+def test_caruana_is_seeded_and_starts_from_the_best_member():
+    rng = np.random.default_rng(7)
+    probs, labels, _ = noisy_members(rng, m=5)
+    first = b.fit_caruana(probs, labels, metric="logloss", seed=3)
+    assert np.array_equal(first, b.fit_caruana(probs, labels, metric="logloss", seed=3))
+    assert first.sum() == pytest.approx(1.0) and first.min() >= 0
+    # A member far better than the rest is picked first and keeps most of the weight.
+    strong = probs.copy()
+    strong[2] = 0.1 * strong[2] + 0.9 * np.eye(3)[labels]
+    counts = b.select_forward(strong, labels, metric="accuracy", iterations=10)
+    assert counts.argmax() == 2 and counts[2] >= 0.5
+
+
+# ---------------------------------------------------------------- nested CV is honest
+
+def planted_members(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Member 0 is perfect on fold 0 and noise elsewhere; member 1 is decent everywhere."""
+    probs, labels, folds = noisy_members(rng, n=400, m=2, signal=1.0)
+    on_fold0 = folds == 0
+    probs[0, on_fold0] = 0.02 / 2 + 0.97 * np.eye(3)[labels[on_fold0]]
+    probs[0, ~on_fold0] = rng.dirichlet(np.ones(3), size=int((~on_fold0).sum()))
+    return probs, labels, folds
+
+
+def test_nested_fit_never_sees_the_rows_it_scores(monkeypatch):
+    rng = np.random.default_rng(8)
+    probs, labels, folds = planted_members(rng)
+    flat = lambda p: p.transpose(1, 0, 2).reshape(p.shape[1], -1)  # (N, M*K): a row's identity
+    fit, real_fit_temperature = b.make_fitter("weighted"), b.fit_temperature
+    fitted, fit_rows, temperature_rows = [], [], []
+
+    def recording_fit(p, y):
+        fit_rows.append(nearest_rows(flat(probs), flat(p)))
+        fitted.append(fit(p, y))
+        return fitted[-1]
+
+    def recording_temperature(p, y):
+        temperature_rows.append(nearest_rows(b.apply_blend(fitted[-1], probs), p))
+        return real_fit_temperature(p, y)
+
+    monkeypatch.setattr(b, "fit_temperature", recording_temperature)
+    nested = b.fit_nested(probs, labels, folds, fit=recording_fit, calibrate=True)
+    fold_ids = sorted(set(folds.tolist()))
+    assert len(fit_rows) == len(temperature_rows) == len(fold_ids) == 4
+    for g, rows, t_rows in zip(fold_ids, fit_rows, temperature_rows):
+        assert rows == t_rows == set(np.flatnonzero(folds != g).tolist())
+    assert sorted(nested.fold_params) == fold_ids and sorted(nested.fold_temperatures) == fold_ids
+
+
+def test_a_member_good_on_one_fold_only_is_not_rewarded_on_that_fold():
+    rng = np.random.default_rng(9)
+    probs, labels, folds = planted_members(rng)
+    fitted = b.fit_blend(probs, labels, folds, method="weighted")
+    assert fitted.params.weights[0] > 0.15  # in-sample: fold 0's perfect rows earn it weight
+    fold0 = folds == 0
+    independent = b.fit_weights(probs[:, ~fold0], labels[~fold0])
+    assert independent[0] < 0.05
+    np.testing.assert_allclose(fitted.nested.fold_params[0].weights, independent, atol=1e-9)
+    np.testing.assert_allclose(fitted.nested.probs[fold0],
+                               b.average_probs(probs[:, fold0], independent), atol=1e-12)
+    nested_fold0 = b.log_loss(fitted.nested.probs[fold0], labels[fold0])
+    in_sample_fold0 = b.log_loss(fitted.in_sample_probs[fold0], labels[fold0])
+    assert nested_fold0 > in_sample_fold0 + 0.2
+    assert b.log_loss(fitted.nested.probs, labels) > b.log_loss(fitted.in_sample_probs, labels)
+
+
+def test_error_correlation_matches_pandas():
+    rng = np.random.default_rng(10)
+    probs, labels, _ = noisy_members(rng, m=3)
+    errors = pd.DataFrame({m: 1 - probs[m, np.arange(len(labels)), labels] for m in range(3)})
+    np.testing.assert_allclose(b.error_correlation(probs, labels), errors.corr().to_numpy(), atol=1e-12)
+
+
+# ---------------------------------------------------------------- run folders
+
+def write_run(path: Path, probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, *,
+              classes: list[str] | None = None, image_ids: list[str] | None = None) -> Path:
+    """A hand-made finished run: config.yaml, classes.json, folds.csv, oof.csv, metrics.json."""
+    k = probs.shape[1]
+    image_ids = image_ids or [f"img_{i:04d}.png" for i in range(len(labels))]
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(dump_config(load_config(None, {"folds": int(folds.max()) + 1})))
+    (path / "classes.json").write_text(json.dumps(classes or [f"c{i}" for i in range(k)]))
+    pd.DataFrame({"image_id": image_ids, "fold": folds}).to_csv(path / "folds.csv", index=False)
+    oof = pd.DataFrame({"image_id": image_ids, "label": labels, "fold": folds, "pred": probs.argmax(1)})
+    oof[prob_columns(k)] = probs
+    oof.to_csv(path / "oof.csv", index=False)
+    (path / "metrics.json").write_text(json.dumps({"cv_accuracy": 0.0}))
+    return path
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    rng = np.random.default_rng(11)
+    probs, labels, folds = noisy_members(rng, n=120, m=2)
+    return [write_run(tmp_path / f"run{m}", probs[m], labels, folds) for m in range(2)], probs, labels, folds
+
+
+def test_blend_runs_writes_the_folder_and_refuses_a_used_one(two_runs, tmp_path):
+    paths, probs, labels, folds = two_runs
+    out = tmp_path / "blend"
+    metrics = b.blend_runs(paths, out, method="weighted", calibrate=True)
+    oof = pd.read_csv(out / "oof.csv")
+    spec = json.loads((out / "blend.json").read_text())
+    assert oof["image_id"].tolist() == [f"img_{i:04d}.png" for i in range(120)]
+    assert metrics["cv_logloss"] == pytest.approx(b.log_loss(oof[prob_columns(3)].to_numpy(), labels))
+    assert metrics["cv_accuracy"] == pytest.approx(np.mean(oof["pred"] == labels))
+    assert spec["members"][0]["path"] == str(paths[0].resolve()) and spec["temperature"] > 0
+    assert set(spec["nested"]["folds"]) == {str(g) for g in range(4)}
+    assert {"in_sample", "members", "fold_accuracy", "confusion"} <= set(metrics)
+    for name in ("classes.json", "folds.csv", "config.yaml", "metrics.json", "report.html"):
+        assert (out / name).is_file()
+    with pytest.raises(RunError, match="already holds files"):
+        b.blend_runs(paths, out, method="mean")
+
+
+def test_mismatched_folds_and_classes_are_refused_before_writing(two_runs, tmp_path):
+    paths, probs, labels, folds = two_runs
+    moved = folds.copy()
+    moved[[3, 7]] = (moved[[3, 7]] + 1) % 4
+    other_folds = write_run(tmp_path / "other_folds", probs[1], labels, moved)
+    out = tmp_path / "blend"
+    with pytest.raises(DataError, match="different folds") as info:
+        b.blend_runs([paths[0], other_folds], out, method="mean")
+    assert str(paths[0].resolve()) in str(info.value) and str(other_folds) in str(info.value)
+    assert "img_0003.png" in str(info.value) and not out.exists()
+    other_classes = write_run(tmp_path / "other_classes", probs[1], labels, folds,
+                              classes=["c0", "cX", "c2"])
+    with pytest.raises(DataError, match="different classes") as info:
+        b.blend_runs([paths[0], other_classes], out, method="mean")
+    assert "'cX'" in str(info.value) and str(other_classes) in str(info.value) and not out.exists()
+    other_ids = write_run(tmp_path / "other_ids", probs[1], labels, folds,
+                          image_ids=[f"img_{i:04d}.png" for i in range(119)] + ["new.png"])
+    with pytest.raises(DataError, match="new.png|img_0119.png"):
+        b.blend_runs([paths[0], other_ids], out, method="mean")
+    with pytest.raises(DataError, match="named twice"):
+        b.blend_runs([paths[0], paths[0]], out, method="mean")
+    with pytest.raises(ValueError, match="unknown blend method"):
+        b.blend_runs(paths, out, method="median")
+    assert not out.exists()
+
+
+def test_verify_members_names_a_moved_run_and_a_changed_checkpoint(two_runs, tmp_path):
+    paths, *_ = two_runs
+    for path in paths:
+        (path / "fold_0").mkdir()
+        (path / "fold_0" / "best.pt").write_bytes(b"weights " + path.name.encode())
+    b.blend_runs(paths, tmp_path / "blend", method="mean")
+    spec = b.read_blend(tmp_path / "blend")
+    assert spec["members"][1]["checkpoints"] == {"fold_0/best.pt": b.sha256_file(paths[1] / "fold_0" / "best.pt")}
+    b.verify_members(spec, tmp_path / "blend")
+    (paths[1] / "fold_0" / "best.pt").write_bytes(b"retrained")
+    with pytest.raises(RunError, match="changed since the blend") as info:
+        b.verify_members(spec, tmp_path / "blend")
+    assert str(paths[1].resolve() / "fold_0" / "best.pt") in str(info.value)
+    paths[0].rename(tmp_path / "elsewhere")
+    with pytest.raises(RunError, match="does not exist") as info:
+        b.verify_members(spec, tmp_path / "blend")
+    assert str(paths[0].resolve()) in str(info.value)
