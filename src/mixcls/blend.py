@@ -401,8 +401,8 @@ def read_members(run_dirs: Sequence[str | Path]) -> Members:
             raise DataError(f"runs {runs[0].path} and {run.path} give image "
                             f"{image_ids[differ[0]]!r} different labels ({len(differ)} differ)")
     k = len(runs[0].classes)
+    # Not renormalised: check_oof bounds the rows' sums, and a mean of one run stays its OOF.
     probs = np.stack([oof[prob_columns(k)].to_numpy(dtype=np.float64) for oof in oofs])
-    probs /= probs.sum(axis=2, keepdims=True)  # undo CSV rounding
     return Members([run.path for run in runs], runs[0].classes, image_ids, labels,
                    oofs[0]["fold"].to_numpy(dtype=np.int64), probs)
 

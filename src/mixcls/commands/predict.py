@@ -27,12 +27,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from mixcls.blend import is_blend_folder, predict_blend
     from mixcls.predict import predict_run, resolve_images, write_submission
 
     read_json(f"{args.run}/classes.json")  # fail on a wrong --run before reading images
     ids, paths = resolve_images(args.images, args.ids)
-    probs = predict_run(args.run, paths, tta=args.tta, device=args.device,
-                        batch_size=args.batch_size, workers=args.workers, amp=args.amp)
+    predict = predict_blend if is_blend_folder(args.run) else predict_run  # mixcls blend's folder
+    probs = predict(args.run, paths, tta=args.tta, device=args.device,
+                    batch_size=args.batch_size, workers=args.workers, amp=args.amp)
     write_submission(args.out, ids, probs, run_dir=args.run, with_probs=args.with_probs,
                      label_names=args.label_names)
     print(f"wrote {args.out}: {len(ids)} rows")
