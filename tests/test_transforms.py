@@ -1,0 +1,140 @@
+"""Augmentation presets (shape, dtype, normalisation, seeding) and TTA views against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mixcls.transforms import (IMAGENET_MEAN, IMAGENET_STD, PRESETS, TTA_VIEWS, ZOOM_CROP,
+                               apply_tta_view, build_train_transform, build_valid_transform)
+
+MEAN, STD = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
+# Normalised values of the darkest and brightest uint8 pixels, per channel (C, 1, 1).
+LOW, HIGH = ((0 - MEAN) / STD)[:, None, None], ((1 - MEAN) / STD)[:, None, None]
+
+
+def random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_train_presets_give_normalised_float_tensors_of_the_size(preset):
+    rng = np.random.default_rng(7)
+    size = int(rng.integers(16, 48))
+    transform = build_train_transform(preset, size)
+    for seed in range(5):
+        transform.set_random_seed(seed)
+        image = random_image(rng, int(rng.integers(20, 60)), int(rng.integers(20, 60)))
+        out = transform(image=image)["image"]
+        assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+        assert tuple(out.shape) == (3, size, size)
+        values = out.numpy()
+        # Every augmentation keeps pixels in 0..255 (cutout fills with 0 after normalising),
+        # so values lie between the normalised black and white of each channel.
+        assert np.all(values >= np.minimum(LOW, 0) - 1e-5) and np.all(values <= HIGH + 1e-5)
+        assert np.isfinite(values).all()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_train_presets_repeat_under_a_seed(preset):
+    rng = np.random.default_rng(11)
+    image = random_image(rng, 40, 36)
+    first, second = build_train_transform(preset, 32), build_train_transform(preset, 32)
+    outputs = []
+    for seed in (3, 3, 4, 5, 6):
+        first.set_random_seed(seed)
+        second.set_random_seed(seed)
+        a, b = first(image=image)["image"], second(image=image)["image"]
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # a seed fixes the augmentation
+        outputs.append(a)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    differ = any(not torch.equal(outputs[0], other) for other in outputs[2:])
+    assert differ == (preset != "none")  # other seeds, other augmentations; "none" only resizes
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="unknown preset 'heavy'.*cassava"):
+        build_train_transform("heavy", 32)
+
+
+def test_valid_transform_is_deterministic_and_normalises_exactly():
+    rng = np.random.default_rng(5)
+    transform = build_valid_transform(24)
+    image = random_image(rng, 31, 45)
+    outputs = [transform(image=image)["image"] for _ in range(3)]
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0], rtol=0, atol=0)
+    assert tuple(outputs[0].shape) == (3, 24, 24) and outputs[0].dtype == torch.float32
+    # A flat colour stays flat through the resize, so its values are the normalisation itself.
+    colour = rng.integers(0, 256, 3)
+    flat = np.broadcast_to(colour.astype(np.uint8), (30, 50, 3)).copy()
+    out = transform(image=flat)["image"].numpy()
+    expected = ((colour / 255.0 - MEAN) / STD)[:, None, None]
+    np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), atol=1e-5)
+    # An image already at the size is not resampled: pixel by pixel (x / 255 - mean) / std.
+    same = random_image(rng, 24, 24)
+    out = transform(image=same)["image"].numpy()
+    np.testing.assert_allclose(out, ((same / 255.0 - MEAN) / STD).transpose(2, 0, 1), atol=1e-5)
+
+
+NUMPY_VIEWS = {
+    "orig": lambda a: a,
+    "hflip": lambda a: a[..., ::-1],
+    "vflip": lambda a: a[..., ::-1, :],
+    "transpose": lambda a: np.swapaxes(a, -1, -2),
+    "rot90": lambda a: np.rot90(a, 1, axes=(-2, -1)),
+    "rot180": lambda a: np.rot90(a, 2, axes=(-2, -1)),
+    "rot270": lambda a: np.rot90(a, 3, axes=(-2, -1)),
+    "transverse": lambda a: np.swapaxes(np.rot90(a, 2, axes=(-2, -1)), -1, -2),
+}
+
+
+@pytest.mark.parametrize("view", sorted(NUMPY_VIEWS))
+@pytest.mark.parametrize("shape", [(3, 2, 9, 9), (2, 3, 6, 11)])
+def test_tta_views_equal_numpy_flips_and_rotations(view, shape):
+    rng = np.random.default_rng(len(view) * 31 + shape[-1])
+    images = rng.standard_normal(shape).astype(np.float32)
+    out = apply_tta_view(torch.from_numpy(images), view)
+    expected = NUMPY_VIEWS[view](images)
+    assert tuple(out.shape) == expected.shape
+    if shape[-1] == shape[-2]:
+        assert tuple(out.shape) == shape  # square batches keep their shape under every view
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_the_numpy_table_covers_every_pixel_view():
+    assert set(TTA_VIEWS) == set(NUMPY_VIEWS) | {"zoom"}
+
+
+def bilinear_reference(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resampling at pixel centres (half-pixel offsets, edges clamped), float64."""
+    def weights(n_in: int, n_out: int) -> np.ndarray:
+        matrix = np.zeros((n_out, n_in))
+        for j in range(n_out):
+            src = max((j + 0.5) * n_in / n_out - 0.5, 0.0)  # output centre j in input pixels
+            i0 = min(int(src), n_in - 1)
+            frac = src - i0
+            matrix[j, i0] += 1 - frac
+            matrix[j, min(i0 + 1, n_in - 1)] += frac
+        return matrix
+
+    rows, cols = weights(images.shape[-2], size[0]), weights(images.shape[-1], size[1])
+    return np.einsum("oh,bchw,pw->bcop", rows, images.astype(np.float64), cols)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 20, 20), (1, 3, 16, 30)])
+def test_zoom_view_is_the_centre_crop_resized_back(shape):
+    rng = np.random.default_rng(shape[-1])
+    images = rng.standard_normal(shape).astype(np.float32)
+    out = apply_tta_view(torch.from_numpy(images), "zoom").numpy()
+    assert out.shape == images.shape
+    h, w = shape[-2:]
+    dh, dw = round(h * ZOOM_CROP / 2), round(w * ZOOM_CROP / 2)
+    crop = images[..., dh:h - dh, dw:w - dw]
+    np.testing.assert_allclose(out, bilinear_reference(crop, (h, w)), atol=1e-5)
+
+
+def test_unknown_view_names_the_choices():
+    with pytest.raises(ValueError, match="unknown TTA view 'spin'.*hflip"):
+        apply_tta_view(torch.zeros(1, 3, 4, 4), "spin")
