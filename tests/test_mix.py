@@ -384,3 +384,41 @@ def test_mixer_on_gpu_with_gpu_generator() -> None:
     masks = fmix_masks(32, 224, 224, lam, generator=generator, device="cuda")
     assert masks.device.type == "cuda"
     assert float((masks.mean(dim=(1, 2, 3)).cpu() - lam).abs().max()) <= 0.005
+
+
+# ---------------------------------------------------------------- the README's example
+
+def _readme_mix_example() -> str:
+    """The python block of README.md's "Mixed-sample augmentation" section, as written."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Mixed-sample augmentation", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_mixer_example_runs_as_written():
+    names: dict = {}
+    exec(compile(_readme_mix_example(), "README.md (Mixed-sample augmentation)", "exec"), names)
+    images, labels = names["images"], names["labels"]
+    mixed, soft_targets, lam_eff = names["mixed"], names["soft_targets"], names["lam_eff"]
+    batch, num_classes = labels.shape[0], names["mixer"].num_classes
+    assert mixed.shape == images.shape and soft_targets.shape == (batch, num_classes)
+    assert lam_eff.shape == (batch,) and bool(((lam_eff >= 0) & (lam_eff <= 1)).all())
+    torch.testing.assert_close(soft_targets.sum(1), torch.ones(batch))
+    # Each row keeps lam_eff of its own label and gives the rest to one partner's label.
+    own = soft_targets[torch.arange(batch), labels]
+    assert bool((own >= lam_eff - 1e-6).all())
+    rest = soft_targets.clone()
+    rest[torch.arange(batch), labels] = 0
+    assert bool(((rest > 1e-6).sum(1) <= 1).all())
+    torch.testing.assert_close(names["mixed_targets"].sum(1), torch.ones(batch))
+    assert names["again"].shape == images.shape
+    masks = names["masks"]
+    assert masks.shape == (batch, 1, *images.shape[-2:])
+    assert torch.allclose(masks.mean(dim=(1, 2, 3)), torch.tensor(0.3), atol=FMIX_MEAN_TOLERANCE)
+
+
+def test_class_indices_without_num_classes_say_what_to_pass():
+    with pytest.raises(ValueError, match=r"num_classes=K"):
+        Mixer("mixup")(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]), _gen(0))
