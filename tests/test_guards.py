@@ -25,6 +25,8 @@ from conftest import write_tiny_dataset
 from mixcls.cli import main
 from mixcls.commands import train as train_command
 from mixcls.config import ConfigError, load_config
+from mixcls.resume import BatchLayout, check_resumable
+from mixcls.run_setup import estimate_run_mb
 from mixcls.runs import RunError, load_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -96,7 +98,7 @@ def test_disk_estimate_covers_the_checkpoints_a_fold_really_writes(nan_run):
     """The estimate counts parameters; the files are torch.save's real output (AdamW + EMA)."""
     out, _ = nan_run
     cfg = load_config(out / "config.yaml")
-    per_fold_mb = mixcls.train.estimate_run_mb(cfg, 3, 2) - mixcls.train.estimate_run_mb(cfg, 3, 1)
+    per_fold_mb = estimate_run_mb(cfg, 3, 2) - estimate_run_mb(cfg, 3, 1)
     written_mb = sum(p.stat().st_size for p in (out / "fold_0").glob("*.pt")) / 2**20
     assert 0.8 * per_fold_mb <= written_mb <= 1.25 * per_fold_mb, (written_mb, per_fold_mb)
 
@@ -259,9 +261,10 @@ def test_multi_node_command_uses_the_c10d_rendezvous(data, tmp_path):
 def test_a_mid_epoch_checkpoint_is_not_continued_by_another_world_size():
     cfg = load_config(None, {"batch_size": 8})
     ckpt = {"fold": 0, "epoch": 1, "batch": 3, "world_size": 2, "batch_size": 8, "accum_steps": 1}
+    layout = BatchLayout(world_size=1, batch_size=cfg.train.batch_size, accum_steps=cfg.train.accum_steps)
     with pytest.raises(ConfigError, match=r"middle of epoch 2 \(world_size was 2, is 1\)"):
-        mixcls.train._check_resumable(ckpt, cfg=cfg, fold=0)
-    mixcls.train._check_resumable(dict(ckpt, batch=0), cfg=cfg, fold=0)  # an epoch end is fine
+        check_resumable(ckpt, fold=0, layout=layout)
+    check_resumable(dict(ckpt, batch=0), fold=0, layout=layout)  # an epoch end is fine
 
 
 def test_a_step_with_non_finite_gradients_is_skipped_and_counted():

@@ -178,3 +178,86 @@ def test_resolve_device_names_a_bad_device_in_a_config_error():
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ConfigError, match="'gpu0' is not a device name"):
         resolve_device("gpu0")
+
+
+# --- accumulation, EMA and clipping against a manual computation of the one optimizer step
+
+ONE_STEP = ["--model", "test_efficientnet_gn", "--img-size", "16", "--workers", "0", "--no-progress",
+            "--optimizer", "sgd", "--momentum", "0", "--weight-decay", "0", "--scheduler", "constant",
+            "--lr", "0.5", "--preset", "none", "--folds", "2", "--train-folds", "0", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def one_step_csv(tmp_path_factory):
+    """A table whose fold 0 trains on exactly 8 rows: with --batch-size 8 one optimizer step.
+
+    The model uses GroupNorm (per image), so one batch of 8 and two micro-batches of 4 give
+    the same gradient; with BatchNorm they could not.
+    """
+    root = tmp_path_factory.mktemp("one_step")
+    data = write_tiny_dataset(root / "data", size=16)
+    frame = pd.read_csv(data / "train.csv")
+    frame["fold"] = np.arange(len(frame)) % 2
+    train_rows = np.flatnonzero(frame["fold"] == 1)
+    frame["keep"] = 1
+    frame.loc[train_rows[8:], "keep"] = 0
+    frame.to_csv(root / "one_step.csv", index=False)
+    return root, ["--csv", str(root / "one_step.csv"), "--images", str(data / "train_images")], {}
+
+
+def _one_step_run(one_step_csv, name, *extra):
+    """(last.pt, its raw float weights) of a one-step run; runs with the same flags train once."""
+    root, source, done = one_step_csv
+    out = done.setdefault(extra, root / name)
+    if not (out / "fold_0" / "last.pt").is_file():
+        assert main(["train", *source, "--out", str(out), *ONE_STEP, *extra]) == 0
+    ckpt = load_checkpoint(out / "fold_0" / "last.pt")
+    raw = ckpt["train_model"] if ckpt["train_model"] is not None else ckpt["model"]
+    return ckpt, {k: v for k, v in raw.items() if v.is_floating_point()}
+
+
+def _initial_weights(ckpt):
+    """The weights the fold starts from: the trainer seeds (seed, fold) before building."""
+    from mixcls.sampling import derive_seed, seed_everything
+    cfg = config_from_flat(ckpt["config"])
+    seed_everything(derive_seed(cfg.train.seed, 0))
+    model = build_model(cfg.model, 3)
+    return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def _flat(weights):
+    return torch.cat([v.flatten().double() for v in weights.values()])
+
+
+def test_two_micro_batches_of_4_accumulate_to_one_batch_of_8(one_step_csv):
+    full, w_full = _one_step_run(one_step_csv, "b8", "--batch-size", "8")
+    accum, w_accum = _one_step_run(one_step_csv, "b4x2", "--batch-size", "4", "--accum-steps", "2")
+    w0 = _initial_weights(full)
+    assert not torch.allclose(_flat(w_full), _flat(w0))  # the step moved the weights
+    # Stepping after each micro-batch, or summing instead of averaging them, would differ.
+    torch.testing.assert_close(_flat(w_accum), _flat(w_full), rtol=1e-4, atol=1e-6)
+
+
+def test_ema_weights_follow_the_ema_formula(one_step_csv):
+    _, w1 = _one_step_run(one_step_csv, "b8", "--batch-size", "8")
+    ckpt, raw = _one_step_run(one_step_csv, "ema", "--batch-size", "8", "--ema", "--ema-decay", "0.25")
+    w0 = _initial_weights(ckpt)
+    torch.testing.assert_close(_flat(raw), _flat(w1))  # the EMA does not change the training
+    ema = {k: v for k, v in ckpt["model"].items() if v.is_floating_point()}
+    expected = {k: 0.25 * w0[k] + 0.75 * w1[k] for k in w0}  # ema <- d * ema + (1 - d) * w
+    torch.testing.assert_close(_flat(ema), _flat(expected), rtol=1e-5, atol=1e-6)
+    best = load_checkpoint(one_step_csv[0] / "ema" / "fold_0" / "best.pt")["model"]
+    torch.testing.assert_close(_flat({k: best[k] for k in ema}), _flat(ema))  # best.pt keeps the EMA
+
+
+def test_clipping_bounds_the_update_and_keeps_its_direction(one_step_csv):
+    plain, w1 = _one_step_run(one_step_csv, "b8", "--batch-size", "8")
+    clip = 1e-3
+    _, w_clip = _one_step_run(one_step_csv, "clip", "--batch-size", "8", "--grad-clip", str(clip))
+    w0 = _flat(_initial_weights(plain))
+    free, clipped = _flat(w1) - w0, _flat(w_clip) - w0
+    lr = 0.5
+    assert float(free.norm()) > 10 * lr * clip  # the gradient was far above the bound
+    assert float(clipped.norm()) == pytest.approx(lr * clip, rel=1e-3)  # SGD: update = lr * g
+    cosine = float(free @ clipped / (free.norm() * clipped.norm()))
+    assert cosine == pytest.approx(1.0, abs=1e-4)

@@ -48,7 +48,7 @@ from mixcls.models import build_model, model_mean_std
 from mixcls.runs import (RunError, atomic_save_figure, atomic_write_csv, atomic_write_json,
                          atomic_write_text, check_writable, load_checkpoint)
 from mixcls.devices import amp_setup, resolve_device
-from mixcls.train import derive_seed, fit_fold
+from mixcls.train import derive_seed, fit_fold, make_fold_data
 from mixcls.transforms import build_valid_transform
 
 if TYPE_CHECKING:
@@ -301,8 +301,8 @@ def train_member(run: _Run, rows: np.ndarray, *, seed: int, round_index: int, me
     fold_dir = Path(tempfile.mkdtemp(prefix="member_", dir=run.workdir))
     started = time.perf_counter()
     try:
-        fit_fold(cfg, run.data.pool, fold=round_index, train_rows=rows, valid_rows=monitor_rows(rows),
-                 fold_dir=fold_dir, device=run.device, progress=False, cache=run.data.pool_cache,
+        data = make_fold_data(run.data.pool, rows, monitor_rows(rows), cache=run.data.pool_cache)
+        fit_fold(cfg, data, fold=round_index, fold_dir=fold_dir, device=run.device, progress=False,
                  resume=False, log=_quiet)
         model = load_trained(fold_dir / "last.pt", cfg, run.data.pool.num_classes, run.device)
     finally:

@@ -33,7 +33,7 @@ SCHEDULERS = ["cosine", "cosine_restarts", "onecycle", "constant"]
 LOSSES = ["ce", "label_smoothing", "bi_tempered", "symmetric_ce", "taylor_ce", "focal"]
 TTA_VIEWS = ["orig", "hflip", "vflip", "transpose", "rot90", "rot180", "rot270", "transverse", "zoom"]
 CHECK_IMAGES = ["full", "header"]
-CACHE_IMAGES = ["auto", "yes", "no"]
+CACHE_IMAGES = ["auto", "yes", "no", "disk"]
 
 
 @dataclass
@@ -46,8 +46,14 @@ class DataConfig:
     img_size: int = _opt(224, "square side in pixels the model sees")
     preset: str = _opt("light", "albumentations preset for training", choices=PRESETS)
     workers: int = _opt(2, "DataLoader worker processes (0: load in the main process)")
-    cache_images: str = _opt("auto", "keep decoded images in RAM (auto: when they fit in 2 GiB)",
-                             choices=CACHE_IMAGES)
+    cache_images: str = _opt("auto", "where decoded images live between epochs: yes (RAM, full "
+                             "size), disk (copies shrunk to a short side of cache_scale x img_size "
+                             "in --cache-dir), no (decode every epoch), auto (RAM when the set "
+                             "fits in 2 GiB, else disk)", choices=CACHE_IMAGES)
+    cache_dir: str = _opt("~/.cache/mixcls/images/", "folder of the disk cache and of the index of "
+                          "images already checked (a rerun skips unchanged files)")
+    cache_scale: float = _opt(1.15, "short side of a disk-cached copy, in units of img_size "
+                              "(>= 1; room for the crops of the presets; never upscaled)")
     check_images: str = _opt("full", "before training, decode every image (full) or only read headers",
                              choices=CHECK_IMAGES)
 
@@ -311,6 +317,7 @@ def _check_ranges(cfg: Config) -> None:
         ("momentum", o.momentum, _finite(0, high=1, below=True), "in [0, 1)"),
         ("min_lr", s.min_lr, _finite(0), "a finite number >= 0"),
         ("warmup_epochs", s.warmup_epochs, _finite(0, high=t.epochs), f"in [0, epochs={t.epochs}]"),
+        ("cache_scale", cfg.data.cache_scale, _finite(1, high=8), "in [1, 8]"),
         ("drop_rate", cfg.model.drop_rate, _finite(0, high=1, below=True), "in [0, 1)"),
         ("grad_clip", t.grad_clip, _finite(0, above=True), "a finite number > 0, or unset (no clipping)"),
         ("patience", t.patience, lambda v: v >= 1, "an integer >= 1, or unset (no early stopping)"),

@@ -20,6 +20,8 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from mixcls.image_cache import CACHE_SCALE, RAM_LIMIT_BYTES, ImageCache, decode_image, load_copy
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 CLASS_FILES = ("label_num_to_disease_map.json", "classes.json")
 
@@ -31,8 +33,8 @@ MAX_LISTED = 20
 # Fold and keep values above this are typos or overflow (they would not fit an int32 index).
 MAX_INDEX = 2**31
 # Caching decoded images avoids re-decoding every epoch; above this the RAM is better left to
-# the OS page cache and the workers.
-CACHE_LIMIT_BYTES = 2 * 2**30
+# the OS page cache and the workers (image_cache.py owns the rule).
+CACHE_LIMIT_BYTES = RAM_LIMIT_BYTES
 
 
 class DataError(ValueError):
@@ -41,18 +43,7 @@ class DataError(ValueError):
 
 def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file to (H, W, 3) uint8 RGB, whatever its mode (grey, RGBA, palette, 16-bit)."""
-    with Image.open(path) as image:
-        image.load()  # decodes fully: a truncated file raises here, not in a worker later
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            array = np.asarray(image, dtype=np.float64)
-            top = 65535.0 if array.max(initial=0) > 255 else 255.0
-            grey = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-            return np.repeat(grey[:, :, None], 3, axis=2)
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return np.asarray(image, dtype=np.uint8).copy()
+    return decode_image(path)  # fully: a truncated file raises here, not in a worker later
 
 
 @dataclass
@@ -182,10 +173,12 @@ def _long_rows(path: Path, n_columns: int) -> list[str]:
 def load_train_table(data: str | Path | None = None, *, csv: str | Path | None = None,
                      images: str | Path | None = None, id_col: str = "image_id",
                      label_col: str = "label", n_folds: int | None = None,
-                     check_images: str = "full", classes: list[str] | None = None) -> TrainTable:
+                     check_images: str = "full", classes: list[str] | None = None,
+                     image_cache: ImageCache | None = None) -> TrainTable:
     """Read a Kaggle-layout folder, a CSV + images folder, or a class-per-folder tree, and check it.
 
     `classes` fixes the class list (e.g. a run's classes.json when predicting or merging).
+    `image_cache`: the check skips files its index knows unchanged, and its decodes fill it.
     """
     csv_path, images_dir = resolve_layout(data, csv, images)
     if csv_path is None:
@@ -210,7 +203,7 @@ def load_train_table(data: str | Path | None = None, *, csv: str | Path | None =
     optional = _read_optional_columns(raw, frame, class_list, integer_labels, source)
     frame = frame.drop(columns="label_raw")
     frame["path"] = [str((images_dir / i).resolve()) for i in frame["image_id"]]
-    _check_files(frame, source, check_images)
+    _check_files(frame, source, check_images, image_cache)
     table = TrainTable(frame=frame.assign(**optional["columns"]), classes=class_list,
                        images_dir=images_dir.resolve(), csv_path=csv_path,
                        integer_labels=integer_labels, soft_targets=optional["soft"])
@@ -326,9 +319,12 @@ def _read_optional_columns(raw: pd.DataFrame, frame: pd.DataFrame, classes: list
     return {"columns": columns, "soft": soft}
 
 
-def _check_one_image(path: str, mode: str) -> str | None:
+def _check_one_image(path: str, mode: str | None, image_cache: ImageCache | None = None) -> str | None:
+    """None, or what is wrong with the image at `path`; with `image_cache` it is also cached."""
     try:
-        if mode == "full":
+        if image_cache is not None:
+            image_cache.admit(path, check=mode)
+        elif mode == "full":
             read_image(path)
         else:
             with Image.open(path) as image:
@@ -342,17 +338,29 @@ def _check_one_image(path: str, mode: str) -> str | None:
         return f"unreadable image ({exc.__class__.__name__}: {str(exc)[:80]})"
 
 
-def _check_files(frame: pd.DataFrame, source: str, mode: str) -> None:
+def _check_files(frame: pd.DataFrame, source: str, mode: str,
+                 image_cache: ImageCache | None = None) -> None:
     paths = frame["path"].tolist()
     missing = [f"row {i + 2}: {frame['image_id'].iat[i]!r}"
                for i, p in enumerate(paths) if not os.path.isfile(p)]
     if missing:
         raise DataError(_listing(f"{source}: image files that do not exist", missing))
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        problems = list(pool.map(lambda p: _check_one_image(p, mode), paths))
+    problems = _check_images(paths, mode, image_cache)
     bad = [f"row {i + 2}: {frame['image_id'].iat[i]!r}: {msg}" for i, msg in enumerate(problems) if msg]
     if bad:
         raise DataError(_listing(f"{source}: images that cannot be decoded", bad))
+
+
+def _check_images(paths: Sequence[str], mode: str | None, image_cache: ImageCache | None
+                  ) -> list[str | None]:
+    """Per path None or its problem; through `image_cache`, which then records the good ones."""
+    if image_cache is not None:
+        image_cache.plan(paths)
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        problems = list(pool.map(lambda p: _check_one_image(p, mode, image_cache), paths))
+    if image_cache is not None:
+        image_cache.commit()  # the good files too when others are bad: the rerun skips them
+    return problems
 
 
 def check_class_counts(table: TrainTable, n_folds: int) -> None:
@@ -374,17 +382,27 @@ def list_image_files(folder: str | Path) -> list[str]:
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def load_image_cache(paths: Sequence[str], *, mode: str = "auto") -> list[np.ndarray] | None:
-    """Decode every image once into RAM, or None when `mode` says no or they would not fit."""
-    if mode == "no" or not paths:
+def load_image_cache(paths: Sequence[str], *, mode: str = "auto", img_size: int | None = None,
+                     cache_dir: str | Path | None = None, cache_scale: float = CACHE_SCALE,
+                     image_cache: ImageCache | None = None) -> list[np.ndarray | Path] | None:
+    """Per path its decoded image (RAM) or cached copy (disk), for ImageDataset(cache=…); or None.
+
+    `mode`: yes (RAM, full size), disk (copies with short side cache_scale × img_size in
+    `cache_dir`), no, or auto (RAM when the decoded set fits in CACHE_LIMIT_BYTES, else disk
+    when `img_size` and `cache_dir` are given, else None). `image_cache`, when given, is the
+    ImageCache the table check already filled (`load_train_table(image_cache=…)`): its images
+    are not decoded again, and the other keywords are its own and not read here.
+    """
+    if image_cache is None:
+        image_cache = ImageCache(mode, img_size=img_size, cache_dir=cache_dir,
+                                 cache_scale=cache_scale, ram_limit_bytes=CACHE_LIMIT_BYTES)
+    if not paths or image_cache.plan(paths) == "no":
         return None
-    if mode == "auto":
-        with Image.open(paths[0]) as first:
-            estimate = first.width * first.height * 3 * len(paths)
-        if estimate > CACHE_LIMIT_BYTES:
-            return None
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(read_image, paths))
+    problems = _check_images(paths, None, image_cache)
+    bad = [f"{path}: {msg}" for path, msg in zip(paths, problems) if msg]
+    if bad:
+        raise DataError(_listing("images that cannot be decoded", bad))
+    return image_cache.sources(paths)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -396,21 +414,31 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths: Sequence[str], targets: np.ndarray | None, transform: Callable,
-                 *, cache: list[np.ndarray] | None = None):
+                 *, cache: Sequence[np.ndarray | str | Path] | None = None,
+                 loader: Callable[[str], np.ndarray] = read_image):
+        """`cache[i]`, when given, is image i decoded (RAM) or its cached .npy copy (disk, from
+        load_image_cache); otherwise `loader(paths[i])` decodes it every time."""
         self.paths = list(paths)
         self.targets = targets
         self.transform = transform
         self.cache = cache
+        self.loader = loader
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        image = self.cache[index] if self.cache is not None else read_image(self.paths[index])
+        image = self._read(index)
         if seed is not None and hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(seed)
         tensor = self.transform(image=image)["image"]
         if self.targets is None:
             return tensor, index
         return tensor, self.targets[index]
+
+    def _read(self, index: int) -> np.ndarray:
+        if self.cache is None:
+            return self.loader(self.paths[index])
+        item = self.cache[index]
+        return item if isinstance(item, np.ndarray) else load_copy(item)

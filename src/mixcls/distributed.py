@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from mixcls.config import ConfigError
+
 T = TypeVar("T")
 
 
@@ -35,6 +37,13 @@ def context() -> DistContext:
         return DistContext(tdist.get_rank(), tdist.get_world_size(),
                            int(os.environ.get("LOCAL_RANK", 0)))
     return DistContext()
+
+
+def check_distributed_options(*, sync_bn: bool, device: torch.device, world_size: int) -> None:
+    """Options that only some set-ups support, refused with the reason before anything runs."""
+    if sync_bn and world_size > 1 and device.type != "cuda":
+        raise ConfigError("sync_bn: SyncBatchNorm needs CUDA devices (DistributedDataParallel "
+                          "refuses it on the CPU); drop --sync-bn or train on GPUs")
 
 
 def launched_by_torchrun() -> bool:

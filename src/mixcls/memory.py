@@ -264,7 +264,9 @@ def _measure_in_process(*, model: str, img_size: int, num_classes: int, micro_ba
     import timm
     import torch
 
-    import mixcls.models  # noqa: F401  registers mixcls_cnn_* with timm in this child process
+    from mixcls.models import register_models
+
+    register_models()  # mixcls_cnn_* by name in this child process too
 
     torch.manual_seed(seed)
     dev = torch.device(device)

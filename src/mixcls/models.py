@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -60,8 +63,12 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
 
-def _register_small_cnns() -> None:
-    """Register the small CNNs in timm's registry so every `--model` path can name them."""
+def register_models() -> None:
+    """Register mixcls's small CNNs in timm's registry, so every `--model` path can name them.
+
+    Called by `build_model` and `check_model_name` (and by whoever lists or creates models by
+    name, e.g. a child process of the memory planner); a second call changes nothing.
+    """
     from timm.models import register_model
 
     def small(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
@@ -77,9 +84,6 @@ def _register_small_cnns() -> None:
             register_model(fn)
 
 
-_register_small_cnns()
-
-
 def _unknown_model(name: str) -> ModelError:
     close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
     return ModelError(f"model: {name!r} is not a timm model"
@@ -87,14 +91,79 @@ def _unknown_model(name: str) -> ModelError:
 
 
 def check_model_name(name: str) -> None:
-    """ModelError naming `name` (and close names) when timm, with mixcls's own CNNs registered
-    by importing this module, has no such model; for checks made before any work."""
+    """ModelError naming `name` (and close names) when timm, with mixcls's own CNNs registered,
+    has no such model; for checks made before any work."""
+    register_models()
     if not timm.is_model(name):
         raise _unknown_model(name)
 
 
+# How long the hub may take to accept a connection before it counts as unreachable: timm's
+# own download retries an unreachable hub for about a minute before it fails.
+HUB_CONNECT_SECONDS = 2.0
+
+
+def hub_reachable(url: str, *, seconds: float = HUB_CONNECT_SECONDS) -> bool:
+    """Whether the host of `url` accepts a TCP connection within `seconds`.
+
+    HF_HUB_OFFLINE=1 (huggingface_hub's own switch, which timm's download obeys) counts as
+    unreachable without trying.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    parts = urlparse(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=seconds):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_weights(name: str) -> tuple[bool, str]:
+    """(weights of `name` already on disk, the address they would be downloaded from)."""
+    from timm.models import get_pretrained_cfg
+
+    check_model_name(name)
+    try:
+        cfg = get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError:  # an architecture registered without any pretrained config
+        cfg = None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise ModelError(f"model: {name!r} has no pretrained weights in timm; drop --pretrained "
+                         "or pass --pretrained-file FILE")
+    if cfg.file:
+        return Path(cfg.file).is_file(), str(cfg.file)
+    if cfg.hf_hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        found = any(isinstance(try_to_load_from_cache(repo, n, revision=revision or None), str)
+                    for n in names)
+        return found, f"{constants.ENDPOINT}/{repo}"
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+    return cached.is_file(), cfg.url
+
+
+def check_pretrained_available(name: str, *,
+                               reachable: Callable[[str], bool] = hub_reachable) -> None:
+    """ModelError at once when the hub weights of `name` are neither cached nor downloadable.
+
+    Made before any work, so an offline machine hears it in seconds instead of after timm's
+    minute of retries and after the run folder was begun.
+    """
+    cached, source = _cached_weights(name)
+    if cached or reachable(source):
+        return
+    raise ModelError(f"pretrained: the weights of {name!r} are not in the local cache and "
+                     f"{urlparse(source).hostname or source} cannot be reached (offline, or "
+                     "HF_HUB_OFFLINE=1); download them once and pass --pretrained-file FILE, "
+                     "or drop --pretrained")
+
+
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """timm.create_model(cfg.name, num_classes=…), with hub or local-file pretrained weights."""
+    register_models()
     try:
         model = timm.create_model(cfg.name, pretrained=cfg.pretrained and not cfg.pretrained_file,
                                   num_classes=num_classes, drop_rate=cfg.drop_rate)

@@ -67,8 +67,8 @@ def run_demo(args: argparse.Namespace) -> int:
     metrics = dict(read_json(out / "metrics.json"), holdout_accuracy=holdout,
                    holdout_rows=len(ids), holdout_tta=cfg.predict.tta)
     atomic_write_json(out / "metrics.json", metrics)
-    from mixcls.report import write_report
-    write_report(out)  # again, now that metrics.json holds the held-out accuracy
+    from mixcls.commands.train import write_report_if_possible
+    write_report_if_possible(out)  # now that metrics.json holds the held-out accuracy
     print(f"CV accuracy      {metrics['cv_accuracy']:.4f}  ({metrics['rows']} images, "
           f"{len(metrics['folds_trained'])} folds)")
     print(f"held-out accuracy {holdout:.4f}  ({len(ids)} images, fold ensemble x {cfg.predict.tta} TTA views)")

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mixcls.config import Config, ConfigError, iter_options, load_config
 
@@ -68,13 +68,28 @@ def run_train(args: argparse.Namespace) -> int:
     from mixcls import distributed as dist  # torch and timm load only when training really starts
     from mixcls.train import fit_folds
 
-    dist.init_process_group(cfg.train.device)
+    ctx = dist.init_process_group(cfg.train.device)
     try:
         fit_folds(cfg, run_dir, progress=not args.no_progress and sys.stderr.isatty(),
                   resume=bool(args.resume))
     finally:
         dist.destroy_process_group()
+    if ctx.is_main:
+        write_report_if_possible(run_dir)
     return 0
+
+
+def write_report_if_possible(run_dir: Path, log: Callable[[str], None] = print) -> Path | None:
+    """The report is a view of files already written: if it fails, the run still stands."""
+    from mixcls.report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except Exception as exc:  # matplotlib, PIL and file errors alike must not undo a finished run
+        log(f"report not written ({exc.__class__.__name__}: {exc}); retry with: mixcls report {run_dir}")
+        return None
+    log(f"report: {path}")
+    return path
 
 
 def _resolve_run(args: argparse.Namespace) -> tuple[Path, Config]:
@@ -107,9 +122,10 @@ def _launched_by_torchrun() -> bool:
 def _check_before_launch(cfg: Config) -> None:
     if cfg.train.sync_bn:
         import torch
-        from mixcls.train import check_distributed_options
+        from mixcls.distributed import check_distributed_options
         on_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
-        check_distributed_options(cfg, torch.device("cuda" if on_cuda else "cpu"), world_size=2)
+        check_distributed_options(sync_bn=True, device=torch.device("cuda" if on_cuda else "cpu"),
+                                  world_size=2)
 
 
 def torchrun_command(args: argparse.Namespace) -> list[str]:

@@ -1,0 +1,263 @@
+"""Everything a run settles before its first epoch: the table and its folds, every check that
+can refuse the configuration, the batch plan, and the run folder's first files.
+
+The order is the point: a run is refused (bad data, fp16 on a CPU, an unknown model, weights
+that cannot be fetched, a full disk) before anything is written, so the corrected command
+finds no half-begun folder in its way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from mixcls.config import Config, ConfigError, LossConfig, MixConfig, dump_config
+from mixcls.data import DataError, TrainTable, check_class_counts, load_train_table
+from mixcls.devices import amp_setup
+from mixcls.distributed import check_distributed_options
+from mixcls.folds import make_folds
+from mixcls.losses import build_loss
+from mixcls.models import ModelError, build_model, check_model_name, check_pretrained_available
+from mixcls.runs import (RunError, atomic_write_csv, atomic_write_json, atomic_write_text,
+                         check_writable, read_json, remove_stale_temporaries)
+from mixcls.sampling import per_process_batch
+
+# Disk kept free beyond the checkpoints: CSVs, the report, the page cache of a busy machine.
+DISK_MARGIN_MB = 50.0
+HEADER_FILES = ("config.yaml", "classes.json", "dataset.json", "folds.csv", "batch_plan.json")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Micro-batch per process and accumulation steps; `source` says how they were chosen."""
+
+    batch_size: int
+    accum_steps: int
+    source: str = "config"  # "config", "auto" (measured once, saved) or "global"
+
+
+# ---------------------------------------------------------------- the table and its folds
+
+def prepare_table(cfg: Config) -> tuple[TrainTable, np.ndarray]:
+    """The checked table and each row's fold (the table's own `fold` column if it has one)."""
+    table = load_train_table(cfg.data.data, csv=cfg.data.csv, images=cfg.data.images,
+                             id_col=cfg.data.id_col, label_col=cfg.data.label_col,
+                             check_images=cfg.data.check_images)
+    frame, source = table.frame, table.csv_path or table.images_dir
+    if table.num_classes < 2:
+        raise DataError(f"{source}: a classifier needs at least 2 classes, the table has only "
+                        f"{table.classes}")
+    if "fold" not in frame.columns:
+        check_class_counts(table, cfg.train.folds)
+        return table, make_folds(table.labels, cfg.train.folds, cfg.train.seed)
+    folds = frame["fold"].to_numpy(dtype=np.int64)
+    present = sorted(set(folds.tolist()))
+    if present != list(range(cfg.train.folds)):
+        hint = (f"set --folds {max(present) + 1}" if present == list(range(max(present) + 1))
+                else f"number the folds 0 … {cfg.train.folds - 1}")
+        raise ConfigError(f"folds: the fold column of {source} holds folds "
+                          f"{_short(present)}, but folds is {cfg.train.folds}; {hint}")
+    return table, folds
+
+
+def _short(values: list[int], limit: int = 10) -> str:
+    return str(values) if len(values) <= limit else f"{values[:limit]} … ({len(values)} values)"
+
+
+def fold_rows(table: TrainTable, folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows (other folds, keep == 1) and validation rows (this fold, all of them)."""
+    keep = table.frame["keep"].to_numpy() == 1 if "keep" in table.frame.columns else True
+    train_rows = np.flatnonzero((folds != fold) & keep)
+    valid_rows = np.flatnonzero(folds == fold)
+    return train_rows, valid_rows
+
+
+def valid_labels_of(table: TrainTable) -> np.ndarray:
+    """Validation is scored on the labels as given, never on cleaned ones."""
+    if "label_given" in table.frame.columns:
+        return table.frame["label_given"].to_numpy(dtype=np.int64)
+    return table.labels
+
+
+# ---------------------------------------------------------------- checks before any output
+
+def build_training_loss(cfg: LossConfig) -> nn.Module:
+    return build_loss(cfg.name, smoothing=cfg.smoothing, t1=cfg.t1, t2=cfg.t2,
+                      focal_gamma=cfg.focal_gamma, sce_alpha=cfg.sce_alpha, sce_beta=cfg.sce_beta,
+                      taylor_order=cfg.taylor_order)
+
+
+def build_mixer(cfg: MixConfig) -> Callable | None:
+    if cfg.method == "none":
+        return None
+    from mixcls.mix import Mixer
+    return Mixer(cfg.method, alpha=cfg.alpha, prob=cfg.prob, decay_power=cfg.decay_power,
+                 max_soft=cfg.max_soft, mode=cfg.mode)
+
+
+def check_run_settings(cfg: Config, device: torch.device, *, world_size: int) -> None:
+    """Every check of the configuration that a fold would otherwise fail on after the run
+    folder was written: AMP on this device, the model and its weights, loss and mixing,
+    the distributed options, the batch split and the TensorBoard package."""
+    amp_setup(cfg.train.amp, device)
+    check_model_name(cfg.model.name)
+    if cfg.model.pretrained_file:
+        if not Path(cfg.model.pretrained_file).is_file():
+            raise ModelError(f"pretrained file {cfg.model.pretrained_file} does not exist")
+    elif cfg.model.pretrained:
+        check_pretrained_available(cfg.model.name)
+    try:
+        build_training_loss(cfg.loss)
+        build_mixer(cfg.mix)
+    except ValueError as exc:
+        raise ConfigError(f"loss / mix: {exc}") from None
+    check_distributed_options(sync_bn=cfg.train.sync_bn, device=device, world_size=world_size)
+    if cfg.train.batch_size_global is not None:
+        per_process_batch(cfg.train.batch_size_global, world_size=world_size,
+                          accum_steps=cfg.train.accum_steps)
+    if cfg.train.log == "tensorboard":
+        from mixcls.tblog import check_tensorboard
+        check_tensorboard()
+
+
+# ---------------------------------------------------------------- the batch plan
+
+def resolve_batch_plan(cfg: Config, num_classes: int, device: torch.device, *, world_size: int,
+                       run_dir: Path, resume: bool, log: Callable[[str], None]) -> BatchPlan:
+    """The micro-batch and accumulation the run trains with.
+
+    `--batch-size auto` is measured once, when the run starts, and saved in batch_plan.json: a
+    resume re-uses it, since a second measurement (memory figures are noisy) could give other
+    numbers than the step checkpoints were saved with.
+    """
+    if cfg.train.batch_size == "auto":
+        saved = run_dir / "batch_plan.json"
+        if resume and saved.is_file():
+            plan = BatchPlan(**read_json(saved))
+            log(f"batch size auto: micro-batch {plan.batch_size} x {plan.accum_steps} accumulation "
+                f"steps, as planned when the run started ({saved})")
+            return plan
+        return _plan_auto_batch(cfg, num_classes, device, log)
+    if cfg.train.batch_size_global is not None:
+        micro = per_process_batch(cfg.train.batch_size_global, world_size=world_size,
+                                  accum_steps=cfg.train.accum_steps)
+        return BatchPlan(micro, cfg.train.accum_steps, "global")
+    return BatchPlan(int(cfg.train.batch_size), cfg.train.accum_steps)
+
+
+def _plan_auto_batch(cfg: Config, num_classes: int, device: torch.device,
+                     log: Callable[[str], None]) -> BatchPlan:
+    """(micro-batch, accumulation steps) from the largest micro-batch that fits on `device`."""
+    from mixcls.memory import find_max_batch, plan_batch
+    micro = find_max_batch(cfg.model.name, cfg.data.img_size, num_classes=num_classes,
+                           budget_mb=cfg.train.max_memory_mb, device=str(device), amp=cfg.train.amp)
+    effective = cfg.train.effective_batch or micro
+    batch, accum = plan_batch(effective, micro)
+    log(f"batch size auto: micro-batch {batch} x {accum} accumulation steps "
+        f"(largest fitting micro-batch {micro}, effective batch {batch * accum})")
+    return BatchPlan(batch, accum, "auto")
+
+
+def with_batch_plan(cfg: Config, plan: BatchPlan) -> Config:
+    """A copy of `cfg` that trains with `plan` (what the checkpoints record)."""
+    train = dataclasses.replace(cfg.train, batch_size=plan.batch_size, accum_steps=plan.accum_steps)
+    return dataclasses.replace(cfg, train=train)
+
+
+# ---------------------------------------------------------------- the run folder
+
+def estimate_run_mb(cfg: Config, num_classes: int, n_folds: int) -> float:
+    """Disk the run's checkpoints take: per fold best.pt + last.pt, plus one last.pt being replaced.
+
+    The weights are counted on the meta device (no memory, no download); an architecture that
+    cannot be built there counts as nothing and only the margin is asked for.
+    """
+    try:
+        with torch.device("meta"):
+            model = build_model(dataclasses.replace(cfg.model, pretrained=False, pretrained_file=None),
+                                num_classes)
+    except Exception:  # the real build reports the real problem later
+        return DISK_MARGIN_MB
+    weights_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    moments = {"adamw": 2, "adam": 2, "sgd": 1 if cfg.optim.momentum else 0}.get(cfg.optim.name, 2)
+    last_mb = weights_mb * (1 + moments + (1 if cfg.train.ema else 0))
+    return n_folds * (weights_mb + last_mb) + last_mb + DISK_MARGIN_MB
+
+
+def write_run_header(cfg: Config, table: TrainTable, folds: np.ndarray, run_dir: Path,
+                     plan: BatchPlan) -> None:
+    """config.yaml, classes.json, dataset.json, folds.csv (+ batch_plan.json): what later steps read."""
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    atomic_write_json(run_dir / "classes.json", table.classes)
+    atomic_write_json(run_dir / "dataset.json", {
+        "csv": str(table.csv_path) if table.csv_path else None, "images": str(table.images_dir),
+        "rows": len(table.frame), "integer_labels": table.integer_labels,
+        "soft_targets": table.soft_targets is not None})
+    atomic_write_csv(run_dir / "folds.csv", pd.DataFrame({"image_id": table.frame["image_id"], "fold": folds}))
+    if plan.source == "auto":
+        atomic_write_json(run_dir / "batch_plan.json", dataclasses.asdict(plan))
+
+
+def open_run_folder(cfg: Config, table: TrainTable, folds: np.ndarray, run_dir: Path, *,
+                    resume: bool, chosen: list[int], plan: BatchPlan,
+                    log: Callable[[str], None]) -> tuple[np.ndarray, list[int]]:
+    """Check and start (or reopen) the run folder; return the folds and the folds already finished.
+
+    Runs on rank 0 only and after every check of the configuration, so a refused run costs
+    seconds, not epochs, and leaves no folder behind.
+    """
+    need_mb = estimate_run_mb(cfg, table.num_classes, len(chosen))
+    if not resume:
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise RunError(f"run folder {run_dir} already holds files; pass another --out, or "
+                           f"--resume {run_dir} to continue it")
+        check_writable(run_dir, min_free_mb=need_mb)
+        write_run_header(cfg, table, folds, run_dir, plan)
+        return folds, []
+    check_writable(run_dir, min_free_mb=need_mb)
+    if not (run_dir / "folds.csv").is_file():
+        raise RunError(f"--resume {run_dir}: no folds.csv there; the run stopped before it began, "
+                       "start it again with --out")
+    saved = pd.read_csv(run_dir / "folds.csv", dtype={"image_id": str}, keep_default_na=False)
+    ids = table.frame["image_id"].tolist()
+    if saved["image_id"].tolist() != ids:
+        raise RunError(f"--resume {run_dir}: its folds.csv lists {len(saved)} images, the table now "
+                       f"has {len(ids)} and they differ; the data changed since the run started")
+    stale = remove_stale_temporaries(run_dir)
+    if stale:
+        log(f"removed {len(stale)} half-written file(s) of the interrupted run")
+    finished = [k for k in chosen if (run_dir / f"fold_{k}" / "oof.csv").is_file()]
+    return saved["fold"].to_numpy(dtype=np.int64), finished
+
+
+def discard_begun_run(run_dir: Path) -> bool:
+    """Remove what a new run wrote before it failed, when it holds no checkpoint yet.
+
+    Only the run's own files go (header, fold_K/ folders, tensorboard/); the folder itself
+    goes only when it is then empty. With a checkpoint the folder stays, for --resume.
+    """
+    if not run_dir.is_dir() or any(run_dir.glob("fold_*/*.pt")):
+        return False
+    for name in HEADER_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for folder in [*run_dir.glob("fold_*"), run_dir / "tensorboard"]:
+        shutil.rmtree(folder, ignore_errors=True)
+    remove_stale_temporaries(run_dir)
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
+    return True
+
+
+def previous_seconds(run_dir: Path, resume: bool) -> float:
+    """Training seconds of the run before this resume (0 for a new run)."""
+    if not resume or not (run_dir / "metrics.json").is_file():
+        return 0.0
+    return float(read_json(run_dir / "metrics.json").get("seconds", 0.0))

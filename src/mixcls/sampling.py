@@ -1,0 +1,141 @@
+"""Seeds, generator states, the epoch sampler and the loaders: what makes a run repeatable.
+
+Randomness is derived from (seed, fold, epoch) at each epoch start, and each image's
+augmentation from (epoch seed, row), so a run resumed after a crash, or run with another
+number of loader workers, sees exactly the same batches. A resume in the middle of an epoch
+restores the python / numpy / torch / mixing generator states saved with its checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mixcls.config import ConfigError
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed from integers, well mixed (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def capture_rng_states(device: torch.device) -> dict[str, Any]:
+    """The python, numpy, torch (and CUDA) generator states, as weights_only-loadable types."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    """Inverse of `capture_rng_states`."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = states["numpy"]
+    np.random.set_state(("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and states.get("cuda") is not None:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def start_epoch_generators(seed: int, fold: int, epoch: int, *, device: torch.device,
+                           rng: dict[str, Any] | None = None,
+                           mix_rng: torch.Tensor | None = None) -> torch.Generator:
+    """Seed every generator for `epoch` (or restore a step checkpoint's `rng` / `mix_rng`);
+    return the mixing generator."""
+    epoch_seed = derive_seed(seed, fold, epoch)
+    mix_gen = torch.Generator(device=device).manual_seed(derive_seed(epoch_seed, 1))
+    if rng is not None:
+        restore_rng_states(rng, device)
+        if mix_rng is not None:
+            mix_gen.set_state(mix_rng)
+    else:
+        seed_everything(epoch_seed)
+    return mix_gen
+
+
+def per_process_batch(global_batch: int, *, world_size: int, accum_steps: int) -> int:
+    """The micro-batch of each process that makes `global_batch` images per optimizer step.
+
+    Each process of a torchrun group loads its own micro-batch, so one optimizer step sees
+    world_size * accum_steps * micro-batch images; a global batch that does not divide into
+    that is refused rather than rounded, since rounding would change the step count silently.
+    """
+    parts = world_size * accum_steps
+    if global_batch < parts or global_batch % parts:
+        raise ConfigError(f"batch_size_global: {global_batch} images per step do not divide into "
+                          f"{world_size} process(es) x {accum_steps} accumulation step(s) = {parts} "
+                          f"equal micro-batches; use a multiple of {parts}")
+    return global_batch // parts
+
+
+class EpochSampler(Sampler):
+    """Yields (row, item_seed) pairs of one epoch's permutation, from `skip` on.
+
+    The permutation and the item seeds depend only on `seed` and the epoch, never on state
+    carried across epochs. Under torchrun each rank takes every world_size-th item of the
+    permutation (padded by wrapping, like DistributedSampler), so with world_size ranks of
+    batch B, step s covers the same rows as step s of one process with batch world_size * B.
+    `skip` counts this rank's items, i.e. batches already done * batch size.
+
+    The sampler runs in the main process even with persistent loader workers (they receive
+    indices only), so `set_epoch` takes effect at the next `iter(loader)`.
+    """
+
+    def __init__(self, n: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, *, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _order(self) -> list[int]:
+        epoch_seed = derive_seed(self.seed, self.epoch)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(epoch_seed)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.world_size > 1:
+            per_rank = -(-self.n // self.world_size)
+            order = (order * 2)[:per_rank * self.world_size][self.rank::self.world_size]
+        return order
+
+    def __len__(self) -> int:
+        return max(0, -(-self.n // self.world_size) - self.skip)
+
+    def __iter__(self):
+        epoch_seed = derive_seed(self.seed, self.epoch)
+        for row in self._order()[self.skip:]:
+            yield row, (epoch_seed * 1_000_003 + row) % 2**32
+
+
+def _worker_init(worker_id: int) -> None:
+    import cv2
+    cv2.setNumThreads(0)  # one decode thread per worker; the workers are the parallelism
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, workers: int, sampler: Sampler | None,
+                drop_last: bool, device: torch.device, seed: int) -> DataLoader:
+    """A DataLoader whose worker seeds come from `seed`, never from the global torch RNG."""
+    # Its own generator: creating an iterator draws a worker base seed, which must not move
+    # the global torch RNG (a resumed epoch creates one iterator more than an unbroken one).
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=drop_last, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0, worker_init_fn=_worker_init,
+                      generator=torch.Generator().manual_seed(seed))
