@@ -300,3 +300,47 @@ def test_verify_members_names_a_moved_run_and_a_changed_checkpoint(two_runs, tmp
     with pytest.raises(RunError, match="does not exist") as info:
         b.verify_members(spec, tmp_path / "blend")
     assert str(paths[0].resolve()) in str(info.value)
+
+
+@pytest.mark.parametrize("method", b.BLEND_METHODS)
+def test_predict_blend_combines_the_members_by_the_rule_fitted_on_all_rows(two_runs, tmp_path,
+                                                                           monkeypatch, method):
+    import mixcls.predict
+
+    paths, probs, labels, folds = two_runs
+    for path in paths:
+        (path / "fold_0").mkdir()
+        (path / "fold_0" / "best.pt").write_bytes(b"weights " + path.name.encode())
+    out = tmp_path / "blend"
+    b.blend_runs(paths, out, method=method, calibrate=method == "weighted", seed=1)
+    spec = b.read_blend(out)
+    rng = np.random.default_rng(12)
+    test = {str(p.resolve()): rng.dirichlet(np.ones(3), size=9) for p in paths}
+    monkeypatch.setattr(mixcls.predict, "predict_run", lambda run_dir, image_paths, **kw: test[str(run_dir)])
+    predicted = b.predict_blend(out, ["x.png"] * 9)
+    member_probs = np.stack([test[str(p.resolve())] for p in paths])
+    if method == "stack":  # an independent refit on all OOF rows predicts the same
+        model = LogisticRegression(C=b.STACK_C, max_iter=5000).fit(b.stack_features(probs), labels)
+        expected = model.predict_proba(b.stack_features(member_probs))
+    elif method == "rank":
+        from scipy.stats import rankdata
+        mean = np.mean([rankdata(p, axis=0) / 9 for p in member_probs], axis=0)
+        expected = mean / mean.sum(axis=1, keepdims=True)
+    else:
+        weights = {"mean": np.full(2, 0.5), "weighted": b.fit_weights(probs, labels),
+                   "caruana": b.fit_caruana(probs, labels, metric="logloss", seed=1)}[method]
+        expected = np.tensordot(weights, member_probs, axes=1)
+        if method == "weighted":
+            expected = softmax(np.log(expected) / spec["temperature"], axis=1)
+    np.testing.assert_allclose(predicted, expected, atol=1e-5)
+
+
+def test_the_report_can_be_rebuilt_from_the_folder(two_runs, tmp_path):
+    from mixcls.blend_report import write_blend_report
+
+    paths, *_ = two_runs
+    b.blend_runs(paths, tmp_path / "blend", method="stack")
+    page = (tmp_path / "blend" / "report.html").read_text()
+    assert "A stacker has no member weights" in page and "blend, nested CV" in page
+    (tmp_path / "blend" / "report.html").unlink()
+    assert write_blend_report(tmp_path / "blend").read_text() == page

@@ -42,7 +42,8 @@ def _section_scores(spec: dict[str, Any], metrics: dict[str, Any]) -> str:
                    numeric=NUMERIC)
     return _section("scores", "Cross-validation", table, intro=(
         "Nested CV: the rule that scores fold g was fitted on the other folds' OOF rows only. "
-        "In-sample: fitted and scored on the same rows; it flatters the blend by the gap."))
+        "In-sample: fitted and scored on the same rows; it flatters the blend by the gap "
+        "(log-loss is better lower, so there a negative gap is the flattery)."))
 
 
 def _section_weights(spec: dict[str, Any]) -> str:
@@ -77,8 +78,9 @@ def plot_correlation(corr: np.ndarray, names: list[str]):
     ax.set_yticks(range(m), names, fontsize=8)
     for i in range(m):
         for j in range(m):
+            dark = not np.isnan(corr[i, j]) and abs(corr[i, j]) > 0.6
             ax.text(j, i, "—" if np.isnan(corr[i, j]) else f"{corr[i, j]:.2f}", ha="center",
-                    va="center", fontsize=8)
+                    va="center", fontsize=8, color="white" if dark else "#1f2933")
     fig.tight_layout()
     return fig
 
