@@ -42,8 +42,9 @@ class LRFindResult:
 
     `lrs` (n,) the learning rate of each step; `losses` (n,) the training loss of the step's
     micro-batches (their mean, measured before the step); `smoothed` (n,) the bias-corrected
-    moving average of `losses`; `stopped_early`: the smoothed loss passed `diverge_factor` times
-    its minimum, or a loss became NaN or infinite (that step is not recorded).
+    moving average of `losses`; `stopped_early`: the test ended before its last lr because the
+    smoothed loss passed `diverge_factor` times its minimum, or a loss became NaN or infinite
+    (that step is not recorded).
     """
 
     lrs: np.ndarray
@@ -99,8 +100,9 @@ def range_test(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
     Each step is `accum_steps` micro-batches from `loader` (batches of images (B, C, H, W) and
     targets (B,) class indices or (B, K) soft targets; the loader is cycled when it runs out),
     treated as in `engine.train_one_epoch`: mixing, autocast, loss on soft targets, the loss
-    divided by the group size, fp16 loss scaling with `scaler`, clipping to `grad_clip`. Every
-    param group gets the step's lr (the optimizer's own lr and any scheduler play no part).
+    divided by the group size, fp16 loss scaling with `scaler` (a step its scaler skips for an
+    overflow is still recorded: its loss was measured), clipping to `grad_clip`. Every param
+    group gets the step's lr (the optimizer's own lr and any scheduler play no part).
     Afterwards the model's parameters and buffers, its gradients and train/eval mode, the
     optimizer's state and param groups, the scaler's state and the global torch RNG are exactly
     what they were, also when the test stops with an exception.
@@ -158,7 +160,7 @@ def _run_range(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
             step_loss = 0.0
             smoothed = smooth_losses(losses, beta=beta)
             if smoothed[-1] > diverge_factor * smoothed.min():
-                stopped = True
+                stopped = len(tried) < len(lrs)  # diverging at the very last lr is no early stop
                 break
     return LRFindResult(lrs=np.asarray(tried, dtype=np.float64),
                         losses=np.asarray(losses, dtype=np.float64), smoothed=smoothed,

@@ -25,9 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_flags(p)
     group = p.add_argument_group("range test options")
     group.add_argument("--steps", type=int, default=100, help="optimizer steps of the test (>= 10)")
-    group.add_argument("--min-lr", dest="range_min_lr", type=float, default=1e-7,
+    group.add_argument("--min-lr", dest="range_min_lr", type=float, default=1e-7, metavar="LR",
                        help="first lr of the range (here not the scheduler's floor)")
-    group.add_argument("--max-lr", dest="range_max_lr", type=float, default=10.0,
+    group.add_argument("--max-lr", dest="range_max_lr", type=float, default=10.0, metavar="LR",
                        help="last lr of the range")
     group.add_argument("--suggest", default="steepest",
                        help="steepest: steepest descent of the smoothed loss before its minimum; "
