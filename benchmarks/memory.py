@@ -18,8 +18,8 @@ import sys
 import time
 from typing import Sequence
 
-from mixcls.commands.explain import parse_memory_settings, resolve_device
 from mixcls.config import AMP_MODES
+from mixcls.explain import parse_memory_settings
 from mixcls.memory import (MeasureError, MemoryResult, find_max_batch, format_memory_table,
                            measure_memory, plan_batch)
 
@@ -46,14 +46,15 @@ def parse_settings(args: argparse.Namespace) -> tuple[list[int], list[str], list
     """(batch sizes, AMP modes, (micro_batch, accum_steps) pairs): `mixcls explain memory`'s own
     checks of the flags, then this script's; SystemExit naming the bad flag, before any measuring."""
     try:
-        settings = parse_memory_settings(args)
-        args.device = resolve_device(args.device)
+        *settings, args.device = parse_memory_settings(
+            batch=args.batch, amp=args.amp, accum=args.accum, img_size=args.img_size,
+            num_classes=args.num_classes, model=args.model, device=args.device)
     except ValueError as exc:  # ConfigError, ModelError
         raise SystemExit(str(exc)) from None
     if args.limit_mib < 0 or args.effective_batch < 1:
         raise SystemExit(f"--limit-mib ({args.limit_mib:g}) must be >= 0 and --effective-batch "
                          f"({args.effective_batch}) >= 1")
-    return settings
+    return tuple(settings)
 
 
 def amp_name(amp: str) -> str:

@@ -41,18 +41,14 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from mixcls.cli import main as mixcls_main
 from mixcls.config import load_config
-from mixcls.data import ImageDataset, load_image_cache, prob_columns
-from mixcls.engine import evaluate
-from mixcls.models import model_mean_std
+from mixcls.data import load_image_cache, prob_columns
 from mixcls.noise import DEFAULT_METHOD
-from mixcls.predict import load_fold_models, predict_run
-from mixcls.runs import RunFolder, read_json
+from mixcls.predict import load_fold_models, predict_fold_outputs, predict_run
+from mixcls.runs import RunFolder
 from mixcls.train import fit_folds
-from mixcls.transforms import build_valid_transform
 
 NUM_CLASSES = 10
 SHIRT, TSHIRT = 6, 0
@@ -171,23 +167,19 @@ def predict_test(bench: Bench, run_dir: Path, *, fold: int = 0, n: int | None = 
     """(n, K) probabilities of the run's fold `fold` model on the first n clean test images.
 
     The library's predict_run would decode the 10,000 test PNGs again for each of ~20 models;
-    here they are decoded once (bench.test_cache) and fed through the same transform and
-    `evaluate`. job_reference checks once that both agree.
+    here they are decoded once (bench.test_cache) and fed to the library's predict_fold_outputs
+    (the same transform and `evaluate`). job_reference checks once that both agree.
     """
-    classes = read_json(run_dir / "classes.json")
+    classes = RunFolder(run_dir).classes
     if classes != [str(k) for k in range(NUM_CLASSES)]:
         raise SystemExit(f"{run_dir}: classes {classes}; expected the digits 0..9 of the noisy CSVs")
     models = [m for m in load_fold_models(run_dir, torch.device("cpu")) if m.fold == fold]
     if len(models) != 1:
         raise SystemExit(f"{run_dir}: no fold {fold} checkpoint")
-    fm = models[0]
     n = len(bench.test_paths) if n is None else n
-    mean, std = model_mean_std(fm.model)
-    dataset = ImageDataset(bench.test_paths[:n], None, build_valid_transform(
-        fm.config.data.img_size, mean=mean, std=std), cache=bench.test_cache[:n])
-    loader = DataLoader(dataset, batch_size=512, num_workers=0, shuffle=False)
-    probs, _ = evaluate(fm.model, loader, device=torch.device("cpu"))
-    return probs
+    outputs = predict_fold_outputs(models, bench.test_paths[:n], device=torch.device("cpu"),
+                                   views=("orig",), batch_size=512, cache=bench.test_cache[:n])
+    return outputs.probs[0]
 
 
 def clean_test_accuracy(bench: Bench, run_dir: Path, *, fold: int = 0) -> float:

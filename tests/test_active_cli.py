@@ -22,6 +22,7 @@ from PIL import Image
 
 from mixcls.active import STRATEGIES
 from mixcls.cli import main
+from mixcls import active as library
 from mixcls.commands import active as commands
 from mixcls.config import dump_config, load_config
 from mixcls.data import DataError
@@ -81,12 +82,18 @@ class FakePredict(types.ModuleType):
         rng = np.random.default_rng(zlib.crc32(Path(path).name.encode()))
         return rng.dirichlet(np.full(K, 0.3))
 
-    def predict_fold_probs(self, run_dir, paths, *, tta=None, device="auto", batch_size=64, workers=0):
-        self.calls.append(("probs", list(paths)))
-        return np.stack([[self._member(p, f) for p in paths] for f in range(2)])
+    def predict_run_outputs(self, run_dir, paths, *, tta=None, device="auto", batch_size=64, workers=0,
+                            features=False):
+        self.calls.append(("probs and features" if features else "probs", list(paths)))
+        probs = np.stack([[self._member(p, f) for p in paths] for f in range(2)])
+        return types.SimpleNamespace(probs=probs, features=np.stack([self._features(paths)] * 2)
+                                     if features else None)
 
     def extract_features(self, run_dir, paths, *, device="auto", batch_size=64, workers=0):
         self.calls.append(("features", list(paths)))
+        return self._features(paths)
+
+    def _features(self, paths) -> np.ndarray:
         out = []
         for p in paths:
             rng = np.random.default_rng(zlib.crc32(Path(p).name.encode()))
@@ -120,16 +127,20 @@ def make_pool_csv(pool: dict, tiny_data: Path) -> tuple[Path, list[Path]]:
 def test_select_never_returns_labelled_or_duplicate_images(strategy, pool, run_dir, tiny_data, monkeypatch):
     csv, traps = make_pool_csv(pool, tiny_data)
     fake = install_fake(monkeypatch, traps)
-    table, counts = commands.select_from_pool(run_dir, csv, strategy=strategy, budget=5, seed=1)
+    table, counts = library.select_from_pool(run_dir, csv, strategy=strategy, budget=5, seed=1)
     assert counts == {"pool": 21, "labelled": 4, "duplicates": 5, "candidates": 12, "selected": 5}
     assert set(table["image_id"]) <= set(pool["fresh"]) and table["image_id"].is_unique
-    full, _ = commands.select_from_pool(run_dir, csv, strategy=strategy, budget=100, seed=1)
+    full, _ = library.select_from_pool(run_dir, csv, strategy=strategy, budget=100, seed=1)
     assert sorted(full["image_id"]) == sorted(pool["fresh"])  # every fresh image once, nothing else
     assert full["rank"].tolist() == list(range(1, 13))
     trap_paths = {p.resolve().as_posix() for p in traps}
     for kind, paths in fake.calls:
         if len(paths) == 12:  # the pool's model outputs: only candidates were scored
             assert not trap_paths & {Path(p).as_posix() for p in paths}, kind
+    # One pass of the models over the pool per selection: probabilities and features together.
+    pool_passes = [paths for kind, paths in fake.calls if kind.startswith("probs")]
+    assert len(pool_passes) == 2 and all(len(paths) == 12 for paths in pool_passes)
+    assert all(len(paths) != 12 for kind, paths in fake.calls if kind == "features")
 
 
 def test_select_cli_writes_table_and_copies_or_links(pool, run_dir, tmp_path, monkeypatch, capsys):

@@ -17,13 +17,14 @@ import torch
 
 from conftest import write_tiny_dataset
 from mixcls.active import select
-from mixcls.al_sim import (candidate_rows, forward_images, labels_to_reach, load_sim_data, monitor_rows,
-                           round_epochs, selection_seed, simulate, summarise_curve)
+from mixcls.al_sim import (candidate_rows, labels_to_reach, load_sim_data, monitor_rows, round_epochs,
+                           selection_seed, simulate, summarise_curve)
 from mixcls.cli import main
 from mixcls.config import load_config
 from mixcls.data import ImageDataset, load_train_table
 from mixcls.engine import evaluate
 from mixcls.models import build_model, model_mean_std
+from mixcls.predict import LoadedModel, predict_fold_outputs
 from mixcls.runs import RunError
 from mixcls.transforms import build_valid_transform
 
@@ -228,14 +229,17 @@ def test_held_out_split_is_stratified_and_disjoint(tmp_path):
 
 # --- the building blocks against independent code ---------------------------------------------------
 
-def test_forward_images_matches_engine_evaluate_and_the_classifier(tiny_data, one_thread):
+def test_fold_outputs_match_engine_evaluate_and_the_classifier(tiny_data, one_thread):
+    """The simulation's pool scoring (predict_fold_outputs, plain view, probs + features)."""
     table = load_train_table(tiny_data)
     paths = table.frame["path"].tolist()[:20]
     cfg = load_config(None, {"model": "mixcls_cnn_tiny", "img_size": 16})
     torch.manual_seed(secrets.randbits(31))
     model = build_model(cfg.model, table.num_classes).eval()
-    probs, features = forward_images(model, paths, img_size=16, device=torch.device("cpu"),
-                                     batch_size=7, features=True)
+    outputs = predict_fold_outputs([LoadedModel(model, cfg, table.classes, 0)], paths,
+                                   device=torch.device("cpu"), views=("orig",), batch_size=7,
+                                   features=True)
+    probs, features = outputs.probs[0], outputs.features[0]
     mean, std = model_mean_std(model)
     dataset = ImageDataset(paths, None, build_valid_transform(16, mean=mean, std=std))
     expected, _ = evaluate(model, torch.utils.data.DataLoader(dataset, batch_size=5),
@@ -341,8 +345,8 @@ def test_min_steps_sets_the_epochs_each_round_trains(data_dir, tmp_path, monkeyp
     class Stop(Exception):
         pass
 
-    def record(cfg, table, *, train_rows, **kwargs):
-        seen.append((len(train_rows), cfg.train.epochs))
+    def record(cfg, data, **kwargs):  # fit_fold(cfg, FoldData, ...)
+        seen.append((len(data.train_paths), cfg.train.epochs))
         raise Stop
 
     monkeypatch.setattr(al_sim, "fit_fold", record)

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mixcls import config
 from mixcls.config import (ConfigError, config_from_flat, config_to_flat, dump_config, iter_options,
                            load_config)
 
@@ -60,3 +61,31 @@ def test_cassava_baseline_config_holds_the_classic_settings():
     assert (cfg.train.batch_size, cfg.train.accum_steps, cfg.train.epochs, cfg.train.folds) == (16, 2, 10, 5)
     assert cfg.optim.lr == pytest.approx(1e-4)
     assert cfg.sched.name == "cosine_restarts" and cfg.sched.t0 == 10
+
+
+def test_choice_lists_are_the_registries_names():
+    """config.py spells the names out (no torch at flag parsing); each list must be exactly the
+    names its registry accepts, so a new loss, preset or view cannot be missing from the flags."""
+    import torch
+
+    from mixcls import losses, mix, optim, transforms
+    from mixcls.devices import amp_dtype
+
+    for names, registry in [(config.PRESETS, transforms.PRESETS), (config.TTA_VIEWS, transforms.TTA_VIEWS),
+                            (config.LOSSES, losses.LOSSES), (config.MIX_MODES, mix.MIX_MODES)]:
+        assert sorted(names) == sorted(registry) and len(set(names)) == len(names)
+    assert sorted(mix.MIX_METHODS) == sorted(mix.MASK_MAKERS)
+    model = torch.nn.Linear(2, 2)
+    for name in config.OPTIMIZERS:  # optim.py dispatches by name: every listed name must build
+        cfg = load_config(None, {"optimizer": name})
+        assert isinstance(optim.build_optimizer(model, cfg.optim), torch.optim.Optimizer)
+    for name in config.SCHEDULERS:
+        cfg = load_config(None, {"scheduler": name})
+        opt = optim.build_optimizer(model, cfg.optim)
+        optim.build_scheduler(opt, cfg.sched, steps_per_epoch=3, epochs=2)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        optim.build_optimizer(model, config.OptimConfig(name="lion"))
+    for name in config.AMP_MODES:
+        amp_dtype(name, torch.device("cuda"))  # every listed name is known (on CUDA fp16 is allowed)
+    with pytest.raises(ConfigError, match="not one of"):
+        amp_dtype("fp8", torch.device("cpu"))

@@ -104,3 +104,40 @@ def test_evaluate_averages_views_and_never_trains():
         expected = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2
     np.testing.assert_allclose(probs, expected.numpy(), rtol=1e-5, atol=1e-6)
     assert not model.training and loss > 0
+
+
+def test_evaluate_features_are_the_plain_view_in_the_same_pass():
+    """features=True: the probabilities do not change, and the features are those of the
+    unflipped images whatever the TTA views (checked against the model's own layers)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    head = nn.Linear(4, 5)
+
+    class Split(nn.Module):  # timm's forward_features / forward_head(pre_logits) split
+        num_features = 4
+
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = model, head
+
+        def forward_features(self, x):
+            return self.body(x)
+
+        def forward_head(self, x, pre_logits=False):
+            return x if pre_logits else self.head(x)
+
+        def forward(self, x):
+            return self.forward_head(self.forward_features(x))
+
+    net = Split()
+    x = torch.randn(7, 3, 8, 8)
+    loader = [(x[:4], torch.zeros(4, dtype=torch.long)), (x[4:], torch.zeros(3, dtype=torch.long))]
+    with torch.no_grad():
+        plain = model(x).numpy()
+    for views in [("orig",), ("hflip", "orig"), ("hflip", "vflip")]:
+        probs, loss, features = evaluate(net, loader, device=torch.device("cpu"), tta_views=views,
+                                         features=True)
+        expected, none = evaluate(net, loader, device=torch.device("cpu"), tta_views=views)
+        np.testing.assert_allclose(probs, expected, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(features, plain, rtol=1e-5, atol=1e-6)
+        assert loss is None and none is None and features.shape == (7, 4)

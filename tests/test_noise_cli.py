@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mixcls.cli import main
-from mixcls.commands.noise import write_clean_table, write_suspects
+from mixcls.noise import write_clean_table, write_suspects
 from mixcls.config import dump_config, load_config
 from mixcls.data import DataError, load_train_table
 from mixcls.runs import RunError

@@ -188,3 +188,33 @@ def test_fold_dirs_are_in_numeric_order(tmp_path):
     (path / "fold_x").mkdir()
     (path / "fold_99").write_text("a file, not a fold")
     assert list(RunFolder.open(path).fold_dirs.items()) == [(k, path / f"fold_{k}") for k in folds]
+
+
+@pytest.mark.slow
+def test_reads_folds_and_oof_without_importing_noise(trained_run):
+    """read_folds / read_oof / read_oof_ids agree with the files, and reading a run pulls in no
+    noise module (runs sits below noise: noise reads runs through RunFolder)."""
+    import subprocess
+    import sys
+
+    data, path = trained_run
+    run = RunFolder.open(path)
+    folds = pd.read_csv(path / "folds.csv", dtype={"image_id": str})
+    pd.testing.assert_frame_equal(run.read_folds(), folds)
+    oof = pd.read_csv(path / "oof.csv", dtype={"image_id": str})
+    assert run.read_oof()["image_id"].tolist() == oof["image_id"].tolist() == run.read_oof_ids()
+    code = ("import sys; from mixcls.runs import RunFolder; r = RunFolder.open(sys.argv[1]); "
+            "r.read_oof(); r.read_folds(); print('mixcls.noise' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_read_folds_names_the_file(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data", n_per_class=2, size=8)
+    run = RunFolder.open(hand_made_run(tmp_path / "run", data, ["red", "green", "blue"]))
+    with pytest.raises(RunError, match="folds.csv does not exist"):
+        run.read_folds()
+    (run.path / "folds.csv").write_text("image_id,split\na.png,0\n")
+    with pytest.raises(DataError, match="folds.csv: expected columns image_id, fold"):
+        run.read_folds()
+    assert run.read_oof_ids() == []

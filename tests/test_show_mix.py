@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from mixcls.cli import main
-from mixcls.commands.show_mix import make_examples, pick_pairs
+from mixcls.explain import make_examples, pick_pairs
 
 
 @pytest.mark.parametrize("method", ["fmix", "cutmix:0.5,mixup:0.5"])

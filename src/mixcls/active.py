@@ -1,5 +1,7 @@
 """Active learning: which unlabelled images to label next, which given labels to check first,
-and merging a person's answers back into the training table.
+and merging a person's answers back into the training table. The second half works on files:
+a run folder and an image pool (`select_from_pool`), a run's OOF table (`review_run`), two label
+tables (`merge_files`); `mixcls select/review/merge` only parse flags and print.
 
 Every strategy works on arrays a model has already produced (probabilities, a stack of fold
 probabilities, penultimate features), so the same `select` serves `mixcls select` and a
@@ -9,15 +11,22 @@ time"; ties are broken by the lower row index so a selection never depends on so
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import json
+import os
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy.spatial.distance import cdist
 from scipy.special import entr
 
-from mixcls.data import DataError, prob_columns
+from mixcls.data import (DataError, format_listing, list_image_files, prob_columns, read_class_names,
+                         read_text_table)
+from mixcls.runs import RunError, RunFolder, atomic_path
 
 MAX_LISTED = 20
 # Softmax outputs averaged over folds and TTA views sum to 1 within float32 rounding;
@@ -324,13 +333,6 @@ class MergePlan:
     unchanged: list[str]
 
 
-def format_listing(title: str, items: Sequence[str]) -> str:
-    """'title (count):' and the first MAX_LISTED items, one per line."""
-    shown = "\n".join(f"  {item}" for item in items[:MAX_LISTED])
-    more = f"\n  … and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
-    return f"{title} ({len(items)}):\n{shown}{more}"
-
-
 def _label_index(train_labels: pd.Series, classes: Sequence[str]) -> tuple[dict[str, int], bool]:
     """{accepted label text: class index}, and whether the table writes labels as indices.
 
@@ -441,3 +443,222 @@ def merge_tables(train: pd.DataFrame, new: pd.DataFrame, *, classes: Sequence[st
     """The training table with `new`'s labels merged in (see `plan_merge` for the checks)."""
     return plan_merge(train, new, classes=classes, allow_relabel=allow_relabel,
                       id_col=id_col, label_col=label_col).table
+
+
+# --- select: a run's models over a pool of images ---------------------------------------------
+
+def read_run_labelled(run: RunFolder) -> pd.DataFrame:
+    """image_id and resolved path of every image the run already has a label for.
+
+    The training table comes from RUN/config.yaml (data, csv, images, id_col); ids in
+    RUN/oof.csv are added too, so a moved table still excludes what the run trained on.
+    """
+    csv_path, images_dir = run.layout()
+    id_col = run.config.data.id_col
+    if csv_path is None:
+        ids = list_image_files(images_dir)
+    else:
+        table = read_text_table(csv_path, allow_empty=True)
+        if id_col not in table.columns:
+            raise DataError(f"{csv_path}: missing column {id_col!r} (id_col of {run.path})")
+        ids = table[id_col].str.strip().tolist()
+    known = set(ids)
+    ids += [i for i in dict.fromkeys(run.read_oof_ids()) if i not in known]
+    return pd.DataFrame({"image_id": ids, "path": [str((images_dir / i).resolve()) for i in ids]})
+
+
+def read_pool(pool: str | Path, *, pool_images: str | Path | None = None) -> pd.DataFrame:
+    """image_id and resolved path of each pool image, in pool order (duplicates kept).
+
+    pool is a folder (every image file below it, image_id relative to it) or a CSV with an
+    image_id column (relative to the CSV's folder, or to `pool_images`).
+    """
+    pool = Path(pool)
+    if pool.is_dir():
+        if pool_images is not None:
+            raise DataError(f"--pool-images is for a CSV pool; {pool} is a folder")
+        root, ids = pool, list_image_files(pool)
+    elif pool.is_file():
+        table = read_text_table(pool, allow_empty=True)
+        if "image_id" not in table.columns:
+            raise DataError(f"{pool}: missing column 'image_id'; "
+                            f"columns are {', '.join(table.columns)}")
+        root = Path(pool_images) if pool_images is not None else pool.parent
+        ids = table["image_id"].str.strip().tolist()
+        empty = [f"row {i + 2}" for i, v in enumerate(ids) if not v]
+        if empty:
+            raise DataError(format_listing(f"{pool}: rows with an empty image_id", empty))
+    else:
+        raise DataError(f"pool {pool} does not exist (give a folder of images or a CSV)")
+    if not ids:
+        raise DataError(f"pool {pool} holds no images")
+    paths = [str((root / i).resolve()) for i in ids]
+    missing = [f"row {i + 2}: {ids[i]!r}" for i, p in enumerate(paths) if not os.path.isfile(p)]
+    if missing:
+        raise DataError(format_listing(f"{pool}: image files that do not exist under {root}", missing))
+    return pd.DataFrame({"image_id": ids, "path": paths})
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def find_candidates(pool: pd.DataFrame, labelled: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Pool rows a person could label: not labelled already (same image_id or same file), and
+    each image once (the first of rows sharing an image_id, a file, or identical bytes).
+
+    Returns (candidates with image_id, path; counts of pool, labelled, duplicates, candidates).
+    """
+    is_labelled = (pool["image_id"].isin(labelled["image_id"]) | pool["path"].isin(labelled["path"]))
+    rest = pool.loc[~is_labelled]
+    same_name = rest["image_id"].duplicated() | rest["path"].duplicated()
+    rest = rest.loc[~same_name]
+    # Identical bytes under two names would take two labelling slots for one answer.
+    same_bytes = pd.Series([_file_digest(p) for p in rest["path"]], index=rest.index).duplicated()
+    rest = rest.loc[~same_bytes].reset_index(drop=True)
+    counts = {"pool": len(pool), "labelled": int(is_labelled.sum()),
+              "duplicates": int(same_name.sum() + same_bytes.sum()), "candidates": len(rest)}
+    return rest, counts
+
+
+def _predict_module() -> Any:
+    # Imported by name when needed: it loads torch models, and tests put a fake in sys.modules.
+    return importlib.import_module("mixcls.predict")
+
+
+def select_from_pool(run_dir: str | Path, pool: str | Path, *, strategy: str, budget: int,
+                     seed: int = 42, tta: int | None = None, pool_images: str | Path | None = None,
+                     device: str = "auto", batch_size: int = 64,
+                     workers: int = 0) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Score the unlabelled pool with the run's models and choose up to `budget` images.
+
+    tta None uses the run's own number of TTA views.
+
+    Returns (the selection table, best first: image_id, label (empty, for the person), rank,
+    score, pred_class, prob_0 … prob_{K-1}, path; counts from `find_candidates` plus selected).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(sorted(STRATEGIES))}")
+    run = RunFolder.open(run_dir)
+    n_folds = sum((d / "best.pt").is_file() for d in run.fold_dirs.values())
+    if strategy == "bald" and n_folds < 2:
+        raise RunError(f"{run.path}: bald needs at least 2 trained folds (fold_*/best.pt), found {n_folds}")
+    classes = run.classes
+    labelled = read_run_labelled(run)
+    candidates, counts = find_candidates(read_pool(pool, pool_images=pool_images), labelled)
+    if candidates.empty:
+        raise DataError(f"pool {pool}: no image left to label ({counts['labelled']} already "
+                        f"labelled, {counts['duplicates']} duplicates)")
+    budget = min(budget, len(candidates))
+    outputs = _model_outputs(run.path, candidates["path"].tolist(), strategy=strategy,
+                             labelled_paths=labelled["path"].tolist(), num_classes=len(classes),
+                             tta=tta, device=device, batch_size=batch_size, workers=workers)
+    indices, scores = select(strategy, budget=budget, seed=seed, **outputs)
+    probs = outputs["fold_probs"].mean(axis=0)
+    chosen = candidates.iloc[indices].reset_index(drop=True)
+    table = pd.DataFrame({
+        "image_id": chosen["image_id"], "label": "", "rank": np.arange(1, len(indices) + 1),
+        "score": scores[indices], "pred_class": [classes[k] for k in probs[indices].argmax(axis=1)],
+        **dict(zip(prob_columns(len(classes)), probs[indices].T)), "path": chosen["path"]})
+    return table, {**counts, "selected": len(table)}
+
+
+def _model_outputs(run_dir: Path, paths: list[str], *, strategy: str, labelled_paths: list[str],
+                   num_classes: int, tta: int | None, device: str, batch_size: int,
+                   workers: int) -> dict[str, Any]:
+    """fold_probs (F, N, K) always; features (N, D) and labelled_features (M, D) when needed.
+
+    The pool goes through each fold's model once: probabilities and features of one pass.
+    """
+    predict = _predict_module()
+    options = {"device": device, "batch_size": batch_size, "workers": workers}
+    with_features = "features" in STRATEGIES[strategy].needs
+    pool_outputs = predict.predict_run_outputs(run_dir, paths, tta=tta, features=with_features, **options)
+    fold_probs = np.asarray(pool_outputs.probs)
+    if fold_probs.ndim != 3 or fold_probs.shape[1:] != (len(paths), num_classes):
+        raise RunError(f"{run_dir}: fold probabilities of shape {fold_probs.shape}, expected "
+                       f"(folds, {len(paths)}, {num_classes})")
+    outputs = {"fold_probs": fold_probs}
+    if with_features:
+        outputs["features"] = np.asarray(pool_outputs.features).mean(axis=0)
+    if strategy == "coreset" and labelled_paths:
+        # The batch should cover what the labelled set does not: start from its features.
+        outputs["labelled_features"] = predict.extract_features(run_dir, labelled_paths, **options)
+    return outputs
+
+
+def place_files(table: pd.DataFrame, folder: str | Path, *, link: bool = False) -> int:
+    """Copy (or symlink) each selected image to folder/image_id; returns the number placed."""
+    folder = Path(folder)
+    for image_id, source in zip(table["image_id"], table["path"]):
+        target = folder / image_id
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if link:
+            target.symlink_to(source)
+        else:
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(Path(source).read_bytes())
+    return len(table)
+
+
+# --- review and merge on files ------------------------------------------------------------------
+
+def review_run(run_dir: str | Path, *, budget: int, weight: float = REVIEW_WEIGHT) -> pd.DataFrame:
+    """The `budget` training rows of RUN/oof.csv most worth checking, with class names.
+
+    Columns: rank, image_id, label (given class name; edit it and `mixcls merge
+    --allow-relabel`), pred_class, review_score, issue_score, uncertainty, fold, prob_*.
+    """
+    run = RunFolder.open(run_dir)
+    classes, oof = run.classes, run.read_oof()
+    ranked = rank_for_review(oof, num_classes=len(classes), weight=weight).head(budget)
+    names = np.asarray(classes, dtype=object)
+    prob_cols = prob_columns(len(classes))
+    out = pd.DataFrame({
+        "rank": ranked["rank"], "image_id": ranked["image_id"],
+        "label": names[ranked["label"].to_numpy(dtype=np.int64)],
+        "pred_class": names[ranked[prob_cols].to_numpy().argmax(axis=1)],
+        "review_score": ranked["review_score"], "issue_score": ranked["issue_score"],
+        "uncertainty": ranked["uncertainty"]})
+    if "fold" in ranked.columns:
+        out["fold"] = ranked["fold"]
+    return pd.concat([out, ranked[prob_cols]], axis=1).reset_index(drop=True)
+
+
+def _class_list(names: Any, labels: pd.Series) -> list[str]:
+    """Class names in index order from a names file (list or {index: name}) or the labels."""
+    if isinstance(names, list):
+        return [str(v) for v in names]
+    if isinstance(names, dict):
+        keys = sorted(names, key=lambda k: (not str(k).isdigit(), int(k) if str(k).isdigit() else k))
+        return [str(names[k]) for k in keys]
+    values = sorted(set(labels.astype(str).str.strip()) - {""})
+    if values and all(v.isdigit() for v in values):
+        return [str(k) for k in range(max(int(v) for v in values) + 1)]
+    return values
+
+
+def merge_files(train_csv: str | Path, new_csv: str | Path, *, classes_path: str | Path | None = None,
+                allow_relabel: bool = False, id_col: str = "image_id",
+                label_col: str = "label") -> MergePlan:
+    """Read both tables and the class list, and plan the merge (nothing is written)."""
+    train_csv, new_csv = Path(train_csv), Path(new_csv)
+    for path in (train_csv, new_csv):
+        if not path.is_file():
+            raise DataError(f"{path} does not exist")
+    train, new = read_text_table(train_csv, allow_empty=True), read_text_table(new_csv, allow_empty=True)
+    if classes_path is not None:
+        try:
+            names = json.loads(Path(classes_path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"--classes {classes_path}: cannot be read as JSON ({exc})") from None
+    else:
+        names = read_class_names(train_csv.parent)
+    classes = _class_list(names, train.get(label_col, pd.Series(dtype=str)))
+    try:
+        return plan_merge(train, new, classes=classes, allow_relabel=allow_relabel,
+                          id_col=id_col, label_col=label_col)
+    except DataError as exc:
+        raise type(exc)(f"merging {new_csv} into {train_csv} (train = {train_csv.name}, "
+                        f"new = {new_csv.name}):\n{exc}") from None

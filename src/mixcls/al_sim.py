@@ -38,18 +38,15 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from mixcls.active import STRATEGIES, select
 from mixcls.config import Config, ConfigError, dump_config
-from mixcls.data import DataError, ImageDataset, TrainTable, load_image_cache, load_train_table
-from mixcls.engine import autocast_context
-from mixcls.models import build_model, model_mean_std
+from mixcls.data import DataError, TrainTable, load_image_cache, load_train_table
 from mixcls.runs import (RunError, atomic_save_figure, atomic_write_csv, atomic_write_json,
-                         atomic_write_text, check_writable, load_checkpoint)
+                         atomic_write_text, check_writable)
 from mixcls.devices import amp_setup, resolve_device
+from mixcls.predict import LoadedModel, load_model, predict_fold_outputs
 from mixcls.train import derive_seed, fit_fold, make_fold_data
-from mixcls.transforms import build_valid_transform
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -188,46 +185,6 @@ def _quiet(message: str) -> None:
     """fit_fold's per-epoch lines would drown the simulation's per-round ones."""
 
 
-def load_trained(path: Path, cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module:
-    """The model of a fit_fold checkpoint (its `model` weights), in eval mode on `device`."""
-    cfg = copy.deepcopy(cfg)
-    cfg.model.pretrained, cfg.model.pretrained_file = False, None  # the weights come from the file
-    model = build_model(cfg.model, num_classes)
-    model.load_state_dict(load_checkpoint(path)["model"])
-    return model.to(device).eval()
-
-
-@torch.inference_mode()
-def forward_images(model: torch.nn.Module, paths: Sequence[str], *, img_size: int,
-                   device: torch.device, cache: list[np.ndarray] | None = None,
-                   batch_size: int = 1024, workers: int = 0, amp_dtype: torch.dtype | None = None,
-                   channels_last: bool = False, features: bool = False
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
-    """probs (N, K) of the plain view (no TTA) and, with `features`, the penultimate features
-    (N, D) (the classifier's input, as predict.extract_features defines them).
-
-    Written beside engine.evaluate because a strategy that needs both would otherwise pay two
-    passes over the pool, and scoring the pool is a large part of a round's cost.
-    """
-    mean, std = model_mean_std(model)
-    dataset = ImageDataset(paths, None, build_valid_transform(img_size, mean=mean, std=std), cache=cache)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    model.eval()
-    all_probs, all_features = [], []
-    for images, _ in loader:
-        x = images.to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, amp_dtype):
-            fmap = model.forward_features(x)
-            logits = model.forward_head(fmap).float()
-            if features:
-                all_features.append(model.forward_head(fmap, pre_logits=True).float().cpu().numpy())
-        all_probs.append(logits.softmax(1).cpu().numpy())
-    probs = np.concatenate(all_probs).astype(np.float64)
-    return probs, (np.concatenate(all_features).astype(np.float64) if features else None)
-
-
 @dataclass
 class _Run:
     """What every round of a simulation reads: config, data, device and the shared round-0 models."""
@@ -262,10 +219,13 @@ class _Run:
             all_paths = self.data.pool.frame["path"].tolist()
             paths = [all_paths[i] for i in rows]
             cache = [self.data.pool_cache[i] for i in rows] if self.data.pool_cache is not None else None
-        return forward_images(model, paths, img_size=self.cfg.data.img_size, device=self.device,
-                              cache=cache, batch_size=self.batch_size, workers=self.cfg.data.workers,
-                              amp_dtype=self.amp_dtype, channels_last=self.cfg.model.channels_last,
-                              features=features)
+        # The plain view only (no TTA); probs and features of one pass over the images.
+        outputs = predict_fold_outputs([LoadedModel(model, self.cfg, self.data.pool.classes, 0)], paths,
+                                       device=self.device, views=("orig",), batch_size=self.batch_size,
+                                       workers=self.cfg.data.workers, amp_dtype=self.amp_dtype,
+                                       features=features, cache=cache)
+        probs = outputs.probs[0].astype(np.float64)
+        return probs, (outputs.features[0].astype(np.float64) if features else None)
 
 
 def monitor_rows(rows: np.ndarray, *, limit: int = MONITOR_ROWS) -> np.ndarray:
@@ -304,7 +264,7 @@ def train_member(run: _Run, rows: np.ndarray, *, seed: int, round_index: int, me
         data = make_fold_data(run.data.pool, rows, monitor_rows(rows), cache=run.data.pool_cache)
         fit_fold(cfg, data, fold=round_index, fold_dir=fold_dir, device=run.device, progress=False,
                  resume=False, log=_quiet)
-        model = load_trained(fold_dir / "last.pt", cfg, run.data.pool.num_classes, run.device)
+        model = load_model(fold_dir / "last.pt", run.device).model  # the final weights, not the best
     finally:
         shutil.rmtree(fold_dir, ignore_errors=True)
     seconds = time.perf_counter() - started

@@ -20,13 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mixcls {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"mixcls.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"mixcls.commands.{name}":
-                raise
-            continue
-        module.register(subparsers)
+        # A listed module that is missing is a broken install, not an optional command: fail.
+        importlib.import_module(f"mixcls.commands.{name}").register(subparsers)
     return parser
 
 

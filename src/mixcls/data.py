@@ -70,10 +70,14 @@ class TrainTable:
         return self.frame["label"].to_numpy(dtype=np.int64)
 
 
-def _listing(title: str, items: Sequence[str]) -> str:
+def format_listing(title: str, items: Sequence[str]) -> str:
+    """'title (count):' and the first MAX_LISTED items, one per line: every list of bad rows."""
     shown = "\n".join(f"  {item}" for item in items[:MAX_LISTED])
     more = f"\n  … and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
     return f"{title} ({len(items)}):\n{shown}{more}"
+
+
+_listing = format_listing  # the old private name, for code being edited beside this change
 
 
 def resolve_layout(data: str | Path | None, csv: str | Path | None,
@@ -144,22 +148,31 @@ def _scan_class_folders(root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    """Every cell as a string ("" when empty or missing); rows must not outgrow the header."""
+def read_csv(path: str | Path, **kwargs: Any) -> pd.DataFrame:
+    """pd.read_csv(path, **kwargs); DataError naming `path` for an empty or unreadable file.
+
+    The one CSV reader of the package: tables, pools, run files and the report's inputs.
+    """
+    try:
+        return pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not a readable CSV: {exc}") from None
+
+
+def read_text_table(path: str | Path, *, allow_empty: bool = False) -> pd.DataFrame:
+    """Every cell as a string ("" when empty or missing); rows must not outgrow the header;
+    DataError for a header without rows unless `allow_empty`."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", pd.errors.ParserWarning)
-        try:
-            # index_col=False: without it pandas silently turns the first cells of rows with
-            # too many cells into an index, shifting every column by one.
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
-        except pd.errors.EmptyDataError:
-            raise DataError(f"{path} is empty") from None
-        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise DataError(f"{path} is not a readable CSV: {exc}") from None
+        # index_col=False: without it pandas silently turns the first cells of rows with
+        # too many cells into an index, shifting every column by one.
+        frame = read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
-        raise DataError(_listing(f"{path}: rows with more cells than the header's "
-                                 f"{len(frame.columns)} columns", _long_rows(path, len(frame.columns))))
-    if frame.empty:
+        raise DataError(format_listing(f"{path}: rows with more cells than the header's "
+                                       f"{len(frame.columns)} columns", _long_rows(path, len(frame.columns))))
+    if frame.empty and not allow_empty:
         raise DataError(f"{path} has a header but no rows")
     return frame.fillna("")
 
@@ -187,7 +200,7 @@ def load_train_table(data: str | Path | None = None, *, csv: str | Path | None =
         id_col, label_col = "image_id", "label"
         names_file = None
     else:
-        raw = _read_csv(csv_path)
+        raw = read_text_table(csv_path)
         source = str(csv_path)
         missing = [c for c in (id_col, label_col) if c not in raw.columns]
         if missing:
@@ -216,14 +229,14 @@ def _check_ids(frame: pd.DataFrame, source: str, images_dir: Path) -> None:
     ids = frame["image_id"]
     empty = [f"row {i + 2}" for i in np.flatnonzero(ids.eq("").to_numpy())]
     if empty:
-        raise DataError(_listing(f"{source}: rows with an empty image id", empty))
+        raise DataError(format_listing(f"{source}: rows with an empty image id", empty))
     nul = [f"row {i + 2}: {v!r}" for i, v in ids.items() if "\x00" in v]
     if nul:  # the OS cannot even look such a name up
-        raise DataError(_listing(f"{source}: image ids with a NUL character", nul))
+        raise DataError(format_listing(f"{source}: image ids with a NUL character", nul))
     dup = ids[ids.duplicated(keep=False)]
     if len(dup):
         listed = [f"row {i + 2}: {v!r}" for i, v in dup.items()]
-        raise DataError(_listing(f"{source}: duplicate image ids", listed))
+        raise DataError(format_listing(f"{source}: duplicate image ids", listed))
     root = images_dir.resolve()
     outside, resolved = [], {}
     for i, image_id in ids.items():
@@ -236,17 +249,17 @@ def _check_ids(frame: pd.DataFrame, source: str, images_dir: Path) -> None:
             outside.append(f"row {i + 2}: {image_id!r} (a link out of the folder)")
         resolved.setdefault(target, []).append(f"row {i + 2}: {image_id!r}")
     if outside:
-        raise DataError(_listing(f"{source}: image ids that point outside {images_dir}", outside))
+        raise DataError(format_listing(f"{source}: image ids that point outside {images_dir}", outside))
     # 'a.png', './a.png', 'a.png/' and a link to a.png are one image: in two folds it would leak
     same = [row for rows in resolved.values() if len(rows) > 1 for row in rows]
     if same:
-        raise DataError(_listing(f"{source}: image ids that name the same file", same))
+        raise DataError(format_listing(f"{source}: image ids that name the same file", same))
 
 
 def _check_labels(labels: pd.Series, source: str) -> None:
     empty = [f"row {i + 2}" for i in np.flatnonzero(labels.eq("").to_numpy())]
     if empty:
-        raise DataError(_listing(f"{source}: rows with an empty label", empty))
+        raise DataError(format_listing(f"{source}: rows with an empty label", empty))
 
 
 def _resolve_classes(labels: pd.Series, names_file: Any, classes: list[str] | None
@@ -279,7 +292,7 @@ def _map_labels(raw: pd.Series, classes: list[str], integer: bool, source: str) 
     bad = [f"row {i + 2}: {v!r}" for i, v in raw[mapped.isna()].items()]
     if bad:
         allowed = ", ".join(index) if len(index) <= 30 else f"{len(index)} classes"
-        raise DataError(_listing(f"{source}: labels outside the class list ({allowed})", bad))
+        raise DataError(format_listing(f"{source}: labels outside the class list ({allowed})", bad))
     return mapped.to_numpy(dtype=np.int64)
 
 
@@ -297,7 +310,7 @@ def _read_optional_columns(raw: pd.DataFrame, frame: pd.DataFrame, classes: list
                 values.isna().to_numpy() | (values < 0).to_numpy() | (values % 1 != 0).to_numpy()
                 | (values >= MAX_INDEX).to_numpy())]
             if bad:
-                raise DataError(_listing(f"{source}: column {name} must hold integers in 0 … "
+                raise DataError(format_listing(f"{source}: column {name} must hold integers in 0 … "
                                          f"{MAX_INDEX - 1}", bad))
             columns[name] = values.to_numpy(dtype=np.int64)
     if "keep" in columns and not set(np.unique(columns["keep"])) <= {0, 1}:
@@ -313,7 +326,7 @@ def _read_optional_columns(raw: pd.DataFrame, frame: pd.DataFrame, classes: list
         sums = soft.sum(axis=1)
         bad_rows = np.flatnonzero(~np.isfinite(sums) | (soft < 0).any(axis=1) | (abs(sums - 1) > 1e-3))
         if len(bad_rows):
-            raise DataError(_listing(f"{source}: soft targets must be >= 0 and sum to 1",
+            raise DataError(format_listing(f"{source}: soft targets must be >= 0 and sum to 1",
                                      [f"row {i + 2}: sum {sums[i]:.4f}" for i in bad_rows]))
         soft = soft / soft.sum(axis=1, keepdims=True)
     return {"columns": columns, "soft": soft}
@@ -344,11 +357,11 @@ def _check_files(frame: pd.DataFrame, source: str, mode: str,
     missing = [f"row {i + 2}: {frame['image_id'].iat[i]!r}"
                for i, p in enumerate(paths) if not os.path.isfile(p)]
     if missing:
-        raise DataError(_listing(f"{source}: image files that do not exist", missing))
+        raise DataError(format_listing(f"{source}: image files that do not exist", missing))
     problems = _check_images(paths, mode, image_cache)
     bad = [f"row {i + 2}: {frame['image_id'].iat[i]!r}: {msg}" for i, msg in enumerate(problems) if msg]
     if bad:
-        raise DataError(_listing(f"{source}: images that cannot be decoded", bad))
+        raise DataError(format_listing(f"{source}: images that cannot be decoded", bad))
 
 
 def _check_images(paths: Sequence[str], mode: str | None, image_cache: ImageCache | None
@@ -369,8 +382,52 @@ def check_class_counts(table: TrainTable, n_folds: int) -> None:
     counts = np.bincount(table.labels, minlength=len(classes))
     small = [f"{classes[k]!r}: {counts[k]} image(s)" for k in range(len(classes)) if counts[k] < n_folds]
     if small:
-        raise DataError(_listing(f"{source}: classes with fewer images than the {n_folds} folds "
+        raise DataError(format_listing(f"{source}: classes with fewer images than the {n_folds} folds "
                                  "(stratified k-fold needs at least one per fold)", small))
+
+
+# OOF rows are softmax outputs written as text; allow for the rounding of a CSV round trip.
+PROB_SUM_TOLERANCE = 1e-3
+MAX_ROWS_NAMED = 10
+
+
+def _row_numbers(index: np.ndarray) -> str:
+    """'row 2, row 7, … (N rows)' with CSV line numbers (header is line 1)."""
+    shown = ", ".join(f"row {i + 2}" for i in index[:MAX_ROWS_NAMED])
+    return shown + (f", … ({len(index)} rows)" if len(index) > MAX_ROWS_NAMED else "")
+
+
+def check_oof(oof: pd.DataFrame, *, num_classes: int, source: str = "oof") -> None:
+    """Raise DataError naming `source` and the rows unless `oof` is a complete OOF table (RUN/oof.csv):
+    image_id, label in 0..K-1, fold >= 0, prob_0 … prob_{K-1} >= 0 summing to 1."""
+    expected = prob_columns(num_classes)
+    found = [c for c in oof.columns if str(c).startswith("prob_")]
+    missing = [c for c in ("image_id", "label", "fold") if c not in oof.columns]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {', '.join(missing)}; "
+                        f"columns are {', '.join(map(str, oof.columns))}")
+    if sorted(found) != sorted(expected):
+        raise DataError(f"{source}: probability columns {found} do not match the {num_classes} "
+                        f"classes of the run (expected prob_0 … prob_{num_classes - 1})")
+    if len(oof) == 0:
+        raise DataError(f"{source}: no rows")
+    for name, high in (("label", num_classes - 1), ("fold", None)):
+        values = pd.to_numeric(oof[name], errors="coerce").to_numpy(dtype=float)
+        bad = ~np.isfinite(values) | (values % 1 != 0) | (values < 0)
+        if high is not None:
+            bad |= values > high
+        if bad.any():
+            allowed = f"0..{high}" if high is not None else "integers >= 0"
+            raise DataError(f"{source}: column {name} must hold {allowed}: {_row_numbers(np.flatnonzero(bad))}")
+    dup = oof["image_id"].duplicated(keep=False).to_numpy()
+    if dup.any():
+        raise DataError(f"{source}: duplicate image ids: {_row_numbers(np.flatnonzero(dup))}")
+    probs = oof[expected].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    sums = probs.sum(axis=1)
+    bad = ~np.isfinite(sums) | (probs < 0).any(axis=1) | (np.abs(sums - 1) > PROB_SUM_TOLERANCE)
+    if bad.any():
+        raise DataError(f"{source}: probabilities must be >= 0 and sum to 1 (rows not scored "
+                        f"by any fold count too): {_row_numbers(np.flatnonzero(bad))}")
 
 
 def list_image_files(folder: str | Path) -> list[str]:
@@ -401,7 +458,7 @@ def load_image_cache(paths: Sequence[str], *, mode: str = "auto", img_size: int 
     problems = _check_images(paths, None, image_cache)
     bad = [f"{path}: {msg}" for path, msg in zip(paths, problems) if msg]
     if bad:
-        raise DataError(_listing("images that cannot be decoded", bad))
+        raise DataError(format_listing("images that cannot be decoded", bad))
     return image_cache.sources(paths)
 
 

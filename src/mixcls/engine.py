@@ -198,28 +198,56 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, *,
 def evaluate(model: nn.Module, loader: Sequence, *, device: torch.device,
              loss_fn: Callable | None = None, num_classes: int | None = None,
              amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-             tta_views: Sequence[str] = ("orig",), progress: bool = False,
-             desc: str = "valid") -> tuple[np.ndarray, float | None]:
+             tta_views: Sequence[str] = ("orig",), features: bool = False, progress: bool = False,
+             desc: str = "valid") -> tuple:
     """Class probabilities (N, K) averaged over `tta_views`, and the mean loss of the plain view.
 
-    Never mixes: validation and prediction see the images as they are (plus TTA views).
+    With `features`, also the penultimate features (N, D) of the plain view (the classifier's
+    input: timm's forward_head(pre_logits=True)), from the same forward pass, so a caller that
+    needs both reads the images once. Returns (probs, loss), or (probs, loss, features) with
+    `features`; loss is None without `loss_fn`. Never mixes: validation and prediction see the
+    images as they are (plus TTA views).
     """
     model.eval()
-    all_probs, total_loss, seen = [], 0.0, 0
+    all_probs, all_features, total_loss, seen = [], [], 0.0, 0
     for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images = images.to(device, non_blocking=True)
         probs = None
         for view in tta_views:
-            x = apply_tta_view(images, view)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast_context(device, amp_dtype):
-                logits = model(x).float()
+            logits, pooled = _forward(model, apply_tta_view(images, view), amp_dtype=amp_dtype,
+                                      channels_last=channels_last,
+                                      features=features and view == "orig")
             probs = logits.softmax(1) if probs is None else probs + logits.softmax(1)
+            if pooled is not None:
+                all_features.append(pooled.cpu().numpy())
             if view == "orig" and loss_fn is not None:
                 soft = to_soft_targets(targets.to(device), num_classes or logits.shape[1])
                 total_loss += loss_fn(logits, soft).item() * images.shape[0]
+        if features and "orig" not in tta_views:  # features are always those of the plain images
+            all_features.append(_forward(model, images, amp_dtype=amp_dtype, channels_last=channels_last,
+                                         features=True)[1].cpu().numpy())
         seen += images.shape[0]
         all_probs.append((probs / len(tta_views)).cpu().numpy())
     probs = np.concatenate(all_probs) if all_probs else np.zeros((0, num_classes or 0), np.float32)
-    return probs, (total_loss / max(seen, 1) if loss_fn is not None else None)
+    loss = total_loss / max(seen, 1) if loss_fn is not None else None
+    if not features:
+        return probs, loss
+    width = getattr(model, "num_features", 0)
+    return probs, loss, (np.concatenate(all_features) if all_features else np.zeros((0, width), np.float32))
+
+
+def _forward(model: nn.Module, x: torch.Tensor, *, amp_dtype: torch.dtype | None,
+             channels_last: bool, features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits (B, K) float32, pooled features (B, D) float32 or None) of one batch.
+
+    The features path splits the model where timm does (forward_features, then forward_head),
+    so logits and features come from one pass over the backbone.
+    """
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast_context(x.device, amp_dtype):
+        if not features:
+            return model(x).float(), None
+        fmap = model.forward_features(x)
+        pooled = model.forward_head(fmap, pre_logits=True)
+        return model.forward_head(fmap).float(), pooled.float()

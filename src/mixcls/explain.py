@@ -1,4 +1,5 @@
-"""Pictures of the maths under the toolkit: Beta(α, α), the 2-D DFT, FMix masks, step memory.
+"""Pictures of the maths under the toolkit: Beta(α, α), the 2-D DFT, FMix masks, step memory,
+and mixed training images (`mixcls show-mix`).
 
 Each `plot_*` returns a matplotlib Figure (built without pyplot, so no GUI backend and no
 global figure state); the caller saves it with `runs.atomic_save_figure`. The numbers drawn
@@ -9,14 +10,20 @@ check against scipy and the textbook formulas.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 from scipy import integrate, ndimage, special
 
+from mixcls.config import AMP_MODES, ConfigError
+from mixcls.data import read_image
 from mixcls.memory import MemoryResult
+from mixcls.mix import make_masks, mix_pairs, sample_lam
 
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 weights of R, G, B in grey
 
@@ -342,3 +349,146 @@ def plot_memory(results: Sequence[MemoryResult]) -> Figure:
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles[::-1], labels[::-1], fontsize=9, loc="upper left")
     return fig
+
+
+# ------------------------------------------------------------------------------- show-mix
+
+
+@dataclass
+class MixExample:
+    """One mixed pair: images (3, S, S) float in [0, 1], mask (S, S), `weight` = the mask's mean."""
+
+    method: str
+    image1: torch.Tensor
+    image2: torch.Tensor
+    mask: torch.Tensor
+    mixed: torch.Tensor
+    label1: str
+    label2: str
+    weight: float
+
+    def label_text(self) -> str:
+        if self.label1 == self.label2:
+            return f"{self.label1} 1.00"
+        return f"{self.label1} {self.weight:.2f} · {self.label2} {1 - self.weight:.2f}"
+
+
+def pick_pairs(labels: np.ndarray, n: int, generator: torch.Generator) -> list[tuple[int, int]]:
+    """`n` pairs of distinct row indices, each partner of another class where one is left."""
+    order = torch.randperm(len(labels), generator=generator).tolist()
+    firsts, rest = order[:n], order[n:]
+    pairs = []
+    for i in firsts:
+        j = next((j for j in rest if labels[j] != labels[i]), rest[0])
+        rest.remove(j)
+        pairs.append((i, j))
+    return pairs
+
+
+def load_images(paths: list[str], img_size: int) -> torch.Tensor:
+    """Images (N, 3, S, S) float in [0, 1], resized (antialiased) to img_size × img_size."""
+    out = []
+    for path in paths:
+        image = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None].float() / 255.0
+        out.append(F.interpolate(image, size=(img_size, img_size), mode="bilinear",
+                                 antialias=True, align_corners=False).clamp(0, 1))
+    return torch.cat(out)
+
+
+def make_examples(images1: torch.Tensor, images2: torch.Tensor, labels1: list[str],
+                  labels2: list[str], *, weights: dict[str, float], alpha: float,
+                  decay_power: float = 3.0, max_soft: float = 0.0,
+                  generator: torch.Generator | None = None) -> list[MixExample]:
+    """Mix images1[i] (N, 3, S, S) with images2[i], a method per pair drawn from `weights`."""
+    n, _, height, width = images1.shape
+    names = list(weights)
+    picks = torch.multinomial(torch.tensor([weights[m] for m in names]), n, replacement=True,
+                              generator=generator)
+    lam = sample_lam(alpha, n, generator)
+    examples = []
+    for i in range(n):
+        method = names[int(picks[i])]
+        mask = make_masks(method, lam[i:i + 1], height, width, decay_power=decay_power,
+                          max_soft=max_soft, generator=generator)
+        mixed, lam_eff = mix_pairs(images1[i:i + 1], images2[i:i + 1], mask)
+        examples.append(MixExample(method, images1[i], images2[i],
+                                   mask.expand(1, 1, height, width)[0, 0], mixed[0],
+                                   labels1[i], labels2[i], float(lam_eff[0])))
+    return examples
+
+
+def plot_examples(examples: list[MixExample], *, alpha: float):
+    """A matplotlib Figure: one row per example, columns image 1, image 2, mask, mixed."""
+    fig = Figure(figsize=(4 * 2.3, len(examples) * 2.6 + 0.4))
+    axes = fig.subplots(len(examples), 4, squeeze=False)
+    titles = ["image 1 (x1)", "image 2 (x2)", "mask m", "m·x1 + (1−m)·x2"]
+    for row, ex in zip(axes, examples):
+        pictures = [ex.image1, ex.image2, ex.mask, ex.mixed]
+        captions = [ex.label1, ex.label2, f"{ex.method}, mean {ex.weight:.2f}", ex.label_text()]
+        for ax, picture, caption in zip(row, pictures, captions):
+            if picture.ndim == 3:
+                ax.imshow(picture.permute(1, 2, 0).numpy())
+            else:
+                ax.imshow(picture.numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xlabel(caption, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax, title in zip(axes[0], titles):
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"λ ~ Beta({alpha:g}, {alpha:g}); the targets are weighted by the mask's mean",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------- memory flags
+
+
+def parse_numbers(text: str, flag: str, kind: type) -> list:
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    if not items:
+        raise ConfigError(f"{flag}: give at least one value")
+    try:
+        return [kind(item) for item in items]
+    except ValueError:
+        raise ConfigError(f"{flag}: {text!r} is not a comma-separated list of "
+                          f"{'integers' if kind is int else 'numbers'}") from None
+
+
+def _parse_accum(item: str) -> tuple[int, int]:
+    micro, sep, steps = item.strip().lower().partition("x")
+    try:
+        pair = (int(micro), int(steps))
+    except ValueError:
+        pair = None
+    if not sep or pair is None or pair[1] < 1:
+        raise ConfigError(f"--accum: {item.strip()!r} is not MICROxSTEPS like 8x8")
+    return pair
+
+
+def parse_memory_settings(*, batch: str, amp: str, accum: str, img_size: int, num_classes: int,
+                          model: str, device: str
+                          ) -> tuple[list[int], list[str], list[tuple[int, int]], str]:
+    """(batch sizes, AMP modes, (micro_batch, accum_steps) pairs, device) from the text of the
+    memory flags (--batch "8,16", --amp "none,bf16", --accum "8x8", --device "auto"), checked
+    before any measuring; ConfigError names the flag. `mixcls explain memory` and
+    benchmarks/memory.py both use it."""
+    from mixcls.devices import resolve_device
+    from mixcls.models import check_model_name  # registers mixcls's own CNNs with timm
+
+    batches = parse_numbers(batch, "--batch", int)
+    amps = [a.strip() for a in amp.split(",") if a.strip()]
+    pairs = [_parse_accum(item) for item in accum.split(",") if item.strip()]
+    if any(b < 2 for b in batches + [m for m, _ in pairs]):
+        raise ConfigError(f"--batch/--accum: batch sizes must be >= 2 (BatchNorm), got {batch!r}")
+    bad = [a for a in amps if a not in AMP_MODES]
+    if bad or not amps:
+        raise ConfigError(f"--amp: {bad[0] if bad else amp!r} is not one of {', '.join(AMP_MODES)}")
+    if img_size < 8 or num_classes < 2:
+        raise ConfigError(f"--img-size ({img_size}) must be >= 8 and --num-classes "
+                          f"({num_classes}) >= 2")
+    check_model_name(model)
+    resolved = resolve_device(device)
+    if resolved.type not in ("cpu", "cuda"):  # what measuring supports
+        raise ConfigError(f"--device: {device!r} is not auto, cpu, cuda or cuda:N")
+    return batches, amps, pairs, str(resolved)

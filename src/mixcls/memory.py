@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-AMP_DTYPES = {"none": None, "bf16": "bfloat16", "fp16": "float16"}
+from mixcls.config import AMP_MODES
+
 _RESULT_MARK = "MIXCLS_MEMORY_RESULT "
 _MIB = 2**20
 _CHILD_CODE = "import sys; from mixcls.memory import _child_main; _child_main(sys.argv[1])"
@@ -214,8 +215,8 @@ def format_memory_table(results: Sequence[MemoryResult]) -> str:
 
 def _check_setting(*, img_size: int, num_classes: int, micro_batch: int, accum_steps: int,
                    amp: str) -> None:
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"amp {amp!r} is not one of {', '.join(AMP_DTYPES)}")
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp {amp!r} is not one of {', '.join(AMP_MODES)}")
     for name, value, low in (("img_size", img_size, 8), ("num_classes", num_classes, 2),
                              ("micro_batch", micro_batch, 2), ("accum_steps", accum_steps, 1)):
         # micro_batch >= 2: BatchNorm cannot normalise one value per channel in training mode
@@ -315,8 +316,10 @@ def _train_step(model, optimizer, scaler, *, micro_batch: int, accum_steps: int,
     import torch
     import torch.nn.functional as F
 
+    from mixcls.devices import amp_dtype  # the trainer's rule (fp16 only on CUDA)
+
     dev = next(model.parameters()).device
-    dtype = getattr(torch, AMP_DTYPES[amp]) if AMP_DTYPES[amp] else None
+    dtype = amp_dtype(amp, dev)
     for _ in range(accum_steps):
         images = torch.randn(micro_batch, 3, img_size, img_size, generator=generator).to(dev)
         labels = torch.randint(num_classes, (micro_batch,), generator=generator).to(dev)

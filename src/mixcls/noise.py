@@ -12,10 +12,16 @@ validation rows, so those labels can sway which training rows of fold g get clea
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
-from mixcls.data import DataError, prob_columns
+from mixcls.data import (CLASS_FILES, DataError, check_oof, class_names_in_order, prob_columns,
+                         read_class_names, read_image)
+from mixcls.runs import RunFolder, atomic_save_figure, atomic_write_csv, atomic_write_json
 
 # cleanlab's filter_by: how rows are judged label issues.
 FILTER_METHODS = ("low_self_confidence", "low_normalized_margin", "prune_by_noise_rate",
@@ -29,50 +35,6 @@ DEFAULT_METHOD = "low_self_confidence"
 # cleanlab's label-quality scores (low = likely wrong): how suspects are ranked.
 SCORE_METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
 POLICIES = ("drop", "relabel", "soft")
-# OOF rows are softmax outputs written as text; allow for the rounding of a CSV round trip.
-PROB_SUM_TOLERANCE = 1e-3
-MAX_LISTED = 10
-
-
-def _rows(index: np.ndarray) -> str:
-    """'row 2, row 7, … (N rows)' with CSV line numbers (header is line 1)."""
-    shown = ", ".join(f"row {i + 2}" for i in index[:MAX_LISTED])
-    return shown + (f", … ({len(index)} rows)" if len(index) > MAX_LISTED else "")
-
-
-def check_oof(oof: pd.DataFrame, *, num_classes: int, source: str = "oof") -> None:
-    """Raise DataError naming `source` and the rows unless `oof` is a complete OOF table:
-    image_id, label in 0..K-1, fold >= 0, prob_0 … prob_{K-1} >= 0 summing to 1."""
-    expected = prob_columns(num_classes)
-    found = [c for c in oof.columns if str(c).startswith("prob_")]
-    missing = [c for c in ("image_id", "label", "fold") if c not in oof.columns]
-    if missing:
-        raise DataError(f"{source}: missing column(s) {', '.join(missing)}; "
-                        f"columns are {', '.join(map(str, oof.columns))}")
-    if sorted(found) != sorted(expected):
-        raise DataError(f"{source}: probability columns {found} do not match the {num_classes} "
-                        f"classes of the run (expected prob_0 … prob_{num_classes - 1})")
-    if len(oof) == 0:
-        raise DataError(f"{source}: no rows")
-    for name, high in (("label", num_classes - 1), ("fold", None)):
-        values = pd.to_numeric(oof[name], errors="coerce").to_numpy(dtype=float)
-        bad = ~np.isfinite(values) | (values % 1 != 0) | (values < 0)
-        if high is not None:
-            bad |= values > high
-        if bad.any():
-            allowed = f"0..{high}" if high is not None else "integers >= 0"
-            raise DataError(f"{source}: column {name} must hold {allowed}: {_rows(np.flatnonzero(bad))}")
-    dup = oof["image_id"].duplicated(keep=False).to_numpy()
-    if dup.any():
-        raise DataError(f"{source}: duplicate image ids: {_rows(np.flatnonzero(dup))}")
-    probs = oof[expected].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
-    sums = probs.sum(axis=1)
-    bad = ~np.isfinite(sums) | (probs < 0).any(axis=1) | (np.abs(sums - 1) > PROB_SUM_TOLERANCE)
-    if bad.any():
-        raise DataError(f"{source}: probabilities must be >= 0 and sum to 1 (rows not scored "
-                        f"by any fold count too): {_rows(np.flatnonzero(bad))}")
-
-
 def _labels_and_probs(oof: pd.DataFrame, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(N,) int labels and (N, K) float64 probabilities, rows renormalised after CSV rounding."""
     labels = oof["label"].to_numpy(dtype=np.int64)
@@ -198,3 +160,178 @@ def clean_table(oof: pd.DataFrame, suspects: pd.DataFrame, *, num_classes: int, 
         table["label"] = soft.argmax(axis=1)
         table[prob_columns(num_classes)] = soft
     return table
+
+
+# --- suspects and cleaned tables of a run folder -------------------------------------------------
+
+GALLERY_SIZE = 16
+GALLERY_COLUMNS = 4
+
+
+@dataclass
+class SuspectResult:
+    """What `write_suspects` found: suspects (with class names), class pairs, noise matrix."""
+
+    suspects: pd.DataFrame
+    pairs: pd.DataFrame
+    noise_matrix: np.ndarray
+    classes: list[str]
+    n_rows: int
+    n_suspects: int  # before --max-rows
+
+
+def read_run_folds(run: RunFolder, oof: pd.DataFrame) -> np.ndarray:
+    """(N,) the fold of each OOF row from RUN/folds.csv, which must agree with oof.csv."""
+    path = run.path / "folds.csv"
+    folds = run.read_folds()
+    fold_of = folds.drop_duplicates("image_id").set_index("image_id")["fold"]
+    unscored = fold_of.index.difference(pd.Index(oof["image_id"]))
+    if len(unscored):
+        # A cleaned table must hold every training row, and rows outside oof.csv have neither
+        # OOF probabilities nor a label here; they come from folds not trained (--train-folds).
+        raise DataError(f"{path}: {len(unscored)} of {len(fold_of)} images have no OOF "
+                        f"probabilities in oof.csv (e.g. {unscored[0]!r}); train every fold "
+                        "of the run before cleaning")
+    matched = oof["image_id"].map(fold_of)
+    missing = oof["image_id"][matched.isna()]
+    if len(missing):
+        raise DataError(f"{path}: {len(missing)} image id(s) of oof.csv are missing, "
+                        f"e.g. {missing.iloc[0]!r}")
+    differ = np.flatnonzero(matched.to_numpy(dtype=np.int64) != oof["fold"].to_numpy(dtype=np.int64))
+    if len(differ):
+        raise DataError(f"{path}: folds disagree with oof.csv for {len(differ)} image(s), "
+                        f"e.g. {oof['image_id'].iat[differ[0]]!r}")
+    return matched.to_numpy(dtype=np.int64)
+
+
+def resolve_run_images(run: RunFolder, image_ids: list[str]) -> list[Path]:
+    """Image files of `image_ids` in the run's training images folder (RunFolder.find_images_dir)."""
+    images_dir = run.find_images_dir()
+    paths = [images_dir / image_id for image_id in image_ids]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"gallery: {len(missing)} image(s) not found, e.g. {missing[0]} "
+                        f"(images folder of the run {run.path}: {images_dir})")
+    return paths
+
+
+def plot_suspect_gallery(images: list[np.ndarray], titles: list[str]):
+    """A matplotlib Figure: a grid of images, each titled "given → suggested (p)"."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
+    n = max(len(images), 1)
+    cols = min(GALLERY_COLUMNS, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(3.0 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(image)
+        ax.set_title(title, fontsize=8)
+    if not images:
+        axes[0, 0].text(0.5, 0.5, "no suspect labels found", ha="center", va="center")
+    return fig
+
+
+def _short(text: str, width: int = 30) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _named(frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    names = np.asarray(classes, dtype=object)
+    out = frame.copy()
+    out.insert(2, "given", names[frame["label_given"].to_numpy()])
+    out.insert(3, "suggested", names[frame["label_suggested"].to_numpy()])
+    return out
+
+
+# --- the files of `mixcls noise` and `mixcls clean` --------------------------------------------
+
+def write_suspects(run_dir: str | Path, out: str | Path, *, gallery: str | Path | None = None,
+                   max_rows: int | None = None, method: str = DEFAULT_METHOD,
+                   score: str = "self_confidence") -> SuspectResult:
+    """Find the run's suspect labels; write them (worst first) to `out`, the gallery if asked.
+
+    Every input is read and checked before the first file is written.
+    """
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows {max_rows} must be >= 1")
+    run = RunFolder.open(run_dir)
+    oof, classes = run.read_oof(), run.classes
+    k = len(classes)
+    suspects = find_suspects(oof, num_classes=k, method=method, score=score)
+    pairs = _named(summarize_class_pairs(oof, suspects, num_classes=k), classes)
+    noise_matrix = estimate_noise_matrix(oof, k)
+    table = _named(suspects, classes).head(max_rows)
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    figure = None
+    if gallery is not None:
+        shown = table.head(GALLERY_SIZE)
+        paths = resolve_run_images(run, shown["image_id"].tolist())
+        try:
+            images = [read_image(p) for p in paths]
+        except OSError as exc:
+            raise DataError(f"gallery: cannot read an image: {exc}") from None
+        titles = [f"{_short(r.given)}\n→ {_short(r.suggested)} ({r.prob_suggested:.2f})\n"
+                  f"{_short(r.image_id)}" for r in shown.itertuples()]
+        figure = plot_suspect_gallery(images, titles)
+        kinds = figure.canvas.get_supported_filetypes()
+        if Path(gallery).suffix.lstrip(".").lower() not in kinds:
+            raise ValueError(f"gallery {gallery}: use one of the suffixes .{', .'.join(sorted(kinds))}")
+    atomic_write_csv(out, table)
+    if figure is not None:
+        atomic_save_figure(figure, gallery)
+    return SuspectResult(table, pairs, noise_matrix, classes, len(oof), len(suspects))
+
+
+def format_suspect_summary(result: SuspectResult, *, top_pairs: int = 10) -> str:
+    """Text for the terminal: counts, the most confused class pairs, the noise matrix."""
+    share = result.n_suspects / result.n_rows
+    lines = [f"suspects: {result.n_suspects} of {result.n_rows} rows ({share:.1%}); "
+             f"{len(result.suspects)} written",
+             "class pairs (given -> suggested: flagged rows, estimated rows):"]
+    for r in result.pairs.head(top_pairs).itertuples():
+        lines.append(f"  {r.given} -> {r.suggested}: {r.n_suspects} flagged, {r.n_estimated:.1f} estimated")
+    if result.pairs.empty:
+        lines.append("  none")
+    lines.append("estimated noise matrix P(given = row | true = column):")
+    lines.append(" " * 28 + "".join(f"{k:>7}" for k in range(len(result.classes))))
+    for k, (name, row) in enumerate(zip(result.classes, result.noise_matrix)):
+        lines.append(f"  {k:>2} {_short(name, 22):<23}" + "".join(f"{v:7.3f}" for v in row))
+    return "\n".join(lines)
+
+
+def write_clean_table(run_dir: str | Path, out: str | Path, *, policy: str,
+                      threshold: float = 0.0, max_fraction: float = 0.2, soft_weight: float = 0.5,
+                      method: str = DEFAULT_METHOD,
+                      score: str = "self_confidence") -> tuple[pd.DataFrame, int]:
+    """Write the cleaned training table of the run (labels as class names) to `out`.
+
+    Returns (the table as written, number of rows acted on). Columns: image_id, label,
+    label_given, fold (from RUN/folds.csv), keep, and prob_0 … prob_{K-1} for policy soft.
+    """
+    run = RunFolder.open(run_dir)
+    oof, classes = run.read_oof(), run.classes
+    folds = read_run_folds(run, oof)
+    suspects = find_suspects(oof, num_classes=len(classes), method=method, score=score)
+    table = clean_table(oof, suspects, num_classes=len(classes), policy=policy, threshold=threshold,
+                        max_fraction=max_fraction, soft_weight=soft_weight)
+    n_acted = len(select_actions(suspects, n_rows=len(oof), threshold=threshold,
+                                 max_fraction=max_fraction))
+    integer = run.integer_labels
+    # Labels keep the run's own format (integers stay integers, so a retrained run still writes
+    # the competition's submission format), and the run's class list goes beside the table, so
+    # the trainer reads the classes back in the run's order wherever the table is written.
+    values = np.arange(len(classes)) if integer else np.asarray(classes, dtype=object)
+    table = table.assign(label=values[table["label"].to_numpy()],
+                         label_given=values[table["label_given"].to_numpy()], fold=folds)
+    out = Path(out)
+    existing = [out.parent / name for name in CLASS_FILES if (out.parent / name).is_file()]
+    if existing and class_names_in_order(read_class_names(out.parent)) != list(classes):
+        raise DataError(f"{existing[0]} names other classes than the run {run_dir} "
+                        f"({len(classes)} classes); write the cleaned table to another folder")
+    atomic_write_csv(out, table)
+    if not existing:
+        atomic_write_json(out.parent / "classes.json", list(classes))
+    return table, n_acted

@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from mixcls.config import Config, config_from_flat
-from mixcls.data import DataError, ImageDataset, list_image_files, prob_columns, read_image
+from mixcls.data import (DataError, ImageDataset, list_image_files, prob_columns, read_image,
+                         read_text_table)
 from mixcls.engine import evaluate
 from mixcls.models import build_model, model_mean_std
 from mixcls.runs import RunError, RunFolder, atomic_write_csv, load_checkpoint
@@ -21,56 +22,107 @@ from mixcls.transforms import build_valid_transform
 
 
 @dataclass
-class FoldModel:
-    fold: int
+class LoadedModel:
+    """A trained model in eval mode with what its checkpoint says about it."""
+
     model: torch.nn.Module
     config: Config
+    classes: list[str]
+    fold: int
 
 
-def load_fold_models(run_dir: str | Path, device: torch.device) -> list[FoldModel]:
+@dataclass
+class FoldOutputs:
+    """Per-model outputs on N images: probs (F, N, K) averaged over the TTA views, and with
+    features the penultimate features (F, N, D) of the plain images (else None)."""
+
+    probs: np.ndarray
+    features: np.ndarray | None = None
+
+
+def load_model(path: str | Path, device: torch.device) -> LoadedModel:
+    """A checkpoint (fold_K/best.pt or last.pt) -> its model in eval mode on `device`, with the
+    config and classes saved beside the weights."""
+    ckpt = load_checkpoint(path)
+    missing = [key for key in ("model", "config", "classes") if key not in ckpt]
+    if missing:
+        raise RunError(f"checkpoint {path} lacks {', '.join(missing)}; is it a mixcls checkpoint?")
+    cfg = config_from_flat(ckpt["config"])
+    cfg.model.pretrained, cfg.model.pretrained_file = False, None  # the weights come from the file
+    classes = [str(c) for c in ckpt["classes"]]
+    model = build_model(cfg.model, len(classes))
+    model.load_state_dict(ckpt["model"])
+    return LoadedModel(model.to(device).eval(), cfg, classes, int(ckpt.get("fold", 0)))
+
+
+def load_fold_models(run_dir: str | Path, device: torch.device) -> list[LoadedModel]:
     """The best checkpoint of every trained fold, in fold order, in eval mode on `device`."""
     run = RunFolder(Path(run_dir))  # not .open(): the checkpoints carry their configs, no config.yaml needed
     paths = [d / "best.pt" for d in run.fold_dirs.values() if (d / "best.pt").is_file()]
     if not paths:
         raise RunError(f"{run.path}: no fold_*/best.pt checkpoints; is this a finished mixcls run?")
     classes = run.classes
-    models = []
-    for path in paths:
-        ckpt = load_checkpoint(path)
-        cfg = config_from_flat(ckpt["config"])
-        cfg.model.pretrained, cfg.model.pretrained_file = False, None  # weights come from ckpt
-        model = build_model(cfg.model, len(classes))
-        model.load_state_dict(ckpt["model"])
-        model.to(device).eval()
-        models.append(FoldModel(fold=int(ckpt.get("fold", len(models))), model=model, config=cfg))
+    models = [load_model(path, device) for path in paths]
+    for path, loaded in zip(paths, models):
+        if len(loaded.classes) != len(classes):
+            raise RunError(f"{path}: {len(loaded.classes)} classes, {run.path / 'classes.json'} "
+                           f"names {len(classes)}")
     return models
 
 
-def _loader(paths: Sequence[str], cfg: Config, model: torch.nn.Module, *, batch_size: int,
-            workers: int) -> DataLoader:
-    mean, std = model_mean_std(model)
-    dataset = ImageDataset(paths, None, build_valid_transform(cfg.data.img_size, mean=mean, std=std))
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+def predict_fold_outputs(models: Sequence[LoadedModel], paths: Sequence[str], *,
+                         device: torch.device, views: Sequence[str] | None = None,
+                         tta: int | None = None, batch_size: int = 64, workers: int = 0,
+                         amp_dtype: torch.dtype | None = None, features: bool = False,
+                         cache: list[np.ndarray] | None = None) -> FoldOutputs:
+    """Run every model over the images at `paths` in one pass each (engine.evaluate).
+
+    `views` are the TTA views; None takes the first `tta` of each model's configured views
+    (all `predict.tta` of them when tta is None). `cache` holds the decoded images of `paths`
+    (data.load_image_cache) so they are not decoded again per model.
+    """
+    probs, feats = [], []
+    for loaded in models:
+        cfg = loaded.config
+        chosen = list(views) if views is not None else _tta_views(cfg, tta)
+        mean, std = model_mean_std(loaded.model)
+        dataset = ImageDataset(paths, None, build_valid_transform(cfg.data.img_size, mean=mean, std=std),
+                               cache=cache)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+        out = evaluate(loaded.model, loader, device=device, amp_dtype=amp_dtype, tta_views=chosen,
+                       channels_last=cfg.model.channels_last, features=features)
+        probs.append(out[0])
+        if features:
+            feats.append(out[2])
+    return FoldOutputs(np.stack(probs), np.stack(feats) if features else None)
+
+
+def _tta_views(cfg: Config, tta: int | None) -> list[str]:
+    """The first `tta` TTA views of a run's config (its own `predict.tta` when None)."""
+    known = cfg.predict.tta_views
+    if tta is not None and tta > len(known):
+        raise DataError(f"tta: {tta} views asked for, the run knows {len(known)}: {known}")
+    return list(known[: tta or cfg.predict.tta])
+
+
+def predict_run_outputs(run_dir: str | Path, paths: Sequence[str], *, tta: int | None = None,
+                        device: str = "auto", batch_size: int = 64, workers: int = 0,
+                        amp: str = "none", features: bool = False) -> FoldOutputs:
+    """`predict_fold_outputs` of every trained fold of a run: probs (F, N, K) over the first
+    `tta` TTA views (the run's own number when None) and, with `features`, features (F, N, D)."""
+    dev = resolve_device(device)
+    dtype = amp_dtype(amp, dev)  # the trainer's rule: fp16 is refused on a CPU
+    return predict_fold_outputs(load_fold_models(run_dir, dev), paths, device=dev, tta=tta,
+                                batch_size=batch_size, workers=workers, amp_dtype=dtype,
+                                features=features)
 
 
 def predict_fold_probs(run_dir: str | Path, paths: Sequence[str], *, tta: int | None = None,
                        device: str = "auto", batch_size: int = 64, workers: int = 0,
                        amp: str = "none") -> np.ndarray:
     """Per-fold probabilities (F, N, K), each the mean over the first `tta` TTA views."""
-    dev = resolve_device(device)
-    folds = load_fold_models(run_dir, dev)
-    dtype = amp_dtype(amp, dev)  # the trainer's rule: fp16 is refused on a CPU
-    out = []
-    for fm in folds:
-        views = fm.config.predict.tta_views[: tta or fm.config.predict.tta]
-        if tta is not None and tta > len(fm.config.predict.tta_views):
-            raise DataError(f"tta: {tta} views asked for, the run knows "
-                            f"{len(fm.config.predict.tta_views)}: {fm.config.predict.tta_views}")
-        loader = _loader(paths, fm.config, fm.model, batch_size=batch_size, workers=workers)
-        probs, _ = evaluate(fm.model, loader, device=dev, amp_dtype=dtype, tta_views=views,
-                            channels_last=fm.config.model.channels_last)
-        out.append(probs)
-    return np.stack(out)
+    return predict_run_outputs(run_dir, paths, tta=tta, device=device, batch_size=batch_size,
+                               workers=workers, amp=amp).probs
 
 
 def predict_run(run_dir: str | Path, paths: Sequence[str], **kwargs) -> np.ndarray:
@@ -78,19 +130,14 @@ def predict_run(run_dir: str | Path, paths: Sequence[str], **kwargs) -> np.ndarr
     return predict_fold_probs(run_dir, paths, **kwargs).mean(axis=0)
 
 
-@torch.inference_mode()
 def extract_features(run_dir: str | Path, paths: Sequence[str], *, device: str = "auto",
                      batch_size: int = 64, workers: int = 0) -> np.ndarray:
-    """Penultimate features (N, D): the pooled input of each fold's classifier, mean over folds."""
+    """Penultimate features (N, D): the pooled input of each fold's classifier on the plain
+    images, mean over folds."""
     dev = resolve_device(device)
-    per_fold = []
-    for fm in load_fold_models(run_dir, dev):
-        feats = []
-        for images, _ in _loader(paths, fm.config, fm.model, batch_size=batch_size, workers=workers):
-            x = fm.model.forward_features(images.to(dev))
-            feats.append(fm.model.forward_head(x, pre_logits=True).float().cpu().numpy())
-        per_fold.append(np.concatenate(feats))
-    return np.mean(per_fold, axis=0)
+    outputs = predict_fold_outputs(load_fold_models(run_dir, dev), paths, device=dev, views=("orig",),
+                                   batch_size=batch_size, workers=workers, features=True)
+    return outputs.features.mean(axis=0)
 
 
 def resolve_images(images: str | Path, ids_csv: str | Path | None, id_col: str = "image_id"
@@ -102,7 +149,7 @@ def resolve_images(images: str | Path, ids_csv: str | Path | None, id_col: str =
         if not ids:
             raise DataError(f"images folder {images} holds no image files")
     else:
-        frame = pd.read_csv(ids_csv, dtype=str, keep_default_na=False)
+        frame = read_text_table(ids_csv, allow_empty=True)
         if id_col not in frame.columns:
             raise DataError(f"{ids_csv}: missing column {id_col}; columns are {', '.join(frame.columns)}")
         ids = frame[id_col].str.strip().tolist()

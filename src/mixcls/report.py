@@ -27,7 +27,7 @@ import pandas as pd
 from PIL import Image
 
 from mixcls import __version__, runs
-from mixcls.data import DataError, prob_columns, read_image
+from mixcls.data import DataError, prob_columns, read_csv, read_image
 
 REPORT_NAME = "report.html"
 SUSPECTS_CSV = "suspects.csv"
@@ -109,10 +109,7 @@ def _read_histories(run: runs.RunFolder) -> dict[int, pd.DataFrame]:
         path = folder / "history.csv"
         if not path.is_file():
             continue
-        try:
-            frame = pd.read_csv(path)
-        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise DataError(f"{path} is not a readable CSV: {exc}") from None
+        frame = read_csv(path)
         if "epoch" in frame.columns and len(frame):
             histories[fold] = frame
     return histories
@@ -121,10 +118,7 @@ def _read_histories(run: runs.RunFolder) -> dict[int, pd.DataFrame]:
 def _read_suspects(path: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
-    try:
-        frame = pd.read_csv(path, dtype={"image_id": str, "given": str, "suggested": str})
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not a readable CSV: {exc}") from None
+    frame = read_csv(path, dtype={"image_id": str, "given": str, "suggested": str})
     missing = [c for c in SUSPECT_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (write it with mixcls noise "
@@ -506,6 +500,7 @@ def make_mix_examples(images: np.ndarray, labels: np.ndarray, *, num_classes: in
     """
     import torch
 
+    from mixcls.engine import to_soft_targets
     from mixcls.mix import Mixer, apply_mix
 
     mixer = Mixer(str(mix["method"]), alpha=float(mix.get("alpha", 1.0)), prob=1.0,
@@ -513,7 +508,7 @@ def make_mix_examples(images: np.ndarray, labels: np.ndarray, *, num_classes: in
                   mode=str(mix.get("mode", "batch")))
     generator = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    targets = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), num_classes).float()
+    targets = to_soft_targets(torch.from_numpy(labels), num_classes)
     batch = len(images) // n_batches
     out = []
     for b in range(n_batches):

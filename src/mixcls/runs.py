@@ -3,7 +3,7 @@
 Every product of a run is written to a temporary name in the same folder and then renamed,
 so a crash or a kill never leaves a half-written file behind: readers see the old file or the
 new one, never a mix. `RunFolder` is the one reader of a finished run's files (noise, active,
-predict and the report all go through it).
+predict and the report all go through it; only the trainer reads back what it writes itself).
 """
 
 from __future__ import annotations
@@ -276,24 +276,42 @@ class RunFolder:
         return dict(sorted(found.items()))
 
     def read_oof(self) -> "pd.DataFrame":
-        """oof.csv checked against classes.json (noise.check_oof), with a `pred` column
+        """oof.csv checked against classes.json (data.check_oof), with a `pred` column
         (argmax of the probabilities) added when a hand-made table lacks it."""
-        import pandas as pd
-
-        from mixcls.data import DataError, prob_columns
-        from mixcls.noise import check_oof  # the one check of an OOF table; cleanlab is not imported
+        from mixcls.data import check_oof, prob_columns, read_csv
 
         path, num_classes = self.oof_path, len(self.classes)
         if not path.is_file():
             raise RunError(f"{path} does not exist (train the run first: mixcls train --out {self.path})")
-        try:
-            oof = pd.read_csv(path, dtype={"image_id": str})
-        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise DataError(f"{path} is not a readable CSV: {exc}") from None
+        oof = read_csv(path, dtype={"image_id": str})
         check_oof(oof, num_classes=num_classes, source=f"{path} (classes from classes.json: {num_classes})")
         if "pred" not in oof.columns:
             oof = oof.assign(pred=oof[prob_columns(num_classes)].to_numpy().argmax(1))
         return oof
+
+    def read_oof_ids(self) -> list[str]:
+        """The image ids of oof.csv in file order, unchecked ([] without oof.csv): what the run
+        scored, for readers that need the ids only (a hand-made oof.csv may hold nothing else)."""
+        from mixcls.data import DataError, read_text_table
+
+        if not self.oof_path.is_file():
+            return []
+        oof = read_text_table(self.oof_path, allow_empty=True)
+        if "image_id" not in oof.columns:
+            raise DataError(f"{self.oof_path}: missing column 'image_id'")
+        return oof["image_id"].str.strip().tolist()
+
+    def read_folds(self) -> "pd.DataFrame":
+        """folds.csv (image_id, fold as written by the trainer); DataError for other columns."""
+        from mixcls.data import DataError, read_csv
+
+        path = self.path / "folds.csv"
+        if not path.is_file():
+            raise RunError(f"{path} does not exist")
+        folds = read_csv(path, dtype={"image_id": str})
+        if not {"image_id", "fold"} <= set(folds.columns):
+            raise DataError(f"{path}: expected columns image_id, fold; found {', '.join(folds.columns)}")
+        return folds
 
     def layout(self) -> tuple[Path | None, Path]:
         """(training table, or None for a class-per-folder tree; images folder) from config.yaml.

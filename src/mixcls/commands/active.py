@@ -9,188 +9,20 @@ al-sim: measure strategies on a fully labelled dataset (hide labels, query, reve
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib
-import json
-import os
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import pandas as pd
-
-from mixcls.active import (REVIEW_WEIGHT, STRATEGIES, MergePlan, format_listing, plan_merge,
-                           rank_for_review, select)
+from mixcls.active import REVIEW_WEIGHT, STRATEGIES, merge_files, place_files, review_run, select_from_pool
 from mixcls.config import ConfigError, load_config
-from mixcls.data import DataError, list_image_files, prob_columns, read_class_names
-from mixcls.runs import RunError, RunFolder, atomic_path, atomic_write_csv
+from mixcls.data import DataError
+from mixcls.runs import atomic_write_csv
 
 
 # --- select ------------------------------------------------------------------------------------
-
-def read_run_labelled(run: RunFolder) -> pd.DataFrame:
-    """image_id and resolved path of every image the run already has a label for.
-
-    The training table comes from RUN/config.yaml (data, csv, images, id_col); ids in
-    RUN/oof.csv are added too, so a moved table still excludes what the run trained on.
-    """
-    csv_path, images_dir = run.layout()
-    id_col = run.config.data.id_col
-    if csv_path is None:
-        ids = list_image_files(images_dir)
-    else:
-        table = _read_csv(csv_path)
-        if id_col not in table.columns:
-            raise DataError(f"{csv_path}: missing column {id_col!r} (id_col of {run.path})")
-        ids = table[id_col].str.strip().tolist()
-    oof = run.oof_path
-    if oof.is_file():
-        known = set(ids)
-        ids += [i for i in dict.fromkeys(_read_csv(oof)["image_id"].str.strip()) if i not in known]
-    return pd.DataFrame({"image_id": ids, "path": [str((images_dir / i).resolve()) for i in ids]})
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not a readable CSV: {exc}") from None
-
-
-def read_pool(pool: str | Path, *, pool_images: str | Path | None = None) -> pd.DataFrame:
-    """image_id and resolved path of each pool image, in pool order (duplicates kept).
-
-    pool is a folder (every image file below it, image_id relative to it) or a CSV with an
-    image_id column (relative to the CSV's folder, or to `pool_images`).
-    """
-    pool = Path(pool)
-    if pool.is_dir():
-        if pool_images is not None:
-            raise DataError(f"--pool-images is for a CSV pool; {pool} is a folder")
-        root, ids = pool, list_image_files(pool)
-    elif pool.is_file():
-        table = _read_csv(pool)
-        if "image_id" not in table.columns:
-            raise DataError(f"{pool}: missing column 'image_id'; "
-                            f"columns are {', '.join(table.columns)}")
-        root = Path(pool_images) if pool_images is not None else pool.parent
-        ids = table["image_id"].str.strip().tolist()
-        empty = [f"row {i + 2}" for i, v in enumerate(ids) if not v]
-        if empty:
-            raise DataError(format_listing(f"{pool}: rows with an empty image_id", empty))
-    else:
-        raise DataError(f"pool {pool} does not exist (give a folder of images or a CSV)")
-    if not ids:
-        raise DataError(f"pool {pool} holds no images")
-    paths = [str((root / i).resolve()) for i in ids]
-    missing = [f"row {i + 2}: {ids[i]!r}" for i, p in enumerate(paths) if not os.path.isfile(p)]
-    if missing:
-        raise DataError(format_listing(f"{pool}: image files that do not exist under {root}", missing))
-    return pd.DataFrame({"image_id": ids, "path": paths})
-
-
-def _file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()
-
-
-def find_candidates(pool: pd.DataFrame, labelled: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Pool rows a person could label: not labelled already (same image_id or same file), and
-    each image once (the first of rows sharing an image_id, a file, or identical bytes).
-
-    Returns (candidates with image_id, path; counts of pool, labelled, duplicates, candidates).
-    """
-    is_labelled = (pool["image_id"].isin(labelled["image_id"]) | pool["path"].isin(labelled["path"]))
-    rest = pool.loc[~is_labelled]
-    same_name = rest["image_id"].duplicated() | rest["path"].duplicated()
-    rest = rest.loc[~same_name]
-    # Identical bytes under two names would take two labelling slots for one answer.
-    same_bytes = pd.Series([_file_digest(p) for p in rest["path"]], index=rest.index).duplicated()
-    rest = rest.loc[~same_bytes].reset_index(drop=True)
-    counts = {"pool": len(pool), "labelled": int(is_labelled.sum()),
-              "duplicates": int(same_name.sum() + same_bytes.sum()), "candidates": len(rest)}
-    return rest, counts
-
-
-def _predict_module() -> Any:
-    # Imported by name when needed: it loads torch models, and tests put a fake in sys.modules.
-    return importlib.import_module("mixcls.predict")
-
-
-def select_from_pool(run_dir: str | Path, pool: str | Path, *, strategy: str, budget: int,
-                     seed: int = 42, tta: int | None = None, pool_images: str | Path | None = None,
-                     device: str = "auto", batch_size: int = 64,
-                     workers: int = 0) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Score the unlabelled pool with the run's models and choose up to `budget` images.
-
-    tta None uses the run's own number of TTA views.
-
-    Returns (the selection table, best first: image_id, label (empty, for the person), rank,
-    score, pred_class, prob_0 … prob_{K-1}, path; counts from `find_candidates` plus selected).
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(sorted(STRATEGIES))}")
-    run = RunFolder.open(run_dir)
-    n_folds = sum((d / "best.pt").is_file() for d in run.fold_dirs.values())
-    if strategy == "bald" and n_folds < 2:
-        raise RunError(f"{run.path}: bald needs at least 2 trained folds (fold_*/best.pt), found {n_folds}")
-    classes = run.classes
-    labelled = read_run_labelled(run)
-    candidates, counts = find_candidates(read_pool(pool, pool_images=pool_images), labelled)
-    if candidates.empty:
-        raise DataError(f"pool {pool}: no image left to label ({counts['labelled']} already "
-                        f"labelled, {counts['duplicates']} duplicates)")
-    budget = min(budget, len(candidates))
-    outputs = _model_outputs(run.path, candidates["path"].tolist(), strategy=strategy,
-                             labelled_paths=labelled["path"].tolist(), num_classes=len(classes),
-                             tta=tta, device=device, batch_size=batch_size, workers=workers)
-    indices, scores = select(strategy, budget=budget, seed=seed, **outputs)
-    probs = outputs["fold_probs"].mean(axis=0)
-    chosen = candidates.iloc[indices].reset_index(drop=True)
-    table = pd.DataFrame({
-        "image_id": chosen["image_id"], "label": "", "rank": np.arange(1, len(indices) + 1),
-        "score": scores[indices], "pred_class": [classes[k] for k in probs[indices].argmax(axis=1)],
-        **dict(zip(prob_columns(len(classes)), probs[indices].T)), "path": chosen["path"]})
-    return table, {**counts, "selected": len(table)}
-
-
-def _model_outputs(run_dir: Path, paths: list[str], *, strategy: str, labelled_paths: list[str],
-                   num_classes: int, tta: int | None, device: str, batch_size: int,
-                   workers: int) -> dict[str, Any]:
-    """fold_probs (F, N, K) always; features (N, D) and labelled_features (M, D) when needed."""
-    predict = _predict_module()
-    options = {"device": device, "batch_size": batch_size, "workers": workers}
-    fold_probs = np.asarray(predict.predict_fold_probs(run_dir, paths, tta=tta, **options))
-    if fold_probs.ndim != 3 or fold_probs.shape[1:] != (len(paths), num_classes):
-        raise RunError(f"{run_dir}: fold probabilities of shape {fold_probs.shape}, expected "
-                       f"(folds, {len(paths)}, {num_classes})")
-    outputs = {"fold_probs": fold_probs}
-    if "features" in STRATEGIES[strategy].needs:
-        outputs["features"] = predict.extract_features(run_dir, paths, **options)
-    if strategy == "coreset" and labelled_paths:
-        # The batch should cover what the labelled set does not: start from its features.
-        outputs["labelled_features"] = predict.extract_features(run_dir, labelled_paths, **options)
-    return outputs
-
 
 def _check_destination(folder: Path) -> None:
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise DataError(f"--copy-to {folder}: exists and is not an empty folder "
                         "(choose a new folder so earlier selections are not mixed in)")
-
-
-def place_files(table: pd.DataFrame, folder: str | Path, *, link: bool = False) -> int:
-    """Copy (or symlink) each selected image to folder/image_id; returns the number placed."""
-    folder = Path(folder)
-    for image_id, source in zip(table["image_id"], table["path"]):
-        target = folder / image_id
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if link:
-            target.symlink_to(source)
-        else:
-            with atomic_path(target) as tmp:
-                tmp.write_bytes(Path(source).read_bytes())
-    return len(table)
 
 
 def run_select(args: argparse.Namespace) -> int:
@@ -217,28 +49,6 @@ def run_select(args: argparse.Namespace) -> int:
 
 # --- review ------------------------------------------------------------------------------------
 
-def review_run(run_dir: str | Path, *, budget: int, weight: float = REVIEW_WEIGHT) -> pd.DataFrame:
-    """The `budget` training rows of RUN/oof.csv most worth checking, with class names.
-
-    Columns: rank, image_id, label (given class name; edit it and `mixcls merge
-    --allow-relabel`), pred_class, review_score, issue_score, uncertainty, fold, prob_*.
-    """
-    run = RunFolder.open(run_dir)
-    classes, oof = run.classes, run.read_oof()
-    ranked = rank_for_review(oof, num_classes=len(classes), weight=weight).head(budget)
-    names = np.asarray(classes, dtype=object)
-    prob_cols = prob_columns(len(classes))
-    out = pd.DataFrame({
-        "rank": ranked["rank"], "image_id": ranked["image_id"],
-        "label": names[ranked["label"].to_numpy(dtype=np.int64)],
-        "pred_class": names[ranked[prob_cols].to_numpy().argmax(axis=1)],
-        "review_score": ranked["review_score"], "issue_score": ranked["issue_score"],
-        "uncertainty": ranked["uncertainty"]})
-    if "fold" in ranked.columns:
-        out["fold"] = ranked["fold"]
-    return pd.concat([out, ranked[prob_cols]], axis=1).reset_index(drop=True)
-
-
 def run_review(args: argparse.Namespace) -> int:
     if args.budget < 1:
         raise DataError(f"--budget {args.budget} must be >= 1")
@@ -249,44 +59,6 @@ def run_review(args: argparse.Namespace) -> int:
 
 
 # --- merge -------------------------------------------------------------------------------------
-
-def _class_list(names: Any, labels: pd.Series) -> list[str]:
-    """Class names in index order from a names file (list or {index: name}) or the labels."""
-    if isinstance(names, list):
-        return [str(v) for v in names]
-    if isinstance(names, dict):
-        keys = sorted(names, key=lambda k: (not str(k).isdigit(), int(k) if str(k).isdigit() else k))
-        return [str(names[k]) for k in keys]
-    values = sorted(set(labels.astype(str).str.strip()) - {""})
-    if values and all(v.isdigit() for v in values):
-        return [str(k) for k in range(max(int(v) for v in values) + 1)]
-    return values
-
-
-def merge_files(train_csv: str | Path, new_csv: str | Path, *, classes_path: str | Path | None = None,
-                allow_relabel: bool = False, id_col: str = "image_id",
-                label_col: str = "label") -> MergePlan:
-    """Read both tables and the class list, and plan the merge (nothing is written)."""
-    train_csv, new_csv = Path(train_csv), Path(new_csv)
-    for path in (train_csv, new_csv):
-        if not path.is_file():
-            raise DataError(f"{path} does not exist")
-    train, new = _read_csv(train_csv), _read_csv(new_csv)
-    if classes_path is not None:
-        try:
-            names = json.loads(Path(classes_path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"--classes {classes_path}: cannot be read as JSON ({exc})") from None
-    else:
-        names = read_class_names(train_csv.parent)
-    classes = _class_list(names, train.get(label_col, pd.Series(dtype=str)))
-    try:
-        return plan_merge(train, new, classes=classes, allow_relabel=allow_relabel,
-                          id_col=id_col, label_col=label_col)
-    except DataError as exc:
-        raise type(exc)(f"merging {new_csv} into {train_csv} (train = {train_csv.name}, "
-                        f"new = {new_csv.name}):\n{exc}") from None
-
 
 def run_merge(args: argparse.Namespace) -> int:
     plan = merge_files(args.train, args.new, classes_path=args.classes,

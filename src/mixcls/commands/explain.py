@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_beta(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
-    alphas = _parse_numbers(args.alpha, "--alpha", float)
+    alphas = explain.parse_numbers(args.alpha, "--alpha", float)
     bad = [a for a in alphas if not (a > 0 and math.isfinite(a))]
     if bad:
         raise ConfigError(f"--alpha: {bad[0]:g} must be a finite number > 0 (Beta(α, α) needs α > 0)")
@@ -84,7 +84,7 @@ def run_beta(args: argparse.Namespace) -> int:
 
 def run_fft(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
-    radii = _parse_numbers(args.radii, "--radii", float)
+    radii = explain.parse_numbers(args.radii, "--radii", float)
     if any(not r > 0 for r in radii):
         raise ConfigError(f"--radii: every radius must be > 0, got {args.radii!r}")
     if args.max_side < 8:
@@ -101,7 +101,7 @@ def run_fft(args: argparse.Namespace) -> int:
 
 def run_fmix(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
-    decays = _parse_numbers(args.decay, "--decay", float)
+    decays = explain.parse_numbers(args.decay, "--decay", float)
     if any(not d > 0 for d in decays):
         raise ConfigError(f"--decay: every decay power must be > 0, got {args.decay!r}")
     if not 0 < args.lam < 1:
@@ -118,8 +118,9 @@ def run_memory(args: argparse.Namespace) -> int:
     from mixcls.memory import format_memory_table, measure_memory
 
     out = _check_out(args.out)
-    batches, amps, accum = parse_memory_settings(args)
-    device = resolve_device(args.device)
+    batches, amps, accum, device = explain.parse_memory_settings(
+        batch=args.batch, amp=args.amp, accum=args.accum, img_size=args.img_size,
+        num_classes=args.num_classes, model=args.model, device=args.device)
     results = measure_memory(args.model, args.img_size, num_classes=args.num_classes,
                              batch_sizes=batches, amp_modes=amps, accum=accum, device=device,
                              seed=args.seed, log=lambda line: print(line, flush=True))
@@ -140,60 +141,6 @@ def _check_out(text: str) -> Path:
         raise ConfigError(f"--out {text}: the suffix must be one of "
                           f"{', '.join('.' + f for f in sorted(formats))}")
     return out
-
-
-def _parse_numbers(text: str, flag: str, kind: type) -> list:
-    items = [item.strip() for item in str(text).split(",") if item.strip()]
-    if not items:
-        raise ConfigError(f"{flag}: give at least one value")
-    try:
-        return [kind(item) for item in items]
-    except ValueError:
-        raise ConfigError(f"{flag}: {text!r} is not a comma-separated list of "
-                          f"{'integers' if kind is int else 'numbers'}") from None
-
-
-def _parse_accum(item: str) -> tuple[int, int]:
-    micro, sep, steps = item.strip().lower().partition("x")
-    try:
-        pair = (int(micro), int(steps))
-    except ValueError:
-        pair = None
-    if not sep or pair is None or pair[1] < 1:
-        raise ConfigError(f"--accum: {item.strip()!r} is not MICROxSTEPS like 8x8")
-    return pair
-
-
-def parse_memory_settings(args: argparse.Namespace) -> tuple[list[int], list[str], list[tuple[int, int]]]:
-    """(batch sizes, AMP modes, (micro_batch, accum_steps) pairs) of the memory flags (--batch,
-    --amp, --accum, --img-size, --num-classes, --model), checked before any measuring; also the
-    checks of benchmarks/memory.py."""
-    from mixcls.models import check_model_name  # registers mixcls's own CNNs with timm
-
-    batches = _parse_numbers(args.batch, "--batch", int)
-    amps = [a.strip() for a in args.amp.split(",") if a.strip()]
-    accum = [_parse_accum(item) for item in args.accum.split(",") if item.strip()]
-    if any(b < 2 for b in batches + [m for m, _ in accum]):
-        raise ConfigError(f"--batch/--accum: batch sizes must be >= 2 (BatchNorm), got {args.batch!r}")
-    bad = [a for a in amps if a not in AMP_MODES]
-    if bad or not amps:
-        raise ConfigError(f"--amp: {bad[0] if bad else args.amp!r} is not one of {', '.join(AMP_MODES)}")
-    if args.img_size < 8 or args.num_classes < 2:
-        raise ConfigError(f"--img-size ({args.img_size}) must be >= 8 and --num-classes "
-                          f"({args.num_classes}) >= 2")
-    check_model_name(args.model)
-    return batches, amps, accum
-
-
-def resolve_device(text: str) -> str:
-    """The trainer's device rule (auto, CUDA availability), limited to what memory measuring
-    supports: cpu or cuda[:N]."""
-    from mixcls.devices import resolve_device as resolve_train_device
-
-    device = resolve_train_device(text)
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device: {text!r} is not auto, cpu, cuda or cuda:N")
-    return str(device)
 
 
 def _read_grey(path: Path, max_side: int) -> np.ndarray:

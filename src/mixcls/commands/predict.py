@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from mixcls.runs import read_json
+from mixcls.runs import RunFolder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +31,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from mixcls.blend import is_blend_folder, predict_blend
     from mixcls.predict import predict_run, resolve_images, write_submission
 
-    read_json(f"{args.run}/classes.json")  # fail on a wrong --run before reading images
+    RunFolder(Path(args.run)).classes  # fail on a wrong --run before reading images
     ids, paths = resolve_images(args.images, args.ids)
     predict = predict_blend if is_blend_folder(args.run) else predict_run  # mixcls blend's folder
     probs = predict(args.run, paths, tta=args.tta, device=args.device,

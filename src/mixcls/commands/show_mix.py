@@ -7,36 +7,15 @@ and under it the label weights the loss will see ("dog 0.60 · cat 0.40").
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mixcls.config import ConfigError
-from mixcls.data import DataError, load_train_table, read_image
-from mixcls.mix import make_masks, mix_pairs, parse_mix_spec, sample_lam
+from mixcls.data import DataError, load_train_table
+from mixcls.explain import load_images, make_examples, pick_pairs, plot_examples
+from mixcls.mix import parse_mix_spec
 from mixcls.runs import atomic_save_figure
-
-
-@dataclass
-class MixExample:
-    """One mixed pair: images (3, S, S) float in [0, 1], mask (S, S), `weight` = the mask's mean."""
-
-    method: str
-    image1: torch.Tensor
-    image2: torch.Tensor
-    mask: torch.Tensor
-    mixed: torch.Tensor
-    label1: str
-    label2: str
-    weight: float
-
-    def label_text(self) -> str:
-        if self.label1 == self.label2:
-            return f"{self.label1} 1.00"
-        return f"{self.label1} {self.weight:.2f} · {self.label2} {1 - self.weight:.2f}"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,75 +62,6 @@ def _check_args(args: argparse.Namespace) -> dict[str, float]:
         raise ConfigError(f"--out {args.out}: unknown picture format {suffix!r}; use one of "
                           f"{', '.join(sorted(formats))}")
     return weights
-
-
-def pick_pairs(labels: np.ndarray, n: int, generator: torch.Generator) -> list[tuple[int, int]]:
-    """`n` pairs of distinct row indices, each partner of another class where one is left."""
-    order = torch.randperm(len(labels), generator=generator).tolist()
-    firsts, rest = order[:n], order[n:]
-    pairs = []
-    for i in firsts:
-        j = next((j for j in rest if labels[j] != labels[i]), rest[0])
-        rest.remove(j)
-        pairs.append((i, j))
-    return pairs
-
-
-def load_images(paths: list[str], img_size: int) -> torch.Tensor:
-    """Images (N, 3, S, S) float in [0, 1], resized (antialiased) to img_size × img_size."""
-    out = []
-    for path in paths:
-        image = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None].float() / 255.0
-        out.append(F.interpolate(image, size=(img_size, img_size), mode="bilinear",
-                                 antialias=True, align_corners=False).clamp(0, 1))
-    return torch.cat(out)
-
-
-def make_examples(images1: torch.Tensor, images2: torch.Tensor, labels1: list[str],
-                  labels2: list[str], *, weights: dict[str, float], alpha: float,
-                  decay_power: float = 3.0, max_soft: float = 0.0,
-                  generator: torch.Generator | None = None) -> list[MixExample]:
-    """Mix images1[i] (N, 3, S, S) with images2[i], a method per pair drawn from `weights`."""
-    n, _, height, width = images1.shape
-    names = list(weights)
-    picks = torch.multinomial(torch.tensor([weights[m] for m in names]), n, replacement=True,
-                              generator=generator)
-    lam = sample_lam(alpha, n, generator)
-    examples = []
-    for i in range(n):
-        method = names[int(picks[i])]
-        mask = make_masks(method, lam[i:i + 1], height, width, decay_power=decay_power,
-                          max_soft=max_soft, generator=generator)
-        mixed, lam_eff = mix_pairs(images1[i:i + 1], images2[i:i + 1], mask)
-        examples.append(MixExample(method, images1[i], images2[i],
-                                   mask.expand(1, 1, height, width)[0, 0], mixed[0],
-                                   labels1[i], labels2[i], float(lam_eff[0])))
-    return examples
-
-
-def plot_examples(examples: list[MixExample], *, alpha: float):
-    """A matplotlib Figure: one row per example, columns image 1, image 2, mask, mixed."""
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(4 * 2.3, len(examples) * 2.6 + 0.4))
-    axes = fig.subplots(len(examples), 4, squeeze=False)
-    titles = ["image 1 (x1)", "image 2 (x2)", "mask m", "m·x1 + (1−m)·x2"]
-    for row, ex in zip(axes, examples):
-        pictures = [ex.image1, ex.image2, ex.mask, ex.mixed]
-        captions = [ex.label1, ex.label2, f"{ex.method}, mean {ex.weight:.2f}", ex.label_text()]
-        for ax, picture, caption in zip(row, pictures, captions):
-            if picture.ndim == 3:
-                ax.imshow(picture.permute(1, 2, 0).numpy())
-            else:
-                ax.imshow(picture.numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xlabel(caption, fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    for ax, title in zip(axes[0], titles):
-        ax.set_title(title, fontsize=10)
-    fig.suptitle(f"λ ~ Beta({alpha:g}, {alpha:g}); the targets are weighted by the mask's mean",
-                 fontsize=10)
-    fig.tight_layout()
-    return fig
 
 
 def run_show_mix(args: argparse.Namespace) -> int:
