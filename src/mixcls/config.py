@@ -26,12 +26,16 @@ def _opt(default: Any, help: str, *, choices: list[str] | None = None, key: str 
     return field(default=default, metadata=meta)
 
 
+# The names each registry knows, written out so that parsing flags does not import torch,
+# albumentations or timm; tests/test_config.py checks each list against its registry
+# (transforms.PRESETS / TTA_VIEWS, losses.LOSSES, mix.MIX_MODES, optim, devices.amp_dtype).
 PRESETS = ["light", "cassava", "digits", "none"]
 AMP_MODES = ["none", "bf16", "fp16"]
 OPTIMIZERS = ["adamw", "adam", "sgd"]
 SCHEDULERS = ["cosine", "cosine_restarts", "onecycle", "constant"]
 LOSSES = ["ce", "label_smoothing", "bi_tempered", "symmetric_ce", "taylor_ce", "focal"]
 TTA_VIEWS = ["orig", "hflip", "vflip", "transpose", "rot90", "rot180", "rot270", "transverse", "zoom"]
+MIX_MODES = ["batch", "sample"]
 CHECK_IMAGES = ["full", "header"]
 CACHE_IMAGES = ["auto", "yes", "no", "disk"]
 
@@ -115,7 +119,7 @@ class MixConfig:
     off_epochs: int = _opt(0, "no mixing in the last N epochs", key="mix_off_epochs")
     decay_power: float = _opt(3.0, "fmix spectrum decay 1/f^d", key="mix_decay_power")
     max_soft: float = _opt(0.0, "fmix soft edge width (0: binary mask)", key="mix_max_soft")
-    mode: str = _opt("batch", "one lambda per batch or per sample", choices=["batch", "sample"],
+    mode: str = _opt("batch", "one lambda per batch or per sample", choices=MIX_MODES,
                      key="mix_mode")
 
 
