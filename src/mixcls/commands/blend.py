@@ -22,8 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "caruana: bagged forward selection; stack: logistic regression on "
                         "log-probabilities")
     p.add_argument("--metric", default="logloss", choices=METRICS,
-                   help="what caruana selects by and the blend is judged on (weighted and stack "
-                        "always fit log-loss)")
+                   help="what caruana's forward selection optimises (weighted and stack always "
+                        "fit log-loss; mean and rank fit nothing)")
     p.add_argument("--calibrate", action="store_true",
                    help="fit one temperature on the blended OOF (nested like the blend)")
     p.add_argument("--seed", type=int, default=0, help="seed of caruana's bags")
@@ -51,7 +51,8 @@ def run_blend(args: argparse.Namespace) -> int:
     print(_row("gap (in-sample - nested)", {k: in_sample[k] - nested[k] for k in nested}))
     objective = fit_objective(args.method, args.metric)
     if args.metric == "accuracy" and objective == "logloss":
-        print(f"note: {args.method} fits log-loss (accuracy is not smooth); accuracy judges it")
+        print(f"note: {args.method} fits log-loss (accuracy is a step function, no gradient); "
+              "--metric accuracy steers only caruana's selection")
     print(f"wrote {args.out} (blend.json, oof.csv, metrics.json, report.html); "
           f"predict with: mixcls predict --run {args.out} --images …")
     return 0
