@@ -108,6 +108,11 @@ class TrainConfig:
     save_every_steps: int | None = _opt(None, "also checkpoint every N optimizer steps (resume)")
     sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm under torchrun")
     max_memory_mb: float | None = _opt(None, "with --batch-size auto: memory budget in MiB")
+    batch_size_global: int | None = _opt(
+        None, "images per optimizer step over all processes; sets the micro-batch to "
+        "N / (processes x accum_steps), so a run on N GPUs takes the steps of one")
+    log: str = _opt("none", "also log scalars and the confusion matrix for TensorBoard "
+                    "(RUN/tensorboard/fold_K/)", choices=["none", "tensorboard"])
 
 
 @dataclass
@@ -328,6 +333,8 @@ def _check_ranges(cfg: Config) -> None:
         ("save_every_steps", t.save_every_steps, lambda v: v >= 1,
          "an integer >= 1, or unset (checkpoints at epoch ends only)"),
         ("effective_batch", t.effective_batch, lambda v: v >= 1, "an integer >= 1, or unset"),
+        ("batch_size_global", t.batch_size_global, lambda v: v >= 1 and t.batch_size != "auto",
+         "an integer >= 1 with a numeric --batch-size (auto plans its own), or unset"),
         ("max_memory_mb", t.max_memory_mb, _finite(0, above=True), "a number of MiB > 0, or unset"),
         ("seed", t.seed, lambda v: 0 <= v < _SEED_LIMIT, f"an integer in [0, {_SEED_LIMIT - 1}]"),
         ("device", t.device, lambda v: _DEVICE_PATTERN.fullmatch(v) is not None,
