@@ -24,11 +24,10 @@ import pandas as pd
 from scipy.spatial.distance import cdist
 from scipy.special import entr
 
-from mixcls.data import (DataError, format_listing, list_image_files, prob_columns, read_class_names,
-                         read_text_table)
+from mixcls.data import (MAX_LISTED, DataError, format_listing, list_image_files, prob_columns,
+                         read_class_names, read_text_table)
 from mixcls.runs import RunError, RunFolder, atomic_path
 
-MAX_LISTED = 20
 # Softmax outputs averaged over folds and TTA views sum to 1 within float32 rounding;
 # anything further off is not a probability table (logits, a wrong column, NaN rows).
 SUM_TOLERANCE = 1e-3
