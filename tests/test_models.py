@@ -55,3 +55,56 @@ def test_real_imagenet_weights_from_a_wheel_call_coffee_an_espresso():
         probs = model(x).softmax(1)[0]
     assert int(probs.argmax()) == 967  # ImageNet class 967: espresso
     assert float(probs[967]) > 0.5
+
+
+def test_small_cnns_are_registered_explicitly_not_by_importing_models():
+    import subprocess
+    import sys
+    code = ("import timm, mixcls.models as m; print(timm.is_model('mixcls_cnn_tiny')); "
+            "m.register_models(); m.register_models(); print(timm.is_model('mixcls_cnn_tiny'), "
+            "timm.is_model('mixcls_cnn_small'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True", "True"]
+
+
+def test_pretrained_weights_neither_cached_nor_reachable_fail_at_once_naming_the_model(tmp_path, monkeypatch):
+    import time
+
+    import huggingface_hub.constants
+    from mixcls.models import check_pretrained_available
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    asked = []
+    started = time.perf_counter()
+    with pytest.raises(ModelError, match=r"'test_resnet' are not in the local cache.*--pretrained-file"):
+        check_pretrained_available("test_resnet", reachable=lambda url: asked.append(url) or False)
+    assert time.perf_counter() - started < 1.0
+    assert asked and asked[0].startswith(huggingface_hub.constants.ENDPOINT)
+    check_pretrained_available("test_resnet", reachable=lambda url: True)  # online: timm downloads
+    # Weights in the cache need no network at all.
+    repo = tmp_path / "empty_cache" / "models--timm--test_resnet.r160_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc")
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "model.safetensors").write_bytes(b"x")
+    check_pretrained_available("test_resnet", reachable=lambda url: pytest.fail("asked the hub"))
+
+
+def test_hf_hub_offline_counts_as_unreachable_without_a_connection(monkeypatch):
+    import mixcls.models
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(mixcls.models.socket, "create_connection",
+                        lambda *a, **k: pytest.fail("connected although HF_HUB_OFFLINE=1"))
+    assert mixcls.models.hub_reachable("https://huggingface.co") is False
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def refused(address, timeout):
+        assert timeout <= 2.0
+        raise ConnectionRefusedError
+    monkeypatch.setattr(mixcls.models.socket, "create_connection", refused)
+    assert mixcls.models.hub_reachable("https://huggingface.co") is False
+
+
+def test_a_model_without_hub_weights_is_named():
+    from mixcls.models import check_pretrained_available
+    with pytest.raises(ModelError, match="'mixcls_cnn_tiny' has no pretrained weights"):
+        check_pretrained_available("mixcls_cnn_tiny", reachable=lambda url: True)

@@ -261,3 +261,109 @@ def test_clipping_bounds_the_update_and_keeps_its_direction(one_step_csv):
     assert float(clipped.norm()) == pytest.approx(lr * clip, rel=1e-3)  # SGD: update = lr * g
     cosine = float(free @ clipped / (free.norm() * clipped.norm()))
     assert cosine == pytest.approx(1.0, abs=1e-4)
+
+
+# --- settled before the run folder is written; re-used on resume
+
+def test_auto_batch_plan_is_measured_once_and_reused_on_resume(tmp_path, monkeypatch):
+    """A resume must not re-measure: memory figures are noisy, and another plan would make the
+    mid-epoch last.pt unusable (it was saved with the first plan's batches)."""
+    import mixcls.memory
+    import mixcls.train
+    answers = iter([5, 7])  # the second measurement would plan 6 x 2 instead of 4 x 3
+    calls = []
+
+    def noisy_find_max_batch(*args, **kwargs):
+        calls.append(1)
+        return next(answers)
+
+    monkeypatch.setattr(mixcls.memory, "find_max_batch", noisy_find_max_batch)
+    real = mixcls.train.train_one_epoch
+
+    def interrupted_after_first_checkpoint(*args, on_step, **kwargs):
+        def step_then_stop(i, stats):
+            on_step(i, stats)
+            raise KeyboardInterrupt
+        return real(*args, on_step=step_then_stop, **kwargs)
+
+    data = write_tiny_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    args = [a for a in BASE if a not in ("--batch-size", "8")]
+    with monkeypatch.context() as mp:
+        mp.setattr(mixcls.train, "train_one_epoch", interrupted_after_first_checkpoint)
+        assert main(["train", "--data", str(data), "--out", str(out), *args, "--batch-size", "auto",
+                     "--effective-batch", "12", "--folds", "2", "--train-folds", "0", "--epochs", "1",
+                     "--save-every-steps", "1"]) == 130
+    ckpt = load_checkpoint(out / "fold_0" / "last.pt")
+    assert ckpt["batch"] == 3 and (ckpt["batch_size"], ckpt["accum_steps"]) == (4, 3)
+    assert json.loads((out / "batch_plan.json").read_text()) == {"batch_size": 4, "accum_steps": 3,
+                                                                 "source": "auto"}
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert len(calls) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["batch_size"], metrics["accum_steps"]) == (4, 3)
+
+
+def test_fp16_on_a_cpu_is_refused_before_the_run_folder_and_the_fix_then_runs(tmp_path, capsys):
+    data = write_tiny_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    one_fold = ["--folds", "2", "--train-folds", "0", "--epochs", "1", "--device", "cpu"]
+    assert main(["train", "--data", str(data), "--out", str(out), *BASE, *one_fold, "--amp", "fp16"]) == 2
+    assert "amp: fp16 needs CUDA" in capsys.readouterr().err
+    assert not out.exists()
+    train(data, out, *one_fold)  # the corrected command finds no half-begun folder in its way
+    assert (out / "metrics.json").is_file()
+
+
+def test_pretrained_offline_is_refused_at_once_before_the_run_folder(tmp_path, monkeypatch, capsys):
+    import time
+
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = write_tiny_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    one_fold = ["--folds", "2", "--train-folds", "0", "--epochs", "1"]
+    started = time.perf_counter()
+    assert main(["train", "--data", str(data), "--out", str(out), *BASE, *one_fold, "--pretrained"]) == 2
+    assert time.perf_counter() - started < 10  # the data check included; timm's retries take ~60 s
+    err = capsys.readouterr().err
+    assert "'test_resnet'" in err and "not in the local cache" in err and "--pretrained-file" in err
+    assert not out.exists()
+    train(data, out, *one_fold)
+    assert (out / "metrics.json").is_file()
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_removes_what_it_wrote(tmp_path, monkeypatch):
+    import mixcls.train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the first epoch")
+
+    data = write_tiny_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        mp.setattr(mixcls.train, "train_one_epoch", broken)
+        with pytest.raises(RuntimeError, match="a bug in the first epoch"):
+            train(data, out, "--folds", "2", "--train-folds", "0", "--epochs", "1")
+    assert not out.exists()
+    train(data, out, "--folds", "2", "--train-folds", "0", "--epochs", "1")
+
+
+def test_batch_size_global_sets_the_micro_batch_and_is_logged(tmp_path, capsys):
+    data = write_tiny_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    args = [a for a in BASE if a not in ("--batch-size", "8")]
+    bad = ["train", "--data", str(data), "--out", str(out), *args, "--folds", "2", "--train-folds", "0",
+           "--epochs", "1", "--accum-steps", "2"]
+    assert main([*bad, "--batch-size-global", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size_global: 7" in err and "2 accumulation step(s)" in err
+    assert not out.exists()
+    assert main([*bad, "--batch-size-global", "8"]) == 0
+    printed = capsys.readouterr().out
+    # 18 training rows, micro-batch 8 / (1 x 2) = 4: 4 batches (drop_last), 2 optimizer steps
+    assert "global batch 8 per optimizer step (1 process(es) x micro-batch 4 x 2 accumulation), " \
+           "2 optimizer steps per epoch" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["batch_size"], metrics["accum_steps"], metrics["global_batch"]) == (4, 2, 8)

@@ -35,3 +35,21 @@ def cv_logloss(labels: np.ndarray, probs: np.ndarray) -> float:
     # float32 softmax rows sum to 1 only within ~1e-7; sklearn would warn about each such row.
     probs = probs / probs.sum(axis=1, keepdims=True)
     return float(log_loss(labels, probs, labels=list(range(probs.shape[1]))))
+
+
+def oof_frame(image_ids: np.ndarray, labels: np.ndarray, folds: np.ndarray, probs: np.ndarray,
+              rows: np.ndarray) -> pd.DataFrame:
+    """One fold's OOF table: its validation `rows` (index), their ids, labels (N,), folds (N,)
+    and probabilities (n_rows, K)."""
+    frame = pd.DataFrame({"image_id": image_ids[rows], "label": labels[rows], "fold": folds[rows],
+                          "pred": probs.argmax(1)})
+    frame[prob_columns(probs.shape[1])] = probs
+    frame.index = rows
+    return frame
+
+
+def merge_oof(frames: list[pd.DataFrame], image_ids: list[str]) -> pd.DataFrame:
+    """The folds' OOF tables as one, in the order of `image_ids` (the training table's rows)."""
+    oof = pd.concat(frames)
+    order = {image_id: i for i, image_id in enumerate(image_ids)}
+    return oof.assign(_row=oof["image_id"].astype(str).map(order)).sort_values("_row").drop(columns="_row")

@@ -87,6 +87,38 @@ def valid_labels_of(table: TrainTable) -> np.ndarray:
     return table.labels
 
 
+@dataclass
+class FoldData:
+    """What one fold trains and validates on, as the orchestrator chose it."""
+
+    classes: list[str]
+    train_paths: list[str]
+    train_targets: np.ndarray  # (n_train,) labels or (n_train, K) soft targets
+    valid_paths: list[str]
+    valid_labels: np.ndarray  # (n_valid,) labels as given, for scoring
+    train_cache: list[np.ndarray] | None = None  # decoded images, in the order of the paths
+    valid_cache: list[np.ndarray] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def make_fold_data(table: TrainTable, train_rows: np.ndarray, valid_rows: np.ndarray, *,
+                   cache: list[np.ndarray] | None = None) -> FoldData:
+    """The table's rows `train_rows` (its targets) and `valid_rows` (labels as given)."""
+    targets = table.soft_targets if table.soft_targets is not None else table.labels
+    paths = table.frame["path"].tolist()
+
+    def pick(items: list, rows: np.ndarray) -> list:
+        return [items[i] for i in rows]
+
+    return FoldData(list(table.classes), pick(paths, train_rows), targets[train_rows],
+                    pick(paths, valid_rows), valid_labels_of(table)[valid_rows],
+                    train_cache=pick(cache, train_rows) if cache is not None else None,
+                    valid_cache=pick(cache, valid_rows) if cache is not None else None)
+
+
 # ---------------------------------------------------------------- checks before any output
 
 def build_training_loss(cfg: LossConfig) -> nn.Module:

@@ -18,33 +18,28 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
 
 from mixcls import distributed as dist
 from mixcls.config import Config, config_to_flat
-from mixcls.data import ImageDataset, TrainTable, load_image_cache, prob_columns
-from mixcls.devices import amp_setup, resolve_device
+from mixcls.data import TrainTable, load_image_cache
+from mixcls.devices import resolve_device
 from mixcls.distributed import DistContext
 from mixcls.engine import EpochStats, NonFiniteLossError, evaluate, train_one_epoch
+from mixcls.fold_parts import FoldParts, build_fold_parts, weights_finite
 from mixcls.losses import build_loss
-from mixcls.metrics import compute_metrics
-from mixcls.models import build_model, model_mean_std
-from mixcls.optim import build_optimizer, build_scheduler
-from mixcls.resume import (BatchLayout, FoldState, Trainables, build_last_checkpoint,
-                           partial_stats, restore_checkpoint)
-from mixcls.run_setup import (BatchPlan, build_mixer, build_training_loss, check_run_settings,
-                              discard_begun_run, fold_rows, open_run_folder, prepare_table,
-                              previous_seconds, resolve_batch_plan, valid_labels_of,
-                              with_batch_plan)
+from mixcls.metrics import compute_metrics, merge_oof, oof_frame
+from mixcls.resume import BatchLayout, FoldState, build_last_checkpoint, partial_stats, restore_checkpoint
+from mixcls.run_setup import (BatchPlan, FoldData, check_run_settings, discard_begun_run, fold_rows,
+                              make_fold_data, open_run_folder, prepare_table, previous_seconds,
+                              resolve_batch_plan, valid_labels_of, with_batch_plan)
 from mixcls.runs import atomic_write_csv, atomic_write_json, load_checkpoint, save_checkpoint
-from mixcls.sampling import (EpochSampler, derive_seed, make_loader, seed_everything,
-                             start_epoch_generators)
+from mixcls.sampling import derive_seed, seed_everything, start_epoch_generators
 from mixcls.tblog import FoldBoard, open_board
-from mixcls.transforms import build_train_transform, build_valid_transform
 
-__all__ = ["FoldData", "FoldResult", "TrainingStopped", "derive_seed", "fit_fold", "fit_folds",
-           "make_fold_data"]
+# derive_seed, make_fold_data (al_sim), prepare_table, fold_rows (lr_find) and compute_metrics
+# (blend) are imported from here by other modules; their homes are sampling, run_setup, metrics.
+__all__ = ["FoldData", "FoldResult", "TrainingStopped", "compute_metrics", "derive_seed", "fit_fold",
+           "fit_folds", "fold_rows", "make_fold_data", "prepare_table"]
 
 
 class TrainingStopped(RuntimeError):
@@ -62,107 +57,6 @@ class FoldResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-@dataclass
-class FoldData:
-    """What one fold trains and validates on, as the orchestrator chose it."""
-
-    classes: list[str]
-    train_paths: list[str]
-    train_targets: np.ndarray  # (n_train,) labels or (n_train, K) soft targets
-    valid_paths: list[str]
-    valid_labels: np.ndarray  # (n_valid,) labels as given, for scoring
-    train_cache: list[np.ndarray] | None = None  # decoded images, in the order of the paths
-    valid_cache: list[np.ndarray] | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-
-def make_fold_data(table: TrainTable, train_rows: np.ndarray, valid_rows: np.ndarray, *,
-                   cache: list[np.ndarray] | None = None) -> FoldData:
-    """The table's rows `train_rows` (its targets) and `valid_rows` (labels as given)."""
-    targets = table.soft_targets if table.soft_targets is not None else table.labels
-    paths = table.frame["path"].tolist()
-
-    def pick(items: list, rows: np.ndarray) -> list:
-        return [items[i] for i in rows]
-
-    return FoldData(list(table.classes), pick(paths, train_rows), targets[train_rows],
-                    pick(paths, valid_rows), valid_labels_of(table)[valid_rows],
-                    train_cache=pick(cache, train_rows) if cache is not None else None,
-                    valid_cache=pick(cache, valid_rows) if cache is not None else None)
-
-
-@dataclass
-class _Fold:
-    """Everything one fold trains with; `train_model` is `net.model`, maybe wrapped in DDP."""
-
-    net: Trainables
-    train_model: nn.Module
-    amp_dtype: torch.dtype | None
-    sampler: EpochSampler
-    train_loader: DataLoader
-    valid_loader: DataLoader  # this rank's shard of the validation rows
-    n_batches: int
-    loss_fn: Callable
-    mixer: Callable | None
-    valid_labels: np.ndarray  # (n_valid,) every validation row, for scoring
-
-
-def _build_fold(cfg: Config, data: FoldData, *, fold: int, device: torch.device,
-                ctx: DistContext) -> _Fold:
-    model = build_model(cfg.model, data.num_classes).to(device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if ctx.world_size > 1 and cfg.train.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    sampler, train_loader, valid_loader = _build_loaders(cfg, data, model_mean_std(model), fold=fold,
-                                                         device=device, ctx=ctx)
-    n_batches = len(train_loader)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.sched, epochs=cfg.train.epochs,
-                                steps_per_epoch=-(-n_batches // cfg.train.accum_steps))
-    amp_dtype, scaler = amp_setup(cfg.train.amp, device)
-    ema = None
-    if cfg.train.ema:
-        from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
-    mixer, loss_fn = build_mixer(cfg.mix), build_training_loss(cfg.loss)
-    train_model = dist.wrap_ddp(model, device) if ctx.world_size > 1 else model
-    return _Fold(Trainables(model, ema, optimizer, scheduler, scaler), train_model, amp_dtype,
-                 sampler, train_loader, valid_loader, n_batches, loss_fn, mixer, data.valid_labels)
-
-
-def _build_loaders(cfg: Config, data: FoldData, mean_std: tuple, *, fold: int, device: torch.device,
-                   ctx: DistContext) -> tuple[EpochSampler, DataLoader, DataLoader]:
-    mean, std = mean_std
-    batch_size, img_size = int(cfg.train.batch_size), cfg.data.img_size
-    train_ds = ImageDataset(data.train_paths, data.train_targets,
-                            build_train_transform(cfg.data.preset, img_size, mean=mean, std=std),
-                            cache=data.train_cache)
-    # Each rank evaluates every world_size-th validation row and the probabilities are gathered:
-    # with 8 GPUs and a 4,000-image fold (times the TTA views) evaluating the whole fold on
-    # every rank would cost 8x the evaluation time for the same numbers.
-    shard = dist.shard_indices(len(data.valid_paths))
-    valid_ds = ImageDataset([data.valid_paths[i] for i in shard], data.valid_labels[shard],
-                            build_valid_transform(img_size, mean=mean, std=std),
-                            cache=[data.valid_cache[i] for i in shard] if data.valid_cache else None)
-    sampler = EpochSampler(len(train_ds), seed=derive_seed(cfg.train.seed, fold, 1),
-                           rank=ctx.rank, world_size=ctx.world_size)
-    train_loader = make_loader(train_ds, batch_size=batch_size, workers=cfg.data.workers,
-                               sampler=sampler, drop_last=len(sampler) > batch_size, device=device,
-                               seed=derive_seed(cfg.train.seed, fold, 2))
-    valid_loader = make_loader(valid_ds, batch_size=batch_size * 2, workers=cfg.data.workers,
-                               sampler=None, drop_last=False, device=device,
-                               seed=derive_seed(cfg.train.seed, fold, 3))
-    return sampler, train_loader, valid_loader
-
-
-def _weights_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
 def fit_fold(cfg: Config, data: FoldData, *, fold: int, fold_dir: Path, device: torch.device,
              ctx: DistContext = DistContext(), progress: bool = True, resume: bool = False,
              board: FoldBoard | None = None, log: Callable[[str], None] = print) -> FoldResult:
@@ -171,7 +65,7 @@ def fit_fold(cfg: Config, data: FoldData, *, fold: int, fold_dir: Path, device: 
     `cfg.train.batch_size` is this process's micro-batch (a number: fit_folds resolves auto).
     """
     seed_everything(derive_seed(cfg.train.seed, fold))
-    parts = _build_fold(cfg, data, fold=fold, device=device, ctx=ctx)
+    parts = build_fold_parts(cfg, data, fold=fold, device=device, ctx=ctx)
     layout = BatchLayout(ctx.world_size, int(cfg.train.batch_size), cfg.train.accum_steps)
     steps_per_epoch = -(-parts.n_batches // layout.accum_steps)
     log(f"fold {fold}: {layout.describe(n_train=len(data.train_paths), steps_per_epoch=steps_per_epoch)}")
@@ -189,7 +83,7 @@ def fit_fold(cfg: Config, data: FoldData, *, fold: int, fold_dir: Path, device: 
     def save_last(*, epoch: int, batch: int, mix_gen: torch.Generator | None = None,
                   epoch_stats: dict[str, Any] | None = None) -> None:
         # Never replace a good checkpoint with weights that already blew up.
-        if ctx.is_main and _weights_finite(parts.net.model):
+        if ctx.is_main and weights_finite(parts.net.model):
             save_checkpoint(last_path, build_last_checkpoint(
                 parts.net, state, header=header, layout=layout, epoch=epoch, batch=batch,
                 mix_gen=mix_gen, epoch_stats=epoch_stats, device=device))
@@ -222,7 +116,7 @@ def _patience_spent(patience: int | None, state: FoldState) -> bool:
     return patience is not None and state.bad_epochs >= patience
 
 
-def _train_epoch(cfg: Config, parts: _Fold, state: FoldState, *, fold: int, epoch: int,
+def _train_epoch(cfg: Config, parts: FoldParts, state: FoldState, *, fold: int, epoch: int,
                  start_batch: int, device: torch.device, ctx: DistContext, progress: bool,
                  num_classes: int, save_last: Callable[..., None],
                  on_lr: Callable[[int, float], None] | None) -> EpochStats:
@@ -259,7 +153,7 @@ def _train_epoch(cfg: Config, parts: _Fold, state: FoldState, *, fold: int, epoc
     if stats.steps >= 2 and stats.skipped_steps == stats.steps:
         raise TrainingStopped(f"{stopped}: every optimizer step ({stats.steps}) had NaN or infinite "
                               f"gradients; {_stopped_hint(state, ctx.is_main)}")
-    if not _weights_finite(parts.net.model):
+    if not weights_finite(parts.net.model):
         raise TrainingStopped(f"{stopped}: the weights became NaN or infinite at the epoch's last "
                               f"step; {_stopped_hint(state, ctx.is_main)}")
     loss_sum, correct, images = dist.all_reduce_sum([stats.loss_sum, stats.correct, stats.images])
@@ -275,7 +169,7 @@ def _stopped_hint(state: FoldState, is_main: bool) -> str:
     return "training stopped before any checkpoint (try a lower --lr or --grad-clip)"
 
 
-def _evaluate_fold(parts: _Fold, *, device: torch.device, num_classes: int,
+def _evaluate_fold(parts: FoldParts, *, device: torch.device, num_classes: int,
                    channels_last: bool) -> tuple[np.ndarray, float]:
     """Probabilities (n_valid, K) of every validation row and their mean CE loss, on every rank."""
     n_valid = len(parts.valid_labels)
@@ -305,7 +199,7 @@ def _epoch_line(row: dict[str, float], stats: EpochStats) -> str:
             f"{row['images_per_s']:.0f} img/s ({row['seconds']:.1f}s{skipped})")
 
 
-def _end_epoch(parts: _Fold, state: FoldState, row: dict[str, float], probs: np.ndarray, *,
+def _end_epoch(parts: FoldParts, state: FoldState, row: dict[str, float], probs: np.ndarray, *,
                header: dict[str, Any], fold_dir: Path, is_main: bool,
                board: FoldBoard | None) -> None:
     """History, best.pt and history.csv (rank 0) after an epoch's evaluation."""
@@ -394,7 +288,9 @@ def _fit_and_write_fold(cfg: Config, table: TrainTable, folds: np.ndarray, fold:
         if board is not None:
             board.close()
     if ctx.is_main:
-        atomic_write_csv(fold_dir / "oof.csv", _oof_frame(table, folds, valid_rows, result.valid_probs))
+        atomic_write_csv(fold_dir / "oof.csv", oof_frame(table.frame["image_id"].to_numpy(),
+                                                         valid_labels_of(table), folds,
+                                                         result.valid_probs, valid_rows))
     dist.barrier()
 
 
@@ -402,21 +298,11 @@ def _silent(message: str) -> None:
     """Only rank 0 speaks."""
 
 
-def _oof_frame(table: TrainTable, folds: np.ndarray, rows: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
-    frame = pd.DataFrame({"image_id": table.frame["image_id"].to_numpy()[rows],
-                          "label": valid_labels_of(table)[rows], "fold": folds[rows],
-                          "pred": probs.argmax(1)})
-    frame[prob_columns(probs.shape[1])] = probs
-    frame.index = rows
-    return frame
-
-
 def _write_summary(table: TrainTable, run_dir: Path, plan: BatchPlan, *, chosen: list[int],
                    world_size: int, seconds: float, log: Callable[[str], None]) -> dict[str, Any]:
     """oof.csv (original row order) and metrics.json from the folds' own oof.csv files."""
-    oof = pd.concat([pd.read_csv(run_dir / f"fold_{f}" / "oof.csv") for f in chosen])
-    order = {image_id: i for i, image_id in enumerate(table.frame["image_id"])}
-    oof = oof.assign(_row=oof["image_id"].astype(str).map(order)).sort_values("_row").drop(columns="_row")
+    oof = merge_oof([pd.read_csv(run_dir / f"fold_{f}" / "oof.csv") for f in chosen],
+                    table.frame["image_id"].tolist())
     atomic_write_csv(run_dir / "oof.csv", oof)
     metrics = compute_metrics(oof, table.classes)
     metrics.update(folds_trained=chosen, seconds=seconds, batch_size=plan.batch_size,
