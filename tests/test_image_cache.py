@@ -296,3 +296,36 @@ def test_config_keys():
         load_config(None, {"cache_scale": 0.9})
     with pytest.raises(ConfigError, match="cache_images"):
         load_config(None, {"cache_images": "ssd"})
+
+
+def test_shrunk_copy_of_a_16_bit_grey_image_is_converted_first(tmp_path):
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 65536, size=(90, 120), dtype=np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(grey).save(path)
+    got = decode_image(path, short_side=30)
+    expected = cv2.resize(read_image(path), (40, 30), interpolation=cv2.INTER_AREA)
+    assert got.shape == (30, 40, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_dataset_reads_a_loader_or_cached_copies(tmp_path):
+    root = write_tiny_dataset(tmp_path / "data", size=32)
+    paths = sorted(str(p) for p in (root / "train_images").iterdir())[:4]
+    calls = []
+
+    def loader(path):
+        calls.append(path)
+        return read_image(path)[::-1].copy()  # upside down: shows the loader's image is used
+
+    identity = lambda image: {"image": image}  # noqa: E731
+    flipped = ImageDataset(paths, None, identity, loader=loader)
+    assert np.array_equal(flipped[2][0], read_image(paths[2])[::-1]) and calls == [paths[2]]
+    sources = load_image_cache(paths, mode="disk", img_size=16, cache_dir=tmp_path / "c")
+    mixed = [sources[0], str(sources[1]), read_image(paths[2]), sources[3]]  # Path, str, array
+    dataset = ImageDataset(paths, np.arange(4), identity, cache=mixed, loader=loader)
+    for i in range(4):
+        image, target = dataset[i]
+        assert target == i and np.array_equal(image, decode_image(paths[i], short_side=19) if i != 2
+                                               else read_image(paths[i]))
+    assert calls == [paths[2]]  # cached items never go through the loader
