@@ -122,6 +122,9 @@ def make_bad_runs(trained, root: Path) -> Path:
     oof[oof["fold"] == 0].to_csv(gap / "oof.csv", index=False)
     broken = copy_run(first, root / "broken_config")
     (broken / "config.yaml").write_text("epochs: [not, a, number\n")
+    keyless = copy_run(first, root / "broken_metrics")
+    metrics = json.loads((keyless / "metrics.json").read_text())
+    (keyless / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "cv_accuracy"}))
     empty = copy_run(first, root / "broken_oof")
     (empty / "oof.csv").write_text("image_id,label\nx.png,0\n")
     (root / "notes").mkdir()
@@ -132,7 +135,9 @@ def make_bad_runs(trained, root: Path) -> Path:
 def test_unfinished_and_broken_runs_are_rows_not_crashes(trained, tmp_path):
     root = make_bad_runs(trained, tmp_path / "runs")
     table = runs_table([root], sort="accuracy").set_index("name")
-    assert sorted(table.index) == ["base", "broken_config", "broken_oof", "gap", "group/cutmix", "training"]
+    assert sorted(table.index) == ["base", "broken_config", "broken_metrics", "broken_oof", "gap",
+                                   "group/cutmix", "training"]
+    assert table.loc["broken_metrics", "status"] == "broken: metrics.json has no 'cv_accuracy'"
     assert table.loc["training", "status"] == "unfinished: 1 of 2 folds done"
     assert table.loc["gap", "status"] == "unfinished: oof.csv has no rows of fold(s) 1"
     for name in ("training", "gap"):

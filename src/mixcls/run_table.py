@@ -67,6 +67,8 @@ def run_row(run_dir: str | Path) -> dict[str, Any]:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):  # str() of a KeyError is the bare key
+        return f"metrics.json has no {exc.args[0]!r}"
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
