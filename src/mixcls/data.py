@@ -77,9 +77,6 @@ def format_listing(title: str, items: Sequence[str]) -> str:
     return f"{title} ({len(items)}):\n{shown}{more}"
 
 
-_listing = format_listing  # the old private name, for code being edited beside this change
-
-
 def resolve_layout(data: str | Path | None, csv: str | Path | None,
                    images: str | Path | None) -> tuple[Path | None, Path]:
     """(csv path or None for a class-per-folder tree, images folder) from the user's paths."""
