@@ -239,7 +239,9 @@ def fit_folds(cfg: Config, run_dir: str | Path, *, progress: bool = True, resume
         cfg, table, folds, run_dir, device=device, world_size=ctx.world_size, resume=resume,
         chosen=chosen, log=log))
     cfg = with_batch_plan(cfg, plan)
-    cache = load_image_cache(table.frame["path"].tolist(), mode=cfg.data.cache_images)
+    cache = load_image_cache(table.frame["path"].tolist(), mode=cfg.data.cache_images,
+                             img_size=cfg.data.img_size, cache_dir=cfg.data.cache_dir,
+                             cache_scale=cfg.data.cache_scale)
     started = time.perf_counter()
     try:
         for fold in chosen:
