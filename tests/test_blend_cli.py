@@ -62,6 +62,7 @@ def test_blend_cli_writes_a_folder_that_noise_review_and_report_read(trained, tm
     assert main(["review", "--run", str(out), "--budget", "5", "--out", str(tmp_path / "review.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "review.csv")) == 5
     assert main(["report", str(out), "--out", str(tmp_path / "run_report.html")]) == 0
+    assert "blend-correlation" in (tmp_path / "run_report.html").read_text()  # the blend's own page
     assert main(["blend", *map(str, runs), "--out", str(out), "--method", "mean"]) == 2
     assert "already holds files" in capsys.readouterr().err
 

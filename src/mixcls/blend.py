@@ -602,7 +602,15 @@ def predict_blend(blend_dir: str | Path, paths: Sequence[str], *, tta: int | Non
     member_probs = np.stack([predict_run(m["path"], paths, tta=tta, device=device,
                                          batch_size=batch_size, workers=workers, amp=amp)
                              for m in spec["members"]]).astype(np.float64)
-    probs = apply_blend(_params_from_json(spec["method"], spec), member_probs)
+    return combine_members(spec, member_probs)
+
+
+def combine_members(spec: dict[str, Any], member_probs: np.ndarray) -> np.ndarray:
+    """A blend's rule (from `read_blend`) on its members' probabilities (M, N, K) -> (N, K).
+
+    The weights or stacker fitted on all OOF rows, then the temperature (when calibrated).
+    """
+    probs = apply_blend(_params_from_json(spec["method"], spec), np.asarray(member_probs, np.float64))
     if spec["temperature"] is not None:
         probs = apply_temperature(probs, float(spec["temperature"]))
     return probs

@@ -118,8 +118,9 @@ def build_blend_html(spec: dict[str, Any], metrics: dict[str, Any], blend_dir: s
             f"\n<footer>mixcls {html.escape(__version__)}</footer>\n</main>\n</body>\n</html>\n")
 
 
-def write_blend_report(blend_dir: str | Path) -> Path:
-    """Rebuild BLEND/report.html from blend.json and metrics.json; return its path."""
+def write_blend_report(blend_dir: str | Path, *, out: str | Path | None = None) -> Path:
+    """Rebuild BLEND/report.html (or `out`) from blend.json and metrics.json; return its path."""
     blend_dir = Path(blend_dir)
     spec, metrics = runs.read_json(blend_dir / "blend.json"), runs.read_json(blend_dir / "metrics.json")
-    return runs.atomic_write_text(blend_dir / REPORT_NAME, build_blend_html(spec, metrics, blend_dir))
+    return runs.atomic_write_text(out if out is not None else blend_dir / REPORT_NAME,
+                                  build_blend_html(spec, metrics, blend_dir))

@@ -113,6 +113,11 @@ class TrainConfig:
         "N / (processes x accum_steps), so a run on N GPUs takes the steps of one")
     log: str = _opt("none", "also log scalars and the confusion matrix for TensorBoard "
                     "(RUN/tensorboard/fold_K/)", choices=["none", "tensorboard"])
+    folds_from: str | None = _opt(None, "re-use the folds.csv of this run folder (runs to be "
+                                  "blended must share folds); --folds follows it")
+    full_fit: bool = _opt(False, "after the folds, train one more model on every row (RUN/full/) "
+                          "for the median best epoch of the folds")
+    full_fit_epochs: int | None = _opt(None, "with --full-fit: train this many epochs instead")
 
 
 @dataclass
@@ -333,6 +338,7 @@ def _check_ranges(cfg: Config) -> None:
         ("save_every_steps", t.save_every_steps, lambda v: v >= 1,
          "an integer >= 1, or unset (checkpoints at epoch ends only)"),
         ("effective_batch", t.effective_batch, lambda v: v >= 1, "an integer >= 1, or unset"),
+        ("full_fit_epochs", t.full_fit_epochs, lambda v: v >= 1, "an integer >= 1, or unset"),
         ("batch_size_global", t.batch_size_global, lambda v: v >= 1 and t.batch_size != "auto",
          "an integer >= 1 with a numeric --batch-size (auto plans its own), or unset"),
         ("max_memory_mb", t.max_memory_mb, _finite(0, above=True), "a number of MiB > 0, or unset"),

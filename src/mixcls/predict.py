@@ -55,12 +55,28 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     return LoadedModel(model.to(device).eval(), cfg, classes, int(ckpt.get("fold", 0)))
 
 
-def load_fold_models(run_dir: str | Path, device: torch.device) -> list[LoadedModel]:
-    """The best checkpoint of every trained fold, in fold order, in eval mode on `device`."""
+# Which of a run's models predict: the fold models, the full-data model (--full-fit), or both.
+MODEL_SETS = ("folds", "full", "all")
+
+
+def load_fold_models(run_dir: str | Path, device: torch.device, *,
+                     models: str = "folds") -> list[LoadedModel]:
+    """The best checkpoint of every trained fold in fold order (`models="folds"`), the full-data
+    model RUN/full/best.pt ("full"), or the folds then the full model ("all"; each model then
+    counts once in the mean), in eval mode on `device`."""
+    if models not in MODEL_SETS:
+        raise ValueError(f"models: {models!r} is not one of {', '.join(MODEL_SETS)}")
     run = RunFolder(Path(run_dir))  # not .open(): the checkpoints carry their configs, no config.yaml needed
-    paths = [d / "best.pt" for d in run.fold_dirs.values() if (d / "best.pt").is_file()]
-    if not paths:
+    paths = [d / "best.pt" for d in run.fold_dirs.values() if (d / "best.pt").is_file()] \
+        if models != "full" else []
+    if models == "folds" and not paths:
         raise RunError(f"{run.path}: no fold_*/best.pt checkpoints; is this a finished mixcls run?")
+    if models != "folds":
+        full = run.path / "full" / "best.pt"
+        if not full.is_file():
+            raise RunError(f"{run.path}: no full/best.pt; train the run with --full-fit to predict "
+                           f"with --models {models}")
+        paths.append(full)
     classes = run.classes
     models = [load_model(path, device) for path in paths]
     for path, loaded in zip(paths, models):
@@ -107,26 +123,29 @@ def _tta_views(cfg: Config, tta: int | None) -> list[str]:
 
 def predict_run_outputs(run_dir: str | Path, paths: Sequence[str], *, tta: int | None = None,
                         device: str = "auto", batch_size: int = 64, workers: int = 0,
-                        amp: str = "none", features: bool = False) -> FoldOutputs:
-    """`predict_fold_outputs` of every trained fold of a run: probs (F, N, K) over the first
-    `tta` TTA views (the run's own number when None) and, with `features`, features (F, N, D)."""
+                        amp: str = "none", features: bool = False,
+                        models: str = "folds") -> FoldOutputs:
+    """`predict_fold_outputs` of a run's models (`models`: see load_fold_models): probs
+    (F, N, K) over the first `tta` TTA views (the run's own number when None) and, with
+    `features`, features (F, N, D)."""
     dev = resolve_device(device)
     dtype = amp_dtype(amp, dev)  # the trainer's rule: fp16 is refused on a CPU
-    return predict_fold_outputs(load_fold_models(run_dir, dev), paths, device=dev, tta=tta,
-                                batch_size=batch_size, workers=workers, amp_dtype=dtype,
+    return predict_fold_outputs(load_fold_models(run_dir, dev, models=models), paths, device=dev,
+                                tta=tta, batch_size=batch_size, workers=workers, amp_dtype=dtype,
                                 features=features)
 
 
 def predict_fold_probs(run_dir: str | Path, paths: Sequence[str], *, tta: int | None = None,
                        device: str = "auto", batch_size: int = 64, workers: int = 0,
-                       amp: str = "none") -> np.ndarray:
-    """Per-fold probabilities (F, N, K), each the mean over the first `tta` TTA views."""
+                       amp: str = "none", models: str = "folds") -> np.ndarray:
+    """Per-model probabilities (F, N, K), each the mean over the first `tta` TTA views."""
     return predict_run_outputs(run_dir, paths, tta=tta, device=device, batch_size=batch_size,
-                               workers=workers, amp=amp).probs
+                               workers=workers, amp=amp, models=models).probs
 
 
 def predict_run(run_dir: str | Path, paths: Sequence[str], **kwargs) -> np.ndarray:
-    """Fold-ensembled probabilities (N, K): the mean of `predict_fold_probs` over folds."""
+    """Ensembled probabilities (N, K): the mean of `predict_fold_probs` over the models (the
+    folds by default; `models="all"` gives the full-data model the weight of one fold)."""
     return predict_fold_probs(run_dir, paths, **kwargs).mean(axis=0)
 
 

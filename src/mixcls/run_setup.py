@@ -55,29 +55,82 @@ def prepare_table(cfg: Config) -> tuple[TrainTable, np.ndarray]:
     if table.num_classes < 2:
         raise DataError(f"{source}: a classifier needs at least 2 classes, the table has only "
                         f"{table.classes}")
-    if "fold" not in frame.columns:
+    if cfg.train.folds_from is not None:
+        if "fold" in frame.columns:
+            raise ConfigError(f"folds_from: {source} has its own fold column; drop --folds-from "
+                              "or the column (one source of folds)")
+        folds, where = read_shared_folds(cfg.train.folds_from, frame["image_id"].tolist()), \
+            f"{Path(cfg.train.folds_from) / 'folds.csv'}"
+    elif "fold" not in frame.columns:
         check_class_counts(table, cfg.train.folds)
         return table, make_folds(table.labels, cfg.train.folds, cfg.train.seed)
-    folds = frame["fold"].to_numpy(dtype=np.int64)
+    else:
+        folds, where = frame["fold"].to_numpy(dtype=np.int64), f"the fold column of {source}"
     present = sorted(set(folds.tolist()))
     if present != list(range(cfg.train.folds)):
         hint = (f"set --folds {max(present) + 1}" if present == list(range(max(present) + 1))
                 else f"number the folds 0 … {cfg.train.folds - 1}")
-        raise ConfigError(f"folds: the fold column of {source} holds folds "
-                          f"{_short(present)}, but folds is {cfg.train.folds}; {hint}")
+        raise ConfigError(f"folds: {where} holds folds {_short(present)}, but folds is "
+                          f"{cfg.train.folds}; {hint}")
     return table, folds
+
+
+def read_shared_folds(run_dir: str | Path, image_ids: list[str]) -> np.ndarray:
+    """Each row's fold (N,) from another run's folds.csv (`--folds-from`), matched by image_id.
+
+    Runs that are to be blended must be scored on the same rows; RunError names the first ids
+    that one table has and the other lacks.
+    """
+    from mixcls.runs import RunFolder
+
+    saved = RunFolder(Path(run_dir)).read_folds()
+    path = Path(run_dir) / "folds.csv"
+    by_id = dict(zip(saved["image_id"].astype(str), saved["fold"].astype(np.int64)))
+    missing = [i for i in image_ids if i not in by_id]
+    extra = sorted(set(by_id) - set(image_ids))
+    if missing or extra or len(by_id) != len(saved):
+        said = []
+        if missing:
+            said.append(f"{len(missing)} id(s) of the training table are not in it "
+                        f"(first: {', '.join(missing[:5])})")
+        if extra:
+            said.append(f"{len(extra)} of its id(s) are not in the training table "
+                        f"(first: {', '.join(extra[:5])})")
+        if len(by_id) != len(saved):
+            said.append("it lists an id twice")
+        raise RunError(f"--folds-from {run_dir}: {path} does not match the training table: "
+                       + "; ".join(said))
+    return np.array([by_id[i] for i in image_ids], dtype=np.int64)
+
+
+def count_shared_folds(run_dir: str | Path) -> int:
+    """The number of folds in another run's folds.csv (what `--folds-from` sets --folds to)."""
+    from mixcls.runs import RunFolder
+
+    return int(RunFolder(Path(run_dir)).read_folds()["fold"].max()) + 1
 
 
 def _short(values: list[int], limit: int = 10) -> str:
     return str(values) if len(values) <= limit else f"{values[:limit]} … ({len(values)} values)"
 
 
+def _kept(table: TrainTable) -> np.ndarray:
+    """(N,) bool: the rows trained on (a cleaned table's keep == 0 rows are not)."""
+    if "keep" in table.frame.columns:
+        return table.frame["keep"].to_numpy() == 1
+    return np.ones(len(table.frame), dtype=bool)
+
+
 def fold_rows(table: TrainTable, folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
     """Training rows (other folds, keep == 1) and validation rows (this fold, all of them)."""
-    keep = table.frame["keep"].to_numpy() == 1 if "keep" in table.frame.columns else True
-    train_rows = np.flatnonzero((folds != fold) & keep)
+    train_rows = np.flatnonzero((folds != fold) & _kept(table))
     valid_rows = np.flatnonzero(folds == fold)
     return train_rows, valid_rows
+
+
+def full_fit_rows(table: TrainTable) -> np.ndarray:
+    """Every row the full-data model trains on (keep == 1): all folds, no validation."""
+    return np.flatnonzero(_kept(table))
 
 
 def valid_labels_of(table: TrainTable) -> np.ndarray:

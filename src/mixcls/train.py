@@ -26,15 +26,19 @@ from mixcls.devices import resolve_device
 from mixcls.distributed import DistContext
 from mixcls.engine import EpochStats, NonFiniteLossError, evaluate, train_one_epoch
 from mixcls.fold_parts import FoldParts, build_fold_parts, weights_finite
+from mixcls.folds import folds_fingerprint
 from mixcls.losses import build_loss
 from mixcls.metrics import compute_metrics, merge_oof, oof_frame
 from mixcls.resume import BatchLayout, FoldState, build_last_checkpoint, partial_stats, restore_checkpoint
-from mixcls.run_setup import (BatchPlan, FoldData, check_run_settings, discard_begun_run, fold_rows,
+from mixcls.run_setup import (BatchPlan, FoldData, check_run_settings, discard_begun_run, fold_rows, full_fit_rows,
                               make_fold_data, open_run_folder, prepare_table, previous_seconds,
                               resolve_batch_plan, valid_labels_of, with_batch_plan)
 from mixcls.runs import atomic_write_csv, atomic_write_json, load_checkpoint, save_checkpoint
 from mixcls.sampling import derive_seed, seed_everything, start_epoch_generators
 from mixcls.tblog import FoldBoard, open_board
+
+# The full-data model's folder: RUN/full/best.pt beside RUN/fold_K/best.pt.
+FULL_DIR = "full"
 
 # derive_seed, make_fold_data (al_sim), prepare_table, fold_rows (lr_find) and compute_metrics
 # (blend) are imported from here by other modules; their homes are sampling, run_setup, metrics.
@@ -96,8 +100,11 @@ def fit_fold(cfg: Config, data: FoldData, *, fold: int, fold_dir: Path, device: 
         stats = _train_epoch(cfg, parts, state, fold=fold, epoch=epoch, start_batch=start_batch,
                              device=device, ctx=ctx, progress=progress, save_last=save_last,
                              num_classes=data.num_classes, on_lr=on_lr)
-        probs, valid_loss = _evaluate_fold(parts, device=device, num_classes=data.num_classes,
-                                           channels_last=cfg.model.channels_last)
+        if data.valid_paths:
+            probs, valid_loss = _evaluate_fold(parts, device=device, num_classes=data.num_classes,
+                                               channels_last=cfg.model.channels_last)
+        else:  # the full-data model: no validation rows, its last epoch is the one kept
+            probs, valid_loss = None, float("nan")
         _end_epoch(parts, state, _history_row(epoch, stats, valid_loss, probs, parts.valid_labels),
                    probs, header=header, fold_dir=Path(fold_dir), is_main=ctx.is_main, board=board)
         log(f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs}: {_epoch_line(state.history[-1], stats)}")
@@ -182,11 +189,13 @@ def _evaluate_fold(parts: FoldParts, *, device: torch.device, num_classes: int,
     return dist.gather_shards(local, n_valid), loss_sum / max(n_valid, 1)
 
 
-def _history_row(epoch: int, stats: EpochStats, valid_loss: float, probs: np.ndarray,
+def _history_row(epoch: int, stats: EpochStats, valid_loss: float, probs: np.ndarray | None,
                  valid_labels: np.ndarray) -> dict[str, float]:
-    """One row of history.csv; valid_accuracy is the score that picks the best epoch."""
+    """One row of history.csv; valid_accuracy is the score that picks the best epoch (NaN
+    without validation rows)."""
+    accuracy = float((probs.argmax(1) == valid_labels).mean()) if probs is not None else float("nan")
     return {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-            "valid_loss": valid_loss, "valid_accuracy": float((probs.argmax(1) == valid_labels).mean()),
+            "valid_loss": valid_loss, "valid_accuracy": accuracy,
             "lr": stats.lr, "seconds": stats.seconds, "images_per_s": stats.images_per_s,
             "skipped_steps": stats.skipped_steps}
 
@@ -199,13 +208,14 @@ def _epoch_line(row: dict[str, float], stats: EpochStats) -> str:
             f"{row['images_per_s']:.0f} img/s ({row['seconds']:.1f}s{skipped})")
 
 
-def _end_epoch(parts: FoldParts, state: FoldState, row: dict[str, float], probs: np.ndarray, *,
-               header: dict[str, Any], fold_dir: Path, is_main: bool,
+def _end_epoch(parts: FoldParts, state: FoldState, row: dict[str, float], probs: np.ndarray | None,
+               *, header: dict[str, Any], fold_dir: Path, is_main: bool,
                board: FoldBoard | None) -> None:
-    """History, best.pt and history.csv (rank 0) after an epoch's evaluation."""
+    """History, best.pt and history.csv (rank 0) after an epoch's evaluation; without
+    validation (probs None) every epoch replaces best.pt, so it holds the last one."""
     state.history.append(row)
     score = row["valid_accuracy"]
-    if score > state.best_score:
+    if probs is None or score > state.best_score:
         state.best_score, state.best_epoch, state.bad_epochs, state.best_probs = \
             score, row["epoch"], 0, probs
         if is_main:
@@ -254,10 +264,14 @@ def fit_folds(cfg: Config, run_dir: str | Path, *, progress: bool = True, resume
         if ctx.is_main and not resume and discard_begun_run(run_dir):
             log(f"the run stopped before its first checkpoint; removed what it had written to {run_dir}")
         raise
-    return dist.run_on_main(lambda: _write_summary(table, run_dir, plan, chosen=chosen,
-                                                   world_size=ctx.world_size, log=log,
-                                                   seconds=time.perf_counter() - started
-                                                   + previous_seconds(run_dir, resume)))
+    metrics = dist.run_on_main(lambda: _write_summary(table, folds, run_dir, plan, chosen=chosen,
+                                                      world_size=ctx.world_size, log=log,
+                                                      seconds=time.perf_counter() - started
+                                                      + previous_seconds(run_dir, resume)))
+    if cfg.train.full_fit:  # every rank trains it, as it trains the folds
+        metrics = _fit_full(cfg, table, run_dir, metrics, device=device, ctx=ctx, cache=cache,
+                            progress=progress, resume=resume, log=log)
+    return metrics
 
 
 def _begin_run(cfg: Config, table: TrainTable, folds: np.ndarray, run_dir: Path, *,
@@ -300,8 +314,9 @@ def _silent(message: str) -> None:
     """Only rank 0 speaks."""
 
 
-def _write_summary(table: TrainTable, run_dir: Path, plan: BatchPlan, *, chosen: list[int],
-                   world_size: int, seconds: float, log: Callable[[str], None]) -> dict[str, Any]:
+def _write_summary(table: TrainTable, folds: np.ndarray, run_dir: Path, plan: BatchPlan, *,
+                   chosen: list[int], world_size: int, seconds: float,
+                   log: Callable[[str], None]) -> dict[str, Any]:
     """oof.csv (original row order) and metrics.json from the folds' own oof.csv files."""
     oof = merge_oof([pd.read_csv(run_dir / f"fold_{f}" / "oof.csv") for f in chosen],
                     table.frame["image_id"].tolist())
@@ -309,8 +324,55 @@ def _write_summary(table: TrainTable, run_dir: Path, plan: BatchPlan, *, chosen:
     metrics = compute_metrics(oof, table.classes)
     metrics.update(folds_trained=chosen, seconds=seconds, batch_size=plan.batch_size,
                    accum_steps=plan.accum_steps, world_size=world_size,
-                   global_batch=world_size * plan.batch_size * plan.accum_steps)
+                   global_batch=world_size * plan.batch_size * plan.accum_steps,
+                   folds_fingerprint=folds_fingerprint(table.frame["image_id"].tolist(), folds))
     atomic_write_json(run_dir / "metrics.json", metrics)
     log(f"CV accuracy {metrics['cv_accuracy']:.4f}, macro F1 {metrics['cv_macro_f1']:.4f}, "
         f"log-loss {metrics['cv_logloss']:.4f} over {len(oof)} OOF rows")
+    return metrics
+
+
+# ---------------------------------------------------------------- the full-data refit
+
+def full_fit_epochs(run_dir: Path, chosen: list[int], asked: int | None) -> int:
+    """`--full-fit-epochs`, else the median best epoch of the trained folds (rounded up).
+
+    The folds' best epochs are what validation chose; a model on every row has no validation
+    of its own, so it trains for the typical length the folds found best.
+    """
+    if asked is not None:
+        return asked
+    best = []
+    for fold in chosen:
+        history = pd.read_csv(run_dir / f"fold_{fold}" / "history.csv")
+        best.append(int(history.loc[history["valid_accuracy"].idxmax(), "epoch"]))
+    return int(np.ceil(np.median(best)))
+
+
+def _fit_full(cfg: Config, table: TrainTable, run_dir: Path, metrics: dict[str, Any], *,
+              device: torch.device, ctx: DistContext, cache: list | None, progress: bool,
+              resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """One more model on every training row (keep == 1), saved as RUN/full/best.pt."""
+    chosen = metrics["folds_trained"]
+    epochs = dist.run_on_main(lambda: full_fit_epochs(run_dir, chosen, cfg.train.full_fit_epochs))
+    full_dir = run_dir / FULL_DIR
+    history = full_dir / "history.csv"
+    if resume and dist.run_on_main(lambda: history.is_file() and len(pd.read_csv(history)) >= epochs):
+        log(f"full fit: already finished ({epochs} epochs), skipped")
+        return metrics
+    if ctx.is_main:
+        full_dir.mkdir(parents=True, exist_ok=True)
+    rows = full_fit_rows(table)
+    data = make_fold_data(table, rows, np.array([], dtype=np.int64), cache=cache)
+    full_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs, patience=None))
+    log(f"full fit: {len(rows)} rows, {epochs} epochs "
+        f"({'--full-fit-epochs' if cfg.train.full_fit_epochs else 'median best epoch of the folds'})")
+    started = time.perf_counter()
+    # Its seed follows the folds' (seed, fold) rule with the index one past the last fold.
+    fit_fold(full_cfg, data, fold=cfg.train.folds, fold_dir=full_dir, device=device, ctx=ctx,
+             progress=progress, resume=resume, log=log)
+    metrics = dict(metrics, full_fit={"epochs": epochs, "rows": int(len(rows)),
+                                      "seconds": time.perf_counter() - started})
+    if ctx.is_main:
+        atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixcls.config import ConfigError
 from mixcls.runs import RunFolder
 
 
@@ -24,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.add_argument("--models", default="folds", choices=["folds", "full", "all"],
+                   help="the fold models, the full-data model of a --full-fit run, or both (each "
+                   "model weighs the same)")
     p.set_defaults(func=run_predict)
 
 
@@ -33,9 +37,15 @@ def run_predict(args: argparse.Namespace) -> int:
 
     RunFolder(Path(args.run)).classes  # fail on a wrong --run before reading images
     ids, paths = resolve_images(args.images, args.ids)
-    predict = predict_blend if is_blend_folder(args.run) else predict_run  # mixcls blend's folder
-    probs = predict(args.run, paths, tta=args.tta, device=args.device,
-                    batch_size=args.batch_size, workers=args.workers, amp=args.amp)
+    options = dict(tta=args.tta, device=args.device, batch_size=args.batch_size,
+                   workers=args.workers, amp=args.amp)
+    if is_blend_folder(args.run):  # mixcls blend's folder: each member with its fold models
+        if args.models != "folds":
+            raise ConfigError(f"--models {args.models}: {args.run} is a blend, whose members "
+                              "predict with the fold models they were blended with")
+        probs = predict_blend(args.run, paths, **options)
+    else:
+        probs = predict_run(args.run, paths, models=args.models, **options)
     write_submission(args.out, ids, probs, run_dir=args.run, with_probs=args.with_probs,
                      label_names=args.label_names)
     print(f"wrote {args.out}: {len(ids)} rows")

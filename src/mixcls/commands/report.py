@@ -21,8 +21,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from mixcls.report import write_report  # local: matplotlib and torch load only when used
+    # local imports: matplotlib and torch load only when used
+    from mixcls.blend import is_blend_folder
 
-    path = write_report(args.run, out=args.out, seed=args.seed)
+    if is_blend_folder(args.run):  # a blend's page: members beside the blend, weights, errors
+        from mixcls.blend_report import write_blend_report
+        path = write_blend_report(args.run, out=args.out)
+    else:
+        from mixcls.report import write_report
+        path = write_report(args.run, out=args.out, seed=args.seed)
     print(f"wrote {path} ({Path(path).stat().st_size / 1024:.0f} KiB)")
     return 0

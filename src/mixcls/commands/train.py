@@ -111,7 +111,20 @@ def _resolve_run(args: argparse.Namespace) -> tuple[Path, Config]:
     cfg = load_config(args.config, overrides)
     if cfg.data.data is None and cfg.data.csv is None:
         raise ConfigError("train needs --data FOLDER (or --csv FILE --images DIR)")
+    if cfg.train.folds_from is not None:
+        cfg.train.folds = _shared_fold_count(cfg.train.folds_from, asked=overrides.get("folds"))
     return Path(args.out), cfg
+
+
+def _shared_fold_count(run_dir: str, *, asked: Any) -> int:
+    """--folds follows --folds-from RUN; an explicit --folds that differs is refused."""
+    from mixcls.run_setup import count_shared_folds
+
+    count = count_shared_folds(run_dir)
+    if asked is not None and int(asked) != count:
+        raise ConfigError(f"--folds {asked} with --folds-from {run_dir}, whose folds.csv holds "
+                          f"{count} folds; drop --folds")
+    return count
 
 
 def _launched_by_torchrun() -> bool:
