@@ -250,7 +250,7 @@ def _tiny_flags(data: Path) -> list[str]:
 def test_lr_find_cli_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture) -> None:
     import mixcls.runs
-    from mixcls.train import fold_rows, prepare_table
+    from mixcls.run_setup import fold_rows, prepare_table
 
     saved, datasets = [], []
     real_save, real_dataset = mixcls.runs.atomic_save_figure, lr_find.ImageDataset
@@ -287,12 +287,12 @@ def test_lr_find_cli_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch: py
 ])
 def test_bad_flags_stop_before_any_work(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture, flags: list[str], message: str) -> None:
-    import mixcls.train
+    import mixcls.run_setup
 
     def refuse(cfg):
         raise AssertionError("the table was read before the flags were checked")
 
-    monkeypatch.setattr(mixcls.train, "prepare_table", refuse)
+    monkeypatch.setattr(mixcls.run_setup, "prepare_table", refuse)
     out = tmp_path / "lr.png"
     code = main(["lr-find", *_tiny_flags(tiny_data), *flags, "--out", str(out)])
     assert code == 2

@@ -46,7 +46,9 @@ from mixcls.runs import (RunError, atomic_save_figure, atomic_write_csv, atomic_
                          atomic_write_text, check_writable)
 from mixcls.devices import amp_setup, resolve_device
 from mixcls.predict import LoadedModel, load_model, predict_fold_outputs
-from mixcls.train import derive_seed, fit_fold, make_fold_data
+from mixcls.run_setup import make_fold_data
+from mixcls.sampling import derive_seed
+from mixcls.train import fit_fold
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

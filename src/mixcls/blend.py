@@ -520,7 +520,7 @@ def make_blend_oof(members: Members, probs: np.ndarray) -> pd.DataFrame:
 def make_blend_metrics(members: Members, result: BlendFit, oof: pd.DataFrame, *,
                        method: str, metric: str) -> dict[str, Any]:
     """metrics.json in the run-folder format (nested figures) plus in_sample and the members."""
-    from mixcls.train import compute_metrics
+    from mixcls.metrics import compute_metrics
 
     metrics = compute_metrics(oof, members.classes)
     nested = score_probs(result.nested.probs, members.labels)

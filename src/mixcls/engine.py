@@ -84,6 +84,20 @@ def to_soft_targets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     return targets.float()
 
 
+def prepare_batch(images: torch.Tensor, targets: torch.Tensor, *, device: torch.device,
+                  num_classes: int, channels_last: bool = False, mixer: Callable | None = None,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader's batch on `device` as the model trains on it: images (B, 3, H, W) in the
+    memory format asked for, soft targets (B, K), mixed when a mixer is given."""
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    soft_targets = to_soft_targets(targets.to(device, non_blocking=True), num_classes)
+    if mixer is not None:
+        images, soft_targets, _ = mixer(images, soft_targets, generator=generator)
+    return images, soft_targets
+
+
 def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.Optimizer, *,
                     loss_fn: Callable, device: torch.device, num_classes: int,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
@@ -110,12 +124,9 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
                leave=False, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(loader, start=start_batch):
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        soft_targets = to_soft_targets(targets.to(device, non_blocking=True), num_classes)
-        if mixer is not None:
-            images, soft_targets, _ = mixer(images, soft_targets, generator=generator)
+        images, soft_targets = prepare_batch(images, targets, device=device, num_classes=num_classes,
+                                             channels_last=channels_last, mixer=mixer,
+                                             generator=generator)
         step = should_step(i, n_batches, accum_steps)
         # Under DDP only the group's last micro-batch all-reduces the (accumulated) gradients.
         with _no_sync(model, sync=step), autocast_context(device, amp_dtype):

@@ -24,11 +24,10 @@ from torch.utils.data import DataLoader
 from mixcls.config import Config, ConfigError
 from mixcls.data import ImageDataset, TrainTable
 from mixcls.devices import amp_setup, resolve_device
-from mixcls.engine import autocast_context, group_size, should_step, to_soft_targets
-from mixcls.losses import build_loss
-from mixcls.mix import Mixer
+from mixcls.engine import autocast_context, group_size, prepare_batch, should_step
 from mixcls.models import build_model, model_mean_std
 from mixcls.optim import build_optimizer
+from mixcls.run_setup import build_mixer, build_training_loss, resolve_batch_plan
 from mixcls.runs import RunError
 from mixcls.transforms import build_train_transform
 
@@ -138,12 +137,9 @@ def _run_range(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
         images, targets = next(batches)
         lr = float(lrs[i // accum_steps])
         _set_lr(optimizer, lr)
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        soft_targets = to_soft_targets(targets.to(device, non_blocking=True), num_classes)
-        if mixer is not None:
-            images, soft_targets, _ = mixer(images, soft_targets, generator=generator)
+        images, soft_targets = prepare_batch(images, targets, device=device, num_classes=num_classes,
+                                             channels_last=channels_last, mixer=mixer,
+                                             generator=generator)
         with autocast_context(device, amp_dtype):
             logits = model(images)
             loss = loss_fn(logits, soft_targets)
@@ -307,7 +303,7 @@ def find_lr_for_config(cfg: Config, *, rows: np.ndarray | None = None, device: s
     accumulation are the trainer's; the schedule, warm-up and EMA are not (the test sets the lr
     itself, and the EMA does not change the training loss).
     """
-    from mixcls.train import fold_rows, prepare_table
+    from mixcls.run_setup import fold_rows, prepare_table
 
     check_range_options(min_lr=min_lr, max_lr=max_lr, steps=steps, beta=beta,
                         diverge_factor=diverge_factor)
@@ -357,7 +353,9 @@ def _build_pipeline(cfg: Config, table: TrainTable, rows: np.ndarray, *,
     """Model, shuffled training loader of `rows`, optimizer, loss, mixer and AMP as `mixcls train` builds them."""
     device = resolve_device(str(device) if device is not None else cfg.train.device)
     amp_dtype, scaler = amp_setup(cfg.train.amp, device)
-    batch_size, accum_steps = _batch_setting(cfg, table.num_classes, device, log)
+    plan = resolve_batch_plan(cfg, table.num_classes, device, world_size=1, run_dir=None,
+                              resume=False, log=log)
+    batch_size, accum_steps = plan.batch_size, plan.accum_steps
     model = build_model(cfg.model, table.num_classes).to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -369,30 +367,9 @@ def _build_pipeline(cfg: Config, table: TrainTable, rows: np.ndarray, *,
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=cfg.data.workers,
                         drop_last=len(dataset) > batch_size, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.train.seed))
-    mixer = None
-    if cfg.mix.method != "none":
-        mixer = Mixer(cfg.mix.method, alpha=cfg.mix.alpha, prob=cfg.mix.prob,
-                      decay_power=cfg.mix.decay_power, max_soft=cfg.mix.max_soft, mode=cfg.mix.mode)
-    loss_fn = build_loss(cfg.loss.name, smoothing=cfg.loss.smoothing, t1=cfg.loss.t1, t2=cfg.loss.t2,
-                         focal_gamma=cfg.loss.focal_gamma, sce_alpha=cfg.loss.sce_alpha,
-                         sce_beta=cfg.loss.sce_beta, taylor_order=cfg.loss.taylor_order)
+    mixer, loss_fn = build_mixer(cfg.mix), build_training_loss(cfg.loss)
     return _Pipeline(model=model, loader=loader, optimizer=build_optimizer(model, cfg.optim),
                      loss_fn=loss_fn, mixer=mixer,
                      generator=torch.Generator(device=device).manual_seed(cfg.train.seed),
                      device=device, amp_dtype=amp_dtype, scaler=scaler, batch_size=batch_size,
                      accum_steps=accum_steps)
-
-
-def _batch_setting(cfg: Config, num_classes: int, device: torch.device,
-                   log: Callable[[str], None]) -> tuple[int, int]:
-    """(micro-batch, accumulation steps): the configured ones, or planned for --batch-size auto
-    by the same rule as the trainer (the largest micro-batch that fits, accumulated to
-    --effective-batch)."""
-    if cfg.train.batch_size != "auto":
-        return int(cfg.train.batch_size), cfg.train.accum_steps
-    from mixcls.memory import find_max_batch, plan_batch
-    micro = find_max_batch(cfg.model.name, cfg.data.img_size, num_classes=num_classes,
-                           budget_mb=cfg.train.max_memory_mb, device=str(device), amp=cfg.train.amp)
-    batch, accum = plan_batch(cfg.train.effective_batch or micro, micro)
-    log(f"batch size auto: micro-batch {batch} x {accum} accumulation steps")
-    return batch, accum

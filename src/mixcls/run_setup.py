@@ -216,7 +216,7 @@ def check_run_settings(cfg: Config, device: torch.device, *, world_size: int) ->
 # ---------------------------------------------------------------- the batch plan
 
 def resolve_batch_plan(cfg: Config, num_classes: int, device: torch.device, *, world_size: int,
-                       run_dir: Path, resume: bool, log: Callable[[str], None]) -> BatchPlan:
+                       run_dir: Path | None, resume: bool, log: Callable[[str], None]) -> BatchPlan:
     """The micro-batch and accumulation the run trains with.
 
     `--batch-size auto` is measured once, when the run starts, and saved in batch_plan.json: a
@@ -224,8 +224,8 @@ def resolve_batch_plan(cfg: Config, num_classes: int, device: torch.device, *, w
     numbers than the step checkpoints were saved with.
     """
     if cfg.train.batch_size == "auto":
-        saved = run_dir / "batch_plan.json"
-        if resume and saved.is_file():
+        saved = run_dir / "batch_plan.json" if run_dir is not None else None
+        if resume and saved is not None and saved.is_file():
             plan = BatchPlan(**read_json(saved))
             log(f"batch size auto: micro-batch {plan.batch_size} x {plan.accum_steps} accumulation "
                 f"steps, as planned when the run started ({saved})")

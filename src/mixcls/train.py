@@ -40,12 +40,6 @@ from mixcls.tblog import FoldBoard, open_board
 # The full-data model's folder: RUN/full/best.pt beside RUN/fold_K/best.pt.
 FULL_DIR = "full"
 
-# derive_seed, make_fold_data (al_sim), prepare_table, fold_rows (lr_find) and compute_metrics
-# (blend) are imported from here by other modules; their homes are sampling, run_setup, metrics.
-__all__ = ["FoldData", "FoldResult", "TrainingStopped", "compute_metrics", "derive_seed", "fit_fold",
-           "fit_folds", "fold_rows", "make_fold_data", "prepare_table"]
-
-
 class TrainingStopped(RuntimeError):
     """A fold stopped on a non-finite loss; the last good checkpoint is kept."""
 

@@ -1,0 +1,205 @@
+"""Ensembles across runs on Fashion-MNIST: shared folds, the runs table, every blend method with
+its nested and in-sample CV against held-out test accuracy, and the full-data refit.
+
+The loop is the one the README gives, as commands: the first member is trained with
+`mixcls train --folds 5`, the others with `--folds-from` it (the same 5 folds), `mixcls runs`
+lists them, `mixcls blend` blends them with each method, and `mixcls predict` scores members and
+blends on the official 10,000 test images, which nothing here ever fits on. The first member
+also trains `--full-fit` (one more model on all 10,000 rows), scored with `--models full` and
+`--models all`.
+
+A blend's test probabilities come from its members' test probabilities (each member predicted
+once with `mixcls predict --with-probs`) combined by the blend's own rule (`blend.apply_blend`
+on the parameters read back from blend.json); `mixcls predict --run BLEND` is run once, for
+the weighted blend, and must agree with that combination (the benchmark prints the largest
+difference).
+
+    python benchmarks/ensemble.py --data DIR [--work runs/bench_ensemble] [--processes 2] [--quick]
+
+DIR is a folder written by `mixcls data fashion-mnist --limit 10000` (train.csv + train_images,
+test.csv + test_images); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mixcls.blend import BLEND_METHODS, combine_members, read_blend
+from mixcls.data import prob_columns
+from mixcls.runs import read_json
+
+# Diverse members: two architectures, three losses, mixing on and off, four seeds. Each
+# entry is (name, extra training flags); every member shares FLAGS below.
+MEMBERS = [
+    ("tiny_ce", ["--model", "mixcls_cnn_tiny", "--seed", "0"]),
+    ("tiny_cutmix_ls", ["--model", "mixcls_cnn_tiny", "--mix", "cutmix", "--mix-prob", "0.5",
+                        "--loss", "label_smoothing", "--smoothing", "0.1", "--seed", "1"]),
+    ("small_ce", ["--model", "mixcls_cnn_small", "--seed", "2"]),
+    ("small_mixup_sce", ["--model", "mixcls_cnn_small", "--mix", "mixup", "--mix-prob", "0.5",
+                         "--loss", "symmetric_ce", "--seed", "3"]),
+]
+FLAGS = ["--img-size", "28", "--preset", "none", "--batch-size", "128", "--lr", "3e-3",
+         "--workers", "0", "--device", "cpu", "--no-progress"]
+
+
+@dataclass
+class Sizes:
+    epochs: int
+    small_epochs: int
+    folds: int
+
+
+FULL = Sizes(epochs=12, small_epochs=8, folds=5)
+QUICK = Sizes(epochs=1, small_epochs=1, folds=5)
+
+
+def mixcls(*args: str, threads: int = 1, log: Path | None = None) -> subprocess.Popen:
+    """Start `python -m mixcls ARGS` with its own thread count (members train side by side)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    out = open(log, "w") if log is not None else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "mixcls", *args], env=env, stdout=out,
+                            stderr=subprocess.STDOUT)
+
+
+def run(*args: str, threads: int = 2, log: Path | None = None) -> None:
+    proc = mixcls(*args, threads=threads, log=log)
+    if proc.wait() != 0:
+        where = f"; see {log}" if log else ""
+        raise SystemExit(f"mixcls {' '.join(args)} failed (exit {proc.returncode}){where}")
+
+
+def member_flags(name: str, extra: list[str], sizes: Sizes) -> list[str]:
+    epochs = sizes.small_epochs if "small" in name else sizes.epochs
+    return FLAGS + ["--epochs", str(epochs)] + extra
+
+
+def finished(run_dir: Path, *, full_fit: bool) -> bool:
+    """metrics.json is written after the folds; a --full-fit run then adds `full_fit` to it."""
+    if not (run_dir / "metrics.json").is_file():
+        return False
+    return not full_fit or "full_fit" in read_json(run_dir / "metrics.json")
+
+
+def train_members(data: Path, work: Path, sizes: Sizes, processes: int) -> dict[str, float]:
+    """Train every member (the first one with --full-fit), `processes` at a time; seconds each."""
+    first, *rest = MEMBERS
+    queue = [(first[0], member_flags(*first, sizes) + ["--folds", str(sizes.folds), "--full-fit"])]
+    queue += [(name, member_flags(name, extra, sizes) + ["--folds-from", str(work / first[0])])
+              for name, extra in rest]
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    seconds: dict[str, float] = {}
+    threads = max(1, (os.cpu_count() or 2) // processes)
+    while queue or running:
+        ready = (work / first[0] / "folds.csv").is_file()
+        while queue and len(running) < processes and (not running or ready or queue[0][0] == first[0]):
+            name, flags = queue.pop(0)
+            if finished(work / name, full_fit=name == first[0]):
+                continue  # finished by an earlier call of the benchmark
+            args = ["train", "--data", str(data), "--out", str(work / name), *flags]
+            if (work / name).is_dir():
+                args = ["train", "--resume", str(work / name), "--no-progress"]
+            running[name] = (mixcls(*args, threads=threads, log=work / f"{name}.log"), time.time())
+            if name == first[0]:
+                break  # the others need its folds.csv
+        for name, (proc, started) in list(running.items()):
+            if proc.poll() is not None:
+                if proc.returncode != 0:
+                    raise SystemExit(f"training {name} failed; see {work / f'{name}.log'}")
+                seconds[name] = time.time() - started
+                del running[name]
+        time.sleep(2)
+    return seconds
+
+
+def predict_probs(run_dir: Path, data: Path, out: Path, *extra: str) -> np.ndarray:
+    """(N, K) test probabilities in test.csv's order, from `mixcls predict --with-probs`."""
+    if not out.is_file():
+        run("predict", "--run", str(run_dir), "--images", str(data / "test_images"),
+            "--ids", str(data / "test.csv"), "--with-probs", "--out", str(out), *extra)
+    frame = pd.read_csv(out)
+    k = sum(c.startswith("prob_") for c in frame.columns)
+    return frame[prob_columns(k)].to_numpy(dtype=np.float64)
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float((probs.argmax(1) == labels).mean())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="mixcls data fashion-mnist --limit 10000 output")
+    parser.add_argument("--work", default="runs/bench_ensemble")
+    parser.add_argument("--processes", type=int, default=2, help="members trained side by side")
+    parser.add_argument("--quick", action="store_true", help="1 epoch per member (a smoke run)")
+    args = parser.parse_args()
+    data, work = Path(args.data), Path(args.work)
+    for need in ("train.csv", "train_images", "test.csv", "test_images"):
+        if not (data / need).exists():
+            raise SystemExit(f"--data {data}: no {need} there; write it with "
+                             "`mixcls data fashion-mnist --limit 10000 --out DIR`")
+    work.mkdir(parents=True, exist_ok=True)
+    sizes = QUICK if args.quick else FULL
+    started = time.time()
+    seconds = train_members(data, work, sizes, args.processes)
+    names = [name for name, _ in MEMBERS]
+    run("runs", str(work), "--sort", "logloss", "--csv", str(work / "runs.csv"), log=work / "runs.txt")
+    print((work / "runs.txt").read_text())
+
+    labels = pd.read_csv(data / "test.csv")["label"].to_numpy()
+    member_test = np.stack([predict_probs(work / n, data, work / f"{n}_test.csv") for n in names])
+    rows = []
+    for name, probs in zip(names, member_test):
+        metrics = read_json(work / name / "metrics.json")
+        rows.append({"entry": name, "kind": "member", "nested_cv": metrics["cv_accuracy"],
+                     "in_sample_cv": np.nan, "test": accuracy(probs, labels),
+                     "train_min": seconds.get(name, metrics.get("seconds", 0)) / 60})
+    blend_agreement = np.nan
+    for method in BLEND_METHODS:
+        for calibrate in (False, True):
+            tag = f"blend_{method}" + ("_T" if calibrate else "")
+            out = work / tag
+            if not (out / "metrics.json").is_file():
+                run("blend", *[str(work / n) for n in names], "--method", method, "--out", str(out),
+                    *(["--calibrate"] if calibrate else []), log=work / f"{tag}.log")
+            metrics, spec = read_json(out / "metrics.json"), read_blend(out)
+            test_probs = combine_members(spec, member_test)
+            rows.append({"entry": tag, "kind": "blend", "nested_cv": metrics["cv_accuracy"],
+                         "in_sample_cv": metrics["in_sample"]["accuracy"],
+                         "test": accuracy(test_probs, labels), "train_min": np.nan})
+            if tag == "blend_weighted":
+                cli = predict_probs(out, data, work / f"{tag}_test.csv")
+                blend_agreement = float(np.abs(cli - test_probs).max())
+    first = work / names[0]
+    for models in ("full", "all"):
+        probs = predict_probs(first, data, work / f"{names[0]}_{models}_test.csv", "--models", models)
+        rows.append({"entry": f"{names[0]} --models {models}", "kind": "refit", "nested_cv": np.nan,
+                     "in_sample_cv": np.nan, "test": accuracy(probs, labels), "train_min": np.nan})
+    table = pd.DataFrame(rows)
+    table["nested_gap_pts"] = 100 * (table["nested_cv"] - table["test"])
+    table["optimism_pts"] = 100 * (table["in_sample_cv"] - table["nested_cv"])
+    with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):
+        print(table.to_string(index=False))
+    members, blends = table[table.kind == "member"], table[table.kind == "blend"]
+    best_single, best_blend = members["test"].max(), blends["test"].max()
+    print(f"\nbest member {members.loc[members['test'].idxmax(), 'entry']}, "
+          f"best blend {blends.loc[blends['test'].idxmax(), 'entry']}; "
+          f"mixcls predict --run blend_weighted vs its members' combination: max |diff| {blend_agreement:.2e}; "
+          f"wall {(time.time() - started) / 60:.1f} min")
+    table.to_csv(work / "ensemble_table.csv", index=False)
+    print(f"best_single={best_single:.4f} best_blend={best_blend:.4f} "
+          f"gain_points={100 * (best_blend - best_single):.2f} "
+          f"max_nested_gap_points={blends['nested_gap_pts'].abs().max():.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
