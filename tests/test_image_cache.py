@@ -329,3 +329,22 @@ def test_dataset_reads_a_loader_or_cached_copies(tmp_path):
         assert target == i and np.array_equal(image, decode_image(paths[i], short_side=19) if i != 2
                                                else read_image(paths[i]))
     assert calls == [paths[2]]  # cached items never go through the loader
+
+
+@pytest.mark.parametrize("mode", ["yes", "disk"])
+def test_the_trainer_decodes_each_image_once_and_a_rerun_not_at_all(tmp_path, counts, mode):
+    """fit_folds: the full check's decode fills the cache; a second run finds every file in
+    the index and its copy (disk) or decodes only to refill RAM."""
+    from mixcls.config import load_config
+    from mixcls.train import fit_folds
+
+    data = write_tiny_dataset(tmp_path / "data", n_per_class=4)
+    cfg = load_config(None, {"data": str(data), "model": "mixcls_cnn_tiny", "img_size": 16,
+                             "epochs": 1, "folds": 2, "batch_size": 8, "workers": 0,
+                             "preset": "none", "device": "cpu", "cache_images": mode,
+                             "cache_dir": str(tmp_path / "cache"), "check_images": "full"})
+    fit_folds(cfg, tmp_path / "run1", progress=False, log=lambda message: None)
+    assert counts["decode"] == 12  # 12 images, one decode each for check and cache together
+    _reset(counts)
+    fit_folds(cfg, tmp_path / "run2", progress=False, log=lambda message: None)
+    assert counts["hash"] == 0 and counts["decode"] == (12 if mode == "yes" else 0)

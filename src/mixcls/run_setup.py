@@ -24,6 +24,7 @@ from mixcls.data import DataError, TrainTable, check_class_counts, load_train_ta
 from mixcls.devices import amp_setup
 from mixcls.distributed import check_distributed_options
 from mixcls.folds import make_folds
+from mixcls.image_cache import ImageCache
 from mixcls.losses import build_loss
 from mixcls.models import ModelError, build_model, check_model_name, check_pretrained_available
 from mixcls.runs import (RunError, atomic_write_csv, atomic_write_json, atomic_write_text,
@@ -46,11 +47,13 @@ class BatchPlan:
 
 # ---------------------------------------------------------------- the table and its folds
 
-def prepare_table(cfg: Config) -> tuple[TrainTable, np.ndarray]:
-    """The checked table and each row's fold (the table's own `fold` column if it has one)."""
+def prepare_table(cfg: Config, *, image_cache: ImageCache | None = None) -> tuple[TrainTable, np.ndarray]:
+    """The checked table and each row's fold (`--folds-from`, the table's own `fold` column, or
+    stratified). With `image_cache` the check's decode of each image also fills the cache, and
+    files the cache's index already checked are not decoded again."""
     table = load_train_table(cfg.data.data, csv=cfg.data.csv, images=cfg.data.images,
                              id_col=cfg.data.id_col, label_col=cfg.data.label_col,
-                             check_images=cfg.data.check_images)
+                             check_images=cfg.data.check_images, image_cache=image_cache)
     frame, source = table.frame, table.csv_path or table.images_dir
     if table.num_classes < 2:
         raise DataError(f"{source}: a classifier needs at least 2 classes, the table has only "
@@ -346,3 +349,13 @@ def previous_seconds(run_dir: Path, resume: bool) -> float:
     if not resume or not (run_dir / "metrics.json").is_file():
         return 0.0
     return float(read_json(run_dir / "metrics.json").get("seconds", 0.0))
+
+
+def build_image_cache(cfg: Config) -> ImageCache:
+    """The run's image cache (RAM, disk copies or none, and the check index); a cache folder
+    that cannot be written is refused here, before any image is read."""
+    try:
+        return ImageCache(cfg.data.cache_images, img_size=cfg.data.img_size,
+                          cache_dir=cfg.data.cache_dir, cache_scale=cfg.data.cache_scale)
+    except ValueError as exc:
+        raise ConfigError(f"cache_images: {exc}") from None

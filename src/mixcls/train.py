@@ -30,9 +30,10 @@ from mixcls.folds import folds_fingerprint
 from mixcls.losses import build_loss
 from mixcls.metrics import compute_metrics, merge_oof, oof_frame
 from mixcls.resume import BatchLayout, FoldState, build_last_checkpoint, partial_stats, restore_checkpoint
-from mixcls.run_setup import (BatchPlan, FoldData, check_run_settings, discard_begun_run, fold_rows, full_fit_rows,
-                              make_fold_data, open_run_folder, prepare_table, previous_seconds,
-                              resolve_batch_plan, valid_labels_of, with_batch_plan)
+from mixcls.run_setup import (BatchPlan, FoldData, build_image_cache, check_run_settings,
+                              discard_begun_run, fold_rows, full_fit_rows, make_fold_data,
+                              open_run_folder, prepare_table, previous_seconds, resolve_batch_plan,
+                              valid_labels_of, with_batch_plan)
 from mixcls.runs import atomic_write_csv, atomic_write_json, load_checkpoint, save_checkpoint
 from mixcls.sampling import derive_seed, seed_everything, start_epoch_generators
 from mixcls.tblog import FoldBoard, open_board
@@ -236,16 +237,15 @@ def fit_folds(cfg: Config, run_dir: str | Path, *, progress: bool = True, resume
     run_dir, ctx = Path(run_dir), dist.context()
     log = log if ctx.is_main else _silent
     # Rank 0 checks the table and decodes every image once; the others receive the checked table.
-    table, folds = dist.run_on_main(lambda: prepare_table(cfg))
+    image_cache = build_image_cache(cfg)  # one decode per image: the check fills the cache
+    table, folds = dist.run_on_main(lambda: prepare_table(cfg, image_cache=image_cache))
     device = dist.device_for(cfg.train.device) if ctx.world_size > 1 else resolve_device(cfg.train.device)
     chosen = cfg.train.train_folds if cfg.train.train_folds is not None else list(range(cfg.train.folds))
     plan, folds, finished = dist.run_on_main(lambda: _begin_run(
         cfg, table, folds, run_dir, device=device, world_size=ctx.world_size, resume=resume,
         chosen=chosen, log=log))
     cfg = with_batch_plan(cfg, plan)
-    cache = load_image_cache(table.frame["path"].tolist(), mode=cfg.data.cache_images,
-                             img_size=cfg.data.img_size, cache_dir=cfg.data.cache_dir,
-                             cache_scale=cfg.data.cache_scale)
+    cache = load_image_cache(table.frame["path"].tolist(), image_cache=image_cache)
     started = time.perf_counter()
     try:
         for fold in chosen:
