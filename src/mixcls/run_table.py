@@ -16,11 +16,11 @@ from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import log_loss
 
 from mixcls.config import ConfigError
 from mixcls.data import DataError, prob_columns
 from mixcls.folds import folds_fingerprint
+from mixcls.metrics import cv_logloss
 from mixcls.runs import RunError, RunFolder
 
 RUN_MARKERS = ("config.yaml", "folds.csv")
@@ -99,7 +99,8 @@ def _progress(run: RunFolder) -> dict[str, Any]:
     return row | {"cv_accuracy": _number(metrics["cv_accuracy"]),
                   "cv_macro_f1": _number(metrics["cv_macro_f1"]),
                   "cv_logloss": _number(logloss) if logloss is not None
-                  else oof_logloss(oof, len(run.classes)),
+                  else cv_logloss(oof["label"].to_numpy(),
+                                  oof[prob_columns(len(run.classes))].to_numpy(np.float64)),
                   "finished": True, "status": f"finished ({len(trained)} folds)"}
 
 
@@ -123,14 +124,6 @@ def _fingerprint_of(path: Path) -> str:
         raise DataError(f"{path}: empty image_id or fold in row(s) "
                         f"{', '.join(map(str, folds.index[folds.isna().any(axis=1)][:5] + 2))}")
     return folds_fingerprint(folds["image_id"], folds["fold"])
-
-
-def oof_logloss(oof: pd.DataFrame, num_classes: int) -> float:
-    """sklearn's log_loss of the OOF labels under the OOF probabilities (rows renormalised:
-    the CSV's rounded probabilities miss 1 by a few ulps, which sklearn warns about)."""
-    probs = oof[prob_columns(num_classes)].to_numpy(dtype=np.float64)
-    probs = probs / probs.sum(axis=1, keepdims=True)
-    return float(log_loss(oof["label"].to_numpy(), probs, labels=list(range(num_classes))))
 
 
 def _number(value: Any) -> float | None:
