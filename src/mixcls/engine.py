@@ -17,10 +17,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mixcls.losses import to_soft_targets
 from mixcls.transforms import apply_tta_view
 
 
@@ -75,13 +75,6 @@ def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
     if amp_dtype is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
-def to_soft_targets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Class indices (B,) or soft targets (B, K) -> float soft targets (B, K)."""
-    if targets.ndim == 1:
-        return F.one_hot(targets.long(), num_classes).float()
-    return targets.float()
 
 
 def prepare_batch(images: torch.Tensor, targets: torch.Tensor, *, device: torch.device,

@@ -28,13 +28,22 @@ NORMALISER_ITERS = 30
 DEFAULT_SMOOTHING = 0.1
 
 
+def to_soft_targets(targets: torch.Tensor, num_classes: int, *,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Class indices (B,) -> one-hot (B, K); soft targets (B, K) pass through; both as `dtype`.
+
+    The one index -> one-hot rule of mixcls (losses, the training loop and the mixer use it).
+    """
+    if targets.ndim == 1:
+        return F.one_hot(targets.long(), num_classes).to(dtype)
+    return targets.to(dtype)
+
+
 def smooth_targets(targets: torch.Tensor, num_classes: int, smoothing: float, *,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B,) class indices or (B, K) soft targets -> (B, K) soft targets of `dtype`, smoothed."""
-    if targets.dim() == 1:
-        soft = F.one_hot(targets.long(), num_classes).to(dtype)
-    elif targets.dim() == 2 and targets.shape[1] == num_classes:
-        soft = targets.to(dtype)
+    if targets.dim() == 1 or (targets.dim() == 2 and targets.shape[1] == num_classes):
+        soft = to_soft_targets(targets, num_classes, dtype=dtype)
     else:
         raise ValueError(f"targets of shape {tuple(targets.shape)} do not fit {num_classes} classes; "
                          f"use class indices (B,) or soft targets (B, {num_classes})")

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mixcls.losses import to_soft_targets
+
 MIX_METHODS = ("mixup", "cutmix", "fmix")
 MIX_MODES = ("batch", "sample")
 
@@ -473,7 +475,7 @@ class Mixer:
         bad = targets[(targets < 0) | (targets >= self.num_classes)]
         if bad.numel():
             raise ValueError(f"target {int(bad[0])} is outside 0..{self.num_classes - 1}")
-        return F.one_hot(targets.long(), self.num_classes).float()
+        return to_soft_targets(targets, self.num_classes)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor,
                  generator: torch.Generator | None = None

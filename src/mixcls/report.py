@@ -500,7 +500,7 @@ def make_mix_examples(images: np.ndarray, labels: np.ndarray, *, num_classes: in
     """
     import torch
 
-    from mixcls.engine import to_soft_targets
+    from mixcls.losses import to_soft_targets
     from mixcls.mix import Mixer, apply_mix
 
     mixer = Mixer(str(mix["method"]), alpha=float(mix.get("alpha", 1.0)), prob=1.0,
