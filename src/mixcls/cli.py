@@ -10,7 +10,7 @@ from mixcls import __version__
 
 # One module per command group under mixcls.commands, each with register(subparsers).
 COMMAND_MODULES = ["train", "predict", "demo", "data", "show_mix", "noise", "active", "explain", "report",
-                   "lr_find", "runs", "blend"]
+                   "lr_find", "runs", "blend", "pseudo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,14 +69,24 @@ class ModelConfig:
     pretrained_file: str | None = _opt(None, "load weights from a local .pth/.safetensors file")
     drop_rate: float = _opt(0.0, "dropout before the classifier")
     channels_last: bool = _opt(False, "use the channels_last memory format (faster on GPUs)")
+    compile: bool = _opt(False, "torch.compile the model for training and evaluation (compile "
+                         "time is reported apart from training time; on a CPU it needs a C++ compiler)")
+    freeze_epochs: int = _opt(0, "fine-tuning: the first N epochs train only the classifier head "
+                              "(the body's weights and BatchNorm statistics stay as loaded)")
+    freeze_bn: bool = _opt(False, "keep every BatchNorm layer in eval mode (running statistics "
+                           "frozen): the usual fix for small batches when fine-tuning")
 
 
 @dataclass
 class OptimConfig:
     name: str = _opt("adamw", "optimizer", choices=OPTIMIZERS, key="optimizer")
-    lr: float = _opt(1e-3, "peak learning rate")
+    lr: float | str = _opt(1e-3, "peak learning rate, or 'auto' (mixcls train runs the lr range "
+                           "test on fold 0's training rows first and trains with its suggestion)")
     weight_decay: float = _opt(1e-2, "decoupled weight decay (adamw) or L2 (adam, sgd)")
     momentum: float = _opt(0.9, "SGD momentum")
+    head_lr_mult: float = _opt(1.0, "the classifier head's learning rate is this times lr")
+    layer_decay: float | None = _opt(None, "layer-wise lr decay: layer l of L trains at "
+                                     "lr x D^(L - l) (timm's layer groups; unset: off)")
 
 
 @dataclass
@@ -118,6 +128,17 @@ class TrainConfig:
     full_fit: bool = _opt(False, "after the folds, train one more model on every row (RUN/full/) "
                           "for the median best epoch of the folds")
     full_fit_epochs: int | None = _opt(None, "with --full-fit: train this many epochs instead")
+    pseudo: str | None = _opt(None, "a pseudo-label table (mixcls pseudo): fold K trains also on the "
+                              "rows that passed for fold K, labelled by the teacher's fold-K model "
+                              "(needs --folds-from TEACHER)")
+    pseudo_weight: float = _opt(1.0, "weight of a pseudo row in the loss relative to a labelled "
+                                "row (only 1.0 is implemented)")
+    distill: str | None = _opt(None, "a teacher run: fold K's training targets become (1 - w) x "
+                               "given + w x the teacher's fold-K probabilities (needs "
+                               "--folds-from TEACHER)")
+    distill_weight: float = _opt(0.3, "with --distill: w, the teacher's share of the target")
+    distill_temperature: float = _opt(1.0, "with --distill: soften the teacher's probabilities, "
+                                      "softmax(log p / T)")
 
 
 @dataclass
@@ -209,6 +230,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     try:
         if key == "batch_size":
             return "auto" if str(value) == "auto" else int(value)
+        if key == "lr" and str(value) == "auto":
+            return "auto"  # mixcls train runs the lr range test first (lr_find)
         if kind.startswith("bool"):
             if isinstance(value, str):
                 if value.lower() in ("1", "true", "yes", "on"):
@@ -296,7 +319,9 @@ def _check_positive(cfg: Config) -> None:
     for key, (value, low) in rules.items():
         if value < low:
             raise ConfigError(f"{key}: {value} must be >= {low}")
-    floats = {"lr": cfg.optim.lr, "mix_alpha": cfg.mix.alpha}
+    floats = {"mix_alpha": cfg.mix.alpha}
+    if cfg.optim.lr != "auto":
+        floats["lr"] = cfg.optim.lr
     for key, value in floats.items():
         if not value > 0:
             raise ConfigError(f"{key}: {value} must be > 0")
@@ -333,6 +358,10 @@ def _check_ranges(cfg: Config) -> None:
         ("warmup_epochs", s.warmup_epochs, _finite(0, high=t.epochs), f"in [0, epochs={t.epochs}]"),
         ("cache_scale", cfg.data.cache_scale, _finite(1, high=8), "in [1, 8]"),
         ("drop_rate", cfg.model.drop_rate, _finite(0, high=1, below=True), "in [0, 1)"),
+        ("freeze_epochs", cfg.model.freeze_epochs, lambda v: 0 <= v <= t.epochs,
+         f"an integer in [0, epochs={t.epochs}]"),
+        ("head_lr_mult", o.head_lr_mult, _finite(0, above=True, high=1e6), "a finite number > 0"),
+        ("layer_decay", o.layer_decay, _finite(0, above=True, high=1), "in (0, 1], or unset (off)"),
         ("grad_clip", t.grad_clip, _finite(0, above=True), "a finite number > 0, or unset (no clipping)"),
         ("patience", t.patience, lambda v: v >= 1, "an integer >= 1, or unset (no early stopping)"),
         ("save_every_steps", t.save_every_steps, lambda v: v >= 1,
@@ -353,6 +382,15 @@ def _check_ranges(cfg: Config) -> None:
         ("sce_beta", lo.sce_beta, _finite(0), "a finite number >= 0"),
         ("taylor_order", lo.taylor_order, lambda v: v >= 1, "an integer >= 1"),
     ]
+    rules += [
+        ("pseudo_weight", t.pseudo_weight, lambda v: v == 1.0,
+         "1.0 (a pseudo row counts as a labelled row; other weights are not implemented yet)"),
+        ("distill_weight", t.distill_weight, _finite(0, high=1), "in [0, 1]"),
+        ("distill_temperature", t.distill_temperature, _finite(0, above=True, high=100),
+         "a finite number in (0, 100]"),
+    ]
+    if o.lr == "auto":  # resolved by the range test before training
+        rules = [rule for rule in rules if rule[0] != "lr"]
     for key, value, test, allowed in rules:
         if value is not None and not test(value):
             raise ConfigError(f"{key}: {value!r} is not allowed; use {allowed}")

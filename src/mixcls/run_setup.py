@@ -33,7 +33,8 @@ from mixcls.sampling import per_process_batch
 
 # Disk kept free beyond the checkpoints: CSVs, the report, the page cache of a busy machine.
 DISK_MARGIN_MB = 50.0
-HEADER_FILES = ("config.yaml", "classes.json", "dataset.json", "folds.csv", "batch_plan.json")
+HEADER_FILES = ("config.yaml", "classes.json", "dataset.json", "folds.csv", "batch_plan.json",
+                "lr_find.json")
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,28 @@ def make_fold_data(table: TrainTable, train_rows: np.ndarray, valid_rows: np.nda
                     pick(paths, valid_rows), valid_labels_of(table)[valid_rows],
                     train_cache=pick(cache, train_rows) if cache is not None else None,
                     valid_cache=pick(cache, valid_rows) if cache is not None else None)
+
+
+def add_train_rows(data: FoldData, paths: list[str], targets: np.ndarray, *,
+                   cache: list[np.ndarray] | None = None) -> FoldData:
+    """`data` with more training rows (pseudo-labelled images) after its own; validation is
+    untouched. Labels and soft targets together become soft targets (n, K) float32.
+
+    With no rows to add, `data` itself comes back, so such a run is the run without them.
+    """
+    if len(paths) == 0:
+        return data
+    mine, theirs = data.train_targets, np.asarray(targets)
+    if mine.ndim != theirs.ndim:
+        from mixcls.losses import to_soft_targets
+        mine, theirs = (to_soft_targets(torch.as_tensor(t), data.num_classes).numpy()
+                        for t in (mine, theirs))
+    if data.train_cache is not None and cache is None:
+        raise ValueError("add_train_rows: the fold's images are cached, the added ones must be too")
+    return dataclasses.replace(
+        data, train_paths=data.train_paths + list(paths),
+        train_targets=np.concatenate([mine, theirs.astype(mine.dtype)]),
+        train_cache=data.train_cache + list(cache) if data.train_cache is not None else None)
 
 
 # ---------------------------------------------------------------- checks before any output
@@ -336,7 +359,7 @@ def discard_begun_run(run_dir: Path) -> bool:
         return False
     for name in HEADER_FILES:
         (run_dir / name).unlink(missing_ok=True)
-    for folder in [*run_dir.glob("fold_*"), run_dir / "tensorboard"]:
+    for folder in [*run_dir.glob("fold_*"), run_dir / "tensorboard", run_dir / "teacher"]:
         shutil.rmtree(folder, ignore_errors=True)
     remove_stale_temporaries(run_dir)
     if not any(run_dir.iterdir()):
