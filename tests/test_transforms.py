@@ -1,17 +1,18 @@
-"""Augmentation presets (shape, dtype, normalisation, seeding) and TTA views against numpy."""
+"""Augmentation presets (shape, dtype, seeding), the device-side normalisation against
+albumentations' Normalize, and TTA views against numpy."""
 
 from __future__ import annotations
 
+import albumentations as A
 import numpy as np
 import pytest
 import torch
 
 from mixcls.transforms import (IMAGENET_MEAN, IMAGENET_STD, PRESETS, TTA_VIEWS, ZOOM_CROP,
-                               apply_tta_view, build_train_transform, build_valid_transform)
+                               Normalizer, apply_tta_view, build_train_transform,
+                               build_valid_transform)
 
 MEAN, STD = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
-# Normalised values of the darkest and brightest uint8 pixels, per channel (C, 1, 1).
-LOW, HIGH = ((0 - MEAN) / STD)[:, None, None], ((1 - MEAN) / STD)[:, None, None]
 
 
 def random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -19,7 +20,7 @@ def random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarra
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_train_presets_give_normalised_float_tensors_of_the_size(preset):
+def test_train_presets_give_uint8_tensors_of_the_size(preset):
     rng = np.random.default_rng(7)
     size = int(rng.integers(16, 48))
     transform = build_train_transform(preset, size)
@@ -27,13 +28,27 @@ def test_train_presets_give_normalised_float_tensors_of_the_size(preset):
         transform.set_random_seed(seed)
         image = random_image(rng, int(rng.integers(20, 60)), int(rng.integers(20, 60)))
         out = transform(image=image)["image"]
-        assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+        assert isinstance(out, torch.Tensor) and out.dtype == torch.uint8
         assert tuple(out.shape) == (3, size, size)
-        values = out.numpy()
-        # Every augmentation keeps pixels in 0..255 (cutout fills with 0 after normalising),
-        # so values lie between the normalised black and white of each channel.
-        assert np.all(values >= np.minimum(LOW, 0) - 1e-5) and np.all(values <= HIGH + 1e-5)
-        assert np.isfinite(values).all()
+
+
+def test_cassava_cutout_fills_with_the_models_mean():
+    """Cutout ran after Normalize and filled with 0, the mean; on uint8 it fills with the mean
+    rounded to a grey level, which normalises to within half a level of 0."""
+    rng = np.random.default_rng(2)
+    mean = tuple(float(v) for v in rng.uniform(0.2, 0.8, 3))
+    transform = build_train_transform("cassava", 32, mean=mean)
+    fill = np.round(np.asarray(mean) * 255)
+    white = np.full((40, 40, 3), 255, np.uint8)
+    holes = 0
+    for seed in range(40):
+        transform.set_random_seed(seed)
+        out = transform(image=white)["image"].numpy().reshape(3, -1).T  # (pixels, 3)
+        holes += int((out == fill).all(1).sum())
+    assert holes > 0
+    std = (0.2, 0.3, 0.25)
+    normalised = Normalizer(mean, std)(torch.tensor(fill, dtype=torch.uint8).view(1, 3, 1, 1)).flatten()
+    assert torch.all(normalised.abs() <= 0.5 / (255 * torch.tensor(std)) + 1e-6)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -58,24 +73,44 @@ def test_unknown_preset_names_the_choices():
         build_train_transform("heavy", 32)
 
 
-def test_valid_transform_is_deterministic_and_normalises_exactly():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_uint8_batch_normalised_on_the_device_equals_albumentations_normalize(seed):
+    """The old float path (Resize + Normalize + ToTensorV2 on the host) against the new one
+    (Resize + ToTensorV2 as uint8, then Normalizer), on random images and a random mean/std."""
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(8, 40))
+    mean, std = tuple(rng.uniform(0.2, 0.8, 3)), tuple(rng.uniform(0.1, 0.4, 3))
+    old = A.Compose([A.Resize(size, size), A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
+                     A.pytorch.ToTensorV2()])
+    images = [random_image(rng, int(rng.integers(10, 60)), int(rng.integers(10, 60))) for _ in range(5)]
+    expected = torch.stack([old(image=im)["image"] for im in images])
+    new = build_valid_transform(size)
+    batch = torch.stack([new(image=im)["image"] for im in images])
+    assert batch.dtype == torch.uint8 and batch.shape == expected.shape
+    got = Normalizer(mean, std)(batch)
+    assert got.dtype == torch.float32
+    assert float((got - expected).abs().max()) <= 1e-6
+    # ... and against the formula in float64
+    reference = (batch.double() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(got.double(), reference, rtol=0, atol=1e-5)
+
+
+def test_normalizer_refuses_float_images():
+    with pytest.raises(TypeError, match="uint8"):
+        Normalizer(IMAGENET_MEAN, IMAGENET_STD)(torch.rand(1, 3, 4, 4))
+
+
+def test_valid_transform_is_deterministic_and_exact():
     rng = np.random.default_rng(5)
     transform = build_valid_transform(24)
     image = random_image(rng, 31, 45)
     outputs = [transform(image=image)["image"] for _ in range(3)]
     for out in outputs[1:]:
         torch.testing.assert_close(out, outputs[0], rtol=0, atol=0)
-    assert tuple(outputs[0].shape) == (3, 24, 24) and outputs[0].dtype == torch.float32
-    # A flat colour stays flat through the resize, so its values are the normalisation itself.
-    colour = rng.integers(0, 256, 3)
-    flat = np.broadcast_to(colour.astype(np.uint8), (30, 50, 3)).copy()
-    out = transform(image=flat)["image"].numpy()
-    expected = ((colour / 255.0 - MEAN) / STD)[:, None, None]
-    np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), atol=1e-5)
-    # An image already at the size is not resampled: pixel by pixel (x / 255 - mean) / std.
+    assert tuple(outputs[0].shape) == (3, 24, 24) and outputs[0].dtype == torch.uint8
+    # An image already at the size is not resampled: the pixels themselves, channels first.
     same = random_image(rng, 24, 24)
-    out = transform(image=same)["image"].numpy()
-    np.testing.assert_allclose(out, ((same / 255.0 - MEAN) / STD).transpose(2, 0, 1), atol=1e-5)
+    np.testing.assert_array_equal(transform(image=same)["image"].numpy(), same.transpose(2, 0, 1))
 
 
 NUMPY_VIEWS = {

@@ -462,6 +462,9 @@ def load_image_cache(paths: Sequence[str], *, mode: str = "auto", img_size: int 
 class ImageDataset(torch.utils.data.Dataset):
     """Images with their targets: class indices (N,) int64 or soft targets (N, K) float32.
 
+    The image is whatever `transform` returns: with the presets of mixcls.transforms a uint8
+    tensor (3, H, W), normalised later on the device (transforms.Normalizer).
+
     An item key is an index or an (index, seed) pair: with a seed the augmentation of that item
     is a pure function of (seed, index), so a run is the same whatever the number of workers
     and a resumed epoch can skip batches without changing the ones that follow.

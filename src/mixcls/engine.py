@@ -21,7 +21,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mixcls.losses import to_soft_targets
-from mixcls.transforms import apply_tta_view
+from mixcls.optim import current_lr
+from mixcls.transforms import Normalizer, apply_tta_view
+
+# The running loss and accuracy are read from the device (a synchronisation) at most this
+# often, and at least every READ_EVERY_BATCHES batches (which bounds the per-batch losses
+# kept for naming a NaN batch); never per micro-batch, which would empty the GPU's queue.
+READ_SECONDS = 0.5
+READ_EVERY_BATCHES = 64
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,6 +41,10 @@ class EpochStats:
 
     A resumed epoch continues the sums saved at its last step checkpoint, and ranks under
     torchrun add theirs, so the reported loss is the mean over every image of the epoch.
+    While `train_one_epoch` runs, `loss_sum` and `correct` live on the device and are brought
+    up to date by `settle()` (a synchronisation; `loss`, `accuracy` and `to_dict` settle
+    themselves); what it returns is settled. `compile_seconds` is the time torch.compile took
+    in the epoch, not counted in `seconds`.
     """
 
     loss_sum: float = 0.0
@@ -43,21 +54,65 @@ class EpochStats:
     lr: float = 0.0
     steps: int = 0
     skipped_steps: int = 0  # optimizer steps not taken: a gradient was NaN or infinite
+    compile_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._sums: _DeviceSums | None = None
+
+    def settle(self) -> "EpochStats":
+        """Read the device's sums into `loss_sum` and `correct`; NonFiniteLossError (naming
+        the batch) when a loss since the last read was NaN or infinite."""
+        if self._sums is not None:
+            self._sums.read_into(self)
+        return self
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / max(self.images, 1)
+        return self.settle().loss_sum / max(self.images, 1)
 
     @property
     def accuracy(self) -> float:
-        return self.correct / max(self.images, 1)
+        return self.settle().correct / max(self.images, 1)
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self.settle())
+
+
+class _DeviceSums:
+    """An epoch's loss sum (float64) and correct count (int64) accumulated on the device.
+
+    The float64 sum adds `loss * batch` one batch after the other, the very operations the
+    host did with `loss.item() * batch` (float32 -> float64 is exact), so the result is
+    bit-equal to the old per-batch reads whenever it is read. The batches' losses since the
+    last read are kept to name the first non-finite one.
+    """
+
+    def __init__(self, stats: EpochStats, device: torch.device, *, n_batches: int):
+        self.loss_sum = torch.tensor(stats.loss_sum, dtype=torch.float64, device=device)
+        self.correct = torch.tensor(stats.correct, dtype=torch.int64, device=device)
+        self.n_batches = n_batches
+        self.pending: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, i: int, loss: torch.Tensor, logits: torch.Tensor, soft_targets: torch.Tensor) -> None:
+        loss = loss.detach()
+        self.loss_sum += loss.double() * logits.shape[0]
+        self.correct += (logits.detach().argmax(1) == soft_targets.argmax(1)).sum()
+        self.pending.append((i, loss))
+
+    def read_into(self, stats: EpochStats) -> None:
+        if self.pending:
+            losses = torch.stack([loss.float() for _, loss in self.pending])
+            finite = torch.isfinite(losses).cpu()
+            if not bool(finite.all()):
+                k = int((~finite).nonzero()[0, 0])
+                raise NonFiniteLossError(f"loss is {losses[k].item()} at batch "
+                                         f"{self.pending[k][0]} of {self.n_batches}")
+            self.pending.clear()
+        stats.loss_sum, stats.correct = self.loss_sum.item(), int(self.correct.item())
 
 
 def should_step(i: int, n_batches: int, accum_steps: int) -> bool:
@@ -77,27 +132,61 @@ def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def prepare_batch(images: torch.Tensor, targets: torch.Tensor, *, device: torch.device,
-                  num_classes: int, channels_last: bool = False, mixer: Callable | None = None,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loader's batch on `device` as the model trains on it: images (B, 3, H, W) in the
-    memory format asked for, soft targets (B, K), mixed when a mixer is given."""
+def prepare_images(images: torch.Tensor, *, device: torch.device,
+                   normalizer: Normalizer | None = None, channels_last: bool = False) -> torch.Tensor:
+    """A loader's images as the model takes them, on `device`: uint8 batches normalised there
+    by `normalizer` (the model's mean and std) into float32; then the memory format asked for.
+    Without a normalizer the images are taken as they are (already float)."""
     images = images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    if normalizer is not None:
+        images = normalizer(images)
+    elif images.dtype == torch.uint8:
+        raise TypeError("uint8 images need a Normalizer (the model's mean and std)")
+    return to_memory_format(images, channels_last=channels_last)
+
+
+def to_memory_format(images: torch.Tensor, *, channels_last: bool) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def prepare_batch(images: torch.Tensor, targets: torch.Tensor, *, device: torch.device,
+                  num_classes: int, normalizer: Normalizer | None = None,
+                  channels_last: bool = False, mixer: Callable | None = None,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader's batch on `device` as the model trains on it: images (B, 3, H, W) float,
+    normalised (prepare_images), soft targets (B, K), mixed when a mixer is given (mixing sees
+    the normalised images)."""
+    images = prepare_images(images, device=device, normalizer=normalizer, channels_last=channels_last)
     soft_targets = to_soft_targets(targets.to(device, non_blocking=True), num_classes)
     if mixer is not None:
         images, soft_targets, _ = mixer(images, soft_targets, generator=generator)
     return images, soft_targets
 
 
+def set_train_mode(model: nn.Module, *, bn_eval: Sequence[nn.Module] = ()) -> None:
+    """model.train(), except the BatchNorm modules in `bn_eval`, kept in eval mode (frozen
+    running statistics: --freeze-bn, or the body while --freeze-epochs trains the head)."""
+    model.train()
+    for module in bn_eval:
+        module.eval()
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside torch.compile's and DistributedDataParallel's wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
 def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.Optimizer, *,
                     loss_fn: Callable, device: torch.device, num_classes: int,
+                    normalizer: Normalizer | None = None,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                     mixer: Callable | None = None, generator: torch.Generator | None = None,
                     accum_steps: int = 1, scaler: torch.amp.GradScaler | None = None,
                     amp_dtype: torch.dtype | None = None, grad_clip: float | None = None,
                     ema: nn.Module | None = None, channels_last: bool = False,
+                    bn_eval: Sequence[nn.Module] = (),
                     start_batch: int = 0, n_batches: int | None = None,
                     start_stats: EpochStats | None = None,
                     on_step: Callable[[int, EpochStats], None] | None = None,
@@ -107,31 +196,32 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
     `n_batches` is the epoch's full length when `loader` yields only the remaining batches, and
     `start_stats` the sums of the batches done before the resume (the result includes them).
     `on_step(i, stats)` runs after each optimizer step with the index of the last micro-batch
-    and the sums so far (batch `i` included).
+    and the sums so far (batch `i` included; call `stats.settle()` before reading `loss_sum`
+    or `correct`). A NaN or infinite loss raises NonFiniteLossError naming its batch when the
+    sums are next read (at most READ_SECONDS later, and at the epoch's end).
     """
-    model.train()
+    set_train_mode(model, bn_eval=bn_eval)
     n_batches = n_batches if n_batches is not None else len(loader)
     stats = dataclasses.replace(start_stats) if start_stats is not None else EpochStats()
-    start = time.perf_counter() - stats.seconds
+    stats._sums = sums = _DeviceSums(stats, device, n_batches=n_batches)
+    clock = _Clock(stats)
+    last_read = time.perf_counter()
     bar = tqdm(total=n_batches, initial=start_batch, desc=desc, disable=not progress,
                leave=False, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(loader, start=start_batch):
         images, soft_targets = prepare_batch(images, targets, device=device, num_classes=num_classes,
-                                             channels_last=channels_last, mixer=mixer,
-                                             generator=generator)
+                                             normalizer=normalizer, channels_last=channels_last,
+                                             mixer=mixer, generator=generator)
         step = should_step(i, n_batches, accum_steps)
         # Under DDP only the group's last micro-batch all-reduces the (accumulated) gradients.
         with _no_sync(model, sync=step), autocast_context(device, amp_dtype):
             logits = model(images)
             loss = loss_fn(logits, soft_targets)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"loss is {loss.item()} at batch {i} of {n_batches}")
         scaled = loss / group_size(i, n_batches, accum_steps)
         with _no_sync(model, sync=step):
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        stats.loss_sum += loss.item() * images.shape[0]
-        stats.correct += int((logits.argmax(1) == soft_targets.argmax(1)).sum().item())
+        sums.add(i, loss, logits, soft_targets)
         stats.images += images.shape[0]
         if step:
             stepped = _optimizer_step(model, optimizer, scaler=scaler, grad_clip=grad_clip)
@@ -139,20 +229,58 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
             if scheduler is not None:  # on schedule even after a skipped step, as with GradScaler
                 _scheduler_step(scheduler, after_skipped_step=not stepped)
             if ema is not None:
-                ema.update(getattr(model, "module", model))  # the EMA copies the bare model, not DDP
+                ema.update(unwrap_model(model))  # the EMA copies the bare model, not DDP or compile
             stats.steps += 1
-            stats.lr = optimizer.param_groups[0]["lr"]
-            stats.seconds = time.perf_counter() - start
+            stats.lr = current_lr(optimizer)
+            clock.update(stats)
             if on_step is not None:
                 on_step(i, stats)
-        bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.accuracy:.3f}",
-                        lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                        ips=f"{stats.images / max(time.perf_counter() - start, 1e-9):.0f}")
+        if time.perf_counter() - last_read >= READ_SECONDS or len(sums.pending) >= READ_EVERY_BATCHES:
+            stats.settle()
+            last_read = time.perf_counter()
+            if progress:
+                bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.accuracy:.3f}",
+                                lr=f"{stats.lr:.2e}", ips=f"{stats.images / max(clock.elapsed(), 1e-9):.0f}",
+                                refresh=False)
         bar.update(1)
     bar.close()
-    stats.seconds = time.perf_counter() - start
-    stats.lr = optimizer.param_groups[0]["lr"]
+    stats.settle()
+    stats._sums = None
+    clock.update(stats)
+    stats.lr = current_lr(optimizer)
     return stats
+
+
+def compile_seconds_so_far() -> float:
+    """Seconds torch.compile has spent in this process so far (dynamo and inductor, forward
+    and backward graphs); 0.0 where torch does not record them."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:  # a torch without dynamo's metrics: compile time stays in `seconds`
+        return 0.0
+    return float(sum(sum(compilation_time_metrics.get(key, ())) for key in _COMPILE_PHASES))
+
+
+# The outermost timed phases of a compilation: dynamo's frame compile (tracing plus the
+# forward graph's inductor compile) and the backward graph compiled at its first use.
+_COMPILE_PHASES = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
+
+
+class _Clock:
+    """An epoch's training seconds and compile seconds, continuing a resumed epoch's."""
+
+    def __init__(self, stats: EpochStats):
+        self.start = time.perf_counter()
+        self.compile_start = compile_seconds_so_far()
+        self.seconds, self.compile_seconds = stats.seconds, stats.compile_seconds
+
+    def elapsed(self) -> float:
+        return self.seconds + time.perf_counter() - self.start
+
+    def update(self, stats: EpochStats) -> None:
+        compiled = compile_seconds_so_far() - self.compile_start
+        stats.compile_seconds = self.compile_seconds + compiled
+        stats.seconds = self.elapsed() - compiled
 
 
 _SKIPPED_STEP_WARNING = re.escape("Detected call of `lr_scheduler.step()`")
@@ -201,10 +329,14 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, *,
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Sequence, *, device: torch.device,
              loss_fn: Callable | None = None, num_classes: int | None = None,
+             normalizer: Normalizer | None = None,
              amp_dtype: torch.dtype | None = None, channels_last: bool = False,
              tta_views: Sequence[str] = ("orig",), features: bool = False, progress: bool = False,
              desc: str = "valid") -> tuple:
     """Class probabilities (N, K) averaged over `tta_views`, and the mean loss of the plain view.
+
+    The loader's images go through `prepare_images` as in training (uint8 normalised on the
+    device by `normalizer`); the TTA views act on the normalised batch.
 
     With `features`, also the penultimate features (N, D) of the plain view (the classifier's
     input: timm's forward_head(pre_logits=True)), from the same forward pass, so a caller that
@@ -215,7 +347,7 @@ def evaluate(model: nn.Module, loader: Sequence, *, device: torch.device,
     model.eval()
     all_probs, all_features, total_loss, seen = [], [], 0.0, 0
     for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        images = images.to(device, non_blocking=True)
+        images = prepare_images(images, device=device, normalizer=normalizer)
         probs = None
         for view in tta_views:
             logits, pooled = _forward(model, apply_tta_view(images, view), amp_dtype=amp_dtype,
@@ -247,8 +379,7 @@ def _forward(model: nn.Module, x: torch.Tensor, *, amp_dtype: torch.dtype | None
     The features path splits the model where timm does (forward_features, then forward_head),
     so logits and features come from one pass over the backbone.
     """
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = to_memory_format(x, channels_last=channels_last)  # after the view, which may permute
     with autocast_context(x.device, amp_dtype):
         if not features:
             return model(x).float(), None

@@ -4,7 +4,7 @@ model's initial weights come first from the fold's seed)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -17,20 +17,20 @@ from mixcls.config import Config
 from mixcls.data import ImageDataset
 from mixcls.devices import amp_setup
 from mixcls.distributed import DistContext
-from mixcls.models import build_model, model_mean_std
+from mixcls.models import batchnorm_modules, build_model, model_mean_std, set_body_trainable
 from mixcls.optim import build_optimizer, build_scheduler
 from mixcls.resume import Trainables
 from mixcls.run_setup import FoldData, build_mixer, build_training_loss
 from mixcls.sampling import EpochSampler, derive_seed, make_loader
-from mixcls.transforms import build_train_transform, build_valid_transform
+from mixcls.transforms import Normalizer, build_train_transform, build_valid_transform
 
 
 @dataclass
 class FoldParts:
-    """Everything one fold trains with; `train_model` is `net.model`, maybe wrapped in DDP."""
+    """Everything one fold trains with; `train_model` is `net.model` as the current epoch
+    trains it (maybe wrapped in DDP and torch.compile): set by `begin_epoch`."""
 
     net: Trainables
-    train_model: nn.Module
     amp_dtype: torch.dtype | None
     sampler: EpochSampler
     train_loader: DataLoader
@@ -39,21 +39,58 @@ class FoldParts:
     loss_fn: Callable
     mixer: Callable | None
     valid_labels: np.ndarray  # (n_valid,) every validation row, for scoring
+    normalizer: Normalizer  # the model's mean and std: uint8 batches -> its input, on the device
+    wrap: Callable[[nn.Module], nn.Module]  # DDP and/or torch.compile around the bare model
+    compile: bool = False
+    freeze_epochs: int = 0
+    freeze_bn: bool = False
+    train_model: nn.Module | None = None
+    head_only: bool | None = None  # the phase train_model was built for
+    _compiled_eval: dict[int, nn.Module] = field(default_factory=dict)
+
+    def begin_epoch(self, epoch: int) -> tuple[nn.Module, ...]:
+        """Set up `train_model` for `epoch` and return the BatchNorm modules it keeps in eval.
+
+        The first `freeze_epochs` epochs train the head only: the body's parameters take no
+        gradient (so the optimizer never touches them) and its BatchNorm layers stay in eval
+        mode. The phase follows from the epoch number alone, so a resumed run is in the right
+        one. DDP is rebuilt when the phase changes: it registers the parameters that need
+        gradients when it is built.
+        """
+        head_only = epoch < self.freeze_epochs
+        if head_only != self.head_only:
+            if self.freeze_epochs:
+                set_body_trainable(self.net.model, not head_only)
+            self.train_model, self.head_only = self.wrap(self.net.model), head_only
+        if self.freeze_bn:
+            return tuple(batchnorm_modules(self.net.model))
+        return tuple(batchnorm_modules(self.net.model, body_only=True)) if head_only else ()
+
+    def inference_model(self) -> nn.Module:
+        """The model validation runs (the EMA when there is one), compiled with --compile."""
+        model = self.net.eval_model()
+        if not self.compile:
+            return model
+        if id(model) not in self._compiled_eval:
+            self._compiled_eval[id(model)] = torch.compile(model)
+        return self._compiled_eval[id(model)]
 
 
 def build_fold_parts(cfg: Config, data: FoldData, *, fold: int, device: torch.device,
-                     ctx: DistContext) -> FoldParts:
+                     ctx: DistContext, log: Callable[[str], None] | None = None) -> FoldParts:
     """The fold's objects, on `device`; the caller seeds (seed, fold) first, so the model's
-    initial weights are the same in every run and on every rank."""
-    model = build_model(cfg.model, data.num_classes).to(device)
+    initial weights are the same in every run and on every rank. `log` hears which
+    pretrained weights were loaded."""
+    model = build_model(cfg.model, data.num_classes, log=log).to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if ctx.world_size > 1 and cfg.train.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    sampler, train_loader, valid_loader = _build_loaders(cfg, data, model_mean_std(model), fold=fold,
+    mean, std = model_mean_std(model)
+    sampler, train_loader, valid_loader = _build_loaders(cfg, data, mean, fold=fold,
                                                          device=device, ctx=ctx)
     n_batches = len(train_loader)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim)  # before any freezing: every parameter has a group
     scheduler = build_scheduler(optimizer, cfg.sched, epochs=cfg.train.epochs,
                                 steps_per_epoch=-(-n_batches // cfg.train.accum_steps))
     amp_dtype, scaler = amp_setup(cfg.train.amp, device)
@@ -62,24 +99,32 @@ def build_fold_parts(cfg: Config, data: FoldData, *, fold: int, device: torch.de
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
     mixer, loss_fn = build_mixer(cfg.mix), build_training_loss(cfg.loss)
-    train_model = dist.wrap_ddp(model, device) if ctx.world_size > 1 else model
-    return FoldParts(Trainables(model, ema, optimizer, scheduler, scaler), train_model, amp_dtype,
-                     sampler, train_loader, valid_loader, n_batches, loss_fn, mixer, data.valid_labels)
+
+    def wrap(bare: nn.Module) -> nn.Module:
+        # DDP inside torch.compile, as PyTorch recommends (DDPOptimizer splits the graph at
+        # the gradient buckets); checkpoints save `bare`, so no `_orig_mod.` prefixes.
+        wrapped = dist.wrap_ddp(bare, device) if ctx.world_size > 1 else bare
+        return torch.compile(wrapped) if cfg.model.compile else wrapped
+
+    return FoldParts(Trainables(model, ema, optimizer, scheduler, scaler), amp_dtype, sampler,
+                     train_loader, valid_loader, n_batches, loss_fn, mixer, data.valid_labels,
+                     Normalizer(mean, std), wrap, compile=cfg.model.compile,
+                     freeze_epochs=cfg.model.freeze_epochs, freeze_bn=cfg.model.freeze_bn)
 
 
-def _build_loaders(cfg: Config, data: FoldData, mean_std: tuple, *, fold: int, device: torch.device,
+def _build_loaders(cfg: Config, data: FoldData, mean: tuple, *, fold: int, device: torch.device,
                    ctx: DistContext) -> tuple[EpochSampler, DataLoader, DataLoader]:
-    mean, std = mean_std
+    """uint8 batches; `mean` only colours the cassava preset's cutout."""
     batch_size, img_size = int(cfg.train.batch_size), cfg.data.img_size
     train_ds = ImageDataset(data.train_paths, data.train_targets,
-                            build_train_transform(cfg.data.preset, img_size, mean=mean, std=std),
+                            build_train_transform(cfg.data.preset, img_size, mean=mean),
                             cache=data.train_cache)
     # Each rank evaluates every world_size-th validation row and the probabilities are gathered:
     # with 8 GPUs and a 4,000-image fold (times the TTA views) evaluating the whole fold on
     # every rank would cost 8x the evaluation time for the same numbers.
     shard = dist.shard_indices(len(data.valid_paths))
     valid_ds = ImageDataset([data.valid_paths[i] for i in shard], data.valid_labels[shard],
-                            build_valid_transform(img_size, mean=mean, std=std),
+                            build_valid_transform(img_size),
                             cache=[data.valid_cache[i] for i in shard] if data.valid_cache is not None else None)
     sampler = EpochSampler(len(train_ds), seed=derive_seed(cfg.train.seed, fold, 1),
                            rank=ctx.rank, world_size=ctx.world_size)

@@ -29,7 +29,7 @@ from mixcls.models import build_model, model_mean_std
 from mixcls.optim import build_optimizer
 from mixcls.run_setup import build_mixer, build_training_loss, resolve_batch_plan
 from mixcls.runs import RunError
-from mixcls.transforms import build_train_transform
+from mixcls.transforms import Normalizer, build_train_transform
 
 SUGGEST_RULES = ("steepest", "min10")
 MIN_STEPS = 10  # fewer points than this give no curve to read a slope from
@@ -93,7 +93,7 @@ def range_test(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
                generator: torch.Generator | None = None, amp_dtype: torch.dtype | None = None,
                scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None,
                channels_last: bool = False, beta: float = 0.98,
-               diverge_factor: float = 4.0) -> LRFindResult:
+               diverge_factor: float = 4.0, normalizer: Normalizer | None = None) -> LRFindResult:
     """Train `steps` optimizer steps at lrs rising exponentially from min_lr to max_lr; then restore.
 
     Each step is `accum_steps` micro-batches from `loader` (batches of images (B, C, H, W) and
@@ -115,7 +115,8 @@ def range_test(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
                               loss_fn=loss_fn, device=device, num_classes=num_classes,
                               accum_steps=accum_steps, mixer=mixer, generator=generator,
                               amp_dtype=amp_dtype, scaler=scaler, grad_clip=grad_clip,
-                              channels_last=channels_last, beta=beta, diverge_factor=diverge_factor)
+                              channels_last=channels_last, beta=beta, diverge_factor=diverge_factor,
+                              normalizer=normalizer)
     finally:
         _restore_snapshot(snapshot, model, optimizer, scaler)
 
@@ -125,7 +126,7 @@ def _run_range(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
                accum_steps: int, mixer: Callable | None, generator: torch.Generator | None,
                amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
                grad_clip: float | None, channels_last: bool, beta: float,
-               diverge_factor: float) -> LRFindResult:
+               diverge_factor: float, normalizer: Normalizer | None = None) -> LRFindResult:
     """The plain loop: one lr per accumulation group, one recorded loss per optimizer step."""
     model.train()
     n_batches = len(lrs) * accum_steps
@@ -138,7 +139,7 @@ def _run_range(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
         lr = float(lrs[i // accum_steps])
         _set_lr(optimizer, lr)
         images, soft_targets = prepare_batch(images, targets, device=device, num_classes=num_classes,
-                                             channels_last=channels_last, mixer=mixer,
+                                             normalizer=normalizer, channels_last=channels_last, mixer=mixer,
                                              generator=generator)
         with autocast_context(device, amp_dtype):
             logits = model(images)
@@ -176,8 +177,8 @@ def _cycle(loader: Iterable) -> Iterator:
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for group in optimizer.param_groups:  # --head-lr-mult / --layer-decay groups keep their ratios
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -327,7 +328,7 @@ def find_lr_for_config(cfg: Config, *, rows: np.ndarray | None = None, device: s
                         mixer=parts.mixer, generator=parts.generator, amp_dtype=parts.amp_dtype,
                         scaler=parts.scaler, grad_clip=cfg.train.grad_clip,
                         channels_last=cfg.model.channels_last, beta=beta,
-                        diverge_factor=diverge_factor)
+                        diverge_factor=diverge_factor, normalizer=parts.normalizer)
     return result, suggest_lr(result, rule=rule)
 
 
@@ -346,6 +347,7 @@ class _Pipeline:
     scaler: torch.amp.GradScaler | None
     batch_size: int
     accum_steps: int
+    normalizer: Normalizer | None = None  # the model's mean and std for the uint8 batches
 
 
 def _build_pipeline(cfg: Config, table: TrainTable, rows: np.ndarray, *,
@@ -363,7 +365,7 @@ def _build_pipeline(cfg: Config, table: TrainTable, rows: np.ndarray, *,
     targets = table.soft_targets if table.soft_targets is not None else table.labels
     paths = table.frame["path"].tolist()
     dataset = ImageDataset([paths[i] for i in rows], targets[rows],
-                           build_train_transform(cfg.data.preset, cfg.data.img_size, mean=mean, std=std))
+                           build_train_transform(cfg.data.preset, cfg.data.img_size, mean=mean))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=cfg.data.workers,
                         drop_last=len(dataset) > batch_size, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.train.seed))
@@ -372,4 +374,4 @@ def _build_pipeline(cfg: Config, table: TrainTable, rows: np.ndarray, *,
                      loss_fn=loss_fn, mixer=mixer,
                      generator=torch.Generator(device=device).manual_seed(cfg.train.seed),
                      device=device, amp_dtype=amp_dtype, scaler=scaler, batch_size=batch_size,
-                     accum_steps=accum_steps)
+                     accum_steps=accum_steps, normalizer=Normalizer(mean, std))

@@ -58,6 +58,20 @@ class SmallCNN(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
+        """timm's layer groups (layer-wise lr decay): one per convolution with its BatchNorm,
+        or one per stage when `coarse`; the classifier is the last group."""
+        per_stage = 7  # conv, bn, relu, conv, bn, relu, pool
+
+        def ordinal(name: str) -> tuple[float, ...]:
+            parts = name.split(".")
+            if parts[0] != "features":
+                return (float("inf"),)
+            index = int(parts[1])
+            stage, second = divmod(index, per_stage)
+            return (float(stage),) if coarse else (float(2 * stage + (second >= 3)),)
+        return ordinal
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
@@ -161,8 +175,10 @@ def check_pretrained_available(name: str, *,
                      "or drop --pretrained")
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """timm.create_model(cfg.name, num_classes=…), with hub or local-file pretrained weights."""
+def build_model(cfg: ModelConfig, num_classes: int, *,
+                log: Callable[[str], None] | None = None) -> nn.Module:
+    """timm.create_model(cfg.name, num_classes=…), with hub or local-file pretrained weights;
+    `log` hears which weights were loaded (describe_weights)."""
     register_models()
     try:
         model = timm.create_model(cfg.name, pretrained=cfg.pretrained and not cfg.pretrained_file,
@@ -177,9 +193,96 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
                              f"({exc.__class__.__name__}: {exc}); download them once and pass "
                              "--pretrained-file FILE") from None
         raise
-    if cfg.pretrained_file:
-        load_pretrained_file(model, cfg.pretrained_file)
+    loaded = load_pretrained_file(model, cfg.pretrained_file) if cfg.pretrained_file else None
+    line = describe_weights(cfg, model, loaded) if log is not None else None
+    if line is not None:
+        log(line)
     return model
+
+
+def describe_weights(cfg: ModelConfig, model: nn.Module, loaded: dict[str, Any] | None) -> str | None:
+    """The log line of a run that starts from pretrained weights (None from scratch): which
+    weights, from where, and how many of the model's tensors they set."""
+    total = len(_weights(model.state_dict()))
+    if cfg.pretrained_file:
+        skipped = loaded["skipped_classifier"]
+        note = f" (classifier {', '.join(skipped)} left new: other class count)" if skipped else ""
+        return f"pretrained weights: {cfg.pretrained_file}, {loaded['loaded']} tensors loaded{note}"
+    if not cfg.pretrained:
+        return None
+    pcfg = getattr(model, "pretrained_cfg", None) or {}
+    source = pcfg.get("hf_hub_id") or pcfg.get("url") or pcfg.get("file") or "timm hub"
+    tag = pcfg.get("tag")
+    # timm loads every tensor, except the classifier when the class count differs
+    new_head = pcfg.get("num_classes") != getattr(model, "num_classes", None)
+    classifier = [k for k in _classifier_keys(model) if k in _weights(model.state_dict())]
+    matched = total - len(classifier) if new_head else total
+    return (f"pretrained weights: {cfg.name}{'.' + tag if tag else ''} from {source}, "
+            f"{matched} of {total} tensors" + (" (the classifier is new for these classes)"
+                                               if new_head and classifier else ""))
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The classifier's parameters (timm's `get_classifier()`)."""
+    if not hasattr(model, "get_classifier"):
+        raise ModelError(f"model {type(model).__name__} has no get_classifier(); "
+                         "--freeze-epochs and --head-lr-mult need one")
+    return list(model.get_classifier().parameters())
+
+
+def set_body_trainable(model: nn.Module, trainable: bool) -> None:
+    """requires_grad of every parameter outside the classifier head. A frozen parameter gets
+    no gradient, so the optimizer skips it entirely: no step, no weight decay, no state."""
+    head = {id(p) for p in head_parameters(model)}
+    for param in model.parameters():
+        if id(param) not in head:
+            param.requires_grad_(trainable)
+
+
+def batchnorm_modules(model: nn.Module, *, body_only: bool = False) -> list[nn.Module]:
+    """Every BatchNorm (and SyncBatchNorm) module; with `body_only`, those outside the head."""
+    head = {id(m) for m in model.get_classifier().modules()} if body_only else set()
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in head]
+
+
+def check_finetune_settings(cfg: ModelConfig, *, layer_decay: float | None,
+                            head_lr_mult: float) -> None:
+    """ModelError before any work when the model lacks what the fine-tuning options need: a
+    classifier (`get_classifier`) for --freeze-epochs / --head-lr-mult, timm's group_matcher
+    for --layer-decay. The model is built on the meta device: no weights, no time."""
+    needs_head = cfg.freeze_epochs > 0 or head_lr_mult != 1.0
+    if not needs_head and layer_decay is None:
+        return
+    register_models()
+    with torch.device("meta"):
+        model = timm.create_model(cfg.name, pretrained=False, num_classes=2)
+    if needs_head and not hasattr(model, "get_classifier"):
+        raise ModelError(f"model {cfg.name!r} has no get_classifier(); --freeze-epochs and "
+                         "--head-lr-mult need a classifier head")
+    if layer_decay is not None and not hasattr(model, "group_matcher"):
+        raise ModelError(f"layer_decay: model {cfg.name!r} has no group_matcher (timm's layer "
+                         "groups); unset --layer-decay for this model")
+
+
+def find_compiler(device: torch.device) -> str | None:
+    """Why torch.compile cannot run on `device` (None when it can): on a CPU inductor
+    compiles C++ and needs a compiler (g++, clang++ or $CXX)."""
+    if device.type != "cpu":
+        return None
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except Exception as exc:  # inductor raises its own error types when none is found
+        return f"torch.compile on a CPU needs a C++ compiler (g++ or clang++): {exc}"
+    return None
+
+
+def check_compile(device: torch.device) -> None:
+    """ModelError before any work when --compile cannot run here."""
+    reason = find_compiler(device)
+    if reason is not None:
+        raise ModelError(f"compile: {reason}; install one or drop --compile")
 
 
 def model_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

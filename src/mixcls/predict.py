@@ -18,7 +18,7 @@ from mixcls.engine import evaluate
 from mixcls.models import build_model, model_mean_std
 from mixcls.runs import RunError, RunFolder, atomic_write_csv, load_checkpoint
 from mixcls.devices import amp_dtype, resolve_device
-from mixcls.transforms import build_valid_transform
+from mixcls.transforms import Normalizer, build_valid_transform
 
 
 @dataclass
@@ -101,11 +101,13 @@ def predict_fold_outputs(models: Sequence[LoadedModel], paths: Sequence[str], *,
     for loaded in models:
         cfg = loaded.config
         chosen = list(views) if views is not None else _tta_views(cfg, tta)
-        mean, std = model_mean_std(loaded.model)
-        dataset = ImageDataset(paths, None, build_valid_transform(cfg.data.img_size, mean=mean, std=std),
-                               cache=cache)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-        out = evaluate(loaded.model, loader, device=device, amp_dtype=amp_dtype, tta_views=chosen,
+        dataset = ImageDataset(paths, None, build_valid_transform(cfg.data.img_size), cache=cache)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+                            pin_memory=device.type == "cuda")
+        # features=True calls forward_features / forward_head, which torch.compile leaves eager
+        model = torch.compile(loaded.model) if cfg.model.compile and not features else loaded.model
+        out = evaluate(model, loader, device=device, amp_dtype=amp_dtype, tta_views=chosen,
+                       normalizer=Normalizer(*model_mean_std(loaded.model)),
                        channels_last=cfg.model.channels_last, features=features)
         probs.append(out[0])
         if features:

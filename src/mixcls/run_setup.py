@@ -26,7 +26,8 @@ from mixcls.distributed import check_distributed_options
 from mixcls.folds import make_folds
 from mixcls.image_cache import ImageCache
 from mixcls.losses import build_loss
-from mixcls.models import ModelError, build_model, check_model_name, check_pretrained_available
+from mixcls.models import (ModelError, build_model, check_compile, check_finetune_settings,
+                           check_model_name, check_pretrained_available)
 from mixcls.runs import (RunError, atomic_write_csv, atomic_write_json, atomic_write_text,
                          check_writable, read_json, remove_stale_temporaries)
 from mixcls.sampling import per_process_batch
@@ -220,6 +221,10 @@ def check_run_settings(cfg: Config, device: torch.device, *, world_size: int) ->
     the distributed options, the batch split and the TensorBoard package."""
     amp_setup(cfg.train.amp, device)
     check_model_name(cfg.model.name)
+    check_finetune_settings(cfg.model, layer_decay=cfg.optim.layer_decay,
+                            head_lr_mult=cfg.optim.head_lr_mult)
+    if cfg.model.compile:
+        check_compile(device)
     if cfg.model.pretrained_file:
         if not Path(cfg.model.pretrained_file).is_file():
             raise ModelError(f"pretrained file {cfg.model.pretrained_file} does not exist")

@@ -130,6 +130,9 @@ def _worker_init(worker_id: int) -> None:
     cv2.setNumThreads(0)  # one decode thread per worker; the workers are the parallelism
 
 
+PREFETCH_BATCHES = 4  # per worker (torch's default is 2)
+
+
 def make_loader(dataset: Dataset, *, batch_size: int, workers: int, sampler: Sampler | None,
                 drop_last: bool, device: torch.device, seed: int) -> DataLoader:
     """A DataLoader whose worker seeds come from `seed`, never from the global torch RNG."""
@@ -138,4 +141,6 @@ def make_loader(dataset: Dataset, *, batch_size: int, workers: int, sampler: Sam
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=drop_last, pin_memory=device.type == "cuda",
                       persistent_workers=workers > 0, worker_init_fn=_worker_init,
+                      # uint8 batches are small: each worker keeps a few ready ahead of the step
+                      prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
                       generator=torch.Generator().manual_seed(seed))

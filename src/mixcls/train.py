@@ -24,7 +24,8 @@ from mixcls.config import Config, ConfigError, config_to_flat
 from mixcls.data import TrainTable, load_image_cache, read_image
 from mixcls.devices import resolve_device
 from mixcls.distributed import DistContext
-from mixcls.engine import EpochStats, NonFiniteLossError, evaluate, train_one_epoch
+from mixcls.engine import (EpochStats, NonFiniteLossError, compile_seconds_so_far, evaluate,
+                           train_one_epoch)
 from mixcls.fold_parts import FoldParts, build_fold_parts, weights_finite
 from mixcls.folds import folds_fingerprint
 from mixcls.losses import build_loss
@@ -70,7 +71,7 @@ def fit_fold(cfg: Config, data: FoldData, *, fold: int, fold_dir: Path, device: 
     `cfg.train.batch_size` is this process's micro-batch (a number: fit_folds resolves auto).
     """
     seed_everything(derive_seed(cfg.train.seed, fold))
-    parts = build_fold_parts(cfg, data, fold=fold, device=device, ctx=ctx)
+    parts = build_fold_parts(cfg, data, fold=fold, device=device, ctx=ctx, log=log)
     layout = BatchLayout(ctx.world_size, int(cfg.train.batch_size), cfg.train.accum_steps)
     steps_per_epoch = -(-parts.n_batches // layout.accum_steps)
     log(f"fold {fold}: {layout.describe(n_train=len(data.train_paths), steps_per_epoch=steps_per_epoch)}")
@@ -102,8 +103,9 @@ def fit_fold(cfg: Config, data: FoldData, *, fold: int, fold_dir: Path, device: 
                              device=device, ctx=ctx, progress=progress, save_last=save_last,
                              num_classes=data.num_classes, on_lr=on_lr)
         if data.valid_paths:
-            probs, valid_loss = _evaluate_fold(parts, device=device, num_classes=data.num_classes,
-                                               channels_last=cfg.model.channels_last)
+            probs, valid_loss, compile_seconds = _evaluate_fold(
+                parts, device=device, num_classes=data.num_classes, channels_last=cfg.model.channels_last)
+            stats = dataclasses.replace(stats, compile_seconds=stats.compile_seconds + compile_seconds)
         else:  # the full-data model: no validation rows, its last epoch is the one kept
             probs, valid_loss = None, float("nan")
         _end_epoch(parts, state, _history_row(epoch, stats, valid_loss, probs, parts.valid_labels),
@@ -141,14 +143,17 @@ def _train_epoch(cfg: Config, parts: FoldParts, state: FoldState, *, fold: int, 
             on_lr(stats.steps, stats.lr)
         if save_every and (i + 1) % accum == 0 and ((i + 1) // accum) % save_every == 0 \
                 and i + 1 < parts.n_batches:
-            save_last(epoch=epoch, batch=i + 1, mix_gen=mix_gen, epoch_stats=partial_stats(stats))
+            save_last(epoch=epoch, batch=i + 1, mix_gen=mix_gen,
+                      epoch_stats=partial_stats(stats.settle()))  # exact sums, read only here
 
     mixing = parts.mixer if epoch < cfg.train.epochs - cfg.mix.off_epochs else None
+    bn_eval = parts.begin_epoch(epoch)  # --freeze-epochs / --freeze-bn: from the epoch number
     stopped = f"fold {fold}, epoch {epoch + 1}"
     try:
         stats = train_one_epoch(
             parts.train_model, parts.train_loader, parts.net.optimizer, loss_fn=parts.loss_fn,
-            device=device, num_classes=num_classes, scheduler=parts.net.scheduler,
+            device=device, num_classes=num_classes, normalizer=parts.normalizer,
+            scheduler=parts.net.scheduler, bn_eval=bn_eval,
             mixer=mixing, generator=mix_gen, accum_steps=accum, scaler=parts.net.scaler,
             amp_dtype=parts.amp_dtype, grad_clip=cfg.train.grad_clip, ema=parts.net.ema,
             channels_last=cfg.model.channels_last, start_batch=start_batch,
@@ -178,16 +183,19 @@ def _stopped_hint(state: FoldState, is_main: bool) -> str:
 
 
 def _evaluate_fold(parts: FoldParts, *, device: torch.device, num_classes: int,
-                   channels_last: bool) -> tuple[np.ndarray, float]:
-    """Probabilities (n_valid, K) of every validation row and their mean CE loss, on every rank."""
+                   channels_last: bool) -> tuple[np.ndarray, float, float]:
+    """Probabilities (n_valid, K) of every validation row and their mean CE loss, on every
+    rank; and the seconds torch.compile took in it (--compile)."""
     n_valid = len(parts.valid_labels)
-    model = parts.net.eval_model()
-    dist.broadcast_buffers(model)
-    local, local_loss = evaluate(model, parts.valid_loader, device=device, loss_fn=build_loss("ce"),
-                                 num_classes=num_classes, amp_dtype=parts.amp_dtype,
+    dist.broadcast_buffers(parts.net.eval_model())
+    compile_start = compile_seconds_so_far()
+    local, local_loss = evaluate(parts.inference_model(), parts.valid_loader, device=device,
+                                 loss_fn=build_loss("ce"), num_classes=num_classes,
+                                 normalizer=parts.normalizer, amp_dtype=parts.amp_dtype,
                                  channels_last=channels_last)
     loss_sum, = dist.all_reduce_sum([float(local_loss) * len(local)])
-    return dist.gather_shards(local, n_valid), loss_sum / max(n_valid, 1)
+    return (dist.gather_shards(local, n_valid), loss_sum / max(n_valid, 1),
+            compile_seconds_so_far() - compile_start)
 
 
 def _history_row(epoch: int, stats: EpochStats, valid_loss: float, probs: np.ndarray | None,
@@ -198,15 +206,27 @@ def _history_row(epoch: int, stats: EpochStats, valid_loss: float, probs: np.nda
     return {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
             "valid_loss": valid_loss, "valid_accuracy": accuracy,
             "lr": stats.lr, "seconds": stats.seconds, "images_per_s": stats.images_per_s,
-            "skipped_steps": stats.skipped_steps}
+            "skipped_steps": stats.skipped_steps, "compile_seconds": stats.compile_seconds}
+
+
+def _compile_summary(run_dir: Path, chosen: list[int]) -> dict[str, float]:
+    """{"compile_seconds": …} of the folds' histories with --compile (their epochs'
+    `seconds` leave it out; metrics.json's `seconds` is the wall time and includes it)."""
+    total = 0.0
+    for fold in chosen:
+        history = pd.read_csv(run_dir / f"fold_{fold}" / "history.csv")
+        if "compile_seconds" in history.columns:
+            total += float(history["compile_seconds"].sum())
+    return {"compile_seconds": total} if total > 0 else {}
 
 
 def _epoch_line(row: dict[str, float], stats: EpochStats) -> str:
     skipped = f", {stats.skipped_steps} of {stats.steps} steps skipped (non-finite gradients)" \
         if stats.skipped_steps else ""
+    compiled = f", compile {stats.compile_seconds:.1f}s apart" if stats.compile_seconds else ""
     return (f"train_loss {row['train_loss']:.4f} valid_loss {row['valid_loss']:.4f} "
             f"valid_acc {row['valid_accuracy']:.4f} lr {row['lr']:.2e} "
-            f"{row['images_per_s']:.0f} img/s ({row['seconds']:.1f}s{skipped})")
+            f"{row['images_per_s']:.0f} img/s ({row['seconds']:.1f}s{skipped}{compiled})")
 
 
 def _end_epoch(parts: FoldParts, state: FoldState, row: dict[str, float], probs: np.ndarray | None,
@@ -419,6 +439,7 @@ def _write_summary(table: TrainTable, folds: np.ndarray, run_dir: Path, plan: Ba
                    accum_steps=plan.accum_steps, world_size=world_size,
                    global_batch=world_size * plan.batch_size * plan.accum_steps,
                    folds_fingerprint=folds_fingerprint(table.frame["image_id"].tolist(), folds))
+    metrics.update(_compile_summary(run_dir, chosen))
     metrics.update(extras or {})
     atomic_write_json(run_dir / "metrics.json", metrics)
     log(f"CV accuracy {metrics['cv_accuracy']:.4f}, macro F1 {metrics['cv_macro_f1']:.4f}, "

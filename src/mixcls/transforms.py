@@ -1,10 +1,16 @@
-"""Albumentations presets for training and validation; deterministic TTA views."""
+"""Albumentations presets for training and validation; the one normalisation; TTA views.
+
+The presets end in uint8 tensors (3, H, W): a batch crosses to the device at a quarter of
+the bytes of float32, and `Normalizer` turns it into the model's input there (float, the
+weights' own mean and std), for training, evaluation and prediction alike.
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import albumentations as A
+import numpy as np
 import torch
 import torch.nn.functional as F
 from albumentations.pytorch import ToTensorV2
@@ -13,8 +19,41 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _finish(mean: Sequence[float], std: Sequence[float]) -> list:
-    return [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
+class Normalizer:
+    """uint8 images (B, 3, H, W) -> float32 (x / 255 - mean) / std on their device.
+
+    The arithmetic is albumentations' Normalize (subtract mean x 255, multiply by the
+    reciprocal of std x 255, in float32), so the numbers equal what the presets gave before
+    they stopped normalising on the host.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"Normalizer expects uint8 images (B, 3, H, W), got {images.dtype}; "
+                            "the presets' tensors are uint8, already normalised ones must not "
+                            "be normalised again")
+        shift, scale = self._constants(images.device)
+        return (images.float() - shift) * scale
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._consts:
+            # albumentations computes these in float32 numpy; the same numbers here
+            shift = np.asarray(self.mean, dtype=np.float32) * 255.0
+            scale = np.reciprocal(np.asarray(self.std, dtype=np.float32) * 255.0)
+            self._consts[device] = tuple(torch.from_numpy(v.astype(np.float32)).view(1, -1, 1, 1).to(device)
+                                         for v in (shift, scale))
+        return self._consts[device]
+
+    def __repr__(self) -> str:
+        return f"Normalizer(mean={self.mean}, std={self.std})"
+
+
+def _finish() -> list:
+    return [ToTensorV2()]  # uint8 HWC -> uint8 CHW; Normalizer does the rest on the device
 
 
 def _preset_light(size: int) -> list:
@@ -55,25 +94,26 @@ PRESETS = {"light": _preset_light, "cassava": _preset_cassava, "digits": _preset
            "none": _preset_none}
 
 
-def build_train_transform(preset: str, img_size: int, *, mean: Sequence[float] = IMAGENET_MEAN,
-                          std: Sequence[float] = IMAGENET_STD) -> A.Compose:
-    """The training pipeline of a named preset, ending in Normalize + ToTensorV2 (C, H, W float)."""
+def build_train_transform(preset: str, img_size: int, *,
+                          mean: Sequence[float] = IMAGENET_MEAN) -> A.Compose:
+    """The training pipeline of a named preset, ending in ToTensorV2: uint8 (3, H, W).
+
+    `mean` is the model's: the cassava preset's cutout fills its holes with it (rounded to
+    uint8), the colour that normalises to about 0, as when cutout ran after Normalize.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(sorted(PRESETS))}")
     steps = PRESETS[preset](img_size)
     if preset == "cassava":
-        steps = steps + [A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
-                         A.CoarseDropout(num_holes_range=(1, 8), hole_height_range=(0.05, 0.1),
-                                         hole_width_range=(0.05, 0.1), p=0.5),
-                         ToTensorV2()]
-        return A.Compose(steps)
-    return A.Compose(steps + _finish(mean, std))
+        fill = tuple(float(round(m * 255)) for m in mean)
+        steps = steps + [A.CoarseDropout(num_holes_range=(1, 8), hole_height_range=(0.05, 0.1),
+                                         hole_width_range=(0.05, 0.1), fill=fill, p=0.5)]
+    return A.Compose(steps + _finish())
 
 
-def build_valid_transform(img_size: int, *, mean: Sequence[float] = IMAGENET_MEAN,
-                          std: Sequence[float] = IMAGENET_STD) -> A.Compose:
-    """Resize to the training size and normalise; no randomness."""
-    return A.Compose([A.Resize(img_size, img_size)] + _finish(mean, std))
+def build_valid_transform(img_size: int) -> A.Compose:
+    """Resize to the training size; no randomness; uint8 (3, H, W)."""
+    return A.Compose([A.Resize(img_size, img_size)] + _finish())
 
 
 ZOOM_CROP = 0.1  # the zoom view keeps the central 90% of each side
