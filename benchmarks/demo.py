@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 
 from mixcls.commands.demo import DEMO_SETTINGS, default_cache
 from mixcls.runs import RunError, RunFolder
@@ -109,7 +108,7 @@ def read_run(run_dir: Path) -> dict:
     missing = [key for key in need if key not in metrics]
     if missing:
         raise SystemExit(f"{run.path / 'metrics.json'}: no {', '.join(missing)}")
-    oof = pd.read_csv(run.oof_path, usecols=["fold"])
+    oof = run.read_oof()
     return dict(metrics, tta_views=tta_views,
                 fold_rows={str(k): int(n) for k, n in oof["fold"].value_counts().items()})
 

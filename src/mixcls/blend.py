@@ -330,11 +330,7 @@ class Members:
 
 def _read_folds(run: RunFolder) -> pd.Series:
     """image_id -> fold from RUN/folds.csv."""
-    path = run.path / "folds.csv"
-    frame = pd.read_csv(path, dtype={"image_id": str}, keep_default_na=False)
-    if not {"image_id", "fold"} <= set(frame.columns):
-        raise DataError(f"{path}: expected columns image_id, fold; found {', '.join(frame.columns)}")
-    return frame.set_index("image_id")["fold"].astype(np.int64)
+    return run.read_folds().set_index("image_id")["fold"].astype(np.int64)
 
 
 def _check_same_classes(first: RunFolder, other: RunFolder) -> None:

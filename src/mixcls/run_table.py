@@ -83,7 +83,7 @@ def _settings(run: RunFolder) -> dict[str, Any]:
 def _progress(run: RunFolder) -> dict[str, Any]:
     """Scores, seconds, fingerprint and status: finished, or how far an unfinished run got."""
     metrics = run.metrics if (run.path / "metrics.json").is_file() else None
-    fingerprint = (metrics or {}).get("folds_fingerprint") or _fingerprint_of(run.path / "folds.csv")
+    fingerprint = (metrics or {}).get("folds_fingerprint") or _fingerprint_of(run)
     row = {"folds_fingerprint": fingerprint,
            "seconds": _number((metrics or {}).get("seconds"))}
     if metrics is None or not run.oof_path.is_file():
@@ -112,17 +112,13 @@ def _folds_done(run: RunFolder) -> tuple[list[int], list[int]]:
     return done, list(chosen)
 
 
-def _fingerprint_of(path: Path) -> str:
+def _fingerprint_of(run: RunFolder) -> str:
     """folds_fingerprint of folds.csv's rows (for runs whose metrics.json does not record it)."""
-    try:
-        folds = pd.read_csv(path, dtype={"image_id": str})
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not a readable CSV: {exc}") from None
-    if not {"image_id", "fold"} <= set(folds.columns):
-        raise DataError(f"{path}: expected columns image_id, fold; found {', '.join(map(str, folds.columns))}")
-    if folds["fold"].isna().any() or folds["image_id"].isna().any():
-        raise DataError(f"{path}: empty image_id or fold in row(s) "
-                        f"{', '.join(map(str, folds.index[folds.isna().any(axis=1)][:5] + 2))}")
+    folds = run.read_folds()
+    empty = (folds["image_id"] == "") | folds["fold"].isna()
+    if empty.any():
+        raise DataError(f"{run.path / 'folds.csv'}: empty image_id or fold in row(s) "
+                        f"{', '.join(map(str, folds.index[empty][:5] + 2))}")
     return folds_fingerprint(folds["image_id"], folds["fold"])
 
 

@@ -308,7 +308,7 @@ class RunFolder:
         path = self.path / "folds.csv"
         if not path.is_file():
             raise RunError(f"{path} does not exist")
-        folds = read_csv(path, dtype={"image_id": str})
+        folds = read_csv(path, dtype={"image_id": str}, keep_default_na=False)  # an id "NA" stays "NA"
         if not {"image_id", "fold"} <= set(folds.columns):
             raise DataError(f"{path}: expected columns image_id, fold; found {', '.join(folds.columns)}")
         return folds
