@@ -18,6 +18,7 @@ from mixcls.config import ModelConfig, OptimConfig, SchedConfig
 from mixcls.engine import unwrap_model
 from mixcls.models import ModelError, build_model, check_finetune_settings
 from mixcls.optim import OptimError, build_optimizer, build_scheduler
+from mixcls.runs import load_checkpoint
 
 BASE = ["--model", "test_resnet", "--img-size", "16", "--batch-size", "8", "--workers", "0",
         "--no-progress", "--folds", "2", "--train-folds", "0"]
@@ -182,3 +183,29 @@ def test_freeze_epochs_beyond_the_run_is_a_config_error():
     with pytest.raises(ModelError, match="no get_classifier"):
         from mixcls.models import head_parameters
         head_parameters(nn.Linear(2, 2))
+
+
+def test_a_run_resumed_after_its_frozen_epoch_ends_as_an_unbroken_one(tmp_path):
+    """The phase comes from the epoch number: a run stopped at the end of its frozen epoch
+    and resumed trains epoch 2 unfrozen, with the head's optimizer state and nothing else,
+    to the very weights of the unbroken run."""
+    data = write_tiny_dataset(tmp_path / "data", size=16)
+    flags = [*BASE, "--epochs", "2", "--freeze-epochs", "1"]
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "unbroken"), *flags]) == 0
+    real, calls = mixcls.train.train_one_epoch, []
+
+    def stop_at_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    run = tmp_path / "resumed"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mixcls.train, "train_one_epoch", stop_at_epoch_2)
+        assert main(["train", "--data", str(data), "--out", str(run), *flags]) == 130
+    assert load_checkpoint(run / "fold_0" / "last.pt")["epoch"] == 1
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    for name in ("best.pt", "last.pt"):
+        got, want = (load_checkpoint(p / "fold_0" / name)["model"] for p in (run, tmp_path / "unbroken"))
+        assert all(torch.equal(got[k], want[k]) for k in want), name
