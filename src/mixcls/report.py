@@ -654,7 +654,21 @@ footer{color:#9aa5b1;font-size:12px;text-align:center}
 
 NAV = [("config", "Settings"), ("cv", "Cross-validation"), ("curves", "Learning curves"),
        ("classes", "Confusion matrix"), ("mistakes", "Confidently wrong"), ("mix", "Mixed batches"),
-       ("suspects", "Suspect labels")]
+       ("suspects", "Suspect labels"), ("pseudo", "Pseudo-labels")]
+
+
+def _section_pseudo(run: RunFiles) -> str:
+    """Pseudo rows per fold and their class mix (metrics.json "pseudo", from train --pseudo)."""
+    info = run.metrics["pseudo"]
+    rows = [[g, v["rows"], *(v["classes"].get(str(c), 0) for c in run.classes)]
+            for g, v in sorted(info["folds"].items(), key=lambda item: int(item[0]))]
+    intro = (f"Each fold g trained also on the unlabelled images that passed for g in "
+             f"{info['table']} ({'soft' if info['soft'] else 'hard'} labels, threshold "
+             f"{info.get('threshold')}), labelled by fold g's model of teacher {info['teacher']}, "
+             "which never trained on fold g's validation rows; pseudo images are never validated "
+             "on and are not in oof.csv.")
+    return _section("pseudo", "Pseudo-labels",
+                    _table(["fold", "pseudo rows", *[str(c) for c in run.classes]], rows), intro=intro)
 
 
 def build_report_html(run: RunFiles, *, seed: int = 0) -> str:
@@ -665,6 +679,8 @@ def build_report_html(run: RunFiles, *, seed: int = 0) -> str:
         sections["mix"] = _section_mix(run, seed=seed)
     if run.suspects is not None or run.suspects_png is not None:
         sections["suspects"] = _section_suspects(run)
+    if isinstance(run.metrics.get("pseudo"), dict):
+        sections["pseudo"] = _section_pseudo(run)
     nav = "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in NAV if a in sections)
     name = html.escape(run.run_dir.resolve().name)
     subtitle = html.escape(f"{_fmt(run.config.get('model'))} · {_fmt(run.config.get('img_size'))} px · "

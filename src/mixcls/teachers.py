@@ -17,15 +17,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy.special import softmax
 
 from mixcls.config import ConfigError
 from mixcls.losses import to_soft_targets
 from mixcls.runs import RunError, RunFolder, atomic_write_bytes, atomic_write_json, read_json
 
 TEACHER_DIR = "teacher"
-# log(0) would make a class the teacher rules out impossible at any temperature.
-LOG_FLOOR = 1e-12
 
 
 def check_teacher(teacher: str | Path, image_ids: Sequence[str], folds: np.ndarray,
@@ -66,8 +63,11 @@ def predict_teacher_fold(teacher: str | Path, fold: int, paths: Sequence[str], *
 
 
 def soften(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log p / T) per row: T > 1 flattens, T < 1 sharpens; probs (n, K)."""
-    return softmax(np.log(np.clip(probs, LOG_FLOOR, None)) / temperature, axis=1)
+    """softmax(log p / T) per row: T > 1 flattens, T < 1 sharpens; probs (n, K). The blend's
+    calibration rule, so a teacher's softened probabilities mean what a calibrated blend's do."""
+    from mixcls.blend import apply_temperature
+
+    return apply_temperature(np.asarray(probs, dtype=np.float64), temperature)
 
 
 def distill_targets(targets: np.ndarray, teacher_probs: np.ndarray, *, weight: float,

@@ -277,7 +277,7 @@ def fit_folds(cfg: Config, run_dir: str | Path, *, progress: bool = True, resume
         chosen=chosen, log=log))
     cfg = with_batch_plan(cfg, plan)
     cache = load_image_cache(table.frame["path"].tolist(), image_cache=image_cache)
-    extras = dist.run_on_main(lambda: _run_extras(run_dir, table, pseudo, chosen, lr_found))
+    extras = dist.run_on_main(lambda: _run_extras(cfg, run_dir, table, pseudo, chosen, lr_found))
     pseudo_cache = _pseudo_image_cache(pseudo, image_cache) if cache is not None else None
     started = time.perf_counter()
     try:
@@ -347,10 +347,10 @@ def _find_auto_lr(cfg: Config, table: TrainTable, folds: np.ndarray, *, device: 
     return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=float(lr))), float(lr)
 
 
-def _run_extras(run_dir: Path, table: TrainTable, pseudo: PseudoTable | None, chosen: list[int],
-                lr_found: float | None) -> dict[str, Any]:
+def _run_extras(cfg: Config, run_dir: Path, table: TrainTable, pseudo: PseudoTable | None,
+                chosen: list[int], lr_found: float | None) -> dict[str, Any]:
     """Rank 0: what metrics.json says beyond the scores: the found lr (kept in lr_find.json so
-    a resume still reports it) and the pseudo rows each fold trains on."""
+    a resume still reports it), the pseudo rows each fold trains on and the teacher."""
     saved = run_dir / "lr_find.json"
     if lr_found is not None:
         atomic_write_json(saved, {"lr_found": lr_found, "steps": AUTO_LR_STEPS, "rows": "fold 0 training"})
@@ -359,6 +359,10 @@ def _run_extras(run_dir: Path, table: TrainTable, pseudo: PseudoTable | None, ch
     extras: dict[str, Any] = {} if lr_found is None else {"lr_found": lr_found}
     if pseudo is not None:
         extras["pseudo"] = summarize_pseudo(pseudo, chosen, table.classes)
+    if cfg.train.distill is not None:
+        extras["distill"] = {"teacher": str(Path(cfg.train.distill).resolve()),
+                             "weight": cfg.train.distill_weight,
+                             "temperature": cfg.train.distill_temperature}
     return extras
 
 
