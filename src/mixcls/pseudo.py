@@ -206,7 +206,8 @@ def _check_frame(frame: pd.DataFrame, path: Path, *, num_classes: int, soft: boo
     numeric = frame[columns[1:]].apply(pd.to_numeric, errors="coerce")
     bad = numeric.isna().any(axis=1) | ~np.isfinite(numeric.to_numpy(dtype=float)).all(axis=1)
     labels = numeric["label"].to_numpy()
-    bad |= ~numeric["passed"].isin([0, 1]) | (labels < 0) | (labels >= num_classes)
+    bad |= ~numeric["passed"].isin([0, 1]) | (labels < 0) | (labels >= num_classes) \
+        | (labels != np.floor(labels))
     if soft:
         probs = numeric[prob_columns(num_classes)].to_numpy(dtype=float)
         bad |= (probs < 0).any(axis=1) | (np.abs(probs.sum(axis=1) - 1) > SUM_TOLERANCE)
