@@ -15,6 +15,7 @@ from mixcls.cli import main
 from mixcls.config import load_config
 from mixcls.data import prob_columns
 from mixcls.predict import predict_run
+from mixcls.run_table import run_row
 from mixcls.train import fit_folds
 
 pytestmark = pytest.mark.slow
@@ -63,6 +64,9 @@ def test_blend_cli_writes_a_folder_that_noise_review_and_report_read(trained, tm
     assert len(pd.read_csv(tmp_path / "review.csv")) == 5
     assert main(["report", str(out), "--out", str(tmp_path / "run_report.html")]) == 0
     assert "blend-correlation" in (tmp_path / "run_report.html").read_text()  # the blend's own page
+    row = run_row(out)  # the runs table lists a blend by its method, with the nested scores
+    assert row["model"] == "blend:weighted of 2 runs" and row["loss"] is None
+    assert row["cv_accuracy"] == pytest.approx(metrics["cv_accuracy"]) and row["finished"]
     assert main(["blend", *map(str, runs), "--out", str(out), "--method", "mean"]) == 2
     assert "already holds files" in capsys.readouterr().err
 

@@ -17,11 +17,12 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from mixcls.blend import BLEND_FILE
 from mixcls.config import ConfigError
 from mixcls.data import DataError, prob_columns
 from mixcls.folds import folds_fingerprint
 from mixcls.metrics import cv_logloss
-from mixcls.runs import RunError, RunFolder
+from mixcls.runs import RunError, RunFolder, read_json
 
 RUN_MARKERS = ("config.yaml", "folds.csv")
 COLUMNS = ["name", "cv_accuracy", "cv_macro_f1", "cv_logloss", "model", "img_size", "loss", "mix",
@@ -74,7 +75,11 @@ def _reason(exc: BaseException) -> str:
 
 
 def _settings(run: RunFolder) -> dict[str, Any]:
-    """What the run was trained with, from config.yaml."""
+    """What the run was trained with, from config.yaml; a blend folder (its config.yaml is its
+    first member's) shows its method and members instead, its scores being the nested ones."""
+    if (run.path / BLEND_FILE).is_file():
+        spec = read_json(run.path / BLEND_FILE)
+        return {"model": f"blend:{spec.get('method')} of {len(spec.get('members', []))} runs"}
     cfg = run.config
     return {"model": cfg.model.name, "img_size": cfg.data.img_size, "loss": cfg.loss.name,
             "mix": cfg.mix.method, "epochs": cfg.train.epochs}
