@@ -1,0 +1,195 @@
+"""Pseudo-labels and distillation on Fashion-MNIST, with CV against held-out test accuracy, and
+the leaky variants that mixcls's per-fold construction prevents.
+
+5,000 labelled training images (stratified, 5 folds), 20,000 further training images used as
+unlabelled (never their labels), the official 10,000 test images held out: nothing here fits
+on them. Rows, each with its CV (OOF accuracy) and test accuracy:
+
+- baseline: `mixcls train` on the labelled rows (with --full-fit, for the leaky teacher below);
+- pseudo hard / soft: `mixcls pseudo --run baseline` on the unlabelled images (fold g's labels
+  from the baseline's fold-g model), then `mixcls train --pseudo … --folds-from baseline`;
+- distill: `mixcls train --distill baseline --folds-from baseline` (fold g's targets from the
+  baseline's fold-g model);
+- leaky pseudo / leaky distill: the same with a teacher fitted on ALL labelled rows (the
+  baseline's full-data model standing in for every fold model), which has seen every fold's
+  validation rows: what a notebook does, and the CV-test gap it creates.
+
+    python benchmarks/teachers.py --data DIR [--work runs/bench_teachers] [--quick]
+
+DIR is a folder written by `mixcls data fashion-mnist --limit 25000` (train.csv + train_images,
+test.csv + test_images); nothing is downloaded. The labelled and unlabelled rows are disjoint
+subsets of its train.csv (checked). Ends with
+`baseline=… pseudo=… distill=… pseudo_gain_points=… max_cv_test_gap_points=… leaky_gap_points=…`
+(accuracies in %; pseudo is the better of hard and soft; the gaps are CV minus test in points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from mixcls.data import prob_columns
+from mixcls.runs import read_json
+
+FLAGS = ["--model", "mixcls_cnn_tiny", "--img-size", "28", "--preset", "none", "--batch-size",
+         "128", "--lr", "3e-3", "--workers", "0", "--no-progress"]
+
+
+@dataclass
+class Sizes:
+    labelled: int
+    unlabelled: int
+    epochs: int
+    folds: int = 5
+
+
+FULL = Sizes(labelled=5000, unlabelled=20000, epochs=10)
+QUICK = Sizes(labelled=300, unlabelled=600, epochs=1)
+
+
+def run(*args: str, threads: int, log: Path | None = None) -> None:
+    """`python -m mixcls ARGS` with `threads` intra-op threads; SystemExit naming the log on failure."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with open(log, "w") if log is not None else open(os.devnull, "w") as out:
+        code = subprocess.call([sys.executable, "-m", "mixcls", *args], env=env, stdout=out,
+                               stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"mixcls {' '.join(args)} failed (exit {code}); see {log}")
+
+
+def split_rows(data: Path, work: Path, sizes: Sizes, seed: int) -> tuple[Path, Path]:
+    """labelled.csv (image_id, label) and unlabelled.csv (image_id only), disjoint, stratified."""
+    table = pd.read_csv(data / "train.csv", dtype={"image_id": str})
+    need = sizes.labelled + sizes.unlabelled
+    if len(table) < need:
+        raise SystemExit(f"{data}/train.csv has {len(table)} rows; {need} are needed "
+                         f"(export with mixcls data fashion-mnist --limit {need})")
+    table = table.sample(n=need, random_state=seed) if len(table) > need else table
+    labelled, unlabelled = train_test_split(table, train_size=sizes.labelled, random_state=seed,
+                                            stratify=table["label"])
+    if set(labelled["image_id"]) & set(unlabelled["image_id"]):
+        raise SystemExit("labelled and unlabelled rows overlap")
+    work.mkdir(parents=True, exist_ok=True)
+    lab, unl = work / "labelled.csv", work / "unlabelled.csv"
+    labelled[["image_id", "label"]].to_csv(lab, index=False)
+    unlabelled[["image_id"]].to_csv(unl, index=False)
+    return lab, unl
+
+
+def train(name: str, work: Path, data: Path, labelled: Path, sizes: Sizes, extra: list[str], *,
+          device: str, threads: int) -> Path:
+    out = work / name
+    if not (out / "metrics.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        run("train", "--csv", str(labelled), "--images", str(data / "train_images"), "--out", str(out),
+            "--epochs", str(sizes.epochs), "--device", device, *FLAGS, *extra, threads=threads,
+            log=work / f"{name}.log")
+    return out
+
+
+def leaky_teacher(baseline: Path, work: Path) -> Path:
+    """The baseline with every fold model replaced by its full-data model (fitted on all rows)."""
+    out = work / "leaky_teacher"
+    if not out.is_dir():
+        shutil.copytree(baseline, out)
+        for fold_dir in out.glob("fold_*"):
+            shutil.copy(baseline / "full" / "best.pt", fold_dir / "best.pt")
+    return out
+
+
+def pseudo_table(teacher: Path, work: Path, data: Path, unlabelled: Path, name: str, *extra: str,
+                 threshold: float, device: str, threads: int) -> Path:
+    out = work / f"{name}.csv"
+    if not out.is_file():
+        run("pseudo", "--run", str(teacher), "--images", str(data / "train_images"), "--ids",
+            str(unlabelled), "--out", str(out), "--threshold", str(threshold), "--device", device,
+            *extra, threads=threads, log=work / f"{name}.log")
+    return out
+
+
+def test_accuracy(run_dir: Path, data: Path, work: Path, *, device: str, threads: int) -> float:
+    out = work / f"test_{run_dir.name}.csv"
+    if not out.is_file():
+        run("predict", "--run", str(run_dir), "--images", str(data / "test_images"), "--ids",
+            str(data / "test.csv"), "--with-probs", "--out", str(out), "--device", device,
+            threads=threads)
+    probs = pd.read_csv(out)
+    k = sum(c.startswith("prob_") for c in probs.columns)
+    labels = pd.read_csv(data / "test.csv")["label"].to_numpy()
+    return float((probs[prob_columns(k)].to_numpy().argmax(1) == labels).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="mixcls data fashion-mnist --limit 25000 output")
+    parser.add_argument("--work", default="runs/bench_teachers")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK.labelled} labelled, {QUICK.unlabelled} unlabelled, 1 epoch (a smoke run)")
+    parser.add_argument("--epochs", type=int, default=None, help=f"default {FULL.epochs}")
+    parser.add_argument("--threshold", type=float, default=0.9, help="pseudo-label confidence threshold")
+    parser.add_argument("--distill-weight", type=float, default=0.5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    data, work = Path(args.data), Path(args.work)
+    sizes = QUICK if args.quick else FULL
+    if args.epochs is not None:
+        sizes = Sizes(sizes.labelled, sizes.unlabelled, args.epochs, sizes.folds)
+    for name in ("train.csv", "train_images", "test.csv", "test_images"):
+        if not (data / name).exists():
+            raise SystemExit(f"{data / name} does not exist; export with mixcls data fashion-mnist")
+    labelled, unlabelled = split_rows(data, work, sizes, args.seed)
+    common = dict(device=args.device, threads=args.threads)
+    baseline = train("baseline", work, data, labelled, sizes, ["--folds", str(sizes.folds),
+                                                              "--full-fit"], **common)
+    shared = ["--folds-from", str(baseline)]
+    leaky = leaky_teacher(baseline, work)
+    runs = {"baseline": baseline}
+    for teacher, prefix in ((baseline, ""), (leaky, "leaky_")):
+        for soft in (False, True):
+            if prefix and soft:
+                continue  # one leaky pseudo row shows the gap
+            name = f"{prefix}pseudo_{'soft' if soft else 'hard'}"
+            table = pseudo_table(teacher, work, data, unlabelled, f"table_{name}",
+                                 *(["--soft"] if soft else []), threshold=args.threshold, **common)
+            runs[name] = train(name, work, data, labelled, sizes, [*shared, "--pseudo", str(table)],
+                               **common)
+        runs[f"{prefix}distill"] = train(f"{prefix}distill", work, data, labelled, sizes,
+                                         [*shared, "--distill", str(teacher), "--distill-weight",
+                                          str(args.distill_weight)], **common)
+    rows = []
+    for name, run_dir in runs.items():
+        metrics = read_json(run_dir / "metrics.json")
+        used = sum(v["rows"] for v in metrics.get("pseudo", {}).get("folds", {}).values())
+        rows.append({"row": name, "cv": 100 * metrics["cv_accuracy"],
+                     "test": 100 * test_accuracy(run_dir, data, work, **common),
+                     "pseudo_rows_per_fold": used / sizes.folds if used else 0})
+    table = pd.DataFrame(rows)
+    table["cv_minus_test"] = table["cv"] - table["test"]
+    print(f"Fashion-MNIST: {sizes.labelled} labelled ({sizes.folds} folds), {sizes.unlabelled} "
+          f"unlabelled, {len(pd.read_csv(data / 'test.csv'))} test images; mixcls_cnn_tiny 28 px, "
+          f"{sizes.epochs} epochs, threshold {args.threshold}, distill weight {args.distill_weight}")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    by = table.set_index("row")
+    honest = by.loc[[r for r in by.index if not r.startswith("leaky")]]
+    pseudo = max(by.loc["pseudo_hard", "test"], by.loc["pseudo_soft", "test"])
+    print(f"baseline={by.loc['baseline', 'test']:.2f} pseudo={pseudo:.2f} "
+          f"distill={by.loc['distill', 'test']:.2f} "
+          f"pseudo_gain_points={pseudo - by.loc['baseline', 'test']:.2f} "
+          f"max_cv_test_gap_points={honest['cv_minus_test'].abs().max():.2f} "
+          f"leaky_gap_points={by.loc[[r for r in by.index if r.startswith('leaky')], 'cv_minus_test'].max():.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
