@@ -10,16 +10,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """One intra-op thread per test process: `make test` runs two processes on two cores, and
-    torch's default of one thread per core makes them spin on each other (tiny runs ~10x slower)."""
-    import torch
-
-    torch.set_num_threads(1)
-
-
 # Base colours of the classes; each image is its class colour plus noise and a random square.
 CLASS_COLOURS = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (220, 200, 40), (160, 40, 200)]
 

@@ -8,7 +8,7 @@ in every failure message so a failure can be replayed.
 from __future__ import annotations
 
 import math
-import secrets
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -21,8 +21,9 @@ from mixcls.active import (STRATEGIES, MergeError, k_center_greedy, merge_tables
 
 
 @pytest.fixture
-def seed() -> int:
-    return secrets.randbits(32)
+def seed(request: pytest.FixtureRequest) -> int:
+    """A fixed seed per test (from its name): fresh inputs for each test, the same on every run."""
+    return zlib.crc32(request.node.name.encode())
 
 
 def dirichlet_probs(rng: np.random.Generator, n: int, k: int, alpha: float) -> np.ndarray:
@@ -263,7 +264,9 @@ def test_review_score_matches_formula(weight, seed):
     probs = oof[[f"prob_{j}" for j in range(k)]].to_numpy()
     want = [weight * (1.0 - probs[i, oof["label"][i]]) + (1 - weight) * entropy(probs[i]) / math.log(k)
             for i in range(len(oof))]
-    np.testing.assert_allclose(ranked.sort_index()["review_score"], want, rtol=1e-10, err_msg=f"seed {seed}")
+    # atol: scores near 0 (a confident, correct row) agree to float64 rounding, not relatively
+    np.testing.assert_allclose(ranked.sort_index()["review_score"], want, rtol=1e-10, atol=1e-14,
+                               err_msg=f"seed {seed}")
     assert ranked.index.tolist() == expected_top(want, len(want)), f"seed {seed}"
     assert ranked["rank"].tolist() == list(range(1, 81))
 
