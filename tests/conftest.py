@@ -36,6 +36,24 @@ def write_tiny_dataset(root: Path, *, n_per_class: int = 12, num_classes: int = 
     return root
 
 
+# `mixcls train` flags of a tiny CPU run (append --data/--out and what a test varies).
+TINY_TRAIN_FLAGS = ["--model", "mixcls_cnn_tiny", "--img-size", "16", "--epochs", "1",
+                    "--batch-size", "8", "--workers", "0", "--preset", "none", "--device", "cpu",
+                    "--check-images", "header", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: on a shared 2-core machine two threads per
+    process wait on each other far more than they work (tiny runs ~10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_data(tmp_path: Path) -> Path:
     """3 classes x 12 images of 24 px, integer labels, Kaggle layout."""

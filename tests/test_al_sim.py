@@ -34,13 +34,6 @@ TRAIN_FLAGS = ["--model", "mixcls_cnn_tiny", "--img-size", "16", "--epochs", "1"
                "--workers", "0", "--preset", "none", "--device", "cpu", "--check-images", "header"]
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    # On a shared 2-core machine two oneDNN threads wait on each other far more than they work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -14,24 +14,18 @@ import yaml
 import mixcls.lr_find as lr_find_module
 import mixcls.predict as predict_module
 import mixcls.train as train_module
-from conftest import write_tiny_dataset
+from conftest import TINY_TRAIN_FLAGS, write_tiny_dataset
 from mixcls import teachers
 from mixcls.blend import hash_checkpoints
 from mixcls.cli import main
 from mixcls.runs import load_checkpoint
 
-TINY = ["--model", "mixcls_cnn_tiny", "--img-size", "16", "--epochs", "1", "--batch-size", "8",
-        "--workers", "0", "--preset", "none", "--device", "cpu", "--check-images", "header",
-        "--no-progress"]
+TINY = TINY_TRAIN_FLAGS
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads made tiny runs 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread_here(one_thread):
+    """Every test of this module runs on one intra-op thread (conftest.one_thread)."""
 
 
 # ---------------------------------------------------------------- the formulas

@@ -11,16 +11,14 @@ import pandas as pd
 import pytest
 
 import mixcls.train as train_module
-from conftest import write_tiny_dataset
+from conftest import TINY_TRAIN_FLAGS, write_tiny_dataset
 from mixcls.cli import main
 from mixcls.folds import make_folds
 from mixcls.predict import predict_fold_probs, predict_run
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--model", "mixcls_cnn_tiny", "--img-size", "16", "--epochs", "1", "--batch-size", "8",
-        "--workers", "0", "--preset", "none", "--device", "cpu", "--check-images", "header",
-        "--no-progress"]
+TINY = TINY_TRAIN_FLAGS
 
 
 def _fingerprint(frame: pd.DataFrame) -> str:

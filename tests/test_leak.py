@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from mixcls.cli import main
@@ -38,12 +37,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads made these runs 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread_here(one_thread):
+    """Every test of this module runs on one intra-op thread (conftest.one_thread)."""
 
 EPOCHS = "12"
 TINY = ["--model", "mixcls_cnn_tiny", "--img-size", "16", "--epochs", EPOCHS, "--batch-size", "16",
