@@ -20,8 +20,9 @@ import pandas as pd
 import torch
 
 from mixcls import distributed as dist
-from mixcls.config import Config, ConfigError, config_to_flat
-from mixcls.data import TrainTable, load_image_cache, read_image
+from mixcls import fold_extras
+from mixcls.config import Config, config_to_flat
+from mixcls.data import TrainTable, load_image_cache
 from mixcls.devices import resolve_device
 from mixcls.distributed import DistContext
 from mixcls.engine import (EpochStats, NonFiniteLossError, compile_seconds_so_far, evaluate,
@@ -30,23 +31,18 @@ from mixcls.fold_parts import FoldParts, build_fold_parts, weights_finite
 from mixcls.folds import folds_fingerprint
 from mixcls.losses import build_loss
 from mixcls.metrics import compute_metrics, merge_oof, oof_frame
-from mixcls.pseudo import (PseudoTable, check_pseudo_folds, check_pseudo_images, passed_paths,
-                           pseudo_rows_for_fold, read_pseudo, summarize_pseudo)
+from mixcls.pseudo import PseudoTable
 from mixcls.resume import BatchLayout, FoldState, build_last_checkpoint, partial_stats, restore_checkpoint
-from mixcls.run_setup import (BatchPlan, FoldData, add_train_rows, build_image_cache, check_run_settings,
+from mixcls.run_setup import (BatchPlan, FoldData, build_image_cache, check_run_settings,
                               discard_begun_run, fold_rows, full_fit_rows, make_fold_data,
                               open_run_folder, prepare_table, previous_seconds, resolve_batch_plan,
                               valid_labels_of, with_batch_plan)
-from mixcls.runs import atomic_write_csv, atomic_write_json, load_checkpoint, read_json, save_checkpoint
+from mixcls.runs import atomic_write_csv, atomic_write_json, load_checkpoint, save_checkpoint
 from mixcls.sampling import derive_seed, seed_everything, start_epoch_generators
 from mixcls.tblog import FoldBoard, open_board
-from mixcls.teachers import check_teacher, distill_targets, load_or_predict_teacher, soften
 
 # The full-data model's folder: RUN/full/best.pt beside RUN/fold_K/best.pt.
 FULL_DIR = "full"
-# `--lr auto`: steps of the range test (issue 15: "a few hundred" for lr-find; 100 keeps a
-# run's start short and still spans the 1e-7 .. 10 range at ~1.17x per step).
-AUTO_LR_STEPS = 100
 
 class TrainingStopped(RuntimeError):
     """A fold stopped on a non-finite loss; the last good checkpoint is kept."""
@@ -267,18 +263,19 @@ def fit_folds(cfg: Config, run_dir: str | Path, *, progress: bool = True, resume
     table, folds = dist.run_on_main(lambda: prepare_table(cfg, image_cache=image_cache))
     device = dist.device_for(cfg.train.device) if ctx.world_size > 1 else resolve_device(cfg.train.device)
     chosen = cfg.train.train_folds if cfg.train.train_folds is not None else list(range(cfg.train.folds))
-    pseudo = dist.run_on_main(lambda: _check_teachers(cfg, table, folds, chosen))
+    pseudo = dist.run_on_main(lambda: fold_extras.check_teachers(cfg, table, folds, chosen))
     lr_found = None
     if cfg.optim.lr == "auto":  # before the run folder, so config.yaml holds the lr trained with
-        cfg, lr_found = dist.run_on_main(lambda: _find_auto_lr(cfg, table, folds, device=device,
-                                                               world_size=ctx.world_size, log=log))
+        cfg, lr_found = dist.run_on_main(lambda: fold_extras.find_auto_lr(
+            cfg, table, folds, device=device, world_size=ctx.world_size, log=log))
     plan, folds, finished = dist.run_on_main(lambda: _begin_run(
         cfg, table, folds, run_dir, device=device, world_size=ctx.world_size, resume=resume,
         chosen=chosen, log=log))
     cfg = with_batch_plan(cfg, plan)
     cache = load_image_cache(table.frame["path"].tolist(), image_cache=image_cache)
-    extras = dist.run_on_main(lambda: _run_extras(cfg, run_dir, table, pseudo, chosen, lr_found))
-    pseudo_cache = _pseudo_image_cache(pseudo, image_cache) if cache is not None else None
+    extras = dist.run_on_main(lambda: fold_extras.run_extras(cfg, run_dir, table, pseudo, chosen,
+                                                             lr_found))
+    pseudo_cache = fold_extras.pseudo_image_cache(pseudo, image_cache) if cache is not None else None
     started = time.perf_counter()
     try:
         for fold in chosen:
@@ -315,92 +312,6 @@ def _begin_run(cfg: Config, table: TrainTable, folds: np.ndarray, run_dir: Path,
     return plan, folds, finished
 
 
-def _check_teachers(cfg: Config, table: TrainTable, folds: np.ndarray,
-                    chosen: list[int]) -> PseudoTable | None:
-    """Rank 0, before any output: the pseudo table (read and checked) and the distillation
-    teacher; both must have been trained on this run's folds."""
-    t, ids = cfg.train, table.frame["image_id"].tolist()
-    if (t.pseudo is not None or t.distill is not None) and t.full_fit:
-        raise ConfigError("--full-fit with --pseudo or --distill is not supported: the full-data "
-                          "model has no fold whose teacher it could learn from")
-    if t.distill is not None:
-        check_teacher(t.distill, ids, folds, chosen)
-    if t.pseudo is None:
-        return None
-    pseudo = read_pseudo(t.pseudo, classes=table.classes)
-    check_pseudo_folds(pseudo, ids, folds, chosen)
-    check_pseudo_images(pseudo, table.frame["path"].tolist())
-    return pseudo
-
-
-def _find_auto_lr(cfg: Config, table: TrainTable, folds: np.ndarray, *, device: torch.device,
-                  world_size: int, log: Callable[[str], None]) -> tuple[Config, float]:
-    """`--lr auto`: the range test on fold 0's training rows only (never a validation row);
-    returns the config with the suggested lr and the suggestion."""
-    from mixcls.lr_find import find_lr_for_config
-
-    probe = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-3))
-    check_run_settings(probe, device, world_size=world_size)  # refuse a bad run before the test
-    train_rows, _ = fold_rows(table, folds, 0)
-    _, lr = find_lr_for_config(probe, rows=train_rows, device=device, steps=AUTO_LR_STEPS, log=log)
-    log(f"lr auto: {lr:.3g} (range test on fold 0's {len(train_rows)} training rows)")
-    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=float(lr))), float(lr)
-
-
-def _run_extras(cfg: Config, run_dir: Path, table: TrainTable, pseudo: PseudoTable | None,
-                chosen: list[int], lr_found: float | None) -> dict[str, Any]:
-    """Rank 0: what metrics.json says beyond the scores: the found lr (kept in lr_find.json so
-    a resume still reports it), the pseudo rows each fold trains on and the teacher."""
-    saved = run_dir / "lr_find.json"
-    if lr_found is not None:
-        atomic_write_json(saved, {"lr_found": lr_found, "steps": AUTO_LR_STEPS, "rows": "fold 0 training"})
-    elif saved.is_file():
-        lr_found = float(read_json(saved)["lr_found"])
-    extras: dict[str, Any] = {} if lr_found is None else {"lr_found": lr_found}
-    if pseudo is not None:
-        extras["pseudo"] = summarize_pseudo(pseudo, chosen, table.classes)
-    if cfg.train.distill is not None:
-        extras["distill"] = {"teacher": str(Path(cfg.train.distill).resolve()),
-                             "weight": cfg.train.distill_weight,
-                             "temperature": cfg.train.distill_temperature}
-    return extras
-
-
-def _pseudo_image_cache(pseudo: PseudoTable | None, image_cache) -> dict[str, Any] | None:
-    """Decoded pseudo images by path (the folds' images are cached, so these must be too)."""
-    if pseudo is None:
-        return None
-    paths = passed_paths(pseudo)
-    items = load_image_cache(paths, image_cache=image_cache) if paths else []
-    if items is None:  # the cache declined these images: decode them once here
-        items = [read_image(p) for p in paths]
-    return dict(zip(paths, items))
-
-
-def _fold_data(cfg: Config, table: TrainTable, folds: np.ndarray, fold: int, *, run_dir: Path,
-               device: torch.device, cache: list | None, pseudo: PseudoTable | None,
-               pseudo_cache: dict[str, Any] | None, log: Callable[[str], None]) -> FoldData:
-    """Fold `fold`'s rows, with distilled targets from the teacher's fold-`fold` model and the
-    pseudo rows that passed for `fold` added to the training part (never to validation)."""
-    train_rows, valid_rows = fold_rows(table, folds, fold)
-    data = make_fold_data(table, train_rows, valid_rows, cache=cache)
-    t = cfg.train
-    if t.distill is not None:
-        ids = table.frame["image_id"].to_numpy()[train_rows].tolist()
-        probs = dist.run_on_main(lambda: load_or_predict_teacher(
-            run_dir, t.distill, fold, ids, data.train_paths, device=str(device),
-            batch_size=2 * int(t.batch_size), workers=cfg.data.workers, log=log))
-        data = dataclasses.replace(data, train_targets=distill_targets(
-            data.train_targets, soften(probs, t.distill_temperature), weight=t.distill_weight,
-            num_classes=data.num_classes))
-    if pseudo is not None:
-        paths, targets = pseudo_rows_for_fold(pseudo, fold, num_classes=data.num_classes)
-        data = add_train_rows(data, paths, targets, cache=None if pseudo_cache is None
-                              else [pseudo_cache[p] for p in paths])
-        log(f"fold {fold}: {len(paths)} pseudo-labelled rows added to its training part")
-    return data
-
-
 def _fit_and_write_fold(cfg: Config, table: TrainTable, folds: np.ndarray, fold: int, *,
                         run_dir: Path, device: torch.device, ctx: DistContext,
                         cache: list[np.ndarray] | None, progress: bool, resume: bool,
@@ -411,8 +322,8 @@ def _fit_and_write_fold(cfg: Config, table: TrainTable, folds: np.ndarray, fold:
     if ctx.is_main:
         fold_dir.mkdir(parents=True, exist_ok=True)
     _, valid_rows = fold_rows(table, folds, fold)
-    data = _fold_data(cfg, table, folds, fold, run_dir=run_dir, device=device, cache=cache,
-                      pseudo=pseudo, pseudo_cache=pseudo_cache, log=log)
+    data = fold_extras.build_fold_data(cfg, table, folds, fold, run_dir=run_dir, device=device,
+                                       cache=cache, pseudo=pseudo, pseudo_cache=pseudo_cache, log=log)
     board = open_board(run_dir, fold, enabled=cfg.train.log == "tensorboard" and ctx.is_main)
     try:
         result = fit_fold(cfg, data, fold=fold, fold_dir=fold_dir, device=device, ctx=ctx,
