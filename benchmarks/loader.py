@@ -1,0 +1,270 @@
+"""Does the input pipeline keep up with real photos? Images/s of decode + augment + collate.
+
+On the clothing photos (a checkout of github.com/alexeygrigorev/clothing-dataset-small, ~400x533
+JPEGs) and on copies of them upscaled to 800x600 JPEGs (Cassava's size; made once by this
+script under --work), at 384 and 512 px, with 0, 1 and 2 loader workers, the training input
+pipeline alone (mixcls's ImageDataset, the preset's albumentations, EpochSampler and DataLoader;
+no model) is timed over one epoch after a warm-up epoch, in four ways:
+
+- decode:  the original file decoded every epoch (no cache);
+- ram:     decoded once, kept in RAM at full size (--cache-images yes);
+- disk:    decoded once, shrunk to a short side of 1.15 x img_size and kept as .npy copies
+           (--cache-images disk; the copies are written before the timing and their build
+           time is shown apart);
+- pil:     the reference limit of "decode" — the same files decoded by PIL alone (open, load,
+           RGB), no augmentation, no collate, through the same DataLoader.
+
+Then the whole trainer (`fit_folds`, one fold, --cache-images disk) on tf_efficientnet_lite0 at
+384 px against a bare loop fed by the same loader (same dataset, transform, cache, workers;
+uint8 batches normalised by the same Normalizer; forward, cross-entropy, backward, AdamW step,
+nothing else); each timed over its second epoch.
+
+    python benchmarks/loader.py --data PATH [--images 256] [--work runs/bench_loader]
+
+Nothing is downloaded. Ends with
+`disk_cache_speedup_512=… ram_cache_speedup_512=… trainer_ratio=…` (the speedups: images/s of
+the cached pipeline over "decode", at 512 px from the 800x600 JPEGs, with --workers 2 — as many
+workers as this machine has cores; the ratio: trainer images/s over the bare loop's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from sklearn.model_selection import train_test_split
+
+from mixcls.config import load_config
+from mixcls.data import ImageDataset, load_image_cache, read_image
+from mixcls.sampling import EpochSampler, make_loader
+from mixcls.transforms import build_train_transform
+
+MODES = ("decode", "ram", "disk", "pil")
+UPSCALED = (800, 600)  # width, height: Cassava's photos
+DEVICE = torch.device("cpu")
+
+
+def find_photos(data: Path, limit: int, seed: int) -> pd.DataFrame:
+    """A class-stratified sample of `limit` photos: image_id (path below data), label (class folder)."""
+    rows = [{"image_id": p.relative_to(data).as_posix(), "label": p.parent.name}
+            for p in sorted(data.glob("*/*/*.jpg"))]
+    if not rows:
+        raise SystemExit(f"{data}: no */CLASS/*.jpg files; pass a checkout of "
+                         "alexeygrigorev/clothing-dataset-small")
+    table = pd.DataFrame(rows)
+    if len(table) < limit:
+        raise SystemExit(f"{data} holds {len(table)} photos; --images {limit} is more")
+    if limit == len(table):
+        return table.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    sample, _ = train_test_split(table, train_size=limit, stratify=table["label"], random_state=seed)
+    return sample.reset_index(drop=True)
+
+
+def make_upscaled(data: Path, table: pd.DataFrame, out: Path) -> Path:
+    """Copies of the photos resized to 800x600 JPEGs (quality 90) under out/, once."""
+    stamp = out / "done.txt"
+    if stamp.is_file() and stamp.read_text() == "\n".join(table["image_id"]):
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    for image_id in table["image_id"]:
+        target = out / image_id
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(data / image_id) as image:
+            image.convert("RGB").resize(UPSCALED, Image.BICUBIC).save(target, quality=90)
+    stamp.write_text("\n".join(table["image_id"]))
+    return out
+
+
+class PilOnly(torch.utils.data.Dataset):
+    """The reference limit: PIL's decode of each file to an RGB array, nothing else."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key
+        with Image.open(self.paths[index]) as image:
+            return np.asarray(image.convert("RGB")).shape[0]
+
+
+def build_dataset(mode: str, paths: list[str], labels: np.ndarray, img_size: int, preset: str,
+                  cache_dir: Path) -> tuple[torch.utils.data.Dataset, float]:
+    """The dataset of one mode and the seconds its cache took to build (0 without one)."""
+    if mode == "pil":
+        return PilOnly(paths), 0.0
+    cache, seconds = None, 0.0
+    if mode in ("ram", "disk"):
+        start = time.perf_counter()
+        cache = load_image_cache(paths, mode="yes" if mode == "ram" else "disk", img_size=img_size,
+                                 cache_dir=cache_dir)
+        seconds = time.perf_counter() - start
+    transform = build_train_transform(preset, img_size)
+    return ImageDataset(paths, labels, transform, cache=cache, loader=read_image), seconds
+
+
+def time_epoch(loader, sampler: EpochSampler, epoch: int) -> float:
+    sampler.set_epoch(epoch)
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    return time.perf_counter() - start
+
+
+def pipeline_ips(dataset, n: int, *, batch: int, workers: int, seed: int) -> float:
+    """Images/s of one epoch of `dataset` through mixcls's loader, after a warm-up epoch."""
+    sampler = EpochSampler(n, seed=seed)
+    collate = (lambda items: len(items)) if isinstance(dataset, PilOnly) else None
+    loader = make_loader(dataset, batch_size=batch, workers=workers, sampler=sampler,
+                         drop_last=False, device=DEVICE, seed=seed)
+    if collate is not None:
+        loader.collate_fn = collate
+    time_epoch(loader, sampler, 0)  # warm-up: worker start, page cache, first allocations
+    seconds = time_epoch(loader, sampler, 1)
+    del loader  # persistent workers end here, not during the next cell's timing
+    return n / seconds
+
+
+def trainer_vs_bare(photos: Path, table: pd.DataFrame, work: Path, *, img_size: int, batch: int,
+                    workers: int, preset: str, seed: int) -> tuple[float, float]:
+    """(trainer images/s, bare loop images/s), each over its second epoch on the same rows."""
+    import timm
+
+    from mixcls.models import model_mean_std, register_models
+    from mixcls.train import fit_folds
+    from mixcls.transforms import Normalizer
+
+    # Two folds over a table of twice the rows, the first trained: fold 0 trains on one half.
+    data = work / "trainer_data"
+    data.mkdir(parents=True, exist_ok=True)
+    link = data / "train_images"
+    if not link.exists():
+        link.symlink_to(photos.resolve(), target_is_directory=True)
+    table[["image_id", "label"]].to_csv(data / "train.csv", index=False)
+    run = work / "trainer_run"
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = load_config(None, {
+        "data": str(data), "model": "tf_efficientnet_lite0", "img_size": img_size,
+        "batch_size": batch, "epochs": 2, "folds": 2, "train_folds": [0], "workers": workers,
+        "preset": preset, "cache_images": "disk", "cache_dir": str(work / "cache"),
+        "optimizer": "adamw", "lr": 1e-3, "device": "cpu", "seed": seed})
+    fit_folds(cfg, run, progress=False, log=lambda msg: None)
+    history = pd.read_csv(run / "fold_0" / "history.csv")
+    trainer_ips = float(history["images_per_s"].iloc[-1])
+
+    folds = pd.read_csv(run / "folds.csv", dtype={"image_id": str})
+    train_ids = folds.loc[folds["fold"] != 0, "image_id"].tolist()
+    classes = sorted(table["label"].unique())
+    by_id = table.set_index("image_id")["label"]
+    paths = [str(data / "train_images" / i) for i in train_ids]
+    labels = np.array([classes.index(by_id[i]) for i in train_ids], dtype=np.int64)
+    dataset, _ = build_dataset("disk", paths, labels, img_size, preset, work / "cache")
+    register_models()
+    torch.manual_seed(seed)
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=len(classes)).train()
+    normalizer = Normalizer(*model_mean_std(model))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sampler = EpochSampler(len(paths), seed=seed)
+    loader = make_loader(dataset, batch_size=batch, workers=workers, sampler=sampler,
+                         drop_last=False, device=DEVICE, seed=seed)
+    seconds = 0.0
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        for images, targets in loader:
+            loss = torch.nn.functional.cross_entropy(model(normalizer(images)), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+    return trainer_ips, len(paths) / seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="checkout of alexeygrigorev/clothing-dataset-small")
+    parser.add_argument("--work", default="runs/bench_loader")
+    parser.add_argument("--images", type=int, default=256, help="photos timed per cell")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--preset", default="cassava", help="the augmentation preset timed")
+    parser.add_argument("--sizes", default="384,512")
+    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--trainer-images", type=int, default=128, help="rows fold 0 trains on")
+    parser.add_argument("--trainer-batch", type=int, default=16)
+    parser.add_argument("--trainer-workers", type=int, default=1)
+    parser.add_argument("--skip-trainer", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    data, work = Path(args.data), Path(args.work)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    work.mkdir(parents=True, exist_ok=True)
+
+    table = find_photos(data, args.images, args.seed)
+    upscaled = make_upscaled(data, table, work / "upscaled")
+    labels = pd.factorize(table["label"], sort=True)[0].astype(np.int64)
+    sources = {"original": data, "800x600": upscaled}
+    rows = []
+    for source, root in sources.items():
+        paths = [str(root / i) for i in table["image_id"]]
+        with Image.open(paths[0]) as first:
+            shape = f"{first.width}x{first.height}"
+        for size in sizes:
+            for mode in MODES:
+                cache_dir = work / "cache" / source
+                if mode == "disk":
+                    shutil.rmtree(cache_dir, ignore_errors=True)  # the build is timed from scratch
+                dataset, build_s = build_dataset(mode, paths, labels, size, args.preset, cache_dir)
+                for workers in worker_counts:
+                    ips = pipeline_ips(dataset, len(paths), batch=args.batch_size, workers=workers,
+                                       seed=args.seed)
+                    rows.append({"source": source, "first_image": shape, "img_size": size,
+                                 "mode": mode, "workers": workers, "images_per_s": ips,
+                                 "cache_build_s": build_s})
+                    print(f"  {source:8s} {size} {mode:6s} workers={workers}: {ips:8.1f} images/s",
+                          file=sys.stderr, flush=True)
+                del dataset
+    result = pd.DataFrame(rows)
+    wide = result.pivot_table(index=["source", "img_size", "workers"], columns="mode",
+                              values="images_per_s").reindex(columns=list(MODES))
+    wide["disk/decode"] = wide["disk"] / wide["decode"]
+    wide["ram/decode"] = wide["ram"] / wide["decode"]
+    builds = result[result["mode"].isin(["ram", "disk"])].groupby(
+        ["source", "img_size", "mode"])["cache_build_s"].first().unstack()
+    print(f"clothing photos: {len(table)} per cell, preset {args.preset}, batch {args.batch_size}, "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs; images/s of one epoch after a warm-up epoch")
+    print(wide.to_string(float_format=lambda v: f"{v:.2f}"))
+    print("\ncache build seconds (decode every photo once, write the copies or keep the arrays):")
+    print(builds.to_string(float_format=lambda v: f"{v:.1f}"))
+    at = wide.loc[("800x600", max(sizes), max(worker_counts))]  # 512 px and 2 workers by default
+    trainer_ratio = float("nan")
+    if not args.skip_trainer:
+        trainer_table = find_photos(data, 2 * args.trainer_images, args.seed + 1)
+        trainer_photos = make_upscaled(data, trainer_table, work / "trainer_upscaled")
+        trainer_ips, bare_ips = trainer_vs_bare(
+            trainer_photos, trainer_table, work, img_size=384, batch=args.trainer_batch,
+            workers=args.trainer_workers, preset=args.preset, seed=args.seed)
+        trainer_ratio = trainer_ips / bare_ips
+        print(f"\ntf_efficientnet_lite0 at 384 px, 800x600 JPEGs, disk cache, batch "
+              f"{args.trainer_batch}, {args.trainer_workers} worker(s), {args.trainer_images} "
+              f"training rows, second epoch:")
+        print(f"  mixcls trainer  {trainer_ips:8.2f} images/s")
+        print(f"  bare loop       {bare_ips:8.2f} images/s")
+        print(f"  ratio           {trainer_ratio:8.3f}")
+    print(f"disk_cache_speedup_512={at['disk/decode']:.2f} ram_cache_speedup_512={at['ram/decode']:.2f} "
+          f"trainer_ratio={trainer_ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
