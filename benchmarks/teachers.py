@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"{QUICK.labelled} labelled, {QUICK.unlabelled} unlabelled, 1 epoch (a smoke run)")
     parser.add_argument("--epochs", type=int, default=None, help=f"default {FULL.epochs}")
     parser.add_argument("--threshold", type=float, default=0.9, help="pseudo-label confidence threshold")
+    parser.add_argument("--max-per-class", type=int, default=None,
+                        help="pseudo rows kept per class per fold (the most confident; default: all that pass)")
     parser.add_argument("--distill-weight", type=float, default=0.5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = train("baseline", work, data, labelled, sizes, ["--folds", str(sizes.folds),
                                                               "--full-fit"], **common)
     shared = ["--folds-from", str(baseline)]
+    cap = ["--max-per-class", str(args.max_per_class)] if args.max_per_class else []
     leaky = leaky_teacher(baseline, work)
     runs = {"baseline": baseline}
     for teacher, prefix in ((baseline, ""), (leaky, "leaky_")):
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue  # one leaky pseudo row shows the gap
             name = f"{prefix}pseudo_{'soft' if soft else 'hard'}"
             table = pseudo_table(teacher, work, data, unlabelled, f"table_{name}",
-                                 *(["--soft"] if soft else []), threshold=args.threshold, **common)
+                                 *(["--soft"] if soft else []), *cap, threshold=args.threshold,
+                                 **common)
             runs[name] = train(name, work, data, labelled, sizes, [*shared, "--pseudo", str(table)],
                                **common)
         runs[f"{prefix}distill"] = train(f"{prefix}distill", work, data, labelled, sizes,
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     table["cv_minus_test"] = table["cv"] - table["test"]
     print(f"Fashion-MNIST: {sizes.labelled} labelled ({sizes.folds} folds), {sizes.unlabelled} "
           f"unlabelled, {len(pd.read_csv(data / 'test.csv'))} test images; mixcls_cnn_tiny 28 px, "
-          f"{sizes.epochs} epochs, threshold {args.threshold}, distill weight {args.distill_weight}")
+          f"{sizes.epochs} epochs, threshold {args.threshold}, at most {args.max_per_class or 'all'} pseudo "
+          f"rows per class per fold, distill weight {args.distill_weight}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     by = table.set_index("row")
     honest = by.loc[[r for r in by.index if not r.startswith("leaky")]]
