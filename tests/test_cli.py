@@ -28,3 +28,34 @@ def test_predict_models_choices_are_the_model_sets_predict_knows():
     predict = parser._subparsers._group_actions[0].choices["predict"]
     models = next(a for a in predict._actions if a.dest == "models")
     assert tuple(models.choices) == MODEL_SETS
+
+
+def test_each_command_is_registered_by_the_module_the_table_names():
+    """build_parser(argv) imports only the chosen command's module: the table must be right."""
+    everything = set(cli.build_parser()._subparsers._group_actions[0].choices)
+    assert everything == set(cli.COMMANDS)
+    for command, module in cli.COMMANDS.items():
+        parser = cli.build_parser([command, "--help"])
+        registered = set(parser._subparsers._group_actions[0].choices)
+        assert command in registered
+        assert registered == {c for c, m in cli.COMMANDS.items() if m == module}
+
+
+def test_an_unknown_or_missing_command_still_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["trian"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'trian'" in err and "predict" in err and "blend" in err
+
+
+def test_building_the_train_and_predict_parsers_imports_no_heavy_library():
+    """`mixcls train` waits for torch only once it trains, and never imports matplotlib before
+    the report; a fresh interpreter shows what building the parser imported."""
+    import subprocess
+    import sys
+    heavy = ("torch", "matplotlib", "sklearn", "pandas", "scipy", "cv2", "albumentations", "timm")
+    code = ("import sys; from mixcls.cli import build_parser; "
+            "[build_parser([c, 'x']) for c in ('train', 'predict', 'pseudo', 'report', 'demo')]; "
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -8,18 +8,33 @@ import sys
 
 from mixcls import __version__
 
-# One module per command group under mixcls.commands, each with register(subparsers).
-COMMAND_MODULES = ["train", "predict", "demo", "data", "show_mix", "noise", "active", "explain", "report",
-                   "lr_find", "runs", "blend", "pseudo"]
+# The module under mixcls.commands that registers each command. A run imports only the module of
+# its command (all of them for --help, a mistyped command or none), so `mixcls runs` or `mixcls
+# blend --help` does not wait for torch, matplotlib and scikit-learn to import, and `mixcls train`
+# imports matplotlib only when it writes the report.
+COMMANDS = {"train": "train", "predict": "predict", "demo": "demo", "data": "data",
+            "show-mix": "show_mix", "noise": "noise", "clean": "noise", "select": "active",
+            "review": "active", "merge": "active", "al-sim": "active", "explain": "explain",
+            "report": "report", "lr-find": "lr_find", "runs": "runs", "blend": "blend",
+            "pseudo": "pseudo"}
+COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))  # one per command group, in order
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: list[str]) -> str | None:
+    """The command named by `argv` (its first word that is not an option), if it is one of ours."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in COMMANDS else None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with `argv` naming one, of that command's group only."""
     parser = argparse.ArgumentParser(
         prog="mixcls", description="Competition-grade image classification: k-fold timm training, "
         "mixup/cutmix/fmix, TTA ensembles, noisy labels and active learning.")
     parser.add_argument("--version", action="version", version=f"mixcls {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    command = chosen_command(argv) if argv is not None else None
+    for name in [COMMANDS[command]] if command is not None else COMMAND_MODULES:
         # A listed module that is missing is a broken install, not an optional command: fail.
         importlib.import_module(f"mixcls.commands.{name}").register(subparsers)
     return parser
@@ -32,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     TrainingStopped) and OSErrors (disk full, permission denied) are the user's to fix; any other
     exception is a bug and keeps its traceback.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as exc:

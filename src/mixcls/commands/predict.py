@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from mixcls.config import ConfigError
-from mixcls.runs import RunFolder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from mixcls.blend import is_blend_folder, predict_blend
     from mixcls.predict import predict_run, resolve_images, write_submission
+    from mixcls.runs import RunFolder
 
     RunFolder(Path(args.run)).classes  # fail on a wrong --run before reading images
     ids, paths = resolve_images(args.images, args.ids)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixcls.runs import RunFolder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_pseudo(args: argparse.Namespace) -> int:
     from mixcls.predict import resolve_images
     from mixcls.pseudo import make_pseudo
+    from mixcls.runs import RunFolder
 
     RunFolder(Path(args.run)).classes  # fail on a wrong --run before reading images
     ids, paths = resolve_images(args.images, args.ids)
