@@ -90,3 +90,32 @@ def test_demo_refuses_an_out_with_files(tmp_path):
     with pytest.raises(SystemExit, match="--folds"):
         demo_bench.main(["--out", str(tmp_path / "new"), "--folds", "1"])
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_loader_final_line_is_the_tables_ratio_of_the_upscaled_copies(tmp_path, capsys):
+    """benchmarks/loader.py on 12 generated JPEGs (no trainer part): every cell is timed and the
+    final line's speedups are the table's disk/decode and ram/decode of the 800x600 copies."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        folder = tmp_path / "photos" / "train" / ("coat" if i % 2 else "shoe")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (60, 45, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    loader_bench = _load("loader")
+    code = loader_bench.main(["--data", str(tmp_path / "photos"), "--work", str(tmp_path / "work"),
+                              "--images", "10", "--sizes", "48", "--workers", "0",
+                              "--batch-size", "4", "--skip-trainer"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    values = dict(item.split("=", 1) for item in lines[-1].split())
+    assert sorted(values) == ["disk_cache_speedup_512", "ram_cache_speedup_512", "trainer_ratio"]
+    assert values["trainer_ratio"] == "nan"
+    row = next(line.split() for line in lines if line.split()[:3] == ["800x600", "48", "0"])
+    decode, ram, disk = (float(v) for v in row[3:6])
+    assert float(values["disk_cache_speedup_512"]) == pytest.approx(disk / decode, rel=0.01, abs=0.006)
+    assert float(values["ram_cache_speedup_512"]) == pytest.approx(ram / decode, rel=0.01, abs=0.006)
+    with Image.open(next((tmp_path / "work" / "upscaled").rglob("*.jpg"))) as upscaled:
+        assert upscaled.size == (800, 600)
