@@ -37,6 +37,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from clothing import list_photos
 from mixcls.data import prob_columns
 from mixcls.runs import read_json
 
@@ -59,12 +60,7 @@ def weights_file() -> str:
 
 def split_photos(data: Path, work: Path, limit: int | None, seed: int) -> tuple[Path, Path]:
     """cv.csv and test.csv (image_id relative to data, label: the class folder), disjoint, stratified."""
-    rows = [{"image_id": p.relative_to(data).as_posix(), "label": p.parent.name}
-            for p in sorted(data.glob("*/*/*.jpg"))]
-    if not rows:
-        raise SystemExit(f"{data}: no */CLASS/*.jpg files; pass a checkout of "
-                         "alexeygrigorev/clothing-dataset-small")
-    table = pd.DataFrame(rows)
+    table = list_photos(data)
     if limit is not None and limit < len(table):
         table, _ = train_test_split(table, train_size=limit, stratify=table["label"], random_state=seed)
     cv, test = train_test_split(table, test_size=TEST_FRACTION, stratify=table["label"],
@@ -140,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             train_min = float("nan")  # trained by an earlier call of this script
         first = first or out
         metrics = read_json(out / "metrics.json")
-        classes = read_json(out / "classes.json") if (out / "classes.json").is_file() else metrics["classes"]
+        classes = metrics["classes"]
         for tta in (1, 2):
             if tta == 2 and name == "scratch":
                 continue

@@ -12,7 +12,8 @@ no model) is timed over one epoch after a warm-up epoch, in four ways:
            (--cache-images disk; the copies are written before the timing and their build
            time is shown apart);
 - pil:     the reference limit of "decode" — the same files decoded by PIL alone (open, load,
-           RGB), no augmentation, no collate, through the same DataLoader.
+           RGB), no augmentation, no batch of images (each item is the image's height), through
+           the same DataLoader.
 
 Then the whole trainer (`fit_folds`, one fold, --cache-images disk) on tf_efficientnet_lite0 at
 384 px against a bare loop fed by the same loader (same dataset, transform, cache, workers;
@@ -42,8 +43,9 @@ import torch
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
+from clothing import list_photos
 from mixcls.config import load_config
-from mixcls.data import ImageDataset, load_image_cache, read_image
+from mixcls.data import ImageDataset, load_image_cache
 from mixcls.sampling import EpochSampler, make_loader
 from mixcls.transforms import build_train_transform
 
@@ -54,12 +56,7 @@ DEVICE = torch.device("cpu")
 
 def find_photos(data: Path, limit: int, seed: int) -> pd.DataFrame:
     """A class-stratified sample of `limit` photos: image_id (path below data), label (class folder)."""
-    rows = [{"image_id": p.relative_to(data).as_posix(), "label": p.parent.name}
-            for p in sorted(data.glob("*/*/*.jpg"))]
-    if not rows:
-        raise SystemExit(f"{data}: no */CLASS/*.jpg files; pass a checkout of "
-                         "alexeygrigorev/clothing-dataset-small")
-    table = pd.DataFrame(rows)
+    table = list_photos(data)
     if len(table) < limit:
         raise SystemExit(f"{data} holds {len(table)} photos; --images {limit} is more")
     if limit == len(table):
@@ -110,7 +107,7 @@ def build_dataset(mode: str, paths: list[str], labels: np.ndarray, img_size: int
                                  cache_dir=cache_dir)
         seconds = time.perf_counter() - start
     transform = build_train_transform(preset, img_size)
-    return ImageDataset(paths, labels, transform, cache=cache, loader=read_image), seconds
+    return ImageDataset(paths, labels, transform, cache=cache), seconds
 
 
 def time_epoch(loader, sampler: EpochSampler, epoch: int) -> float:
@@ -124,11 +121,8 @@ def time_epoch(loader, sampler: EpochSampler, epoch: int) -> float:
 def pipeline_ips(dataset, n: int, *, batch: int, workers: int, seed: int) -> float:
     """Images/s of one epoch of `dataset` through mixcls's loader, after a warm-up epoch."""
     sampler = EpochSampler(n, seed=seed)
-    collate = (lambda items: len(items)) if isinstance(dataset, PilOnly) else None
     loader = make_loader(dataset, batch_size=batch, workers=workers, sampler=sampler,
                          drop_last=False, device=DEVICE, seed=seed)
-    if collate is not None:
-        loader.collate_fn = collate
     time_epoch(loader, sampler, 0)  # warm-up: worker start, page cache, first allocations
     seconds = time_epoch(loader, sampler, 1)
     del loader  # persistent workers end here, not during the next cell's timing

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "pseudo", help="pseudo-label unlabelled images once per teacher fold",
