@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from albumentations.augmentations.pixel import functional as album_pixel
+from scipy import stats
+
+from mixcls.data import ImageDataset, seed_transform
 from mixcls.transforms import (IMAGENET_MEAN, IMAGENET_STD, PRESETS, TTA_VIEWS, ZOOM_CROP,
-                               Normalizer, apply_tta_view, build_train_transform,
-                               build_valid_transform)
+                               HueSaturationValue, Normalizer, Transpose, apply_tta_view,
+                               build_train_transform, build_valid_transform, shift_hsv_lut)
 
 MEAN, STD = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
 
@@ -25,7 +29,7 @@ def test_train_presets_give_uint8_tensors_of_the_size(preset):
     size = int(rng.integers(16, 48))
     transform = build_train_transform(preset, size)
     for seed in range(5):
-        transform.set_random_seed(seed)
+        seed_transform(transform, seed)
         image = random_image(rng, int(rng.integers(20, 60)), int(rng.integers(20, 60)))
         out = transform(image=image)["image"]
         assert isinstance(out, torch.Tensor) and out.dtype == torch.uint8
@@ -42,7 +46,7 @@ def test_cassava_cutout_fills_with_the_models_mean():
     white = np.full((40, 40, 3), 255, np.uint8)
     holes = 0
     for seed in range(40):
-        transform.set_random_seed(seed)
+        seed_transform(transform, seed)
         out = transform(image=white)["image"].numpy().reshape(3, -1).T  # (pixels, 3)
         holes += int((out == fill).all(1).sum())
     assert holes > 0
@@ -58,8 +62,8 @@ def test_train_presets_repeat_under_a_seed(preset):
     first, second = build_train_transform(preset, 32), build_train_transform(preset, 32)
     outputs = []
     for seed in (3, 3, 4, 5, 6):
-        first.set_random_seed(seed)
-        second.set_random_seed(seed)
+        seed_transform(first, seed)
+        seed_transform(second, seed)
         a, b = first(image=image)["image"], second(image=image)["image"]
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # a seed fixes the augmentation
         outputs.append(a)
@@ -173,3 +177,57 @@ def test_zoom_view_is_the_centre_crop_resized_back(shape):
 def test_unknown_view_names_the_choices():
     with pytest.raises(ValueError, match="unknown TTA view 'spin'.*hflip"):
         apply_tta_view(torch.zeros(1, 3, 4, 4), "spin")
+
+
+def test_seeded_items_draw_each_step_independently():
+    """Two flips of p=0.5 under per-item seeds give all four outcomes about equally often.
+    (albumentations' Compose.set_random_seed gives every step the same seed, so they fired
+    together: two outcomes, not four.)"""
+    image = np.arange(16, dtype=np.uint8).reshape(4, 4, 1).repeat(3, axis=2)
+    transform = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
+    n = 800
+    dataset = ImageDataset(["same"] * n, None, transform, cache=[image] * n)
+    counts = np.zeros((2, 2), int)
+    for i in range(n):
+        corner = int(dataset[(i, 10_000 + i)][0][0, 0, 0])  # 0, 3, 12 or 15: which flips ran
+        counts[int(corner in (3, 15)), int(corner in (12, 15))] += 1
+    assert counts.min() > 0
+    assert stats.chisquare(counts.ravel()).pvalue > 1e-3
+
+
+def test_transpose_equals_albumentations_and_is_contiguous():
+    rng = np.random.default_rng(4)
+    for height, width in ((5, 7), (64, 33), (512, 384)):
+        image = random_image(rng, height, width)
+        ours = Transpose(p=1.0)(image=image)["image"]
+        theirs = A.Transpose(p=1.0)(image=image)["image"]
+        assert ours.flags["C_CONTIGUOUS"] and np.array_equal(ours, theirs)
+    gray = rng.integers(0, 256, (9, 4), dtype=np.uint8)  # not 3 channels: albumentations' path
+    assert np.array_equal(Transpose(p=1.0)(image=gray)["image"], gray.T)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hsv_lookup_equals_albumentations_planes(seed):
+    """The one-table shift equals albumentations' per-plane shift pixel for pixel, for
+    positive, negative, zero and whole-number shifts, grey pixels included."""
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        image = random_image(rng, int(rng.integers(3, 40)), int(rng.integers(3, 40)))
+        image[0] = rng.integers(0, 256)  # a grey row: saturation 0
+        shifts = [float(rng.choice([0.0, rng.uniform(-30, 30), float(rng.integers(-30, 30))]))
+                  for _ in range(3)]
+        if not any(shifts):
+            continue  # both leave the image alone; the class returns it untouched
+        expected = album_pixel.shift_hsv(image.copy(), *shifts)
+        assert np.array_equal(shift_hsv_lut(image, *shifts), expected), shifts
+
+
+def test_hsv_transform_samples_as_albumentations_does():
+    rng = np.random.default_rng(9)
+    image = random_image(rng, 24, 30)
+    limits = dict(hue_shift_limit=20, sat_shift_limit=30, val_shift_limit=20, p=1.0)
+    ours, theirs = A.Compose([HueSaturationValue(**limits)]), A.Compose([A.HueSaturationValue(**limits)])
+    for seed in range(10):
+        seed_transform(ours, seed)
+        seed_transform(theirs, seed)
+        assert np.array_equal(ours(image=image)["image"], theirs(image=image)["image"])

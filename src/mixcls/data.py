@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -459,6 +460,20 @@ def load_image_cache(paths: Sequence[str], *, mode: str = "auto", img_size: int 
     return image_cache.sources(paths)
 
 
+def seed_transform(transform: Callable, seed: int) -> None:
+    """Make the next call of an albumentations pipeline a pure function of `seed`.
+
+    Not Compose.set_random_seed: albumentations 2 gives every step the same seed, so every step
+    draws the same first number, and steps of equal p fire together (two flips of p=0.5 give
+    two outcomes, not four). One pair of generators shared by all the steps
+    (set_random_state) makes their draws independent, and is cheaper than a pair per step.
+    """
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    elif hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Images with their targets: class indices (N,) int64 or soft targets (N, K) float32.
 
@@ -487,8 +502,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         image = self._read(index)
-        if seed is not None and hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(seed)
+        if seed is not None:
+            seed_transform(self.transform, seed)
         tensor = self.transform(image=image)["image"]
         if self.targets is None:
             return tensor, index
