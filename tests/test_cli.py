@@ -59,3 +59,45 @@ def test_building_the_train_and_predict_parsers_imports_no_heavy_library():
             f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+PROMPT_EXIT_SCRIPT = """
+import atexit, sys, threading, time
+from mixcls import cli
+
+class Teardown:
+    def __del__(self):  # runs only when the interpreter tears its modules down
+        print("teardown ran", flush=True)
+
+kept = Teardown()
+atexit.register(lambda: print("atexit ran"))
+written = []
+
+def late_writer():
+    time.sleep(0.2)
+    written.append("thread joined")
+    print("thread joined")
+
+def fake_main(argv=None):
+    threading.Thread(target=late_writer).start()  # not a daemon: must finish first
+    sys.stdout.write("unflushed output")  # no newline, no flush: lost unless run() flushes
+    return 3
+
+cli.main = fake_main
+cli.run()
+print("never reached")
+"""
+
+
+def test_run_exits_with_mains_code_after_handlers_threads_and_flush_but_no_teardown():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PROMPT_EXIT_SCRIPT], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 3, done.stderr
+    out = done.stdout
+    assert "unflushed output" in out and "thread joined" in out and "atexit ran" in out
+    assert out.index("thread joined") < out.index("atexit ran")
+    assert "teardown ran" not in out and "never reached" not in out
+

@@ -13,7 +13,7 @@ from scipy import stats
 
 from mixcls.data import ImageDataset, seed_transform
 from mixcls.transforms import (IMAGENET_MEAN, IMAGENET_STD, PRESETS, TTA_VIEWS, ZOOM_CROP,
-                               HueSaturationValue, Normalizer, Transpose, apply_tta_view,
+                               Affine, HueSaturationValue, Normalizer, Transpose, apply_tta_view,
                                build_train_transform, build_valid_transform, shift_hsv_lut)
 
 MEAN, STD = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
@@ -231,3 +231,19 @@ def test_hsv_transform_samples_as_albumentations_does():
         seed_transform(ours, seed)
         seed_transform(theirs, seed)
         assert np.array_equal(ours(image=image)["image"], theirs(image=image)["image"])
+
+
+def test_affine_equals_albumentations_under_the_same_seed():
+    """The 4-channel warp gives albumentations' 3-channel pixels, for both presets' settings."""
+    rng = np.random.default_rng(12)
+    for settings in (dict(translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-45, 45)),
+                     dict(translate_percent=(-0.08, 0.08), scale=(0.9, 1.1), rotate=(-10, 10))):
+        ours = A.Compose([Affine(**settings, p=1.0)])
+        theirs = A.Compose([A.Affine(**settings, p=1.0)])
+        for seed in range(12):
+            image = random_image(rng, int(rng.integers(8, 90)), int(rng.integers(8, 90)))
+            seed_transform(ours, seed)
+            seed_transform(theirs, seed)
+            expected = theirs(image=image)["image"]
+            assert not np.array_equal(expected, image)
+            assert np.array_equal(ours(image=image)["image"], expected)

@@ -1,7 +1,5 @@
 """`python -m mixcls …` (what torchrun launches) is the same as the `mixcls` command."""
 
-import sys
+from mixcls.cli import run
 
-from mixcls.cli import main
-
-sys.exit(main())
+run()
