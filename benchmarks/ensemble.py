@@ -8,9 +8,11 @@ blends on the official 10,000 test images, which nothing here ever fits on. The 
 also trains `--full-fit` (one more model on all 10,000 rows), scored with `--models full` and
 `--models all`.
 
-A blend's test probabilities come from its members' test probabilities (each member predicted
-once with `mixcls predict --with-probs`) combined by the blend's own rule (`blend.apply_blend`
-on the parameters read back from blend.json); `mixcls predict --run BLEND` is run once, for
+A blend's test probabilities come from its members' test probabilities, each fold model's
+own (`predict.predict_fold_probs`, predicted once per member), combined by the blend's own rule
+read back from blend.json as `mixcls predict --run BLEND` combines them: fold model by fold model,
+then averaged (`blend.combine_fold_members`). A member's test row is the mean of its fold
+models, as `mixcls predict --run MEMBER` gives. `mixcls predict --run BLEND` is run once, for
 the weighted blend, and must agree with that combination (the benchmark prints the largest
 difference).
 
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mixcls.blend import BLEND_METHODS, combine_members, read_blend
+from mixcls.blend import BLEND_METHODS, combine_fold_members, read_blend
 from mixcls.data import prob_columns
 from mixcls.runs import read_json
 
@@ -130,6 +132,18 @@ def predict_probs(run_dir: Path, data: Path, out: Path, *extra: str) -> np.ndarr
     return frame[prob_columns(k)].to_numpy(dtype=np.float64)
 
 
+def predict_fold_test_probs(run_dir: Path, data: Path, out: Path) -> np.ndarray:
+    """(F, N, K) each fold model's test probabilities (its TTA views averaged), in test.csv's
+    order; saved to `out` (.npy) so a rerun of the benchmark does not predict again."""
+    if not out.is_file():
+        from mixcls.predict import predict_fold_probs
+
+        ids = pd.read_csv(data / "test.csv")["image_id"]
+        probs = predict_fold_probs(run_dir, [str(data / "test_images" / i) for i in ids], device="cpu")
+        np.save(out, probs)
+    return np.load(out)
+
+
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float((probs.argmax(1) == labels).mean())
 
@@ -155,9 +169,10 @@ def main() -> int:
     print((work / "runs.txt").read_text())
 
     labels = pd.read_csv(data / "test.csv")["label"].to_numpy()
-    member_test = np.stack([predict_probs(work / n, data, work / f"{n}_test.csv") for n in names])
+    member_fold_test = [predict_fold_test_probs(work / n, data, work / f"{n}_test_folds.npy")
+                        for n in names]  # (F, N, K) each
     rows = []
-    for name, probs in zip(names, member_test):
+    for name, probs in zip(names, (p.mean(axis=0) for p in member_fold_test)):
         metrics = read_json(work / name / "metrics.json")
         rows.append({"entry": name, "kind": "member", "nested_cv": metrics["cv_accuracy"],
                      "in_sample_cv": np.nan, "test": accuracy(probs, labels),
@@ -171,7 +186,7 @@ def main() -> int:
                 run("blend", *[str(work / n) for n in names], "--method", method, "--out", str(out),
                     *(["--calibrate"] if calibrate else []), log=work / f"{tag}.log")
             metrics, spec = read_json(out / "metrics.json"), read_blend(out)
-            test_probs = combine_members(spec, member_test)
+            test_probs = combine_fold_members(spec, member_fold_test)
             rows.append({"entry": tag, "kind": "blend", "nested_cv": metrics["cv_accuracy"],
                          "in_sample_cv": metrics["in_sample"]["accuracy"],
                          "test": accuracy(test_probs, labels), "train_min": np.nan})

@@ -72,8 +72,8 @@ def test_apply_stacker_equals_sklearn_predict_proba():
     for k in (2, 4):  # sklearn's binary model has one row of coefficients
         probs = rng.dirichlet(np.ones(k), size=(2, 80))
         labels = rng.integers(0, k, 80)
-        stacker = b.fit_stacker(probs, labels)
-        model = LogisticRegression(C=b.STACK_C, max_iter=5000).fit(b.stack_features(probs), labels)
+        stacker = b.fit_stacker(probs, labels, c=1.0)
+        model = LogisticRegression(C=1.0, max_iter=5000).fit(b.stack_features(probs), labels)
         np.testing.assert_allclose(b.apply_stacker(stacker, probs),
                                    model.predict_proba(b.stack_features(probs)), atol=1e-6)
 
@@ -172,9 +172,9 @@ def test_nested_fit_never_sees_the_rows_it_scores(monkeypatch):
     fit, real_fit_temperature = b.make_fitter("weighted"), b.fit_temperature
     fitted, fit_rows, temperature_rows = [], [], []
 
-    def recording_fit(p, y):
+    def recording_fit(p, y, f):
         fit_rows.append(nearest_rows(flat(probs), flat(p)))
-        fitted.append(fit(p, y))
+        fitted.append(fit(p, y, f))
         return fitted[-1]
 
     def recording_temperature(p, y):
@@ -302,37 +302,120 @@ def test_verify_members_names_a_moved_run_and_a_changed_checkpoint(two_runs, tmp
     assert str(paths[0].resolve()) in str(info.value)
 
 
-@pytest.mark.parametrize("method", b.BLEND_METHODS)
-def test_predict_blend_combines_the_members_by_the_rule_fitted_on_all_rows(two_runs, tmp_path,
-                                                                           monkeypatch, method):
-    import mixcls.predict
-
-    paths, probs, labels, folds = two_runs
+def fake_fold_models(paths: list[Path]) -> None:
+    """A fold_0/best.pt per hand-made run, so the blend records (and verifies) a checkpoint."""
     for path in paths:
         (path / "fold_0").mkdir()
         (path / "fold_0" / "best.pt").write_bytes(b"weights " + path.name.encode())
+
+
+@pytest.mark.parametrize("method,calibrate", [(m, False) for m in b.BLEND_METHODS]
+                         + [("mean", True), ("weighted", True), ("stack", True)])
+def test_predict_blend_applies_the_rule_to_each_fold_model_then_averages(two_runs, tmp_path,
+                                                                         monkeypatch, method,
+                                                                         calibrate):
+    """The rule fitted on all OOF rows (each row one fold model's output) is applied to each fold
+    model's test probabilities, and those blends are averaged; the expected values are computed
+    here independently (sklearn, scipy, plain numpy) from the members' per-model outputs."""
+    import mixcls.predict
+
+    paths, probs, labels, folds = two_runs
+    fake_fold_models(paths)
     out = tmp_path / "blend"
-    b.blend_runs(paths, out, method=method, calibrate=method == "weighted", seed=1)
+    b.blend_runs(paths, out, method=method, calibrate=calibrate, seed=1)
     spec = b.read_blend(out)
     rng = np.random.default_rng(12)
-    test = {str(p.resolve()): rng.dirichlet(np.ones(3), size=9) for p in paths}
-    monkeypatch.setattr(mixcls.predict, "predict_run", lambda run_dir, image_paths, **kw: test[str(run_dir)])
+    n_models = 3
+    test = {str(p.resolve()): rng.dirichlet(np.full(3, 0.5), size=(n_models, 9)) for p in paths}
+    asked = []
+
+    def fake_predict_fold_probs(run_dir, image_paths, **kw):
+        asked.append(kw["models"])
+        return test[str(run_dir)]
+
+    monkeypatch.setattr(mixcls.predict, "predict_fold_probs", fake_predict_fold_probs)
     predicted = b.predict_blend(out, ["x.png"] * 9)
-    member_probs = np.stack([test[str(p.resolve())] for p in paths])
-    if method == "stack":  # an independent refit on all OOF rows predicts the same
-        model = LogisticRegression(C=b.STACK_C, max_iter=5000).fit(b.stack_features(probs), labels)
-        expected = model.predict_proba(b.stack_features(member_probs))
-    elif method == "rank":
-        from scipy.stats import rankdata
-        mean = np.mean([rankdata(p, axis=0) / 9 for p in member_probs], axis=0)
-        expected = mean / mean.sum(axis=1, keepdims=True)
-    else:
+    assert asked == ["folds", "folds"]
+    member_fold_probs = np.stack([test[str(p.resolve())] for p in paths])  # (M, F, N, K)
+
+    def rule(member_probs):
+        if method == "stack":  # an independent refit on all OOF rows, at the C the blend chose
+            model = LogisticRegression(C=spec["stacker"]["C"], max_iter=5000)
+            model.fit(np.log(np.clip(probs, 1e-6, 1)).transpose(1, 0, 2).reshape(len(labels), -1),
+                      labels)
+            return model.predict_proba(np.log(np.clip(member_probs, 1e-6, 1))
+                                       .transpose(1, 0, 2).reshape(9, -1))
+        if method == "rank":
+            from scipy.stats import rankdata
+            mean = np.mean([rankdata(p, axis=0) / 9 for p in member_probs], axis=0)
+            return mean / mean.sum(axis=1, keepdims=True)
         weights = {"mean": np.full(2, 0.5), "weighted": b.fit_weights(probs, labels),
                    "caruana": b.fit_caruana(probs, labels, metric="logloss", seed=1)}[method]
-        expected = np.tensordot(weights, member_probs, axes=1)
-        if method == "weighted":
-            expected = softmax(np.log(expected) / spec["temperature"], axis=1)
-    np.testing.assert_allclose(predicted, expected, atol=1e-5)
+        return np.tensordot(weights, member_probs, axes=1)
+
+    def calibrated(blended):
+        t = spec["temperature"]
+        assert (t is not None) == calibrate
+        return blended if t is None else softmax(np.log(blended) / t, axis=1)
+
+    per_model = np.mean([calibrated(rule(member_fold_probs[:, f])) for f in range(n_models)], axis=0)
+    np.testing.assert_allclose(predicted, per_model, atol=1e-5)
+    averaged_first = calibrated(rule(member_fold_probs.mean(axis=1)))
+    if method in ("mean", "weighted", "caruana") and not calibrate:  # linear: the order is moot
+        np.testing.assert_allclose(predicted, averaged_first, atol=1e-6)
+    else:  # stack, rank and a temperature are not linear: the test can tell the two apart
+        assert np.abs(predicted - averaged_first).max() > 1e-3
+
+
+@pytest.mark.parametrize("models", ["full", "all"])
+def test_predict_blend_with_the_full_models_of_its_members(two_runs, tmp_path, monkeypatch, models):
+    """--models all: each member's full-data model is one more entry after its folds; full: the
+    only entry. The full checkpoints are hashed at blend time and verified."""
+    import mixcls.predict
+
+    paths, probs, labels, folds = two_runs
+    fake_fold_models(paths)
+    for path in paths:
+        (path / "full").mkdir()
+        (path / "full" / "best.pt").write_bytes(b"full " + path.name.encode())
+    out = tmp_path / "blend"
+    b.blend_runs(paths, out, method="stack", calibrate=True)
+    spec = b.read_blend(out)
+    assert all("full/best.pt" in m["checkpoints"] for m in spec["members"])
+    rng = np.random.default_rng(13)
+    n_models = {"full": 1, "all": 3}[models]
+    test = {str(p.resolve()): rng.dirichlet(np.ones(3), size=(n_models, 5)) for p in paths}
+    monkeypatch.setattr(mixcls.predict, "predict_fold_probs",
+                        lambda run_dir, image_paths, **kw: test[str(run_dir)] if kw["models"] == models
+                        else pytest.fail(f"predicted with models={kw['models']}"))
+    predicted = b.predict_blend(out, ["x.png"] * 5, models=models)
+    member_fold_probs = np.stack([test[str(p.resolve())] for p in paths])
+    expected = np.mean([b.combine_members(spec, member_fold_probs[:, f]) for f in range(n_models)],
+                       axis=0)
+    np.testing.assert_allclose(predicted, expected, atol=1e-9)
+    (paths[1] / "full" / "best.pt").write_bytes(b"retrained")
+    with pytest.raises(RunError, match=r"full/best.pt of member run .*run1 changed"):
+        b.predict_blend(out, ["x.png"] * 5, models=models)
+    b.predict_blend(out, ["x.png"] * 5, models="folds")  # the fold models are unchanged
+
+
+def test_a_member_with_other_fold_models_is_named(two_runs, tmp_path):
+    paths, probs, labels, folds = two_runs
+    fake_fold_models(paths)
+    (paths[0] / "fold_1").mkdir()
+    (paths[0] / "fold_1" / "best.pt").write_bytes(b"more")
+    out = tmp_path / "blend"
+    b.blend_runs(paths, out, method="mean")
+    with pytest.raises(RunError, match=r"run1 has fold models \[0\], member run .*run0 has \[0, 1\]"):
+        b.predict_blend(out, ["x.png"])
+
+
+def test_members_with_different_numbers_of_fold_models_are_refused():
+    spec = {"method": "mean", "members": [{"path": "/runs/a"}, {"path": "/runs/b"}],
+            "weights": [0.5, 0.5], "stacker": None, "temperature": None}
+    probs = np.full((5, 4, 3), 1 / 3)
+    with pytest.raises(RunError, match=r"/runs/a \(5\), /runs/b \(1\)"):
+        b.combine_fold_members(spec, [probs, probs[:1]])
 
 
 def test_the_report_can_be_rebuilt_from_the_folder(two_runs, tmp_path):

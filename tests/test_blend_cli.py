@@ -14,7 +14,7 @@ from mixcls import blend as b
 from mixcls.cli import main
 from mixcls.config import load_config
 from mixcls.data import prob_columns
-from mixcls.predict import predict_run
+from mixcls.predict import predict_fold_probs
 from mixcls.run_table import run_row
 from mixcls.train import fit_folds
 
@@ -79,16 +79,16 @@ def test_mean_blend_of_one_run_is_its_oof(trained, tmp_path):
     pd.testing.assert_frame_equal(blended[columns], own[columns], check_exact=True)
 
 
-def test_blend_predict_is_the_weighted_average_of_its_members(trained, tmp_path):
+def test_blend_predict_is_the_per_fold_weighted_average_of_its_members(trained, tmp_path):
     data, runs = trained
     out = tmp_path / "blend"
     b.blend_runs(runs, out, method="weighted", calibrate=True)
     spec = b.read_blend(out)
     ids = ["c0_001.png", "c2_005.png", "c1_007.png", "c0_004.png"]
     paths = [str(data / "train_images" / i) for i in ids]
-    members = [predict_run(r, paths, device="cpu") for r in runs]
-    expected = b.apply_temperature(sum(w * p for w, p in zip(spec["weights"], members)),
-                                   spec["temperature"])
+    members = [predict_fold_probs(r, paths, device="cpu") for r in runs]  # (F, N, K) each
+    expected = np.mean([b.apply_temperature(sum(w * p[f] for w, p in zip(spec["weights"], members)),
+                                            spec["temperature"]) for f in range(len(members[0]))], axis=0)
     np.testing.assert_allclose(b.predict_blend(out, paths, device="cpu"), expected, atol=1e-6)
     pd.DataFrame({"image_id": ids}).to_csv(tmp_path / "ids.csv", index=False)
     sub = tmp_path / "sub.csv"

@@ -38,13 +38,16 @@ BLEND_FORMAT = 1
 # Log-loss clips like sklearn.metrics.log_loss (float64 eps), so both give the same figure.
 EPS = float(np.finfo(np.float64).eps)
 STACK_CLIP = 1e-6          # log-probability features of the stacker: log(1e-6) ~ -13.8 at worst
-STACK_C = 1.0              # small fixed regularisation; tuning it on the OOF would be a new leak
+# The stacker's inverse regularisation C is chosen from this grid by a CV over the fold ids of
+# the rows it is fitted on (inside each nested fold: the other folds only), lowest mean log-loss.
+STACK_C_GRID = (0.01, 0.1, 1.0, 10.0)
+STACK_C_DEFAULT = 1.0      # where the rows come from one fold only, so no CV can choose
 CARUANA_ITERATIONS = 30    # forward-selection steps per bag (members may be picked repeatedly)
 CARUANA_BAGS = 10
 CARUANA_BAG_FRACTION = 0.7  # of the members per bag: half of a few runs would drop too many
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 
-Fitter = Callable[[np.ndarray, np.ndarray], "BlendParams"]
+Fitter = Callable[[np.ndarray, np.ndarray, np.ndarray], "BlendParams"]  # probs, labels, folds
 
 
 # ---------------------------------------------------------------- scores
@@ -200,15 +203,59 @@ def fit_caruana(probs: np.ndarray, labels: np.ndarray, *, metric: str, seed: int
     return weights / n_bags
 
 
-def fit_stacker(probs: np.ndarray, labels: np.ndarray, *, c: float = STACK_C) -> dict[str, Any]:
-    """A multinomial LogisticRegression on the members' clipped log-probabilities (N, M*K)."""
+def fit_stacker(probs: np.ndarray, labels: np.ndarray, *, c: float | None = None,
+                folds: np.ndarray | None = None,
+                c_grid: Sequence[float] = STACK_C_GRID) -> dict[str, Any]:
+    """A multinomial LogisticRegression on the members' clipped log-probabilities (N, M*K).
+
+    With `c` None, C is the value of `c_grid` with the lowest mean log-loss over a CV whose
+    validation sets are the distinct `folds` (N,) of these rows (`choose_stack_c`); the model is
+    then refitted on all rows. The dict records C and, when chosen, each C's CV log-loss.
+    """
     from sklearn.linear_model import LogisticRegression
 
     if len(np.unique(labels)) < 2:
         raise DataError("stack: the rows to fit hold a single class; a stacker needs two or more")
+    c_logloss = None
+    if c is None:
+        c, c_logloss = choose_stack_c(probs, labels, folds, c_grid=c_grid)
     model = LogisticRegression(C=c, max_iter=5000).fit(stack_features(probs), labels)
     return {"coef": model.coef_.tolist(), "intercept": model.intercept_.tolist(),
-            "classes": model.classes_.astype(int).tolist(), "C": c}
+            "classes": model.classes_.astype(int).tolist(), "C": float(c),
+            "C_cv_logloss": c_logloss}
+
+
+def choose_stack_c(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray | None, *,
+                   c_grid: Sequence[float] = STACK_C_GRID) -> tuple[float, dict[str, float] | None]:
+    """(C, {str(C): mean CV log-loss}) of the stacker, by GridSearchCV with one split per fold id.
+
+    probs (M, N, K), labels and folds (N,). Only these rows are used, so inside a nested fold
+    the outer fold's rows never choose its C. Fewer than two fold ids: STACK_C_DEFAULT, None.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, PredefinedSplit
+
+    if folds is None or len(np.unique(folds)) < 2:
+        return STACK_C_DEFAULT, None
+    search = GridSearchCV(LogisticRegression(max_iter=5000), {"C": [float(c) for c in c_grid]},
+                          scoring=_stack_scorer(probs.shape[2]), cv=PredefinedSplit(folds),
+                          refit=False, error_score="raise")
+    search.fit(stack_features(probs), labels)
+    losses = -search.cv_results_["mean_test_score"]
+    # Ties (rare) go to the smaller C, the simpler model: argmin takes the first.
+    best = int(np.argmin(losses))
+    return float(c_grid[best]), {str(float(c)): float(v) for c, v in zip(c_grid, losses)}
+
+
+def _stack_scorer(num_classes: int) -> Callable[[Any, np.ndarray, np.ndarray], float]:
+    """Minus our log_loss on all `num_classes` columns: a validation fold may hold a class the
+    training folds lack (or the reverse), which sklearn's neg_log_loss refuses."""
+    def score(model: Any, features: np.ndarray, labels: np.ndarray) -> float:
+        probs = np.zeros((len(features), num_classes))
+        probs[:, model.classes_.astype(np.int64)] = model.predict_proba(features)
+        return -log_loss(probs, labels)
+
+    return score
 
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -219,14 +266,14 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def make_fitter(method: str, *, metric: str = "logloss", seed: int = 0) -> Fitter:
-    """fit(probs (M, N, K), labels (N,)) -> BlendParams for one of BLEND_METHODS.
+    """fit(probs (M, N, K), labels (N,), folds (N,)) -> BlendParams for one of BLEND_METHODS.
 
     `weighted` and `stack` always fit log-loss (a smooth objective); `metric` steers Caruana's
-    selection only.
+    selection only; only `stack` reads `folds` (to choose its C by CV over them).
     """
     check_method(method, metric)
 
-    def fit(probs: np.ndarray, labels: np.ndarray) -> BlendParams:
+    def fit(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray) -> BlendParams:
         m = probs.shape[0]
         if method in ("mean", "rank"):
             return BlendParams(method, weights=np.full(m, 1.0 / m))
@@ -234,7 +281,7 @@ def make_fitter(method: str, *, metric: str = "logloss", seed: int = 0) -> Fitte
             return BlendParams(method, weights=fit_weights(probs, labels))
         if method == "caruana":
             return BlendParams(method, weights=fit_caruana(probs, labels, metric=metric, seed=seed))
-        return BlendParams(method, stacker=fit_stacker(probs, labels))
+        return BlendParams(method, stacker=fit_stacker(probs, labels, folds=folds))
 
     return fit
 
@@ -266,14 +313,15 @@ def fit_nested(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, *, fit:
                calibrate: bool = False) -> NestedBlend:
     """For each fold g: fit on the other folds' rows, blend (and calibrate) fold g's rows.
 
-    The temperature for fold g is fitted on the other folds' rows blended by fold g's rule.
+    The temperature for fold g is fitted on the other folds' rows blended by fold g's rule, and
+    the stacker's C for fold g is chosen by a CV over the other folds only.
     probs (M, N, K), labels (N,), folds (N,).
     """
     out = np.empty(probs.shape[1:])
     params, temperatures = {}, {}
     for g in np.unique(folds).tolist():
         rest, rows = folds != g, folds == g
-        params[g] = fit(probs[:, rest], labels[rest])
+        params[g] = fit(probs[:, rest], labels[rest], folds[rest])
         blended = apply_blend(params[g], probs[:, rows])
         if calibrate:
             temperatures[g] = fit_temperature(apply_blend(params[g], probs[:, rest]), labels[rest])
@@ -299,7 +347,7 @@ def fit_blend(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, *, metho
         raise DataError("blend: the OOF rows come from one fold only; nested CV needs two or more")
     fit = make_fitter(method, metric=metric, seed=seed)
     nested = fit_nested(probs, labels, folds, fit=fit, calibrate=calibrate)
-    params = fit(probs, labels)
+    params = fit(probs, labels, folds)
     in_sample = apply_blend(params, probs)
     temperature = fit_temperature(in_sample, labels) if calibrate else None
     if temperature is not None:
@@ -423,30 +471,63 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+FULL_CHECKPOINT = "full/best.pt"
+
+
 def hash_checkpoints(run_dir: str | Path) -> dict[str, str]:
-    """{"fold_K/best.pt": sha256} for every fold checkpoint of a run, in fold order."""
+    """{"fold_K/best.pt": sha256} for every fold checkpoint of a run, in fold order, then
+    "full/best.pt" when the run has a full-data model (--full-fit)."""
     run = RunFolder(Path(run_dir))
-    return {f"{d.name}/best.pt": sha256_file(d / "best.pt") for d in run.fold_dirs.values()
-            if (d / "best.pt").is_file()}
+    found = {f"{d.name}/best.pt": sha256_file(d / "best.pt") for d in run.fold_dirs.values()
+             if (d / "best.pt").is_file()}
+    if (run.path / FULL_CHECKPOINT).is_file():
+        found[FULL_CHECKPOINT] = sha256_file(run.path / FULL_CHECKPOINT)
+    return found
 
 
-def verify_members(spec: dict[str, Any], blend_dir: str | Path) -> None:
-    """RunError naming the member and file unless every member's checkpoints are as blended."""
+def _selected(checkpoints: dict[str, str], models: str) -> dict[str, str]:
+    """The entries of `checkpoints` that `models` (predict.MODEL_SETS) predicts with."""
+    return {name: digest for name, digest in checkpoints.items()
+            if (name == FULL_CHECKPOINT) == (models == "full") or models == "all"}
+
+
+def verify_members(spec: dict[str, Any], blend_dir: str | Path, *, models: str = "folds") -> None:
+    """RunError naming the member and file unless every member's checkpoints that `models`
+    predicts with are as blended (a blend.json written before full/best.pt was hashed knows no
+    full model: blend again to predict it with --models full or all)."""
     for member in spec["members"]:
         path = Path(member["path"])
         if not path.is_dir():
             raise RunError(f"blend {blend_dir}: member run {path} does not exist (moved or "
                            "deleted?); blend the runs again from where they are now")
-        if not member["checkpoints"]:
-            raise RunError(f"blend {blend_dir}: member run {path} had no fold_K/best.pt "
+        recorded = _selected(member["checkpoints"], models)
+        if not recorded:
+            wanted = "full/best.pt" if models == "full" else "fold_K/best.pt"
+            raise RunError(f"blend {blend_dir}: member run {path} had no {wanted} "
                            "checkpoints when blended, so it cannot predict")
-        found = hash_checkpoints(path)
-        for name in sorted(set(found) | set(member["checkpoints"])):
-            if found.get(name) != member["checkpoints"].get(name):
+        found = _selected(hash_checkpoints(path), models)
+        for name in sorted(set(found) | set(recorded)):
+            if found.get(name) != recorded.get(name):
                 state = ("is missing" if name not in found else "is new" if name not in
-                         member["checkpoints"] else "changed since the blend")
+                         recorded else "changed since the blend")
                 raise RunError(f"blend {blend_dir}: checkpoint {path / name} of member run "
                                f"{path} {state}; blend the runs again")
+
+
+def check_same_fold_models(spec: dict[str, Any]) -> None:
+    """RunError naming the member and its folds unless every member has the same fold models
+    (fold model f of each member is blended with the others' fold model f)."""
+    def fold_ids(member: dict[str, Any]) -> list[int]:
+        return sorted(int(name.split("/")[0].removeprefix("fold_"))
+                      for name in member["checkpoints"] if name != FULL_CHECKPOINT)
+
+    first = spec["members"][0]
+    for member in spec["members"][1:]:
+        if fold_ids(member) != fold_ids(first):
+            raise RunError(f"member run {member['path']} has fold models {fold_ids(member)}, "
+                           f"member run {first['path']} has {fold_ids(first)}; a blend predicts "
+                           "fold by fold, so its members need the same trained folds (was one "
+                           "trained with --train-folds?)")
 
 
 # ---------------------------------------------------------------- the blend folder
@@ -482,7 +563,9 @@ def make_blend_spec(members: Members, result: BlendFit, *, method: str, metric: 
                                       "temperature": nested.fold_temperatures.get(g)}
                              for g, p in nested.fold_params.items()}},
         "settings": {"caruana_iterations": CARUANA_ITERATIONS, "caruana_bags": CARUANA_BAGS,
-                     "caruana_bag_fraction": CARUANA_BAG_FRACTION, "stack_C": STACK_C,
+                     "caruana_bag_fraction": CARUANA_BAG_FRACTION,
+                     "stack_C": (result.params.stacker or {}).get("C"),
+                     "stack_C_grid": list(STACK_C_GRID),
                      "stack_clip": STACK_CLIP, "temperature_bounds": list(TEMPERATURE_BOUNDS)},
     }
 
@@ -583,22 +666,46 @@ def _write_blend_folder(out: Path, first: Path, *, spec: dict[str, Any], oof: pd
 
 def predict_blend(blend_dir: str | Path, paths: Sequence[str], *, tta: int | None = None,
                   device: str = "auto", batch_size: int = 64, workers: int = 0,
-                  amp: str = "none") -> np.ndarray:
+                  amp: str = "none", models: str = "folds") -> np.ndarray:
     """Blended probabilities (N, K) of the images at `paths`.
 
-    Every member is verified first (folder present, checkpoints unchanged), then predicted with
-    its own image size, TTA views and fold models (`predict.predict_run`), and the members are
-    combined by the blend's rule fitted on all OOF rows (rank: percentiles within these N
-    images), then calibrated by its temperature.
+    Every member is verified first (folder present, checkpoints unchanged, the same fold models
+    as the others), then predicted with its own image size and TTA views, one probability table
+    per model (`predict.predict_fold_probs`). The blend's rule, fitted on all OOF rows, combines
+    the members model by model (every member's fold-f model together), and those blends are
+    averaged (`combine_fold_members`). `models` is predict's: "folds" (default), "all" (the
+    full-data model of a --full-fit member is one more entry after the folds) or "full" (it is
+    the only entry).
     """
-    from mixcls.predict import predict_run
+    from mixcls.predict import predict_fold_probs
 
     spec = read_blend(blend_dir)
-    verify_members(spec, blend_dir)
-    member_probs = np.stack([predict_run(m["path"], paths, tta=tta, device=device,
-                                         batch_size=batch_size, workers=workers, amp=amp)
-                             for m in spec["members"]]).astype(np.float64)
-    return combine_members(spec, member_probs)
+    verify_members(spec, blend_dir, models=models)
+    if models != "full":
+        check_same_fold_models(spec)
+    member_fold_probs = [predict_fold_probs(m["path"], paths, tta=tta, device=device,
+                                            batch_size=batch_size, workers=workers, amp=amp,
+                                            models=models)
+                         for m in spec["members"]]
+    return combine_fold_members(spec, member_fold_probs)
+
+
+def combine_fold_members(spec: dict[str, Any], member_fold_probs: Sequence[np.ndarray]) -> np.ndarray:
+    """A blend's rule on each fold model's probabilities, then the mean over the fold models.
+
+    `member_fold_probs[m]` is member m's probabilities (F, N, K), one row block per fold model.
+    Each OOF row the rule was fitted on came from one fold model, so the rule is applied to one
+    fold model's outputs at a time, not to their mean: for the mean, weighted and caruana
+    weights that is the same, but the stacker, the rank average and the temperature are not
+    linear, and a mean of 5 models is smoother and more confident than any one of them.
+    """
+    counts = [np.asarray(p).shape[0] for p in member_fold_probs]
+    if len(set(counts)) != 1:
+        names = ", ".join(f"{m['path']} ({c})" for m, c in zip(spec["members"], counts))
+        raise RunError(f"the blend's members have different numbers of fold models: {names}; "
+                       "blend runs trained on the same folds (none with --train-folds)")
+    stacked = np.stack([np.asarray(p, np.float64) for p in member_fold_probs])  # (M, F, N, K)
+    return np.mean([combine_members(spec, stacked[:, f]) for f in range(stacked.shape[1])], axis=0)
 
 
 def combine_members(spec: dict[str, Any], member_probs: np.ndarray) -> np.ndarray:
