@@ -17,6 +17,12 @@ the weighted blend, and must agree with that combination (the benchmark prints t
 difference).
 
     python benchmarks/ensemble.py --data DIR [--work runs/bench_ensemble] [--processes 2] [--quick]
+                                  [--members default|diverse]
+
+`--members diverse` keeps the first two members and replaces the other two by a timm ResNet
+(`resnet10t`, 48 px) and a small CNN at 40 px with cutmix: other architectures and image sizes
+make other errors, which is what a blend needs (the default four are small CNNs at 28 px and
+err alike). Give it its own --work folder; the default stays the recorded configuration.
 
 DIR is a folder written by `mixcls data fashion-mnist --limit 10000` (train.csv + train_images,
 test.csv + test_images); nothing is downloaded.
@@ -39,8 +45,8 @@ from mixcls.blend import BLEND_METHODS, combine_fold_members, read_blend
 from mixcls.data import prob_columns
 from mixcls.runs import read_json
 
-# Diverse members: two architectures, three losses, mixing on and off, four seeds. Each
-# entry is (name, extra training flags); every member shares FLAGS below.
+# Two architectures, three losses, mixing on and off, four seeds. Each entry is
+# (name, extra training flags); every member shares FLAGS below (a member's own flags win).
 MEMBERS = [  # the first makes the folds; the slow small CNNs start early (two run side by side)
     ("tiny_ce", ["--model", "mixcls_cnn_tiny", "--seed", "0"]),
     ("small_ce", ["--model", "mixcls_cnn_small", "--seed", "2"]),
@@ -49,6 +55,14 @@ MEMBERS = [  # the first makes the folds; the slow small CNNs start early (two r
     ("tiny_cutmix_ls", ["--model", "mixcls_cnn_tiny", "--mix", "cutmix", "--mix-prob", "0.5",
                         "--loss", "label_smoothing", "--smoothing", "0.1", "--seed", "1"]),
 ]
+# Other architectures and image sizes (--members diverse); the first member still makes the folds.
+DIVERSE_MEMBERS = MEMBERS[:2] + [
+    ("resnet10t_48", ["--model", "resnet10t", "--img-size", "48", "--seed", "4"]),
+    ("small_cutmix_40", ["--model", "mixcls_cnn_small", "--img-size", "40", "--mix", "cutmix",
+                         "--mix-prob", "0.5", "--seed", "5"]),
+]
+MEMBER_SETS = {"default": MEMBERS, "diverse": DIVERSE_MEMBERS}
+SLOW_MODELS = ("small", "resnet")  # members named so train for small_epochs
 FLAGS = ["--img-size", "28", "--preset", "none", "--batch-size", "128", "--lr", "3e-3",
          "--workers", "0", "--device", "cpu", "--no-progress"]
 
@@ -80,7 +94,7 @@ def run(*args: str, threads: int = 2, log: Path | None = None) -> None:
 
 
 def member_flags(name: str, extra: list[str], sizes: Sizes) -> list[str]:
-    epochs = sizes.small_epochs if "small" in name else sizes.epochs
+    epochs = sizes.small_epochs if any(slow in name for slow in SLOW_MODELS) else sizes.epochs
     return FLAGS + ["--epochs", str(epochs)] + extra
 
 
@@ -91,9 +105,10 @@ def finished(run_dir: Path, *, full_fit: bool) -> bool:
     return not full_fit or "full_fit" in read_json(run_dir / "metrics.json")
 
 
-def train_members(data: Path, work: Path, sizes: Sizes, processes: int) -> dict[str, float]:
+def train_members(members: list[tuple[str, list[str]]], data: Path, work: Path, sizes: Sizes,
+                  processes: int) -> dict[str, float]:
     """Train every member (the first one with --full-fit), `processes` at a time; seconds each."""
-    first, *rest = MEMBERS
+    first, *rest = members
     queue = [(first[0], member_flags(*first, sizes) + ["--folds", str(sizes.folds), "--full-fit"])]
     queue += [(name, member_flags(name, extra, sizes) + ["--folds-from", str(work / first[0])])
               for name, extra in rest]
@@ -154,6 +169,9 @@ def main() -> int:
     parser.add_argument("--work", default="runs/bench_ensemble")
     parser.add_argument("--processes", type=int, default=2, help="members trained side by side")
     parser.add_argument("--quick", action="store_true", help="1 epoch per member (a smoke run)")
+    parser.add_argument("--members", default="default", choices=sorted(MEMBER_SETS),
+                        help="default: the recorded four; diverse: a timm resnet10t at 48 px and a "
+                             "small CNN at 40 px replace the last two")
     args = parser.parse_args()
     data, work = Path(args.data), Path(args.work)
     for need in ("train.csv", "train_images", "test.csv", "test_images"):
@@ -163,8 +181,9 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     sizes = QUICK if args.quick else FULL
     started = time.time()
-    seconds = train_members(data, work, sizes, args.processes)
-    names = [name for name, _ in MEMBERS]
+    members = MEMBER_SETS[args.members]
+    seconds = train_members(members, data, work, sizes, args.processes)
+    names = [name for name, _ in members]
     run("runs", str(work), "--sort", "logloss", "--csv", str(work / "runs.csv"), log=work / "runs.txt")
     print((work / "runs.txt").read_text())
 

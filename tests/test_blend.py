@@ -190,6 +190,44 @@ def test_nested_fit_never_sees_the_rows_it_scores(monkeypatch):
     assert sorted(nested.fold_params) == fold_ids and sorted(nested.fold_temperatures) == fold_ids
 
 
+def test_stack_c_is_strong_for_noise_and_weak_for_clean_members():
+    rng = np.random.default_rng(14)
+    noise, noise_labels, noise_folds = noisy_members(rng, n=120, m=3, signal=0.0)
+    clean, clean_labels, clean_folds = noisy_members(rng, n=2000, m=3, signal=3.0)
+    c_noise, losses_noise = b.choose_stack_c(noise, noise_labels, noise_folds)
+    c_clean, losses_clean = b.choose_stack_c(clean, clean_labels, clean_folds)
+    assert c_noise == min(b.STACK_C_GRID) and c_clean >= 1.0
+    # The CV losses, independently: one split per fold id, sklearn's own fit and log-loss.
+    features = np.log(np.clip(noise, 1e-6, 1)).transpose(1, 0, 2).reshape(len(noise_labels), -1)
+    for c in b.STACK_C_GRID:
+        per_fold = []
+        for g in range(4):
+            train, valid = noise_folds != g, noise_folds == g
+            model = LogisticRegression(C=c, max_iter=5000).fit(features[train], noise_labels[train])
+            per_fold.append(sk_log_loss(noise_labels[valid], model.predict_proba(features[valid]),
+                                        labels=[0, 1, 2]))
+        assert losses_noise[str(c)] == pytest.approx(np.mean(per_fold), rel=1e-6)
+    assert b.fit_stacker(noise, noise_labels, folds=noise_folds)["C"] == c_noise
+
+
+def test_the_stack_c_of_a_nested_fold_is_chosen_without_its_rows(monkeypatch):
+    rng = np.random.default_rng(15)
+    probs, labels, folds = planted_members(rng)  # member 0 perfect on fold 0 only
+    flat = lambda p: p.transpose(1, 0, 2).reshape(p.shape[1], -1)
+    real_choose, chosen_rows = b.choose_stack_c, []
+
+    def recording_choose(p, y, f, **kw):
+        chosen_rows.append((nearest_rows(flat(probs), flat(p)), set(np.unique(f).tolist())))
+        return real_choose(p, y, f, **kw)
+
+    monkeypatch.setattr(b, "choose_stack_c", recording_choose)
+    b.fit_blend(probs, labels, folds, method="stack")
+    assert len(chosen_rows) == 5  # one per nested fold, then the fit on all rows
+    for g, (rows, fold_ids) in zip(range(4), chosen_rows):
+        assert rows == set(np.flatnonzero(folds != g).tolist()) and fold_ids == {0, 1, 2, 3} - {g}
+    assert chosen_rows[4] == (set(range(len(labels))), {0, 1, 2, 3})
+
+
 def test_a_member_good_on_one_fold_only_is_not_rewarded_on_that_fold():
     rng = np.random.default_rng(9)
     probs, labels, folds = planted_members(rng)
@@ -324,6 +362,10 @@ def test_predict_blend_applies_the_rule_to_each_fold_model_then_averages(two_run
     out = tmp_path / "blend"
     b.blend_runs(paths, out, method=method, calibrate=calibrate, seed=1)
     spec = b.read_blend(out)
+    if method == "stack":  # the C chosen by CV is recorded, for the fit on all rows and per fold
+        assert spec["settings"]["stack_C"] == spec["stacker"]["C"] in b.STACK_C_GRID
+        assert spec["settings"]["stack_C_grid"] == list(b.STACK_C_GRID)
+        assert all(f["stacker"]["C"] in b.STACK_C_GRID for f in spec["nested"]["folds"].values())
     rng = np.random.default_rng(12)
     n_models = 3
     test = {str(p.resolve()): rng.dirichlet(np.full(3, 0.5), size=(n_models, 9)) for p in paths}
@@ -379,20 +421,25 @@ def test_predict_blend_with_the_full_models_of_its_members(two_runs, tmp_path, m
         (path / "full").mkdir()
         (path / "full" / "best.pt").write_bytes(b"full " + path.name.encode())
     out = tmp_path / "blend"
-    b.blend_runs(paths, out, method="stack", calibrate=True)
+    b.blend_runs(paths, out, method="weighted", calibrate=True)  # a temperature: not linear
     spec = b.read_blend(out)
     assert all("full/best.pt" in m["checkpoints"] for m in spec["members"])
     rng = np.random.default_rng(13)
     n_models = {"full": 1, "all": 3}[models]
     test = {str(p.resolve()): rng.dirichlet(np.ones(3), size=(n_models, 5)) for p in paths}
-    monkeypatch.setattr(mixcls.predict, "predict_fold_probs",
-                        lambda run_dir, image_paths, **kw: test[str(run_dir)] if kw["models"] == models
-                        else pytest.fail(f"predicted with models={kw['models']}"))
+    asked = []
+
+    def fake_predict_fold_probs(run_dir, image_paths, **kw):
+        asked.append(kw["models"])
+        return test[str(run_dir)]
+
+    monkeypatch.setattr(mixcls.predict, "predict_fold_probs", fake_predict_fold_probs)
     predicted = b.predict_blend(out, ["x.png"] * 5, models=models)
     member_fold_probs = np.stack([test[str(p.resolve())] for p in paths])
     expected = np.mean([b.combine_members(spec, member_fold_probs[:, f]) for f in range(n_models)],
                        axis=0)
     np.testing.assert_allclose(predicted, expected, atol=1e-9)
+    assert asked == [models, models]
     (paths[1] / "full" / "best.pt").write_bytes(b"retrained")
     with pytest.raises(RunError, match=r"full/best.pt of member run .*run1 changed"):
         b.predict_blend(out, ["x.png"] * 5, models=models)

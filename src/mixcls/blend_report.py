@@ -50,8 +50,11 @@ def _section_weights(spec: dict[str, Any]) -> str:
     names = [m["name"] for m in spec["members"]]
     folds = spec["nested"]["folds"]
     if spec.get("weights") is None:
+        per_fold = ", ".join(f"without fold {g}: {v['stacker'].get('C')}" for g, v in folds.items())
         body = _note("A stacker has no member weights; its coefficients and intercept, fitted on "
-                     "all rows and per fold, are in blend.json.")
+                     "all rows and per fold, are in blend.json. Its regularisation C, chosen by a "
+                     f"CV over the fitted rows' folds: all rows {spec['stacker'].get('C')}, "
+                     f"{per_fold}.")
     else:
         rows = [["all rows (used to predict)", *map(float, spec["weights"])]]
         rows += [[f"fitted without fold {g}", *map(float, v["weights"])] for g, v in folds.items()]

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", required=True, choices=BLEND_METHODS,
                    help="mean / rank: no fitting; weighted: log-loss weights on the simplex; "
                         "caruana: bagged forward selection; stack: logistic regression on "
-                        "log-probabilities")
+                        "log-probabilities, its C chosen by CV over the folds")
     p.add_argument("--metric", default="logloss", choices=METRICS,
                    help="what caruana's forward selection optimises (weighted and stack always "
                         "fit log-loss; mean and rank fit nothing)")

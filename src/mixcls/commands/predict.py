@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixcls.config import ConfigError
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -26,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     p.add_argument("--models", default="folds", choices=["folds", "full", "all"],
                    help="the fold models, the full-data model of a --full-fit run, or both (each "
-                   "model weighs the same)")
+                   "model weighs the same); for a blend, of each member, the blend's rule "
+                   "applied model by model")
     p.set_defaults(func=run_predict)
 
 
@@ -39,11 +38,8 @@ def run_predict(args: argparse.Namespace) -> int:
     ids, paths = resolve_images(args.images, args.ids)
     options = dict(tta=args.tta, device=args.device, batch_size=args.batch_size,
                    workers=args.workers, amp=args.amp)
-    if is_blend_folder(args.run):  # mixcls blend's folder: each member with its fold models
-        if args.models != "folds":
-            raise ConfigError(f"--models {args.models}: {args.run} is a blend, whose members "
-                              "predict with the fold models they were blended with")
-        probs = predict_blend(args.run, paths, **options)
+    if is_blend_folder(args.run):  # mixcls blend's folder: the rule per model, then the mean
+        probs = predict_blend(args.run, paths, models=args.models, **options)
     else:
         probs = predict_run(args.run, paths, models=args.models, **options)
     write_submission(args.out, ids, probs, run_dir=args.run, with_probs=args.with_probs,
