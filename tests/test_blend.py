@@ -436,9 +436,10 @@ def test_predict_blend_with_the_full_models_of_its_members(two_runs, tmp_path, m
     monkeypatch.setattr(mixcls.predict, "predict_fold_probs", fake_predict_fold_probs)
     predicted = b.predict_blend(out, ["x.png"] * 5, models=models)
     member_fold_probs = np.stack([test[str(p.resolve())] for p in paths])
-    expected = np.mean([b.combine_members(spec, member_fold_probs[:, f]) for f in range(n_models)],
-                       axis=0)
-    np.testing.assert_allclose(predicted, expected, atol=1e-9)
+    weights, t = b.fit_weights(probs, labels), spec["temperature"]
+    expected = np.mean([softmax(np.log(np.tensordot(weights, member_fold_probs[:, f], axes=1)) / t,
+                                axis=1) for f in range(n_models)], axis=0)
+    np.testing.assert_allclose(predicted, expected, atol=1e-6)
     assert asked == [models, models]
     (paths[1] / "full" / "best.pt").write_bytes(b"retrained")
     with pytest.raises(RunError, match=r"full/best.pt of member run .*run1 changed"):
