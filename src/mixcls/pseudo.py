@@ -23,7 +23,7 @@ import pandas as pd
 
 from mixcls.config import ConfigError
 from mixcls.data import DataError, prob_columns
-from mixcls.runs import RunError, RunFolder, atomic_write_csv, atomic_write_json, read_json
+from mixcls.runs import RunFolder, atomic_write_csv, atomic_write_json, read_json
 
 PSEUDO_FORMAT = 1
 BASE_COLUMNS = ["image_id", "fold", "label", "confidence", "passed"]
@@ -69,13 +69,10 @@ def predict_teacher_folds(teacher: str | Path, paths: Sequence[str], *, tta: int
                                    workers=workers, amp=amp)
         return fold_ids, probs.astype(np.float64)
     spec = blend.read_blend(teacher)
-    blend.verify_members(spec, teacher)
+    blend.verify_members(spec, teacher)  # the members' fold checkpoints are those blended
+    blend.check_same_fold_models(spec)
     members = [Path(m["path"]) for m in spec["members"]]
     fold_ids = _fold_ids_of_run(members[0])
-    for member in members[1:]:
-        if _fold_ids_of_run(member) != fold_ids:
-            raise RunError(f"blend {teacher}: member {member} has fold models "
-                           f"{_fold_ids_of_run(member)}, {members[0]} has {fold_ids}")
     member_probs = np.stack([predict_fold_probs(m, paths, tta=tta, device=device,
                                                 batch_size=batch_size, workers=workers, amp=amp)
                              for m in members]).astype(np.float64)  # (M, F, N, K)
