@@ -3,18 +3,23 @@ albumentations' Normalize, and TTA views against numpy."""
 
 from __future__ import annotations
 
+import random
+
 import albumentations as A
+import cv2
 import numpy as np
 import pytest
 import torch
 
+from albumentations.augmentations.geometric import functional as album_geometric
 from albumentations.augmentations.pixel import functional as album_pixel
 from scipy import stats
 
 from mixcls.data import ImageDataset, seed_transform
 from mixcls.transforms import (IMAGENET_MEAN, IMAGENET_STD, PRESETS, TTA_VIEWS, ZOOM_CROP,
-                               Affine, HueSaturationValue, Normalizer, Transpose, apply_tta_view,
-                               build_train_transform, build_valid_transform, shift_hsv_lut)
+                               Affine, CropFlipAffine, HueSaturationValue, Normalizer, apply_tta_view,
+                               build_train_transform, build_valid_transform,
+                               crop_flip_affine_matrix, shift_hsv_lut, warp_rgb)
 
 MEAN, STD = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
 
@@ -195,15 +200,93 @@ def test_seeded_items_draw_each_step_independently():
     assert stats.chisquare(counts.ravel()).pvalue > 1e-3
 
 
-def test_transpose_equals_albumentations_and_is_contiguous():
-    rng = np.random.default_rng(4)
-    for height, width in ((5, 7), (64, 33), (512, 384)):
-        image = random_image(rng, height, width)
-        ours = Transpose(p=1.0)(image=image)["image"]
-        theirs = A.Transpose(p=1.0)(image=image)["image"]
-        assert ours.flags["C_CONTIGUOUS"] and np.array_equal(ours, theirs)
-    gray = rng.integers(0, 256, (9, 4), dtype=np.uint8)  # not 3 channels: albumentations' path
-    assert np.array_equal(Transpose(p=1.0)(image=gray)["image"], gray.T)
+def smooth_image(height: int, width: int) -> np.ndarray:
+    """Slowly varying colours: resampling it twice or once differs by rounding only."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    planes = [127 + 120 * np.sin(xx / (17 + 9 * c) + c) * np.cos(yy / (23 + 5 * c)) for c in range(3)]
+    return np.clip(np.stack(planes, -1), 0, 255).astype(np.uint8)
+
+
+def chain_of_steps(crop: np.ndarray, size: int, flips, affine) -> np.ndarray:
+    """The cassava chain step by step, as albumentations runs it: resize, transpose, flips, affine."""
+    out = cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
+    for fired, step in zip(flips, (cv2.transpose, lambda x: cv2.flip(x, 1), lambda x: cv2.flip(x, 0))):
+        out = step(out) if fired else out
+    if affine is not None:
+        out = album_geometric.warp_affine(out, affine, cv2.INTER_LINEAR, 0, cv2.BORDER_CONSTANT,
+                                          (size, size))
+    return out
+
+
+def fused(crop: np.ndarray, size: int, flips, affine) -> np.ndarray:
+    matrix = crop_flip_affine_matrix((crop.shape[1], crop.shape[0]), size, flips, affine)
+    border = cv2.BORDER_REPLICATE if affine is None else cv2.BORDER_CONSTANT
+    return warp_rgb(crop, matrix, size, border=border)
+
+
+def test_one_warp_is_the_crop_and_flips_exactly_at_unit_scale():
+    """A crop of exactly size x size needs no resampling: every flip combination must give the
+    chain's pixels exactly (a wrong sign, order or half-pixel offset would not)."""
+    rng = np.random.default_rng(21)
+    image = random_image(rng, 90, 120)
+    size = 48
+    for flips in np.ndindex(2, 2, 2):
+        flips = tuple(bool(f) for f in flips)
+        x0, y0 = int(rng.integers(0, 120 - size)), int(rng.integers(0, 90 - size))
+        crop = image[y0:y0 + size, x0:x0 + size]
+        assert np.array_equal(fused(crop, size, flips, None), chain_of_steps(crop, size, flips, None)), flips
+
+
+def test_one_warp_matches_the_chain_of_steps_on_smooth_images():
+    """Random crops, flips and affine matrices (albumentations' own): one warp against the
+    chain's two resamplings. Crop and flips alone: within one grey level. With the affine step:
+    within three levels away from the black edge it brings, and close on average overall."""
+    rng = np.random.default_rng(22)
+    image = smooth_image(300, 400)
+    size = 96
+    affine_step = A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-45, 45), p=1)
+    seed_transform(A.Compose([affine_step]), 5)
+    for trial in range(24):
+        w, h = int(rng.integers(40, 400)), int(rng.integers(40, 300))
+        x0, y0 = int(rng.integers(0, 400 - w + 1)), int(rng.integers(0, 300 - h + 1))
+        crop = image[y0:y0 + h, x0:x0 + w]
+        flips = tuple(bool(f) for f in rng.integers(0, 2, 3))
+        affine = None
+        if trial % 2:
+            affine = affine_step.get_params_dependent_on_data({"shape": (size, size)}, {})["matrix"]
+        ours, theirs = fused(crop, size, flips, affine), chain_of_steps(crop, size, flips, affine)
+        diff = np.abs(ours.astype(int) - theirs.astype(int))
+        if affine is None:
+            assert diff.max() <= 1, (trial, diff.max())
+            continue
+        inside = album_geometric.warp_affine(np.full((size, size), 255, np.uint8), affine,
+                                             cv2.INTER_LINEAR, 0, cv2.BORDER_CONSTANT, (size, size))
+        interior = cv2.erode((inside == 255).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        assert diff[interior].max() <= 3, (trial, diff[interior].max())
+        assert diff.mean() < 1.5, (trial, diff.mean())
+
+
+def test_one_warp_draws_as_the_chain_does():
+    """The crop comes from albumentations' RandomResizedCrop code (the same coordinates under
+    the same generators); the three flips fire independently at p=0.5, the affine at its p."""
+    rng = np.random.default_rng(23)
+    step = CropFlipAffine(64, affine_p=0.3)
+    reference = A.RandomResizedCrop(size=(64, 64), scale=(0.08, 1.0), p=1.0)
+    params = {"shape": (120, 160, 3)}
+    flips, affine = np.zeros(8, int), 0
+    n = 1600
+    for seed in range(n):
+        step.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        reference.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        drawn = step.get_params_dependent_on_data(params, {})
+        assert drawn["crop"] == reference.get_params_dependent_on_data(params, {})["crop_coords"]
+        flips[int(np.dot(drawn["flips"], (4, 2, 1)))] += 1
+        affine += drawn["affine"] is not None
+    assert flips.min() > 0 and stats.chisquare(flips).pvalue > 1e-3
+    assert stats.binomtest(affine, n, 0.3).pvalue > 1e-3
+    image = random_image(rng, 120, 160)
+    out = A.Compose([step])(image=image)["image"]
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
 
 
 @pytest.mark.parametrize("seed", range(4))

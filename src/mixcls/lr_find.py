@@ -29,6 +29,8 @@ from mixcls.models import build_model, model_mean_std
 from mixcls.optim import build_optimizer
 from mixcls.run_setup import build_mixer, build_training_loss, resolve_batch_plan
 from mixcls.runs import RunError
+from mixcls.heap import keep_freed_memory
+from mixcls.sampling import worker_init
 from mixcls.transforms import Normalizer, build_train_transform
 
 SUGGEST_RULES = ("steepest", "min10")
@@ -366,8 +368,10 @@ def _build_pipeline(cfg: Config, table: TrainTable, rows: np.ndarray, *,
     paths = table.frame["path"].tolist()
     dataset = ImageDataset([paths[i] for i in rows], targets[rows],
                            build_train_transform(cfg.data.preset, cfg.data.img_size, mean=mean))
+    keep_freed_memory()  # before the workers fork (mixcls.heap)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=cfg.data.workers,
                         drop_last=len(dataset) > batch_size, pin_memory=device.type == "cuda",
+                        worker_init_fn=worker_init,
                         generator=torch.Generator().manual_seed(cfg.train.seed))
     mixer, loss_fn = build_mixer(cfg.mix), build_training_loss(cfg.loss)
     return _Pipeline(model=model, loader=loader, optimizer=build_optimizer(model, cfg.optim),

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mixcls.config import ConfigError
+from mixcls.heap import keep_freed_memory
 
 
 def derive_seed(*parts: int) -> int:
@@ -125,9 +126,11 @@ class EpochSampler(Sampler):
             yield row, (epoch_seed * 1_000_003 + row) % 2**32
 
 
-def _worker_init(worker_id: int) -> None:
+def worker_init(worker_id: int) -> None:
+    """Each loader worker: one OpenCV thread, and glibc's freed pages kept (mixcls.heap)."""
     import cv2
     cv2.setNumThreads(0)  # one decode thread per worker; the workers are the parallelism
+    keep_freed_memory()  # inherited from the parent when forked; a spawned worker sets its own
 
 
 PREFETCH_BATCHES = 4  # per worker (torch's default is 2)
@@ -138,9 +141,10 @@ def make_loader(dataset: Dataset, *, batch_size: int, workers: int, sampler: Sam
     """A DataLoader whose worker seeds come from `seed`, never from the global torch RNG."""
     # Its own generator: creating an iterator draws a worker base seed, which must not move
     # the global torch RNG (a resumed epoch creates one iterator more than an unbroken one).
+    keep_freed_memory()  # before the workers fork; the decode and augmentation of 0 workers too
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=drop_last, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0, worker_init_fn=_worker_init,
+                      persistent_workers=workers > 0, worker_init_fn=worker_init,
                       # uint8 batches are small: each worker keeps a few ready ahead of the step
                       prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
                       generator=torch.Generator().manual_seed(seed))
