@@ -15,12 +15,17 @@ no model) is timed over one epoch after a warm-up epoch, in four ways:
            RGB), no augmentation, no batch of images (each item is the image's height), through
            the same DataLoader.
 
+With --colour-on-device the preset's colour steps leave the loader (they run on the batch on the
+device in training); the script then also times that step on this machine's CPU, per image, as
+the cost it moves: on a GPU machine it runs on the GPU.
+
 Then the whole trainer (`fit_folds`, one fold, --cache-images disk) on tf_efficientnet_lite0 at
 384 px against a bare loop fed by the same loader (same dataset, transform, cache, workers;
 uint8 batches normalised by the same Normalizer; forward, cross-entropy, backward, AdamW step,
 nothing else); each timed over its second epoch.
 
     python benchmarks/loader.py --data PATH [--images 256] [--work runs/bench_loader]
+                                [--preset cassava] [--colour-on-device] [--skip-trainer]
 
 Nothing is downloaded. Ends with
 `disk_cache_speedup_512=… ram_cache_speedup_512=… trainer_ratio=…` (the speedups: images/s of
@@ -47,7 +52,7 @@ from clothing import list_photos
 from mixcls.config import load_config
 from mixcls.data import ImageDataset, load_image_cache
 from mixcls.sampling import EpochSampler, make_loader
-from mixcls.transforms import build_train_transform
+from mixcls.transforms import build_device_colour, build_train_transform
 
 MODES = ("decode", "ram", "disk", "pil")
 UPSCALED = (800, 600)  # width, height: Cassava's photos
@@ -96,7 +101,7 @@ class PilOnly(torch.utils.data.Dataset):
 
 
 def build_dataset(mode: str, paths: list[str], labels: np.ndarray, img_size: int, preset: str,
-                  cache_dir: Path) -> tuple[torch.utils.data.Dataset, float]:
+                  cache_dir: Path, colour_on_device: bool = False) -> tuple[torch.utils.data.Dataset, float]:
     """The dataset of one mode and the seconds its cache took to build (0 without one)."""
     if mode == "pil":
         return PilOnly(paths), 0.0
@@ -106,8 +111,26 @@ def build_dataset(mode: str, paths: list[str], labels: np.ndarray, img_size: int
         cache = load_image_cache(paths, mode="yes" if mode == "ram" else "disk", img_size=img_size,
                                  cache_dir=cache_dir)
         seconds = time.perf_counter() - start
-    transform = build_train_transform(preset, img_size)
+    transform = build_train_transform(preset, img_size, colour_on_device=colour_on_device)
     return ImageDataset(paths, labels, transform, cache=cache), seconds
+
+
+def device_colour_ms(preset: str, img_size: int, batch: int, *, repeats: int = 5) -> float:
+    """CPU milliseconds per image of the preset's colour steps on a uint8 batch (DeviceColour),
+    the median of `repeats` batches."""
+    colour = build_device_colour(preset)
+    if colour is None:
+        return 0.0
+    images = torch.randint(0, 256, (batch, 3, img_size, img_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    colour(images, generator)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        colour(images, generator)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times)) / batch
 
 
 def time_epoch(loader, sampler: EpochSampler, epoch: int) -> float:
@@ -130,7 +153,8 @@ def pipeline_ips(dataset, n: int, *, batch: int, workers: int, seed: int) -> flo
 
 
 def trainer_vs_bare(photos: Path, table: pd.DataFrame, work: Path, *, img_size: int, batch: int,
-                    workers: int, preset: str, seed: int) -> tuple[float, float]:
+                    workers: int, preset: str, seed: int,
+                    colour_on_device: bool = False) -> tuple[float, float]:
     """(trainer images/s, bare loop images/s), each over its second epoch on the same rows."""
     import timm
 
@@ -150,7 +174,8 @@ def trainer_vs_bare(photos: Path, table: pd.DataFrame, work: Path, *, img_size: 
     cfg = load_config(None, {
         "data": str(data), "model": "tf_efficientnet_lite0", "img_size": img_size,
         "batch_size": batch, "epochs": 2, "folds": 2, "train_folds": [0], "workers": workers,
-        "preset": preset, "cache_images": "disk", "cache_dir": str(work / "cache"),
+        "preset": preset, "colour_on_device": colour_on_device, "cache_images": "disk",
+        "cache_dir": str(work / "cache"),
         "optimizer": "adamw", "lr": 1e-3, "device": "cpu", "seed": seed})
     fit_folds(cfg, run, progress=False, log=lambda msg: None)
     history = pd.read_csv(run / "fold_0" / "history.csv")
@@ -162,7 +187,10 @@ def trainer_vs_bare(photos: Path, table: pd.DataFrame, work: Path, *, img_size: 
     by_id = table.set_index("image_id")["label"]
     paths = [str(data / "train_images" / i) for i in train_ids]
     labels = np.array([classes.index(by_id[i]) for i in train_ids], dtype=np.int64)
-    dataset, _ = build_dataset("disk", paths, labels, img_size, preset, work / "cache")
+    dataset, _ = build_dataset("disk", paths, labels, img_size, preset, work / "cache",
+                               colour_on_device=colour_on_device)
+    colour = build_device_colour(preset) if colour_on_device else None
+    generator = torch.Generator().manual_seed(seed)
     register_models()
     torch.manual_seed(seed)
     model = timm.create_model("tf_efficientnet_lite0", num_classes=len(classes)).train()
@@ -176,7 +204,8 @@ def trainer_vs_bare(photos: Path, table: pd.DataFrame, work: Path, *, img_size: 
         sampler.set_epoch(epoch)
         start = time.perf_counter()
         for images, targets in loader:
-            loss = torch.nn.functional.cross_entropy(model(normalizer(images)), targets)
+            x = normalizer.from_255(colour(images, generator)) if colour else normalizer(images)
+            loss = torch.nn.functional.cross_entropy(model(x), targets)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -197,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer-batch", type=int, default=16)
     parser.add_argument("--trainer-workers", type=int, default=1)
     parser.add_argument("--skip-trainer", action="store_true")
+    parser.add_argument("--colour-on-device", action="store_true",
+                        help="leave the preset's colour steps out of the loader (--colour-on-device)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     data, work = Path(args.data), Path(args.work)
@@ -218,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                 cache_dir = work / "cache" / source
                 if mode == "disk":
                     shutil.rmtree(cache_dir, ignore_errors=True)  # the build is timed from scratch
-                dataset, build_s = build_dataset(mode, paths, labels, size, args.preset, cache_dir)
+                dataset, build_s = build_dataset(mode, paths, labels, size, args.preset, cache_dir,
+                                                 colour_on_device=args.colour_on_device)
                 for workers in worker_counts:
                     ips = pipeline_ips(dataset, len(paths), batch=args.batch_size, workers=workers,
                                        seed=args.seed)
@@ -235,11 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     wide["ram/decode"] = wide["ram"] / wide["decode"]
     builds = result[result["mode"].isin(["ram", "disk"])].groupby(
         ["source", "img_size", "mode"])["cache_build_s"].first().unstack()
-    print(f"clothing photos: {len(table)} per cell, preset {args.preset}, batch {args.batch_size}, "
+    where = " (colour steps on the device, not in these cells)" if args.colour_on_device else ""
+    print(f"clothing photos: {len(table)} per cell, preset {args.preset}{where}, batch {args.batch_size}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs; images/s of one epoch after a warm-up epoch")
     print(wide.to_string(float_format=lambda v: f"{v:.2f}"))
     print("\ncache build seconds (decode every photo once, write the copies or keep the arrays):")
     print(builds.to_string(float_format=lambda v: f"{v:.1f}"))
+    if args.colour_on_device:
+        torch.set_num_threads(1)  # one core's cost, comparable with a loader worker's
+        print("\nthe colour steps moved to the device, timed on this CPU (1 thread), ms per image:")
+        for size in sizes:
+            print(f"  {size} px: {device_colour_ms(args.preset, size, args.batch_size):.2f}")
+        torch.set_num_threads(os.cpu_count() or 1)
     at = wide.loc[("800x600", max(sizes), max(worker_counts))]  # 512 px and 2 workers by default
     trainer_ratio = float("nan")
     if not args.skip_trainer:
@@ -247,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer_photos = make_upscaled(data, trainer_table, work / "trainer_upscaled")
         trainer_ips, bare_ips = trainer_vs_bare(
             trainer_photos, trainer_table, work, img_size=384, batch=args.trainer_batch,
-            workers=args.trainer_workers, preset=args.preset, seed=args.seed)
+            workers=args.trainer_workers, preset=args.preset, seed=args.seed,
+            colour_on_device=args.colour_on_device)
         trainer_ratio = trainer_ips / bare_ips
         print(f"\ntf_efficientnet_lite0 at 384 px, 800x600 JPEGs, disk cache, batch "
               f"{args.trainer_batch}, {args.trainer_workers} worker(s), {args.trainer_images} "

@@ -97,9 +97,11 @@ def test_demo_refuses_an_out_with_files(tmp_path):
 
 
 @pytest.mark.slow
-def test_loader_final_line_is_the_tables_ratio_of_the_upscaled_copies(tmp_path, capsys):
+@pytest.mark.parametrize("colour_on_device", [False, True])
+def test_loader_final_line_is_the_tables_ratio_of_the_upscaled_copies(tmp_path, capsys, colour_on_device):
     """benchmarks/loader.py on 12 generated JPEGs (no trainer part): every cell is timed and the
-    final line's speedups are the table's disk/decode and ram/decode of the 800x600 copies."""
+    final line's speedups are the table's disk/decode and ram/decode of the 800x600 copies.
+    With --colour-on-device the colour steps' own cost on the CPU is printed apart."""
     import numpy as np
     from PIL import Image
 
@@ -111,9 +113,14 @@ def test_loader_final_line_is_the_tables_ratio_of_the_upscaled_copies(tmp_path, 
     loader_bench = _load("loader")
     code = loader_bench.main(["--data", str(tmp_path / "photos"), "--work", str(tmp_path / "work"),
                               "--images", "10", "--sizes", "48", "--workers", "0",
-                              "--batch-size", "4", "--skip-trainer"])
+                              "--batch-size", "4", "--skip-trainer"]
+                             + (["--colour-on-device"] if colour_on_device else []))
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
+    moved = [line for line in lines if line.startswith("  48 px: ")]
+    assert len(moved) == int(colour_on_device)
+    if colour_on_device:
+        assert float(moved[0].split()[-1]) > 0
     values = dict(item.split("=", 1) for item in lines[-1].split())
     assert sorted(values) == ["disk_cache_speedup_512", "ram_cache_speedup_512", "trainer_ratio"]
     assert values["trainer_ratio"] == "nan"

@@ -217,3 +217,27 @@ def test_uint8_batches_with_a_normalizer_train_as_the_same_batches_normalised_be
     assert all(torch.equal(x, y) for x, y in zip(a_w, b_w))
     with pytest.raises(TypeError, match="uint8 images need a Normalizer"):
         evaluate(_net(0), raw, device=torch.device("cpu"))
+
+
+def test_colour_on_device_trains_as_the_batches_coloured_and_normalised_before():
+    """--colour-on-device: the training step shifts the colours of the uint8 batch with the
+    step's generator, then normalises; the same as feeding batches coloured and normalised
+    beforehand from a generator in the same state. Evaluation never shifts colours."""
+    from mixcls.transforms import Normalizer, build_device_colour
+    gen = torch.Generator().manual_seed(6)
+    raw = [(torch.randint(0, 256, (6, 3, 8, 8), generator=gen, dtype=torch.uint8),
+            torch.randint(0, 5, (6,), generator=gen)) for _ in range(4)]
+    normalizer, colour = Normalizer((0.3, 0.5, 0.7), (0.2, 0.3, 0.25)), build_device_colour("cassava")
+    before = torch.Generator().manual_seed(9)
+    coloured = [(normalizer.from_255(colour(x, before)), y) for x, y in raw]
+    assert not torch.allclose(coloured[0][0], normalizer(raw[0][0]))
+    outcomes = []
+    for batches, kwargs in ((raw, dict(normalizer=normalizer, colour=colour,
+                                       generator=torch.Generator().manual_seed(9))),
+                            (coloured, {})):
+        model = _net(3)
+        stats = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=_ce,
+                                device=torch.device("cpu"), num_classes=5, progress=False, **kwargs)
+        outcomes.append((stats.loss_sum, [p.detach().clone() for p in model.parameters()]))
+    (a_loss, a_w), (b_loss, b_w) = outcomes
+    assert a_loss == b_loss and all(torch.equal(x, y) for x, y in zip(a_w, b_w))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import albucore
 import albumentations as A
 import cv2
 import numpy as np
@@ -18,8 +19,9 @@ from scipy import stats
 from mixcls.data import ImageDataset, seed_transform
 from mixcls.transforms import (IMAGENET_MEAN, IMAGENET_STD, PRESETS, TTA_VIEWS, ZOOM_CROP,
                                Affine, CropFlipAffine, HueSaturationValue, Normalizer, apply_tta_view,
+                               DeviceColour, brightness_contrast_float, build_device_colour,
                                build_train_transform, build_valid_transform,
-                               crop_flip_affine_matrix, shift_hsv_lut, warp_rgb)
+                               crop_flip_affine_matrix, shift_hsv_float, shift_hsv_lut, warp_rgb)
 
 MEAN, STD = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
 
@@ -330,3 +332,91 @@ def test_affine_equals_albumentations_under_the_same_seed():
             expected = theirs(image=image)["image"]
             assert not np.array_equal(expected, image)
             assert np.array_equal(ours(image=image)["image"], expected)
+
+
+def to_batch(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def test_device_hsv_equals_opencvs_float_conversion():
+    """Per image of a batch, each with its own shifts, against OpenCV's float RGB<->HSV with
+    the same shifts applied in numpy (hue in degrees: twice the uint8 units)."""
+    rng = np.random.default_rng(31)
+    images = [random_image(rng, 20, 24) for _ in range(6)]
+    images[0][:5] = 128  # grey pixels stay grey
+    shifts = rng.uniform([-20, -30, -20], [20, 30, 20], size=(6, 3))
+    ours = shift_hsv_float(to_batch(images).float(), *torch.tensor(shifts, dtype=torch.float32).T)
+    for i, image in enumerate(images):
+        hsv = cv2.cvtColor(image.astype(np.float32) / 255, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = np.mod(hsv[..., 0] + 2 * shifts[i, 0], 360)
+        hsv[..., 1] = np.where(hsv[..., 1] > 0, np.clip(hsv[..., 1] + shifts[i, 1] / 255, 0, 1), 0)
+        hsv[..., 2] = np.clip(hsv[..., 2] + shifts[i, 2] / 255, 0, 1)
+        expected = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * 255
+        np.testing.assert_allclose(ours[i].permute(1, 2, 0).numpy(), expected, atol=0.01)
+    grey = ours[0, :, :5]
+    assert torch.allclose(grey[0], grey[1]) and torch.allclose(grey[1], grey[2])
+
+
+def test_device_hsv_is_albumentations_hsv_without_its_rounding():
+    """On uint8 albumentations rounds hue to 2 degrees and truncates it after the shift; the
+    float version does neither, so the two agree to a few grey levels on average."""
+    rng = np.random.default_rng(32)
+    for _ in range(10):
+        image = random_image(rng, 30, 30)
+        shift = rng.uniform([-20, -30, -20], [20, 30, 20])
+        expected = album_pixel.shift_hsv(image.copy(), *shift).astype(np.float64)
+        ours = shift_hsv_float(to_batch([image]).float(), *torch.tensor(shift[:, None], dtype=torch.float32))
+        diff = np.abs(ours[0].permute(1, 2, 0).numpy() - expected)
+        assert diff.mean() < 2.5, diff.mean()
+
+
+def test_device_brightness_contrast_is_albucores_before_its_truncation():
+    rng = np.random.default_rng(33)
+    images = [random_image(rng, 16, 16) for _ in range(5)]
+    brightness, contrast = rng.uniform(-0.2, 0.2, 5), rng.uniform(-0.2, 0.2, 5)
+    ours = brightness_contrast_float(to_batch(images).float(), torch.tensor(brightness, dtype=torch.float32),
+                                     torch.tensor(contrast, dtype=torch.float32))
+    for i, image in enumerate(images):
+        expected = albucore.multiply_add(image, 1 + contrast[i], brightness[i] * 255, inplace=False)
+        diff = ours[i].permute(1, 2, 0).numpy() - expected  # albucore's table truncates
+        assert diff.min() >= -1e-3 and diff.max() < 1, (diff.min(), diff.max())
+
+
+def test_device_colour_draws_each_step_with_its_p_and_limits():
+    """The cassava preset's two colour steps, read from albumentations' own steps: each fires
+    on about p of the images and draws its shifts uniformly in its limits."""
+    colour = build_device_colour("cassava")
+    host = {type(step).__name__: step for step in PRESETS["cassava"](32)}
+    assert [kind for kind, _, _ in colour.steps] == ["hsv", "bc"]
+    assert colour.steps[0][2] == (host["HueSaturationValue"].hue_shift_limit,
+                                  host["HueSaturationValue"].sat_shift_limit,
+                                  host["HueSaturationValue"].val_shift_limit)
+    n = 4000
+    draws = colour.draw(n, device=torch.device("cpu"), generator=torch.Generator().manual_seed(3))
+    for (kind, p, limits), (_, fired, values) in zip(colour.steps, draws):
+        assert stats.binomtest(len(fired), n, p).pvalue > 1e-3
+        for column, (low, high) in zip(values.T.numpy(), limits):
+            assert stats.kstest(column, stats.uniform(low, high - low).cdf).pvalue > 1e-3
+
+
+def test_device_colour_repeats_under_its_generator_and_changes_the_batch():
+    colour = build_device_colour("cassava")
+    batch = to_batch([random_image(np.random.default_rng(i), 12, 12) for i in range(16)])
+    first = colour(batch, torch.Generator().manual_seed(5))
+    assert torch.equal(first, colour(batch, torch.Generator().manual_seed(5)))
+    assert not torch.equal(first, colour(batch, torch.Generator().manual_seed(6)))
+    assert first.dtype == torch.float32 and first.min() >= 0 and first.max() <= 255
+    with pytest.raises(TypeError, match="uint8"):
+        colour(batch.float())
+
+
+def test_colour_on_device_takes_the_colour_steps_out_of_the_loader():
+    for preset in sorted(PRESETS):
+        host = [type(t) for t in build_train_transform(preset, 32).transforms]
+        moved = [type(t) for t in build_train_transform(preset, 32, colour_on_device=True).transforms]
+        colour = build_device_colour(preset)
+        kept = [t for t in host if not issubclass(t, (A.HueSaturationValue, A.RandomBrightnessContrast))]
+        assert moved == kept
+        assert (colour is None) == (kept == host)
+    with pytest.raises(ValueError, match="cannot run"):
+        DeviceColour([A.HorizontalFlip()])

@@ -49,6 +49,9 @@ class DataConfig:
     label_col: str = _opt("label", "column of labels (integers or strings)")
     img_size: int = _opt(224, "square side in pixels the model sees")
     preset: str = _opt("light", "albumentations preset for training", choices=PRESETS)
+    colour_on_device: bool = _opt(False, "run the preset's colour steps (HSV, brightness/contrast) "
+                                  "on the batch on the device instead of in the loader: less CPU "
+                                  "per image, for GPU machines")
     workers: int = _opt(2, "DataLoader worker processes (0: load in the main process)")
     cache_images: str = _opt("auto", "where decoded images live between epochs: yes (RAM, full "
                              "size), disk (copies shrunk to a short side of cache_scale x img_size "

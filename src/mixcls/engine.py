@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from mixcls.losses import to_soft_targets
 from mixcls.optim import current_lr
-from mixcls.transforms import Normalizer, apply_tta_view
+from mixcls.transforms import DeviceColour, Normalizer, apply_tta_view
 
 # The running loss and accuracy are read from the device (a synchronisation) at most this
 # often, and at least every READ_EVERY_BATCHES batches (which bounds the per-batch losses
@@ -133,12 +133,19 @@ def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
 
 
 def prepare_images(images: torch.Tensor, *, device: torch.device,
-                   normalizer: Normalizer | None = None, channels_last: bool = False) -> torch.Tensor:
+                   normalizer: Normalizer | None = None, channels_last: bool = False,
+                   colour: DeviceColour | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """A loader's images as the model takes them, on `device`: uint8 batches normalised there
     by `normalizer` (the model's mean and std) into float32; then the memory format asked for.
-    Without a normalizer the images are taken as they are (already float)."""
+    `colour` (--colour-on-device, training only) shifts the colours first, drawing from
+    `generator`. Without a normalizer the images are taken as they are (already float)."""
     images = images.to(device, non_blocking=True)
-    if normalizer is not None:
+    if colour is not None:
+        if normalizer is None:
+            raise TypeError("colour on the device needs a Normalizer (the model's mean and std)")
+        images = normalizer.from_255(colour(images, generator))
+    elif normalizer is not None:
         images = normalizer(images)
     elif images.dtype == torch.uint8:
         raise TypeError("uint8 images need a Normalizer (the model's mean and std)")
@@ -152,11 +159,14 @@ def to_memory_format(images: torch.Tensor, *, channels_last: bool) -> torch.Tens
 def prepare_batch(images: torch.Tensor, targets: torch.Tensor, *, device: torch.device,
                   num_classes: int, normalizer: Normalizer | None = None,
                   channels_last: bool = False, mixer: Callable | None = None,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None = None,
+                  colour: DeviceColour | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A loader's batch on `device` as the model trains on it: images (B, 3, H, W) float,
-    normalised (prepare_images), soft targets (B, K), mixed when a mixer is given (mixing sees
-    the normalised images)."""
-    images = prepare_images(images, device=device, normalizer=normalizer, channels_last=channels_last)
+    colour-shifted when `colour` is given and normalised (prepare_images), soft targets (B, K),
+    mixed when a mixer is given (mixing sees the normalised images). Colour and mixing draw
+    from `generator`, in that order."""
+    images = prepare_images(images, device=device, normalizer=normalizer, channels_last=channels_last,
+                            colour=colour, generator=generator)
     soft_targets = to_soft_targets(targets.to(device, non_blocking=True), num_classes)
     if mixer is not None:
         images, soft_targets, _ = mixer(images, soft_targets, generator=generator)
@@ -186,7 +196,7 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
                     accum_steps: int = 1, scaler: torch.amp.GradScaler | None = None,
                     amp_dtype: torch.dtype | None = None, grad_clip: float | None = None,
                     ema: nn.Module | None = None, channels_last: bool = False,
-                    bn_eval: Sequence[nn.Module] = (),
+                    bn_eval: Sequence[nn.Module] = (), colour: DeviceColour | None = None,
                     start_batch: int = 0, n_batches: int | None = None,
                     start_stats: EpochStats | None = None,
                     on_step: Callable[[int, EpochStats], None] | None = None,
@@ -212,7 +222,7 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
     for i, (images, targets) in enumerate(loader, start=start_batch):
         images, soft_targets = prepare_batch(images, targets, device=device, num_classes=num_classes,
                                              normalizer=normalizer, channels_last=channels_last,
-                                             mixer=mixer, generator=generator)
+                                             mixer=mixer, generator=generator, colour=colour)
         step = should_step(i, n_batches, accum_steps)
         # Under DDP only the group's last micro-batch all-reduces the (accumulated) gradients.
         with _no_sync(model, sync=step), autocast_context(device, amp_dtype):

@@ -22,7 +22,8 @@ from mixcls.optim import build_optimizer, build_scheduler
 from mixcls.resume import Trainables
 from mixcls.run_setup import FoldData, build_mixer, build_training_loss
 from mixcls.sampling import EpochSampler, derive_seed, make_loader
-from mixcls.transforms import Normalizer, build_train_transform, build_valid_transform
+from mixcls.transforms import (DeviceColour, Normalizer, build_device_colour, build_train_transform,
+                               build_valid_transform)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class FoldParts:
     mixer: Callable | None
     valid_labels: np.ndarray  # (n_valid,) every validation row, for scoring
     normalizer: Normalizer  # the model's mean and std: uint8 batches -> its input, on the device
+    colour: DeviceColour | None  # the preset's colour steps, on the training batch (--colour-on-device)
     wrap: Callable[[nn.Module], nn.Module]  # DDP and/or torch.compile around the bare model
     compile: bool = False
     freeze_epochs: int = 0
@@ -108,7 +110,9 @@ def build_fold_parts(cfg: Config, data: FoldData, *, fold: int, device: torch.de
 
     return FoldParts(Trainables(model, ema, optimizer, scheduler, scaler), amp_dtype, sampler,
                      train_loader, valid_loader, n_batches, loss_fn, mixer, data.valid_labels,
-                     Normalizer(mean, std), wrap, compile=cfg.model.compile,
+                     Normalizer(mean, std),
+                     build_device_colour(cfg.data.preset) if cfg.data.colour_on_device else None,
+                     wrap, compile=cfg.model.compile,
                      freeze_epochs=cfg.model.freeze_epochs, freeze_bn=cfg.model.freeze_bn)
 
 
@@ -117,7 +121,8 @@ def _build_loaders(cfg: Config, data: FoldData, mean: tuple, *, fold: int, devic
     """uint8 batches; `mean` only colours the cassava preset's cutout."""
     batch_size, img_size = int(cfg.train.batch_size), cfg.data.img_size
     train_ds = ImageDataset(data.train_paths, data.train_targets,
-                            build_train_transform(cfg.data.preset, img_size, mean=mean),
+                            build_train_transform(cfg.data.preset, img_size, mean=mean,
+                                                  colour_on_device=cfg.data.colour_on_device),
                             cache=data.train_cache)
     # Each rank evaluates every world_size-th validation row and the probabilities are gathered:
     # with 8 GPUs and a 4,000-image fold (times the TTA views) evaluating the whole fold on

@@ -31,7 +31,7 @@ from mixcls.run_setup import build_mixer, build_training_loss, resolve_batch_pla
 from mixcls.runs import RunError
 from mixcls.heap import keep_freed_memory
 from mixcls.sampling import worker_init
-from mixcls.transforms import Normalizer, build_train_transform
+from mixcls.transforms import DeviceColour, Normalizer, build_device_colour, build_train_transform
 
 SUGGEST_RULES = ("steepest", "min10")
 MIN_STEPS = 10  # fewer points than this give no curve to read a slope from
@@ -95,7 +95,8 @@ def range_test(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
                generator: torch.Generator | None = None, amp_dtype: torch.dtype | None = None,
                scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None,
                channels_last: bool = False, beta: float = 0.98,
-               diverge_factor: float = 4.0, normalizer: Normalizer | None = None) -> LRFindResult:
+               diverge_factor: float = 4.0, normalizer: Normalizer | None = None,
+               colour: DeviceColour | None = None) -> LRFindResult:
     """Train `steps` optimizer steps at lrs rising exponentially from min_lr to max_lr; then restore.
 
     Each step is `accum_steps` micro-batches from `loader` (batches of images (B, C, H, W) and
@@ -118,7 +119,7 @@ def range_test(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
                               accum_steps=accum_steps, mixer=mixer, generator=generator,
                               amp_dtype=amp_dtype, scaler=scaler, grad_clip=grad_clip,
                               channels_last=channels_last, beta=beta, diverge_factor=diverge_factor,
-                              normalizer=normalizer)
+                              normalizer=normalizer, colour=colour)
     finally:
         _restore_snapshot(snapshot, model, optimizer, scaler)
 
@@ -128,7 +129,8 @@ def _run_range(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
                accum_steps: int, mixer: Callable | None, generator: torch.Generator | None,
                amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
                grad_clip: float | None, channels_last: bool, beta: float,
-               diverge_factor: float, normalizer: Normalizer | None = None) -> LRFindResult:
+               diverge_factor: float, normalizer: Normalizer | None = None,
+               colour: DeviceColour | None = None) -> LRFindResult:
     """The plain loop: one lr per accumulation group, one recorded loss per optimizer step."""
     model.train()
     n_batches = len(lrs) * accum_steps
@@ -142,7 +144,7 @@ def _run_range(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
         _set_lr(optimizer, lr)
         images, soft_targets = prepare_batch(images, targets, device=device, num_classes=num_classes,
                                              normalizer=normalizer, channels_last=channels_last, mixer=mixer,
-                                             generator=generator)
+                                             generator=generator, colour=colour)
         with autocast_context(device, amp_dtype):
             logits = model(images)
             loss = loss_fn(logits, soft_targets)
@@ -330,7 +332,8 @@ def find_lr_for_config(cfg: Config, *, rows: np.ndarray | None = None, device: s
                         mixer=parts.mixer, generator=parts.generator, amp_dtype=parts.amp_dtype,
                         scaler=parts.scaler, grad_clip=cfg.train.grad_clip,
                         channels_last=cfg.model.channels_last, beta=beta,
-                        diverge_factor=diverge_factor, normalizer=parts.normalizer)
+                        diverge_factor=diverge_factor, normalizer=parts.normalizer,
+                        colour=parts.colour)
     return result, suggest_lr(result, rule=rule)
 
 
@@ -350,6 +353,7 @@ class _Pipeline:
     batch_size: int
     accum_steps: int
     normalizer: Normalizer | None = None  # the model's mean and std for the uint8 batches
+    colour: DeviceColour | None = None  # the preset's colour steps on the device (--colour-on-device)
 
 
 def _build_pipeline(cfg: Config, table: TrainTable, rows: np.ndarray, *,
@@ -367,7 +371,8 @@ def _build_pipeline(cfg: Config, table: TrainTable, rows: np.ndarray, *,
     targets = table.soft_targets if table.soft_targets is not None else table.labels
     paths = table.frame["path"].tolist()
     dataset = ImageDataset([paths[i] for i in rows], targets[rows],
-                           build_train_transform(cfg.data.preset, cfg.data.img_size, mean=mean))
+                           build_train_transform(cfg.data.preset, cfg.data.img_size, mean=mean,
+                                                 colour_on_device=cfg.data.colour_on_device))
     keep_freed_memory()  # before the workers fork (mixcls.heap)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=cfg.data.workers,
                         drop_last=len(dataset) > batch_size, pin_memory=device.type == "cuda",
@@ -378,4 +383,5 @@ def _build_pipeline(cfg: Config, table: TrainTable, rows: np.ndarray, *,
                      loss_fn=loss_fn, mixer=mixer,
                      generator=torch.Generator(device=device).manual_seed(cfg.train.seed),
                      device=device, amp_dtype=amp_dtype, scaler=scaler, batch_size=batch_size,
-                     accum_steps=accum_steps, normalizer=Normalizer(mean, std))
+                     accum_steps=accum_steps, normalizer=Normalizer(mean, std),
+                     colour=build_device_colour(cfg.data.preset) if cfg.data.colour_on_device else None)

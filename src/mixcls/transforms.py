@@ -41,6 +41,11 @@ class Normalizer:
         shift, scale = self._constants(images.device)
         return (images.float() - shift) * scale
 
+    def from_255(self, images: torch.Tensor) -> torch.Tensor:
+        """Float images in 0-255 (DeviceColour's output) -> the model's input, as for uint8."""
+        shift, scale = self._constants(images.device)
+        return (images.float() - shift) * scale
+
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._consts:
             # albumentations computes these in float32 numpy; the same numbers here
@@ -240,13 +245,31 @@ PRESETS = {"light": _preset_light, "cassava": _preset_cassava, "digits": _preset
            "none": _preset_none}
 
 
-def build_train_transform(preset: str, img_size: int, *,
-                          mean: Sequence[float] = IMAGENET_MEAN) -> A.Compose:
+COLOUR_STEPS = (A.HueSaturationValue, A.RandomBrightnessContrast)  # what --colour-on-device moves
+
+
+def build_train_transform(preset: str, img_size: int, *, mean: Sequence[float] = IMAGENET_MEAN,
+                          colour_on_device: bool = False) -> A.Compose:
     """The training pipeline of a named preset, ending in ToTensorV2: uint8 (3, H, W).
 
     `mean` is the model's: the cassava preset's cutout fills its holes with it (rounded to
     uint8), the colour that normalises to about 0, as when cutout ran after Normalize.
+    With `colour_on_device` the colour steps are left out: `build_device_colour` gives them,
+    applied to the batch on the device.
     """
+    steps = _preset_steps(preset, img_size, mean)
+    if colour_on_device:
+        steps = [step for step in steps if not isinstance(step, COLOUR_STEPS)]
+    return A.Compose(steps + _finish())
+
+
+def build_device_colour(preset: str) -> "DeviceColour | None":
+    """The preset's colour steps as one batched step on the device (None when it has none)."""
+    colour = [step for step in _preset_steps(preset, 32, IMAGENET_MEAN) if isinstance(step, COLOUR_STEPS)]
+    return DeviceColour(colour) if colour else None
+
+
+def _preset_steps(preset: str, img_size: int, mean: Sequence[float]) -> list:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(sorted(PRESETS))}")
     steps = PRESETS[preset](img_size)
@@ -254,7 +277,106 @@ def build_train_transform(preset: str, img_size: int, *,
         fill = tuple(float(round(m * 255)) for m in mean)
         steps = steps + [A.CoarseDropout(num_holes_range=(1, 8), hole_height_range=(0.05, 0.1),
                                          hole_width_range=(0.05, 0.1), fill=fill, p=0.5)]
-    return A.Compose(steps + _finish())
+    return steps
+
+
+class DeviceColour:
+    """A preset's HueSaturationValue and RandomBrightnessContrast steps, on a batch on its device.
+
+    On a GPU machine the loader's CPU work sets the pace at Cassava's sizes, and the colour
+    shifts are a third of it (two colour-space conversions per photo); batched on the device they
+    cost next to nothing. The steps keep their order, probabilities and ranges (read from the
+    albumentations steps themselves): per image, each fires with its p and draws its shifts
+    uniformly in its limits, as albumentations does, from the training step's generator (the
+    mixing one, saved with step checkpoints, so a resumed run draws the same). The arithmetic
+    is albumentations' in float without rounding between steps: HSV is OpenCV's (hue in units
+    of 2 degrees as on uint8 images, grey pixels left grey), brightness/contrast is
+    x * (1 + contrast) + brightness * 255, each clipped to [0, 255]. What moves: the cutout
+    holes of the cassava preset are cut on the host, before these shifts, so they take them.
+
+    Takes uint8 (B, 3, H, W), returns float32 in 0-255 for Normalizer.from_255.
+    """
+
+    def __init__(self, steps: Sequence):
+        self.steps = []
+        for step in steps:
+            if isinstance(step, A.HueSaturationValue):
+                limits = (step.hue_shift_limit, step.sat_shift_limit, step.val_shift_limit)
+                self.steps.append(("hsv", float(step.p), tuple(tuple(map(float, lim)) for lim in limits)))
+            elif isinstance(step, A.RandomBrightnessContrast):
+                if not step.brightness_by_max or step.ensure_safe_range:
+                    raise ValueError("DeviceColour does brightness by the maximum, without safe ranges")
+                limits = (step.brightness_limit, step.contrast_limit)
+                self.steps.append(("bc", float(step.p), tuple(tuple(map(float, lim)) for lim in limits)))
+            else:
+                raise ValueError(f"DeviceColour cannot run {type(step).__name__}")
+
+    def draw(self, n: int, *, device: torch.device,
+             generator: torch.Generator | None = None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """Per step: its kind, the indices of the images it fires on, and their shifts
+        (fired, len(limits)). One fixed-size draw per step and image, fired or not, so the
+        stream does not depend on which images fired."""
+        draws = []
+        for kind, p, limits in self.steps:
+            u = torch.rand((n, 1 + len(limits)), generator=generator, device=device)
+            low = torch.tensor([lim[0] for lim in limits], device=device)
+            high = torch.tensor([lim[1] for lim in limits], device=device)
+            fired = torch.nonzero(u[:, 0] < p).flatten()
+            draws.append((kind, fired, (low + (high - low) * u[:, 1:])[fired]))
+        return draws
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"DeviceColour expects uint8 images (B, 3, H, W), got {images.dtype}")
+        x = images.float()
+        for kind, fired, v in self.draw(x.shape[0], device=x.device, generator=generator):
+            if fired.numel() == 0:
+                continue
+            if kind == "hsv":
+                x[fired] = shift_hsv_float(x[fired], v[:, 0], v[:, 1], v[:, 2])
+            else:
+                x[fired] = brightness_contrast_float(x[fired], v[:, 0], v[:, 1])
+        return x
+
+    def __repr__(self) -> str:
+        return f"DeviceColour({self.steps})"
+
+
+def brightness_contrast_float(x: torch.Tensor, brightness: torch.Tensor,
+                              contrast: torch.Tensor) -> torch.Tensor:
+    """albumentations' RandomBrightnessContrast (brightness by the maximum) per image of
+    (N, 3, H, W) floats in 0-255: x * (1 + contrast) + brightness * 255, clipped."""
+    view = (-1, 1, 1, 1)
+    return (x * (1.0 + contrast.view(view)) + 255.0 * brightness.view(view)).clamp_(0, 255)
+
+
+def shift_hsv_float(x: torch.Tensor, hue_shift: torch.Tensor, sat_shift: torch.Tensor,
+                    val_shift: torch.Tensor) -> torch.Tensor:
+    """Shift RGB float images (N, 3, H, W) in 0-255 in OpenCV's HSV, per image: hue by
+    hue_shift x 2 degrees (uint8 hue units), saturation and value by shift / 255 of their
+    range, each clipped; pixels with no saturation stay grey. Float throughout, no rounding.
+    By hand: torch has no HSV conversion, and kornia's would be a dependency for 20 lines."""
+    rgb = x / 255.0
+    r, g, b = rgb.unbind(1)
+    value, _ = rgb.max(1)
+    delta = value - rgb.min(1)[0]
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    # OpenCV's hue sectors, in units of 60 degrees, ties broken in the order R, G, B
+    hue = torch.where(value == r, (g - b) / safe,
+                      torch.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    hue = torch.where(delta > 0, hue, torch.zeros_like(hue))
+    sat = torch.where(value > 0, delta / torch.where(value > 0, value, torch.ones_like(value)),
+                      torch.zeros_like(value))
+    view = (-1, 1, 1)
+    hue = torch.remainder(hue * 60.0 + 2.0 * hue_shift.view(view), 360.0)
+    sat = torch.where(sat > 0, (sat + sat_shift.view(view) / 255.0).clamp(0, 1), sat)
+    value = (value + val_shift.view(view) / 255.0).clamp(0, 1)
+    # back to RGB: channel n is v - v s clip(min(k, 4 - k), 0, 1), k = (n + h / 60) mod 6
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(n + hue / 60.0, 6.0)
+        out.append(value - value * sat * torch.minimum(k, 4.0 - k).clamp(0, 1))
+    return torch.stack(out, 1) * 255.0
 
 
 def build_valid_transform(img_size: int) -> A.Compose:
