@@ -10,6 +10,7 @@ import sys
 import threading
 
 from mixcls import __version__
+from mixcls.heap import keep_freed_memory
 
 # The module under mixcls.commands that registers each command. A run imports only the module of
 # its command (all of them for --help, a mistyped command or none), so `mixcls runs` or `mixcls
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     # albumentations asks PyPI for a newer version when imported: 0.2 s here, and up to its
     # timeout on a machine without internet (a competition's notebook); a run needs no answer.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    keep_freed_memory()  # the whole process: decode, augmentation and the CPU steps (mixcls.heap)
     args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)

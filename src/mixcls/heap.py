@@ -1,15 +1,18 @@
 """Keep freed memory in the process instead of handing it back to the OS at once.
 
 Each augmentation step, decode and collate allocates and frees arrays of a few hundred KB to a
-few MB. glibc serves allocations of that size from fresh mmap()ed or trimmed heap pages, which
-the kernel zero-fills on first touch: on our 2-core VM, one cassava-preset pass over a 512 px
-photo took about 280-1,300 minor page faults, and those faults cost as much CPU as the
-pipeline's own arithmetic (6 ms against 3 ms per photo, measured with getrusage and
-process_time). Fixing the mmap threshold and raising the trim threshold keeps those pages in
-the heap for the next image. PyTorch's CPU tuning guides reach the same end by preloading
-jemalloc or tcmalloc; mallopt needs no extra library, and does nothing off glibc.
+few MB, and a CPU training step frees and re-allocates its activations. glibc serves blocks of
+that size from fresh mmap()ed or newly trimmed heap pages, which the kernel zero-fills on first
+touch: the cassava preset at 512 px took about 250 minor page faults per photo here, a
+resnet18 step at 64 px tens of thousands, and on a VM each fault costs microseconds.
+Fixing glibc's mmap threshold (its largest allowed value) and raising its trim threshold keeps
+those pages in the heap for the next image and step (tests/test_heap.py counts the faults).
+PyTorch's CPU tuning guides reach the same end by preloading jemalloc or tcmalloc; mallopt
+needs no extra library. It does nothing off glibc.
 
-Set MIXCLS_KEEP_HEAP=0 to leave the allocator alone.
+Applied by the `mixcls` command at start, and by every loader mixcls builds before its workers
+fork (they inherit it; a spawned worker applies it itself). Set MIXCLS_KEEP_HEAP=0 to leave
+the allocator alone.
 """
 
 from __future__ import annotations
