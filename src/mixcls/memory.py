@@ -248,6 +248,8 @@ def _child_env() -> dict[str, str]:
 
 def _child_main(spec_json: str) -> None:
     """Entry point of the child: measure the step described by spec_json, print the result."""
+    from mixcls.heap import keep_freed_memory
+    keep_freed_memory()  # the allocator as the trainer's process runs it (mixcls.heap)
     import torch
 
     spec = json.loads(spec_json)
