@@ -15,7 +15,9 @@ no model) is timed over one epoch after a warm-up epoch, in four ways:
            RGB), no augmentation, no batch of images (each item is the image's height), through
            the same DataLoader.
 
-With --colour-on-device the preset's colour steps leave the loader (they run on the batch on the
+With --hwc-batches the loader collates as it does for a CUDA device (sampling.collate_hwc: the
+images stay in their HWC memory order, the channel split is left to the device). With
+--colour-on-device the preset's colour steps leave the loader (they run on the batch on the
 device in training); the script then also times that step on this machine's CPU, per image, as
 the cost it moves: on a GPU machine it runs on the GPU.
 
@@ -141,11 +143,12 @@ def time_epoch(loader, sampler: EpochSampler, epoch: int) -> float:
     return time.perf_counter() - start
 
 
-def pipeline_ips(dataset, n: int, *, batch: int, workers: int, seed: int) -> float:
+def pipeline_ips(dataset, n: int, *, batch: int, workers: int, seed: int,
+                 hwc_batches: bool = False) -> float:
     """Images/s of one epoch of `dataset` through mixcls's loader, after a warm-up epoch."""
     sampler = EpochSampler(n, seed=seed)
     loader = make_loader(dataset, batch_size=batch, workers=workers, sampler=sampler,
-                         drop_last=False, device=DEVICE, seed=seed)
+                         drop_last=False, device=DEVICE, seed=seed, hwc_batches=hwc_batches)
     time_epoch(loader, sampler, 0)  # warm-up: worker start, page cache, first allocations
     seconds = time_epoch(loader, sampler, 1)
     del loader  # persistent workers end here, not during the next cell's timing
@@ -226,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer-batch", type=int, default=16)
     parser.add_argument("--trainer-workers", type=int, default=1)
     parser.add_argument("--skip-trainer", action="store_true")
+    parser.add_argument("--hwc-batches", action="store_true",
+                        help="collate as a CUDA device's loader does (channels_last, the channel "
+                             "split left to the device)")
     parser.add_argument("--colour-on-device", action="store_true",
                         help="leave the preset's colour steps out of the loader (--colour-on-device)")
     parser.add_argument("--seed", type=int, default=0)
@@ -253,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  colour_on_device=args.colour_on_device)
                 for workers in worker_counts:
                     ips = pipeline_ips(dataset, len(paths), batch=args.batch_size, workers=workers,
-                                       seed=args.seed)
+                                       seed=args.seed, hwc_batches=args.hwc_batches)
                     rows.append({"source": source, "first_image": shape, "img_size": size,
                                  "mode": mode, "workers": workers, "images_per_s": ips,
                                  "cache_build_s": build_s})
@@ -268,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     builds = result[result["mode"].isin(["ram", "disk"])].groupby(
         ["source", "img_size", "mode"])["cache_build_s"].first().unstack()
     where = " (colour steps on the device, not in these cells)" if args.colour_on_device else ""
+    where += " (batches collated channels_last, as for a CUDA device)" if args.hwc_batches else ""
     print(f"clothing photos: {len(table)} per cell, preset {args.preset}{where}, batch {args.batch_size}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs; images/s of one epoch after a warm-up epoch")
     print(wide.to_string(float_format=lambda v: f"{v:.2f}"))

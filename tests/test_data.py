@@ -7,7 +7,7 @@ from PIL import Image
 
 from conftest import write_tiny_dataset
 from mixcls.cli import main
-from mixcls.data import DataError, load_train_table, read_image
+from mixcls.data import DataError, load_train_table, read_image, seed_transform
 
 
 def _train_cli(data, out, *extra):
@@ -119,3 +119,38 @@ def test_soft_targets_must_sum_to_one(tmp_path):
     frame.to_csv(root / "train.csv", index=False)
     with pytest.raises(DataError, match=r"sum to 1[\s\S]*row 6"):
         load_train_table(root)
+
+
+def test_hwc_collate_gives_default_collates_values_with_channels_last_strides():
+    """collate_hwc (the loader of a CUDA device): the same batch as default_collate, laid out
+    channels_last; prepared on the device it is the same normalised input, in either format."""
+    import torch
+    from torch.utils.data import default_collate
+
+    from mixcls.engine import prepare_images
+    from mixcls.sampling import collate_hwc, make_loader
+    from mixcls.transforms import Normalizer, build_train_transform
+
+    rng = np.random.default_rng(41)
+    transform = build_train_transform("light", 20)
+    items = []
+    for i in range(5):
+        seed_transform(transform, i)
+        items.append((transform(image=rng.integers(0, 256, (30, 26, 3), dtype=np.uint8))["image"], i))
+    ours, theirs = collate_hwc(items), default_collate(items)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    assert ours[0].is_contiguous(memory_format=torch.channels_last) and not ours[0].is_contiguous()
+    normalizer = Normalizer((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    cpu = torch.device("cpu")
+    for channels_last in (False, True):
+        a = prepare_images(ours[0], device=cpu, normalizer=normalizer, channels_last=channels_last)
+        b = prepare_images(theirs[0], device=cpu, normalizer=normalizer, channels_last=channels_last)
+        assert torch.equal(a, b)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        assert a.is_contiguous(memory_format=layout)
+    # anything else is default_collate's
+    floats = [(torch.rand(3, 4, 4), 0), (torch.rand(3, 4, 4), 1)]
+    assert torch.equal(collate_hwc(floats)[0], default_collate(floats)[0])
+    chosen = {kind: make_loader(items, batch_size=2, workers=0, sampler=None, drop_last=False,
+                                device=torch.device(kind), seed=0).collate_fn for kind in ("cpu", "cuda")}
+    assert chosen["cuda"] is collate_hwc and chosen["cpu"] is not collate_hwc

@@ -153,7 +153,9 @@ def prepare_images(images: torch.Tensor, *, device: torch.device,
 
 
 def to_memory_format(images: torch.Tensor, *, channels_last: bool) -> torch.Tensor:
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    """channels_last or contiguous (a no-op when already so): batches collated channels_last
+    (sampling.collate_hwc) get their channel split here, on the device."""
+    return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def prepare_batch(images: torch.Tensor, targets: torch.Tensor, *, device: torch.device,
@@ -357,7 +359,7 @@ def evaluate(model: nn.Module, loader: Sequence, *, device: torch.device,
     model.eval()
     all_probs, all_features, total_loss, seen = [], [], 0.0, 0
     for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        images = prepare_images(images, device=device, normalizer=normalizer)
+        images = prepare_images(images, device=device, normalizer=normalizer, channels_last=channels_last)
         probs = None
         for view in tta_views:
             logits, pooled = _forward(model, apply_tta_view(images, view), amp_dtype=amp_dtype,
