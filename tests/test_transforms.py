@@ -420,3 +420,26 @@ def test_colour_on_device_takes_the_colour_steps_out_of_the_loader():
         assert (colour is None) == (kept == host)
     with pytest.raises(ValueError, match="cannot run"):
         DeviceColour([A.HorizontalFlip()])
+
+
+def test_device_colour_ranks_draw_their_own_numbers_from_one_generator():
+    """Under torchrun the mixing generator is the same on every rank; each rank keeps its own
+    slice of the draws, so ranks shift their images differently, and one process (rank 0 of 1)
+    draws as without ranks."""
+    steps = [A.HueSaturationValue(p=0.5), A.RandomBrightnessContrast(p=0.5)]
+    cpu = torch.device("cpu")
+
+    def draws(colour):
+        return colour.draw(64, device=cpu, generator=torch.Generator().manual_seed(4))
+
+    plain, alone = draws(DeviceColour(steps)), draws(DeviceColour(steps, rank=0, world_size=1))
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(plain, alone))
+    first, second = (draws(DeviceColour(steps, rank=r, world_size=2)) for r in (0, 1))
+    for (_, fired_a, values_a), (_, fired_b, values_b) in zip(first, second):
+        assert not (torch.equal(fired_a, fired_b) and torch.equal(values_a, values_b))
+    # rank 0's numbers are the first of the shared draw, rank 1's the next
+    u = torch.rand((2, 64, 4), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(first[0][1], torch.nonzero(u[0, :, 0] < 0.5).flatten())
+    assert torch.equal(second[0][1], torch.nonzero(u[1, :, 0] < 0.5).flatten())
+    with pytest.raises(ValueError, match="rank 2"):
+        DeviceColour(steps, rank=2, world_size=2)

@@ -111,7 +111,8 @@ def build_fold_parts(cfg: Config, data: FoldData, *, fold: int, device: torch.de
     return FoldParts(Trainables(model, ema, optimizer, scheduler, scaler), amp_dtype, sampler,
                      train_loader, valid_loader, n_batches, loss_fn, mixer, data.valid_labels,
                      Normalizer(mean, std),
-                     build_device_colour(cfg.data.preset) if cfg.data.colour_on_device else None,
+                     build_device_colour(cfg.data.preset, rank=ctx.rank, world_size=ctx.world_size)
+                     if cfg.data.colour_on_device else None,
                      wrap, compile=cfg.model.compile,
                      freeze_epochs=cfg.model.freeze_epochs, freeze_bn=cfg.model.freeze_bn)
 

@@ -263,10 +263,10 @@ def build_train_transform(preset: str, img_size: int, *, mean: Sequence[float] =
     return A.Compose(steps + _finish())
 
 
-def build_device_colour(preset: str) -> "DeviceColour | None":
+def build_device_colour(preset: str, *, rank: int = 0, world_size: int = 1) -> "DeviceColour | None":
     """The preset's colour steps as one batched step on the device (None when it has none)."""
     colour = [step for step in _preset_steps(preset, 32, IMAGENET_MEAN) if isinstance(step, COLOUR_STEPS)]
-    return DeviceColour(colour) if colour else None
+    return DeviceColour(colour, rank=rank, world_size=world_size) if colour else None
 
 
 def _preset_steps(preset: str, img_size: int, mean: Sequence[float]) -> list:
@@ -288,7 +288,8 @@ class DeviceColour:
     cost next to nothing. The steps keep their order, probabilities and ranges (read from the
     albumentations steps themselves): per image, each fires with its p and draws its shifts
     uniformly in its limits, as albumentations does, from the training step's generator (the
-    mixing one, saved with step checkpoints, so a resumed run draws the same). The arithmetic
+    mixing one, saved with step checkpoints, so a resumed run draws the same; under torchrun
+    every rank draws the numbers of all ranks from it and takes its own). The arithmetic
     is albumentations' in float without rounding between steps: HSV is OpenCV's (hue in units
     of 2 degrees as on uint8 images, grey pixels left grey), brightness/contrast is
     x * (1 + contrast) + brightness * 255, each clipped to [0, 255]. What moves: the cutout
@@ -297,7 +298,10 @@ class DeviceColour:
     Takes uint8 (B, 3, H, W), returns float32 in 0-255 for Normalizer.from_255.
     """
 
-    def __init__(self, steps: Sequence):
+    def __init__(self, steps: Sequence, *, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of {world_size} processes")
+        self.rank, self.world_size = rank, world_size
         self.steps = []
         for step in steps:
             if isinstance(step, A.HueSaturationValue):
@@ -315,10 +319,12 @@ class DeviceColour:
              generator: torch.Generator | None = None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """Per step: its kind, the indices of the images it fires on, and their shifts
         (fired, len(limits)). One fixed-size draw per step and image, fired or not, so the
-        stream does not depend on which images fired."""
+        stream does not depend on which images fired. Under torchrun the generator is the same
+        on every rank: each draws every rank's numbers and keeps its own, so ranks differ."""
         draws = []
         for kind, p, limits in self.steps:
-            u = torch.rand((n, 1 + len(limits)), generator=generator, device=device)
+            u = torch.rand((self.world_size, n, 1 + len(limits)), generator=generator,
+                           device=device)[self.rank]
             low = torch.tensor([lim[0] for lim in limits], device=device)
             high = torch.tensor([lim[1] for lim in limits], device=device)
             fired = torch.nonzero(u[:, 0] < p).flatten()
