@@ -9,7 +9,9 @@ Steps:
 1. `fit_folds` on generated images for 1 epoch of 1 fold with --amp fp16 (a GradScaler) and
    --channels-last: train images/s (from history.csv), peak GPU memory, whether every loss
    was finite and the scaler's final scale.
-2. DDP: with 2 or more GPUs, `mixcls train --nproc 2 --sync-bn` (torchrun, nccl); with one GPU,
+2. The cassava preset twice, the same run otherwise: its colour steps in the loader, then on the
+   device (--colour-on-device): train images/s of each, what moving them to the GPU gives.
+3. DDP: with 2 or more GPUs, `mixcls train --nproc 2 --sync-bn` (torchrun, nccl); with one GPU,
    NCCL refuses two ranks on one device, so it probes nccl with 2 processes on that GPU and
    reports the refusal, then checks a 1-rank nccl all_reduce.
 
@@ -170,6 +172,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         data = write_images(Path(tmp) / "data", n_images, opts["img_size"])
         single = single_device_run(data, Path(tmp) / "single", opts)
+        cassava = {where: single_device_run(data, Path(tmp) / f"cassava_{where}",
+                                            dict(opts, preset="cassava", colour_on_device=where == "device"))
+                   for where in ("loader", "device")}
         if args.smoke_cpu or gpus >= 2:
             ddp = ddp_run(data, Path(tmp) / "ddp", opts, args.timeout)
             two_on_one = {"ok": False, "reason": "not tried"}
@@ -187,6 +192,8 @@ def main() -> int:
             ("single: losses finite", single["loss_finite"]),
             ("single: final grad scale", single["grad_scale"]),
             ("single: valid accuracy", f"{single['valid_accuracy']:.3f}"),
+            ("cassava, colour in loader: images/s", f"{cassava['loader']['train_images_per_s']:.1f}"),
+            ("cassava, colour on device: images/s", f"{cassava['device']['train_images_per_s']:.1f}"),
             ("ddp 2 ranks: ok", ddp["ok"]),
             ("ddp 2 ranks: images/s", f"{ddp.get('train_images_per_s', float('nan')):.1f}"),
             ("ddp: reason", ddp.get("reason", "")),
@@ -199,6 +206,8 @@ def main() -> int:
     fp16_finite = single["loss_finite"] and (args.smoke_cpu or math.isfinite(single["grad_scale"]))
     print(f"device={device.replace(' ', '_')} images_per_s={single['train_images_per_s']:.1f} "
           f"peak_gpu_mib={single['peak_gpu_mib']:.0f} fp16_loss_finite={int(fp16_finite)} "
+          f"cassava_loader_ips={cassava['loader']['train_images_per_s']:.1f} "
+          f"cassava_device_colour_ips={cassava['device']['train_images_per_s']:.1f} "
           f"ddp_images_per_s={ddp.get('train_images_per_s', float('nan')):.1f} "
           f"nccl_ok={int(bool(nccl_ok)) if not args.smoke_cpu else 'n/a'} ddp_ok={int(bool(ddp['ok']))}")
     return 0
