@@ -12,7 +12,9 @@ needs no extra library. It does nothing off glibc.
 
 Applied by the `mixcls` command at start, and by every loader mixcls builds before its workers
 fork (they inherit it; a spawned worker applies it itself). Set MIXCLS_KEEP_HEAP=0 to leave
-the allocator alone.
+the allocator alone. Why an environment variable and not a config key: like torch's
+PYTORCH_CUDA_ALLOC_CONF it sets up the process, not the run (results are the same either way),
+and one switch must reach every place that builds a loader, the memory probe's child included.
 """
 
 from __future__ import annotations
