@@ -38,8 +38,7 @@ class Normalizer:
             raise TypeError(f"Normalizer expects uint8 images (B, 3, H, W), got {images.dtype}; "
                             "the presets' tensors are uint8, already normalised ones must not "
                             "be normalised again")
-        shift, scale = self._constants(images.device)
-        return (images.float() - shift) * scale
+        return self.from_255(images)
 
     def from_255(self, images: torch.Tensor) -> torch.Tensor:
         """Float images in 0-255 (DeviceColour's output) -> the model's input, as for uint8."""
