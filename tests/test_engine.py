@@ -241,3 +241,52 @@ def test_colour_on_device_trains_as_the_batches_coloured_and_normalised_before()
         outcomes.append((stats.loss_sum, [p.detach().clone() for p in model.parameters()]))
     (a_loss, a_w), (b_loss, b_w) = outcomes
     assert a_loss == b_loss and all(torch.equal(x, y) for x, y in zip(a_w, b_w))
+
+
+# ---------------------------------------------------------------- row weights (--pseudo-weight)
+
+def _one_step_delta(batches):
+    """The SGD(lr=1) step of one epoch over `batches` on _net(5): the gradient, per parameter."""
+    from mixcls.losses import CrossEntropy
+
+    model = _net(5)
+    before = [p.detach().clone() for p in model.parameters()]
+    train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=1.0), loss_fn=CrossEntropy(),
+                    device=torch.device("cpu"), num_classes=5, progress=False)
+    return [b - p.detach() for b, p in zip(before, model.parameters())]
+
+
+def test_row_weights_count_a_row_as_often_as_its_weight():
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1e6)))
+    x, y = torch.randn(6, 3, 8, 8, generator=gen), torch.randint(0, 5, (6,), generator=gen)
+    weights = torch.tensor([1.0, 2.0, 0.0, 1.0, 3.0, 1.0])
+    # Weight 0 drops the row, weight 2 (3) counts it twice (three times): the same gradient.
+    repeats = torch.repeat_interleave(torch.arange(6), weights.long())
+    expected = _one_step_delta([(x[repeats], y[repeats])])
+    got = _one_step_delta([(x, y, weights)])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    plain = _one_step_delta([(x, y)])  # the weights did something
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(got, plain))
+
+
+def test_mixed_rows_take_their_weights_mixed_with_the_same_lambda_and_partner():
+    from mixcls.engine import prepare_batch
+    from mixcls.mix import Mixer
+
+    gen = torch.Generator().manual_seed(4)
+    images, labels = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 5, (8,), generator=gen)
+    weights = torch.rand(8, generator=gen) + 0.5
+    for method in ("mixup", "cutmix"):
+        mixer = Mixer(method, alpha=1.0, mode="sample" if method == "mixup" else "batch", num_classes=5)
+        plan = mixer.sample_plan(8, 16, 16, torch.Generator().manual_seed(9))
+        lam = plan.masks.float().mean(dim=(1, 2, 3)).expand(8)
+        _, soft, mixed = prepare_batch(images, labels, device=torch.device("cpu"), num_classes=5,
+                                       mixer=mixer, generator=torch.Generator().manual_seed(9),
+                                       weights=weights)
+        _, soft_alone, none = prepare_batch(images, labels, device=torch.device("cpu"), num_classes=5,
+                                            mixer=mixer, generator=torch.Generator().manual_seed(9))
+        assert none is None
+        torch.testing.assert_close(soft, soft_alone)  # the weights change no target
+        torch.testing.assert_close(mixed, lam * weights + (1 - lam) * weights[plan.perm])
+        assert not torch.allclose(mixed, weights)

@@ -142,6 +142,23 @@ def test_loss_matches_float64_reference(case: int, soft: bool) -> None:
     assert got32.item() == pytest.approx(expected, rel=2e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("case", range(len(CASES)), ids=IDS)
+def test_weighted_loss_is_the_weighted_mean_of_the_reference_rows(case: int) -> None:
+    name, params = CASES[case]
+    logits, targets = _random_batch(3000 + case, batch=7)
+    weights = np.random.default_rng(case).uniform(0, 3, size=7)
+    weights[2] = 0.0  # a row that must not count at all
+    rows = np.array([reference_loss(name, params, logits[i:i + 1], targets[i:i + 1]) for i in range(7)])
+    loss_fn = build_loss(name, **params)
+    got = loss_fn(torch.tensor(logits), torch.tensor(targets), torch.tensor(weights)).item()
+    assert got == pytest.approx(float((weights * rows).sum() / weights.sum()), rel=1e-9, abs=1e-12)
+    ones = loss_fn(torch.tensor(logits), torch.tensor(targets), torch.ones(7, dtype=torch.float64))
+    assert ones.item() == pytest.approx(loss_fn(torch.tensor(logits), torch.tensor(targets)).item(),
+                                        rel=1e-12)
+    with pytest.raises(ValueError, match=r"weights \(6,\)"):
+        loss_fn(torch.tensor(logits), torch.tensor(targets), torch.ones(6))
+
+
 @pytest.mark.parametrize("seed", [11, 12, 13])
 def test_bi_tempered_at_unit_temperatures_is_ce_minus_target_entropy(seed: int) -> None:
     logits, soft = _random_batch(seed, batch=9, k=4)

@@ -240,8 +240,48 @@ def test_a_broken_pseudo_table_is_refused_naming_the_file_and_row(world, tmp_pat
         pseudo.read_pseudo(tmp_path / "missing.csv", classes=["0", "1", "2"])
 
 
-def test_pseudo_weight_other_than_one_is_refused(world, capsys):
-    root, data, _, teacher, _ = world
-    assert main(["train", "--data", str(data), "--out", str(root / "w"), "--pseudo-weight", "0.5",
-                 *TINY]) == 2
-    assert "pseudo_weight" in capsys.readouterr().err
+def test_pseudo_weight_weighs_the_pseudo_rows_only_and_is_recorded(world, monkeypatch):
+    root, data, pool, teacher, _ = world
+    table_path = _write_pseudo(world, "p_weight.csv", "--threshold", "0.3")
+    seen, batches = {}, []
+    real_fit_fold, real_train_one_epoch = train_module.fit_fold, train_module.train_one_epoch
+
+    def spy(cfg, data, *, fold, **kwargs):
+        seen[fold] = data
+        return real_fit_fold(cfg, data, fold=fold, **kwargs)
+
+    def epoch_spy(model, loader, *args, **kwargs):
+        batches.append(next(iter(loader)))
+        return real_train_one_epoch(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit_fold", spy)
+    monkeypatch.setattr(train_module, "train_one_epoch", epoch_spy)
+    out = root / "weighted_student"
+    assert main(["train", "--data", str(data), "--out", str(out), "--folds-from", str(teacher),
+                 "--pseudo", str(table_path), "--pseudo-weight", "0.25", *TINY]) == 0
+    table = pd.read_csv(table_path)
+    pool_paths = {str(p.resolve()) for p in pool.iterdir()}
+    for g, fold_data in seen.items():
+        n = int(((table["fold"] == g) & (table["passed"] == 1)).sum())
+        assert n > 0
+        is_pseudo = np.array([p in pool_paths for p in fold_data.train_paths])
+        assert is_pseudo.sum() == n
+        np.testing.assert_array_equal(fold_data.train_weights, np.where(is_pseudo, 0.25, 1.0))
+    assert all(len(batch) == 3 and set(batch[2].tolist()) <= {0.25, 1.0} for batch in batches)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pseudo"]["weight"] == 0.25
+    assert "weighed 0.25 in the loss" in (out / "report.html").read_text()
+
+
+def test_pseudo_weight_one_adds_no_weights_and_a_bad_weight_is_refused(world, capsys):
+    from mixcls.run_setup import FoldData, add_train_rows
+
+    data = FoldData(["a", "b"], ["x", "y"], np.array([0, 1]), [], np.zeros(0, int))
+    assert add_train_rows(data, ["z"], np.array([1])).train_weights is None  # the plain mean, bit for bit
+    np.testing.assert_array_equal(add_train_rows(data, ["z"], np.array([1]), weight=3.0).train_weights,
+                                  [1.0, 1.0, 3.0])
+    root, data_dir, _, teacher, _ = world
+    for bad in ("0", "-1", "nan"):
+        assert main(["train", "--data", str(data_dir), "--out", str(root / "w"), "--pseudo-weight", bad,
+                     *TINY]) == 2
+        assert "pseudo_weight" in capsys.readouterr().err

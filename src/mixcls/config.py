@@ -134,8 +134,8 @@ class TrainConfig:
     pseudo: str | None = _opt(None, "a pseudo-label table (mixcls pseudo): fold K trains also on the "
                               "rows that passed for fold K, labelled by the teacher's fold-K model "
                               "(needs --folds-from TEACHER)")
-    pseudo_weight: float = _opt(1.0, "weight of a pseudo row in the loss relative to a labelled "
-                                "row (only 1.0 is implemented)")
+    pseudo_weight: float = _opt(1.0, "with --pseudo: weight of a pseudo row in the loss relative "
+                                "to a labelled row (the batch loss is the weighted mean)")
     distill: str | None = _opt(None, "a teacher run: fold K's training targets become (1 - w) x "
                                "given + w x the teacher's fold-K probabilities (needs "
                                "--folds-from TEACHER)")
@@ -386,8 +386,8 @@ def _check_ranges(cfg: Config) -> None:
         ("taylor_order", lo.taylor_order, lambda v: v >= 1, "an integer >= 1"),
     ]
     rules += [
-        ("pseudo_weight", t.pseudo_weight, lambda v: v == 1.0,
-         "1.0 (a pseudo row counts as a labelled row; other weights are not implemented yet)"),
+        ("pseudo_weight", t.pseudo_weight, _finite(0, above=True, high=100),
+         "a finite number in (0, 100]"),
         ("distill_weight", t.distill_weight, _finite(0, high=1), "in [0, 1]"),
         ("distill_temperature", t.distill_temperature, _finite(0, above=True, high=100),
          "a finite number in (0, 100]"),

@@ -483,15 +483,22 @@ class ImageDataset(torch.utils.data.Dataset):
     An item key is an index or an (index, seed) pair: with a seed the augmentation of that item
     is a pure function of (seed, index), so a run is the same whatever the number of workers
     and a resumed epoch can skip batches without changing the ones that follow.
+
+    With `weights` (N,) an item is (image, target, weight): the row's weight in the loss.
     """
 
     def __init__(self, paths: Sequence[str], targets: np.ndarray | None, transform: Callable,
                  *, cache: Sequence[np.ndarray | str | Path] | None = None,
-                 loader: Callable[[str], np.ndarray] = read_image):
+                 loader: Callable[[str], np.ndarray] = read_image,
+                 weights: np.ndarray | None = None):
         """`cache[i]`, when given, is image i decoded (RAM) or its cached .npy copy (disk, from
         load_image_cache); otherwise `loader(paths[i])` decodes it every time."""
         self.paths = list(paths)
+        if weights is not None and (targets is None or len(weights) != len(self.paths)):
+            raise ValueError(f"{len(weights)} weights for {len(self.paths)} images "
+                             f"{'without targets' if targets is None else ''}".rstrip())
         self.targets = targets
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float32)
         self.transform = transform
         self.cache = cache
         self.loader = loader
@@ -507,6 +514,8 @@ class ImageDataset(torch.utils.data.Dataset):
         tensor = self.transform(image=image)["image"]
         if self.targets is None:
             return tensor, index
+        if self.weights is not None:
+            return tensor, self.targets[index], self.weights[index]
         return tensor, self.targets[index]
 
     def _read(self, index: int) -> np.ndarray:

@@ -162,17 +162,36 @@ def prepare_batch(images: torch.Tensor, targets: torch.Tensor, *, device: torch.
                   num_classes: int, normalizer: Normalizer | None = None,
                   channels_last: bool = False, mixer: Callable | None = None,
                   generator: torch.Generator | None = None,
-                  colour: DeviceColour | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  colour: DeviceColour | None = None, weights: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A loader's batch on `device` as the model trains on it: images (B, 3, H, W) float,
     colour-shifted when `colour` is given and normalised (prepare_images), soft targets (B, K),
-    mixed when a mixer is given (mixing sees the normalised images). Colour and mixing draw
-    from `generator`, in that order."""
+    mixed when a mixer is given (mixing sees the normalised images), and the row weights (B,)
+    float32 or None. Colour and mixing draw from `generator`, in that order.
+
+    A mixed row's weight is mixed like its target, λ_eff·w + (1 − λ_eff)·w[perm]: the weights
+    ride through the mixer as one more target column, so they take the very same λ and partner.
+    """
     images = prepare_images(images, device=device, normalizer=normalizer, channels_last=channels_last,
                             colour=colour, generator=generator)
     soft_targets = to_soft_targets(targets.to(device, non_blocking=True), num_classes)
+    if weights is not None:
+        weights = weights.to(device, non_blocking=True).to(soft_targets.dtype)
     if mixer is not None:
-        images, soft_targets, _ = mixer(images, soft_targets, generator=generator)
-    return images, soft_targets
+        if weights is None:
+            images, soft_targets, _ = mixer(images, soft_targets, generator=generator)
+        else:
+            images, mixed, _ = mixer(images, torch.cat([soft_targets, weights[:, None]], dim=1),
+                                     generator=generator)
+            soft_targets, weights = mixed[:, :num_classes], mixed[:, num_classes]
+    return images, soft_targets, weights
+
+
+def batch_parts(batch: Sequence) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(images, targets, row weights or None) of a loader's batch: ImageDataset yields
+    (image, target) items, or (image, target, weight) when it was given weights."""
+    images, targets, *rest = batch
+    return images, targets, (rest[0] if rest else None)
 
 
 def set_train_mode(model: nn.Module, *, bn_eval: Sequence[nn.Module] = ()) -> None:
@@ -221,15 +240,17 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
     bar = tqdm(total=n_batches, initial=start_batch, desc=desc, disable=not progress,
                leave=False, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
-    for i, (images, targets) in enumerate(loader, start=start_batch):
-        images, soft_targets = prepare_batch(images, targets, device=device, num_classes=num_classes,
-                                             normalizer=normalizer, channels_last=channels_last,
-                                             mixer=mixer, generator=generator, colour=colour)
+    for i, batch in enumerate(loader, start=start_batch):
+        images, targets, weights = batch_parts(batch)
+        images, soft_targets, weights = prepare_batch(
+            images, targets, device=device, num_classes=num_classes, normalizer=normalizer,
+            channels_last=channels_last, mixer=mixer, generator=generator, colour=colour,
+            weights=weights)
         step = should_step(i, n_batches, accum_steps)
         # Under DDP only the group's last micro-batch all-reduces the (accumulated) gradients.
         with _no_sync(model, sync=step), autocast_context(device, amp_dtype):
             logits = model(images)
-            loss = loss_fn(logits, soft_targets)
+            loss = loss_fn(logits, soft_targets, *(() if weights is None else (weights,)))
         scaled = loss / group_size(i, n_batches, accum_steps)
         with _no_sync(model, sync=step):
             (scaler.scale(scaled) if scaler is not None else scaled).backward()

@@ -73,7 +73,8 @@ def run_extras(cfg: Config, run_dir: Path, table: TrainTable, pseudo: PseudoTabl
         lr_found = float(read_json(saved)["lr_found"])
     extras: dict[str, Any] = {} if lr_found is None else {"lr_found": lr_found}
     if pseudo is not None:
-        extras["pseudo"] = summarize_pseudo(pseudo, chosen, table.classes)
+        extras["pseudo"] = {**summarize_pseudo(pseudo, chosen, table.classes),
+                            "weight": cfg.train.pseudo_weight}
     if cfg.train.distill is not None:
         extras["distill"] = {"teacher": str(Path(cfg.train.distill).resolve()),
                              "weight": cfg.train.distill_weight,
@@ -110,7 +111,8 @@ def build_fold_data(cfg: Config, table: TrainTable, folds: np.ndarray, fold: int
             num_classes=data.num_classes))
     if pseudo is not None:
         paths, targets = pseudo_rows_for_fold(pseudo, fold, num_classes=data.num_classes)
-        data = add_train_rows(data, paths, targets, cache=None if pseudo_cache is None
-                              else [pseudo_cache[p] for p in paths])
-        log(f"fold {fold}: {len(paths)} pseudo-labelled rows added to its training part")
+        data = add_train_rows(data, paths, targets, weight=t.pseudo_weight,
+                              cache=None if pseudo_cache is None else [pseudo_cache[p] for p in paths])
+        log(f"fold {fold}: {len(paths)} pseudo-labelled rows added to its training part"
+            + (f", each of weight {t.pseudo_weight:g} in the loss" if t.pseudo_weight != 1.0 else ""))
     return data

@@ -124,7 +124,7 @@ def _build_loaders(cfg: Config, data: FoldData, mean: tuple, *, fold: int, devic
     train_ds = ImageDataset(data.train_paths, data.train_targets,
                             build_train_transform(cfg.data.preset, img_size, mean=mean,
                                                   colour_on_device=cfg.data.colour_on_device),
-                            cache=data.train_cache)
+                            cache=data.train_cache, weights=data.train_weights)
     # Each rank evaluates every world_size-th validation row and the probabilities are gathered:
     # with 8 GPUs and a 4,000-image fold (times the TTA views) evaluating the whole fold on
     # every rank would cost 8x the evaluation time for the same numbers.

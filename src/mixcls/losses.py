@@ -2,7 +2,9 @@
 
 Every loss is called as `loss(logits, targets)` with logits (B, K) and targets either class
 indices (B,) or soft targets (B, K) whose rows sum to 1 (what mixup / cutmix / fmix produce),
-and returns the batch mean as a float32 (or float64) scalar. Label smoothing is applied to the
+and returns the batch mean as a float32 (or float64) scalar; `loss(logits, targets, weights)`
+with row weights (B,) >= 0 returns the weighted mean sum_i w_i l_i / sum_i w_i (a row of
+weight 2 counts as that row twice; `--pseudo-weight`). Label smoothing is applied to the
 targets first by every loss: targets <- (1 - smoothing) * targets + smoothing / K.
 
 Hand-written because torch and timm offer cross entropy (timm's SoftTargetCrossEntropy) but
@@ -61,16 +63,24 @@ class _SoftTargetLoss(nn.Module):
             raise ValueError(f"smoothing {smoothing} must be in [0, 1]")
         self.smoothing = smoothing
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
         if logits.dim() != 2 or targets.shape[0] != logits.shape[0]:
             raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)}: "
                              "expected logits (B, K) and targets (B,) or (B, K)")
+        if weights is not None and tuple(weights.shape) != (logits.shape[0],):
+            raise ValueError(f"weights {tuple(weights.shape)} do not fit logits {tuple(logits.shape)}: "
+                             "expected one weight per row (B,)")
         # Half-precision logits overflow (fp16) or lose digits (bf16) in exp/pow, so the loss
         # runs in float32 even when the model ran under autocast (float64 stays float64).
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             soft = smooth_targets(targets, logits.shape[1], self.smoothing, dtype=logits.dtype)
-            return self.per_sample(logits, soft).mean()
+            losses = self.per_sample(logits, soft)
+            if weights is None:
+                return losses.mean()
+            weights = weights.to(losses.dtype)
+            return (weights * losses).sum() / weights.sum()
 
     def per_sample(self, logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
         """(B,) losses from float logits (B, K) and soft targets (B, K)."""

@@ -142,9 +142,9 @@ def _run_range(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
         images, targets = next(batches)
         lr = float(lrs[i // accum_steps])
         _set_lr(optimizer, lr)
-        images, soft_targets = prepare_batch(images, targets, device=device, num_classes=num_classes,
-                                             normalizer=normalizer, channels_last=channels_last, mixer=mixer,
-                                             generator=generator, colour=colour)
+        images, soft_targets, _ = prepare_batch(images, targets, device=device, num_classes=num_classes,
+                                                normalizer=normalizer, channels_last=channels_last,
+                                                mixer=mixer, generator=generator, colour=colour)
         with autocast_context(device, amp_dtype):
             logits = model(images)
             loss = loss_fn(logits, soft_targets)

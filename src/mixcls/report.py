@@ -666,7 +666,8 @@ def _section_pseudo(run: RunFiles) -> str:
              f"{info['table']} ({'soft' if info['soft'] else 'hard'} labels, threshold "
              f"{info.get('threshold')}), labelled by fold g's model of teacher {info['teacher']}, "
              "which never trained on fold g's validation rows; pseudo images are never validated "
-             "on and are not in oof.csv.")
+             f"on and are not in oof.csv. Each pseudo row weighed {info.get('weight', 1.0):g} in "
+             "the loss against 1 for a labelled row.")
     return _section("pseudo", "Pseudo-labels",
                     _table(["fold", "pseudo rows", *[str(c) for c in run.classes]], rows), intro=intro)
 

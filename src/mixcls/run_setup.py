@@ -156,6 +156,7 @@ class FoldData:
     valid_labels: np.ndarray  # (n_valid,) labels as given, for scoring
     train_cache: list[np.ndarray] | None = None  # decoded images, in the order of the paths
     valid_cache: list[np.ndarray] | None = None
+    train_weights: np.ndarray | None = None  # (n_train,) weights in the loss; None: all 1
 
     @property
     def num_classes(self) -> int:
@@ -178,9 +179,11 @@ def make_fold_data(table: TrainTable, train_rows: np.ndarray, valid_rows: np.nda
 
 
 def add_train_rows(data: FoldData, paths: list[str], targets: np.ndarray, *,
-                   cache: list[np.ndarray] | None = None) -> FoldData:
+                   cache: list[np.ndarray] | None = None, weight: float = 1.0) -> FoldData:
     """`data` with more training rows (pseudo-labelled images) after its own; validation is
-    untouched. Labels and soft targets together become soft targets (n, K) float32.
+    untouched. Labels and soft targets together become soft targets (n, K) float32. The added
+    rows weigh `weight` in the loss, the others what they weighed (1 unless set before); with
+    every weight 1 there are no weights (the plain mean, bit for bit).
 
     With no rows to add, `data` itself comes back, so such a run is the run without them.
     """
@@ -193,10 +196,15 @@ def add_train_rows(data: FoldData, paths: list[str], targets: np.ndarray, *,
                         for t in (mine, theirs))
     if data.train_cache is not None and cache is None:
         raise ValueError("add_train_rows: the fold's images are cached, the added ones must be too")
+    weights = data.train_weights
+    if weights is not None or weight != 1.0:
+        old = weights if weights is not None else np.ones(len(data.train_paths), np.float32)
+        weights = np.concatenate([old, np.full(len(paths), weight, np.float32)])
     return dataclasses.replace(
         data, train_paths=data.train_paths + list(paths),
         train_targets=np.concatenate([mine, theirs.astype(mine.dtype)]),
-        train_cache=data.train_cache + list(cache) if data.train_cache is not None else None)
+        train_cache=data.train_cache + list(cache) if data.train_cache is not None else None,
+        train_weights=weights)
 
 
 # ---------------------------------------------------------------- checks before any output
