@@ -143,16 +143,38 @@ def time_epoch(loader, sampler: EpochSampler, epoch: int) -> float:
     return time.perf_counter() - start
 
 
+def process_cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and its live child processes
+    (the loader's persistent workers), from /proc; NaN where /proc is not there. The
+    standard library counts children only once they have exited (resource.RUSAGE_CHILDREN),
+    and persistent workers are alive while an epoch is timed."""
+    me = os.getpid()
+    try:
+        children = Path(f"/proc/{me}/task/{me}/children").read_text().split()
+        total = 0
+        for pid in [str(me), *children]:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def pipeline_ips(dataset, n: int, *, batch: int, workers: int, seed: int,
-                 hwc_batches: bool = False) -> float:
-    """Images/s of one epoch of `dataset` through mixcls's loader, after a warm-up epoch."""
+                 hwc_batches: bool = False) -> tuple[float, float]:
+    """Images/s of one epoch of `dataset` through mixcls's loader, after a warm-up epoch, and
+    the CPU milliseconds per image that epoch took in all processes (main + workers): a cell
+    whose images/s rise less than its workers do while its CPU per image rises is paying for
+    the parallelism, not waiting on a core."""
     sampler = EpochSampler(n, seed=seed)
     loader = make_loader(dataset, batch_size=batch, workers=workers, sampler=sampler,
                          drop_last=False, device=DEVICE, seed=seed, hwc_batches=hwc_batches)
     time_epoch(loader, sampler, 0)  # warm-up: worker start, page cache, first allocations
+    cpu_before = process_cpu_seconds()
     seconds = time_epoch(loader, sampler, 1)
+    cpu_ms = 1000 * (process_cpu_seconds() - cpu_before) / n
     del loader  # persistent workers end here, not during the next cell's timing
-    return n / seconds
+    return n / seconds, cpu_ms
 
 
 def trainer_vs_bare(photos: Path, table: pd.DataFrame, work: Path, *, img_size: int, batch: int,
@@ -258,11 +280,12 @@ def main(argv: list[str] | None = None) -> int:
                 dataset, build_s = build_dataset(mode, paths, labels, size, args.preset, cache_dir,
                                                  colour_on_device=args.colour_on_device)
                 for workers in worker_counts:
-                    ips = pipeline_ips(dataset, len(paths), batch=args.batch_size, workers=workers,
-                                       seed=args.seed, hwc_batches=args.hwc_batches)
+                    ips, cpu_ms = pipeline_ips(dataset, len(paths), batch=args.batch_size,
+                                               workers=workers, seed=args.seed,
+                                               hwc_batches=args.hwc_batches)
                     rows.append({"source": source, "first_image": shape, "img_size": size,
                                  "mode": mode, "workers": workers, "images_per_s": ips,
-                                 "cache_build_s": build_s})
+                                 "cpu_ms_per_image": cpu_ms, "cache_build_s": build_s})
                     print(f"  {source:8s} {size} {mode:6s} workers={workers}: {ips:8.1f} images/s",
                           file=sys.stderr, flush=True)
                 del dataset
@@ -278,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"clothing photos: {len(table)} per cell, preset {args.preset}{where}, batch {args.batch_size}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs; images/s of one epoch after a warm-up epoch")
     print(wide.to_string(float_format=lambda v: f"{v:.2f}"))
+    cpu = result.pivot_table(index=["source", "img_size", "workers"], columns="mode",
+                             values="cpu_ms_per_image").reindex(columns=list(MODES))
+    print("\nCPU milliseconds per image of the same epochs, all processes (main + workers):")
+    print(cpu.to_string(float_format=lambda v: f"{v:.2f}"))
     print("\ncache build seconds (decode every photo once, write the copies or keep the arrays):")
     print(builds.to_string(float_format=lambda v: f"{v:.1f}"))
     if args.colour_on_device:

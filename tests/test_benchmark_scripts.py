@@ -96,6 +96,24 @@ def test_demo_refuses_an_out_with_files(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_loader_cpu_seconds_count_a_live_child_process():
+    """The loader table's CPU column adds the live workers' CPU to the main process's."""
+    import subprocess
+    import sys
+
+    loader_bench = _load("loader")
+    before = loader_bench.process_cpu_seconds()
+    busy = "import time\nwhile time.process_time() < 0.4: pass\nprint('done', flush=True)\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", busy], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "done"  # 0.4 s of the child's CPU, still alive
+        used = loader_bench.process_cpu_seconds() - before
+    finally:
+        child.kill()
+        child.wait()
+    assert 0.35 <= used < 5.0  # /proc counts in clock ticks (10 ms)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("colour_on_device", [False, True])
 def test_loader_final_line_is_the_tables_ratio_of_the_upscaled_copies(tmp_path, capsys, colour_on_device):
