@@ -181,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     table["cv_minus_test"] = table["cv"] - table["test"]
     print(f"Fashion-MNIST: {sizes.labelled} labelled ({sizes.folds} folds), {sizes.unlabelled} "
           f"unlabelled, {len(pd.read_csv(data / 'test.csv'))} test images; mixcls_cnn_tiny 28 px, "
-          f"{sizes.epochs} epochs, threshold {args.threshold}, at most {args.max_per_class or 'all'} pseudo "
-          f"rows per class per fold, distill weight {args.distill_weight}")
+          f"{sizes.epochs} epochs, threshold {args.threshold}, "
+          + (f"at most {args.max_per_class} pseudo rows per class per fold" if args.max_per_class
+             else "every passing pseudo row") + f", distill weight {args.distill_weight}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     by = table.set_index("row")
     honest = by.loc[[r for r in by.index if not r.startswith("leaky")]]
