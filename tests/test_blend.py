@@ -11,6 +11,8 @@ import pytest
 from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score, log_loss as sk_log_loss
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from mixcls import blend as b
 from mixcls.config import dump_config, load_config
@@ -67,15 +69,22 @@ def test_rank_average_matches_a_slow_loop():
     np.testing.assert_allclose(b.rank_average(probs), expected, rtol=1e-12)
 
 
+def _sk_stacker(c):
+    """The stacker as sklearn composes it: standardised features, then LogisticRegression."""
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
+
+
 def test_apply_stacker_equals_sklearn_predict_proba():
     rng = np.random.default_rng(2)
     for k in (2, 4):  # sklearn's binary model has one row of coefficients
         probs = rng.dirichlet(np.ones(k), size=(2, 80))
         labels = rng.integers(0, k, 80)
         stacker = b.fit_stacker(probs, labels, c=1.0)
-        model = LogisticRegression(C=1.0, max_iter=5000).fit(b.stack_features(probs), labels)
-        np.testing.assert_allclose(b.apply_stacker(stacker, probs),
-                                   model.predict_proba(b.stack_features(probs)), atol=1e-6)
+        model = _sk_stacker(1.0).fit(b.stack_features(probs), labels)
+        other = rng.dirichlet(np.ones(k), size=(2, 30))  # rows the scaler never saw
+        for p in (probs, other):
+            np.testing.assert_allclose(b.apply_stacker(stacker, p),
+                                       model.predict_proba(b.stack_features(p)), atol=1e-6)
 
 
 def test_temperature_matches_a_grid_search():
@@ -203,7 +212,7 @@ def test_stack_c_is_strong_for_noise_and_weak_for_clean_members():
         per_fold = []
         for g in range(4):
             train, valid = noise_folds != g, noise_folds == g
-            model = LogisticRegression(C=c, max_iter=5000).fit(features[train], noise_labels[train])
+            model = _sk_stacker(c).fit(features[train], noise_labels[train])
             per_fold.append(sk_log_loss(noise_labels[valid], model.predict_proba(features[valid]),
                                         labels=[0, 1, 2]))
         assert losses_noise[str(c)] == pytest.approx(np.mean(per_fold), rel=1e-6)
@@ -382,7 +391,7 @@ def test_predict_blend_applies_the_rule_to_each_fold_model_then_averages(two_run
 
     def rule(member_probs):
         if method == "stack":  # an independent refit on all OOF rows, at the C the blend chose
-            model = LogisticRegression(C=spec["stacker"]["C"], max_iter=5000)
+            model = _sk_stacker(spec["stacker"]["C"])
             model.fit(np.log(np.clip(probs, 1e-6, 1)).transpose(1, 0, 2).reshape(len(labels), -1),
                       labels)
             return model.predict_proba(np.log(np.clip(member_probs, 1e-6, 1))
