@@ -135,6 +135,29 @@ def device_colour_ms(preset: str, img_size: int, batch: int, *, repeats: int = 5
     return 1000 * float(np.median(times)) / batch
 
 
+def batch_memory_ms(batch: int, img_size: int, *, repeats: int = 20) -> tuple[float, float]:
+    """CPU milliseconds per image of copying a uint8 batch (batch, size, size, 3) into a new
+    shared-memory storage (what torch's default_collate allocates for every batch inside a loader
+    worker: `_typed_storage()._new_shared`, fresh pages that the copy faults in) and into a
+    buffer used before; one thread."""
+    source = torch.randint(0, 256, (batch, img_size, img_size, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    reused = torch.empty_like(source)
+
+    def fresh_shared() -> None:
+        storage = source._typed_storage()._new_shared(source.numel(), device=source.device)
+        torch.empty(0, dtype=torch.uint8).set_(storage).view(source.shape).copy_(source)
+
+    times = []
+    for step in (fresh_shared, lambda: reused.copy_(source)):
+        step()  # warm-up
+        start = time.process_time()
+        for _ in range(repeats):
+            step()
+        times.append(1000 * (time.process_time() - start) / (repeats * batch))
+    return times[0], times[1]
+
+
 def time_epoch(loader, sampler: EpochSampler, epoch: int) -> float:
     sampler.set_epoch(epoch)
     start = time.perf_counter()
@@ -307,8 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     print(cpu.to_string(float_format=lambda v: f"{v:.2f}"))
     print("\ncache build seconds (decode every photo once, write the copies or keep the arrays):")
     print(builds.to_string(float_format=lambda v: f"{v:.1f}"))
+    torch.set_num_threads(1)  # one core's cost, comparable with a loader worker's
+    print(f"\nbatch memory, one thread, ms per image of a batch of {args.batch_size}:")
+    for size in sizes:
+        shared_ms, reused_ms = batch_memory_ms(args.batch_size, size)
+        print(f"  {size} px batches: new shared-memory batch (a worker's collate) {shared_ms:.3f}, "
+              f"a buffer used before {reused_ms:.3f}")
+    torch.set_num_threads(os.cpu_count() or 1)
     if args.colour_on_device:
-        torch.set_num_threads(1)  # one core's cost, comparable with a loader worker's
+        torch.set_num_threads(1)
         print("\nthe colour steps moved to the device, timed on this CPU (1 thread), ms per image:")
         for size in sizes:
             print(f"  {size} px: {device_colour_ms(args.preset, size, args.batch_size):.2f}")

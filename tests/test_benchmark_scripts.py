@@ -135,6 +135,10 @@ def test_loader_final_line_is_the_tables_ratio_of_the_upscaled_copies(tmp_path, 
                              + (["--colour-on-device"] if colour_on_device else []))
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
+    memory = [line for line in lines if line.startswith("  48 px batches: ")]
+    assert len(memory) == 1
+    shared, reused = (float(v.split()[-1]) for v in memory[0].split(", "))
+    assert shared > 0 and reused >= 0  # a 48 px copy into a used buffer can round to 0.000
     moved = [line for line in lines if line.startswith("  48 px: ")]
     assert len(moved) == int(colour_on_device)
     if colour_on_device:
