@@ -336,13 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         shared_ms, reused_ms = batch_memory_ms(args.batch_size, size)
         print(f"  {size} px batches: new shared-memory batch (a worker's collate) {shared_ms:.3f}, "
               f"a buffer used before {reused_ms:.3f}")
-    torch.set_num_threads(os.cpu_count() or 1)
     if args.colour_on_device:
-        torch.set_num_threads(1)
         print("\nthe colour steps moved to the device, timed on this CPU (1 thread), ms per image:")
         for size in sizes:
             print(f"  {size} px: {device_colour_ms(args.preset, size, args.batch_size):.2f}")
-        torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(os.cpu_count() or 1)
     at = wide.loc[("800x600", max(sizes), max(worker_counts))]  # 512 px and 2 workers by default
     trainer_ratio = float("nan")
     if not args.skip_trainer:

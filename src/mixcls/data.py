@@ -494,9 +494,10 @@ class ImageDataset(torch.utils.data.Dataset):
         """`cache[i]`, when given, is image i decoded (RAM) or its cached .npy copy (disk, from
         load_image_cache); otherwise `loader(paths[i])` decodes it every time."""
         self.paths = list(paths)
-        if weights is not None and (targets is None or len(weights) != len(self.paths)):
-            raise ValueError(f"{len(weights)} weights for {len(self.paths)} images "
-                             f"{'without targets' if targets is None else ''}".rstrip())
+        if weights is not None and targets is None:
+            raise ValueError("row weights need targets: an unlabelled dataset has no loss to weigh")
+        if weights is not None and len(weights) != len(self.paths):
+            raise ValueError(f"{len(weights)} weights for {len(self.paths)} images")
         self.targets = targets
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float32)
         self.transform = transform
