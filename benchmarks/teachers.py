@@ -8,6 +8,10 @@ on them. Rows, each with its CV (OOF accuracy) and test accuracy:
 - baseline: `mixcls train` on the labelled rows (with --full-fit, for the leaky teacher below);
 - pseudo hard / soft: `mixcls pseudo --run baseline` on the unlabelled images (fold g's labels
   from the baseline's fold-g model), then `mixcls train --pseudo … --folds-from baseline`;
+- pseudo round 2: the pseudo student with the better CV (hard or soft) becomes the teacher:
+  `mixcls pseudo --run STUDENT` then `mixcls train --pseudo …` again. Still no leak: the
+  student's fold-g model trained on fold g's training rows and on labels from the baseline's
+  fold-g model only, so fold g's validation rows never reached it;
 - distill: `mixcls train --distill baseline --folds-from baseline` (fold g's targets from the
   baseline's fold-g model);
 - leaky pseudo / leaky distill: the same with a teacher fitted on ALL labelled rows (the
@@ -20,7 +24,8 @@ DIR is a folder written by `mixcls data fashion-mnist --limit 25000` (train.csv 
 test.csv + test_images); nothing is downloaded. The labelled and unlabelled rows are disjoint
 subsets of its train.csv (checked). Ends with
 `baseline=… pseudo=… distill=… pseudo_gain_points=… max_cv_test_gap_points=… leaky_gap_points=…`
-(accuracies in %; pseudo is the better of hard and soft; the gaps are CV minus test in points).
+(accuracies in %; pseudo is the test accuracy of the pseudo row with the best CV, chosen by CV as a
+user would, never by test; the gaps are CV minus test in points).
 """
 
 from __future__ import annotations
@@ -167,6 +172,15 @@ def main(argv: list[str] | None = None) -> int:
                                  **common)
             runs[name] = train(name, work, data, labelled, sizes, [*shared, "--pseudo", str(table)],
                                **common)
+        if not prefix:
+            round1 = max(("pseudo_hard", "pseudo_soft"),
+                         key=lambda r: read_json(runs[r] / "metrics.json")["cv_accuracy"])
+            soft = round1 == "pseudo_soft"
+            table = pseudo_table(runs[round1], work, data, unlabelled, "table_pseudo_round2",
+                                 *(["--soft"] if soft else []), *cap, threshold=args.threshold,
+                                 **common)
+            runs["pseudo_round2"] = train("pseudo_round2", work, data, labelled, sizes,
+                                          [*shared, "--pseudo", str(table)], **common)
         runs[f"{prefix}distill"] = train(f"{prefix}distill", work, data, labelled, sizes,
                                          [*shared, "--distill", str(teacher), "--distill-weight",
                                           str(args.distill_weight)], **common)
@@ -187,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     by = table.set_index("row")
     honest = by.loc[[r for r in by.index if not r.startswith("leaky")]]
-    pseudo = max(by.loc["pseudo_hard", "test"], by.loc["pseudo_soft", "test"])
+    chosen = by.loc[[r for r in by.index if r.startswith("pseudo")], "cv"].idxmax()
+    pseudo = by.loc[chosen, "test"]
+    print(f"pseudo row chosen by CV: {chosen}")
     print(f"baseline={by.loc['baseline', 'test']:.2f} pseudo={pseudo:.2f} "
           f"distill={by.loc['distill', 'test']:.2f} "
           f"pseudo_gain_points={pseudo - by.loc['baseline', 'test']:.2f} "
