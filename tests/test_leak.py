@@ -15,7 +15,8 @@ patterns that mixcls_cnn_tiny memorises within a few epochs.
 
 Measured (seeds 0/1, 12 epochs, CPU, one thread), CV / last-epoch accuracy:
   pseudo (chance 0.25, sd 0.040 at 120 rows): teacher 0.333 / 0.275, per-fold teacher's student
-  0.358 / 0.333 (bounds 0.49 / 0.41), all-rows teacher's student 0.992 / 0.992 (bound >= 0.57).
+  0.358 / 0.333 (bounds 0.49 / 0.41), all-rows teacher's student 0.992 / 0.992 (bound >= 0.57);
+  a second round, the per-fold student as teacher: 0.367 / 0.358 (same bounds).
   distill (chance 0.125, sd 0.034 at 96 rows): teacher 0.177 / 0.104, per-fold 0.167 / 0.167
   (bounds 0.33 / 0.26), all-rows 0.542 / 0.510 (bound >= 0.40).
 """
@@ -121,6 +122,13 @@ def pseudo_world(tmp_path_factory):
         assert main(["train", "--data", str(root / "data"), "--out", str(root / f"student_{name}"),
                      "--pseudo", str(table), "--folds-from", str(teacher), *TINY]) == 0
         cv[name] = _scores(root / f"student_{name}")
+    # round 2: the honest student is the teacher; its fold-g model learnt the duplicates with
+    # labels from the first teacher's fold-g model, so it still knows nothing of fold g's rows
+    assert main(["pseudo", "--run", str(root / "student_honest"), "--images", str(root / "pool"),
+                 "--out", str(root / "round2.csv"), "--threshold", "0", "--device", "cpu"]) == 0
+    assert main(["train", "--data", str(root / "data"), "--out", str(root / "student_round2"),
+                 "--pseudo", str(root / "round2.csv"), "--folds-from", str(teacher), *TINY]) == 0
+    cv["round2"] = _scores(root / "student_round2")
     return root, cv
 
 
@@ -129,6 +137,21 @@ def test_pseudo_labels_from_a_teacher_fitted_on_all_rows_leak_and_per_fold_ones_
     chance = 1 / K_PSEUDO
     sigma = np.sqrt(chance * (1 - chance) / N_PSEUDO)  # 0.040 at 120 rows
     _check_detector("pseudo", cv, chance=chance, sigma=sigma)
+
+
+def test_a_second_round_from_the_per_fold_student_stays_at_chance_and_is_recorded(pseudo_world):
+    root, cv = pseudo_world
+    chance = 1 / K_PSEUDO
+    sigma = np.sqrt(chance * (1 - chance) / N_PSEUDO)
+    print(f"round 2 student: CV {cv['round2']['cv']:.3f} / last epoch {cv['round2']['last']:.3f}")
+    assert cv["round2"]["last"] <= chance + 4 * sigma
+    assert cv["round2"]["cv"] <= chance + 6 * sigma
+    assert json.loads((root / "honest.csv.json").read_text())["round"] == 1
+    assert json.loads((root / "round2.csv.json").read_text())["round"] == 2
+    assert json.loads((root / "student_honest" / "metrics.json").read_text())["pseudo"]["round"] == 1
+    assert json.loads((root / "student_round2" / "metrics.json").read_text())["pseudo"]["round"] == 2
+    assert "round 2 labels" in (root / "student_round2" / "report.html").read_text()
+    assert "round 2 labels" not in (root / "student_honest" / "report.html").read_text()
 
 
 def test_pseudo_rows_are_never_validation_rows_nor_in_oof(pseudo_world):

@@ -285,3 +285,21 @@ def test_pseudo_weight_one_adds_no_weights_and_a_bad_weight_is_refused(world, ca
         assert main(["train", "--data", str(data_dir), "--out", str(root / "w"), "--pseudo-weight", bad,
                      *TINY]) == 2
         assert "pseudo_weight" in capsys.readouterr().err
+
+
+def test_teacher_round_counts_the_pseudo_rounds_behind_a_run_or_blend(tmp_path):
+    def run(name, metrics):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+        return tmp_path / name
+    plain = run("plain", {"cv_accuracy": 0.5})
+    old_student = run("old_student", {"pseudo": {"teacher": "x", "folds": {}}})  # before "round"
+    second = run("second", {"pseudo": {"teacher": "x", "folds": {}, "round": 2}})
+    assert pseudo.teacher_round(plain) == 0
+    assert pseudo.teacher_round(old_student) == 1
+    assert pseudo.teacher_round(second) == 2
+    (tmp_path / "blend").mkdir()
+    (tmp_path / "blend" / "blend.json").write_text(json.dumps(
+        {"method": "mean", "weights": None, "stacker": None, "temperature": None,
+         "members": [{"path": str(plain)}, {"path": str(second)}, {"path": str(old_student)}]}))
+    assert pseudo.teacher_round(tmp_path / "blend") == 2

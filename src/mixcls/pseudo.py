@@ -90,6 +90,24 @@ def _nested_spec(spec: dict[str, Any], fold: int, teacher: Path) -> dict[str, An
                 temperature=nested.get("temperature"))
 
 
+def teacher_round(teacher: str | Path) -> int:
+    """How many pseudo-label rounds are behind `teacher`'s models: 0 for a run trained on labels
+    alone, r for a student of a round-r table (metrics.json "pseudo"; older students: 1), the
+    most of its members for a blend. A table it writes is round teacher_round + 1.
+
+    The chain stays leak-free round after round: a round-r student's fold-g model trained on fold
+    g's training rows and on labels from its teacher's fold-g model, so by induction no model in
+    fold g's chain ever trained on fold g's validation rows."""
+    from mixcls import blend
+
+    teacher = Path(teacher)
+    if blend.is_blend_folder(teacher):
+        return max(teacher_round(m["path"]) for m in blend.read_blend(teacher)["members"])
+    metrics = teacher / "metrics.json"
+    info = read_json(metrics).get("pseudo") if metrics.is_file() else None
+    return int(info.get("round", 1)) if isinstance(info, dict) else 0
+
+
 # ---------------------------------------------------------------- selection
 
 def select_passed(probs: np.ndarray, *, threshold: float,
@@ -147,12 +165,12 @@ def make_pseudo(teacher: str | Path, images_dir: str | Path, image_ids: Sequence
             "images": str(Path(images_dir).resolve()), "classes": classes,
             "folds_fingerprint": folds_fingerprint(folds["image_id"], folds["fold"]),
             "teacher_folds": fold_ids, "threshold": threshold, "max_per_class": max_per_class,
-            "soft": soft, "images_count": len(image_ids),
+            "soft": soft, "round": teacher_round(teacher) + 1, "images_count": len(image_ids),
             "passed_per_fold": {str(g): int(passed[i].sum()) for i, g in enumerate(fold_ids)}}
     atomic_write_csv(out, frame)
     atomic_write_json(meta_path(out), meta)
-    log(f"pseudo labels: {len(image_ids)} images x {len(fold_ids)} teacher folds -> {out}; "
-        f"passed per fold: {meta['passed_per_fold']}")
+    log(f"pseudo labels (round {meta['round']}): {len(image_ids)} images x {len(fold_ids)} "
+        f"teacher folds -> {out}; passed per fold: {meta['passed_per_fold']}")
     return meta
 
 
@@ -283,4 +301,5 @@ def summarize_pseudo(pseudo: PseudoTable, chosen: Sequence[int],
         per_fold[str(g)] = {"rows": int(len(rows)),
                             "classes": {str(c): int(n) for c, n in zip(classes, counts)}}
     return {"table": str(pseudo.path), "teacher": pseudo.meta["teacher"], "soft": pseudo.soft,
-            "threshold": pseudo.meta.get("threshold"), "folds": per_fold}
+            "threshold": pseudo.meta.get("threshold"), "round": int(pseudo.meta.get("round", 1)),
+            "folds": per_fold}

@@ -662,12 +662,17 @@ def _section_pseudo(run: RunFiles) -> str:
     info = run.metrics["pseudo"]
     rows = [[g, v["rows"], *(v["classes"].get(str(c), 0) for c in run.classes)]
             for g, v in sorted(info["folds"].items(), key=lambda item: int(item[0]))]
+    round_ = int(info.get("round", 1))
+    chain = ("" if round_ == 1 else
+             f" That teacher was itself a pseudo-label student: these are round {round_} labels, "
+             "and every model of fold g's chain trained on fold g's training rows and on labels "
+             "from the fold-g model before it only.")
     intro = (f"Each fold g trained also on the unlabelled images that passed for g in "
              f"{info['table']} ({'soft' if info['soft'] else 'hard'} labels, threshold "
              f"{info.get('threshold')}), labelled by fold g's model of teacher {info['teacher']}, "
-             "which never trained on fold g's validation rows; pseudo images are never validated "
-             f"on and are not in oof.csv. Each pseudo row weighed {info.get('weight', 1.0):g} in "
-             "the loss against 1 for a labelled row.")
+             f"which never trained on fold g's validation rows.{chain} Pseudo images are never "
+             f"validated on and are not in oof.csv. Each pseudo row weighed "
+             f"{info.get('weight', 1.0):g} in the loss against 1 for a labelled row.")
     return _section("pseudo", "Pseudo-labels",
                     _table(["fold", "pseudo rows", *[str(c) for c in run.classes]], rows), intro=intro)
 

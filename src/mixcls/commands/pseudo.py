@@ -15,7 +15,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "g's training part the rows that passed for g, labelled by the teacher's fold-g model, "
         "which never trained on fold g's validation rows: CV stays honest.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", required=True, help="the teacher: a finished run folder or a blend folder")
+    p.add_argument("--run", required=True,
+                   help="the teacher: a finished run folder or a blend folder; a student trained "
+                        "with --pseudo makes a second round (its fold-g models never saw fold g's "
+                        "validation rows either)")
     p.add_argument("--images", required=True, help="folder of unlabelled images")
     p.add_argument("--ids", help="CSV with an image_id column: only these images")
     p.add_argument("--out", required=True, help="pseudo table to write (CSV)")
