@@ -39,6 +39,16 @@ def test_identity_view_equals_a_plain_forward(run):
     np.testing.assert_allclose(predict_run(out, paths, tta=1, device="cpu"), fold_probs.mean(0), atol=1e-7)
 
 
+def test_loader_workers_give_the_same_probabilities(run):
+    # workers stack their batches into reused shared buffers (mixcls.batch_ring); a new loader
+    # per fold model gets new workers
+    data, out = run
+    paths = sorted(str(p) for p in (data / "train_images").glob("*.png"))[:21]
+    alone = predict_fold_probs(out, paths, tta=2, device="cpu", batch_size=4)
+    with_workers = predict_fold_probs(out, paths, tta=2, device="cpu", batch_size=4, workers=2)
+    np.testing.assert_array_equal(with_workers, alone)
+
+
 def test_tta_views_are_exact_permutations_of_pixels():
     x = torch.randn(2, 3, 5, 5)
     for name in set(TTA_VIEWS) - {"zoom"}:

@@ -18,7 +18,7 @@ from mixcls.engine import evaluate
 from mixcls.models import build_model, model_mean_std
 from mixcls.runs import RunError, RunFolder, atomic_write_csv, load_checkpoint
 from mixcls.heap import keep_freed_memory
-from mixcls.sampling import collate_hwc, worker_init
+from mixcls.sampling import build_collate, worker_init
 from mixcls.devices import amp_dtype, resolve_device
 from mixcls.transforms import Normalizer, build_valid_transform
 
@@ -107,7 +107,7 @@ def predict_fold_outputs(models: Sequence[LoadedModel], paths: Sequence[str], *,
         keep_freed_memory()  # before the workers fork (mixcls.heap)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
                             pin_memory=device.type == "cuda", worker_init_fn=worker_init,
-                            collate_fn=collate_hwc if device.type == "cuda" else None)
+                            collate_fn=build_collate(workers=workers, hwc=device.type == "cuda"))
         # features=True calls forward_features / forward_head, which torch.compile leaves eager
         model = torch.compile(loaded.model) if cfg.model.compile and not features else loaded.model
         out = evaluate(model, loader, device=device, amp_dtype=amp_dtype, tta_views=chosen,

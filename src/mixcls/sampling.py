@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mixcls.batch_ring import BatchRing
 from mixcls.config import ConfigError
 from mixcls.heap import keep_freed_memory
 
@@ -134,6 +135,9 @@ def worker_init(worker_id: int) -> None:
 
 
 PREFETCH_BATCHES = 4  # per worker (torch's default is 2)
+# Image buffers per worker (mixcls.batch_ring): the batches waiting in the queue, the one the
+# step uses and one being pinned; a worker finding none free uses torch's own collate.
+RING_SLOTS = PREFETCH_BATCHES + 2
 
 
 def collate_hwc(batch: list) -> Any:
@@ -157,6 +161,14 @@ def collate_hwc(batch: list) -> Any:
     return [stacked, *(default_collate(list(column)) for column in rest)]
 
 
+def build_collate(*, workers: int, hwc: bool):
+    """The collate_fn of mixcls's loaders: with workers, a BatchRing (reused shared-memory image
+    buffers); without, collate_hwc when `hwc`, else None (torch's default_collate)."""
+    if workers > 0:
+        return BatchRing(workers=workers, slots=RING_SLOTS, hwc=hwc)
+    return collate_hwc if hwc else None
+
+
 def make_loader(dataset: Dataset, *, batch_size: int, workers: int, sampler: Sampler | None,
                 drop_last: bool, device: torch.device, seed: int,
                 hwc_batches: bool | None = None) -> DataLoader:
@@ -164,6 +176,8 @@ def make_loader(dataset: Dataset, *, batch_size: int, workers: int, sampler: Sam
 
     `hwc_batches` (default: on a CUDA device) collates images with collate_hwc, leaving the
     channel split to the device; on a CPU the step itself would pay for it, so it stays here.
+    With workers, each worker stacks its image batches into a few reused shared-memory buffers
+    (mixcls.batch_ring) rather than a new one per batch.
     """
     # Its own generator: creating an iterator draws a worker base seed, which must not move
     # the global torch RNG (a resumed epoch creates one iterator more than an unbroken one).
@@ -172,7 +186,7 @@ def make_loader(dataset: Dataset, *, batch_size: int, workers: int, sampler: Sam
         hwc_batches = device.type == "cuda"
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=drop_last, pin_memory=device.type == "cuda",
-                      collate_fn=collate_hwc if hwc_batches else None,
+                      collate_fn=build_collate(workers=workers, hwc=hwc_batches),
                       persistent_workers=workers > 0, worker_init_fn=worker_init,
                       # uint8 batches are small: each worker keeps a few ready ahead of the step
                       prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
