@@ -82,7 +82,7 @@ class BatchRing:
     def __call__(self, batch: list) -> Any:
         info = get_worker_info()
         images = _uint8_images(batch)
-        if info is None or images is None:
+        if info is None or images is None or info.id >= self.workers:
             return default_collate(batch)
         hwc = self.hwc and images[0].permute(1, 2, 0).is_contiguous()
         shape = (len(images), *images[0].permute(1, 2, 0).shape) if hwc else (len(images), *images[0].shape)
