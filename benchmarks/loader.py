@@ -139,7 +139,7 @@ def batch_memory_ms(batch: int, img_size: int, *, repeats: int = 20) -> tuple[fl
     """CPU milliseconds per image of copying a uint8 batch (batch, size, size, 3) into a new
     shared-memory storage (what torch's default_collate allocates for every batch inside a loader
     worker: `_typed_storage()._new_shared`, fresh pages that the copy faults in) and into a
-    buffer used before; one thread."""
+    buffer used before (what mixcls's workers do since mixcls.batch_ring); one thread."""
     source = torch.randint(0, 256, (batch, img_size, img_size, 3), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     reused = torch.empty_like(source)
@@ -334,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbatch memory, one thread, ms per image of a batch of {args.batch_size}:")
     for size in sizes:
         shared_ms, reused_ms = batch_memory_ms(args.batch_size, size)
-        print(f"  {size} px batches: new shared-memory batch (a worker's collate) {shared_ms:.3f}, "
-              f"a buffer used before {reused_ms:.3f}")
+        print(f"  {size} px batches: new shared-memory batch (torch's collate in a worker) "
+              f"{shared_ms:.3f}, a buffer used before (mixcls.batch_ring) {reused_ms:.3f}")
     if args.colour_on_device:
         print("\nthe colour steps moved to the device, timed on this CPU (1 thread), ms per image:")
         for size in sizes:
