@@ -8,10 +8,11 @@ on them. Rows, each with its CV (OOF accuracy) and test accuracy:
 - baseline: `mixcls train` on the labelled rows (with --full-fit, for the leaky teacher below);
 - pseudo hard / soft: `mixcls pseudo --run baseline` on the unlabelled images (fold g's labels
   from the baseline's fold-g model), then `mixcls train --pseudo … --folds-from baseline`;
-- pseudo round 2: the pseudo student with the better CV (hard or soft) becomes the teacher:
-  `mixcls pseudo --run STUDENT` then `mixcls train --pseudo …` again. Still no leak: the
-  student's fold-g model trained on fold g's training rows and on labels from the baseline's
-  fold-g model only, so fold g's validation rows never reached it;
+- pseudo rounds 2 … --rounds (default 3): the pseudo student with the better CV (hard or soft)
+  becomes the teacher of round 2, `mixcls pseudo --run STUDENT` then `mixcls train --pseudo …`
+  again, with labels of the same kind; round r's student teaches round r + 1. Still no leak:
+  a student's fold-g model trained on fold g's training rows and on labels from the fold-g model
+  before it only, so fold g's validation rows never reached any model of that chain;
 - distill: `mixcls train --distill baseline --folds-from baseline` (fold g's targets from the
   baseline's fold-g model);
 - leaky pseudo / leaky distill: the same with a teacher fitted on ALL labelled rows (the
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=0.9, help="pseudo-label confidence threshold")
     parser.add_argument("--max-per-class", type=int, default=None,
                         help="pseudo rows kept per class per fold (the most confident; default: all that pass)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="pseudo-label rounds (round r >= 2 is taught by round r-1's student)")
     parser.add_argument("--distill-weight", type=float, default=0.5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data, work = Path(args.data), Path(args.work)
     sizes = QUICK if args.quick else FULL
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
     if args.epochs is not None:
         sizes = Sizes(sizes.labelled, sizes.unlabelled, args.epochs, sizes.folds)
     for name in ("train.csv", "train_images", "test.csv", "test_images"):
@@ -173,14 +178,17 @@ def main(argv: list[str] | None = None) -> int:
             runs[name] = train(name, work, data, labelled, sizes, [*shared, "--pseudo", str(table)],
                                **common)
         if not prefix:
-            round1 = max(("pseudo_hard", "pseudo_soft"),
-                         key=lambda r: read_json(runs[r] / "metrics.json")["cv_accuracy"])
-            soft = round1 == "pseudo_soft"
-            table = pseudo_table(runs[round1], work, data, unlabelled, "table_pseudo_round2",
-                                 *(["--soft"] if soft else []), *cap, threshold=args.threshold,
-                                 **common)
-            runs["pseudo_round2"] = train("pseudo_round2", work, data, labelled, sizes,
-                                          [*shared, "--pseudo", str(table)], **common)
+            student = max(("pseudo_hard", "pseudo_soft"),
+                          key=lambda r: read_json(runs[r] / "metrics.json")["cv_accuracy"])
+            soft = student == "pseudo_soft"
+            for r in range(2, args.rounds + 1):  # each round's teacher: the student before it
+                name = f"pseudo_round{r}"
+                table = pseudo_table(runs[student], work, data, unlabelled, f"table_{name}",
+                                     *(["--soft"] if soft else []), *cap,
+                                     threshold=args.threshold, **common)
+                runs[name] = train(name, work, data, labelled, sizes,
+                                   [*shared, "--pseudo", str(table)], **common)
+                student = name
         runs[f"{prefix}distill"] = train(f"{prefix}distill", work, data, labelled, sizes,
                                          [*shared, "--distill", str(teacher), "--distill-weight",
                                           str(args.distill_weight)], **common)
