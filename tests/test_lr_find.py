@@ -276,6 +276,22 @@ def test_lr_find_cli_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch: py
     assert datasets == [list(paths[train_rows])] and not set(datasets[0]) & set(paths[valid_rows])
 
 
+@pytest.mark.slow
+def test_lr_find_with_loader_workers_sees_the_same_batches(tiny_data: Path) -> None:
+    # deterministic transforms (preset none), so only the loader differs: its workers stack the
+    # batches into reused shared buffers (mixcls.batch_ring)
+    losses = []
+    for workers in (0, 2):
+        cfg = load_config(None, {"data": str(tiny_data), "model": "mixcls_cnn_tiny", "img_size": 24,
+                                 "batch_size": 8, "workers": workers, "device": "cpu",
+                                 "preset": "none", "check_images": "header"})
+        result, _ = lr_find.find_lr_for_config(cfg, steps=12, min_lr=1e-5, max_lr=1.0,
+                                               log=lambda message: None)
+        losses.append(result.losses)
+    assert len(losses[0]) >= 10
+    np.testing.assert_array_equal(losses[1], losses[0])
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--min-lr", "0.1", "--max-lr", "0.1"], "max_lr: 0.1 must be a finite number > min_lr"),
     (["--min-lr", "1", "--max-lr", "0.5"], "max_lr: 0.5 must be a finite number > min_lr"),

@@ -30,7 +30,7 @@ from mixcls.optim import build_optimizer
 from mixcls.run_setup import build_mixer, build_training_loss, resolve_batch_plan
 from mixcls.runs import RunError
 from mixcls.heap import keep_freed_memory
-from mixcls.sampling import worker_init
+from mixcls.sampling import build_collate, worker_init
 from mixcls.transforms import DeviceColour, Normalizer, build_device_colour, build_train_transform
 
 SUGGEST_RULES = ("steepest", "min10")
@@ -377,6 +377,7 @@ def _build_pipeline(cfg: Config, table: TrainTable, rows: np.ndarray, *,
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=cfg.data.workers,
                         drop_last=len(dataset) > batch_size, pin_memory=device.type == "cuda",
                         worker_init_fn=worker_init,
+                        collate_fn=build_collate(workers=cfg.data.workers, hwc=device.type == "cuda"),
                         generator=torch.Generator().manual_seed(cfg.train.seed))
     mixer, loss_fn = build_mixer(cfg.mix), build_training_loss(cfg.loss)
     return _Pipeline(model=model, loader=loader, optimizer=build_optimizer(model, cfg.optim),
