@@ -15,7 +15,9 @@ How a batch travels:
   pinned a copy) the lease marks the slot free in a small array shared with the workers;
 - a worker stacks the next batch into a free slot of its own; when none is free (the caller
   keeps every batch of an epoch, say) it falls back to torch's own collate, so a batch is never
-  overwritten while anything still sees it.
+  overwritten while anything still sees it. (Batches still queued when non-persistent workers
+  are shut down mid-epoch may never reach the main process; their slots then stay leased, and
+  that DataLoader's later workers use torch's collate for them: slower, never wrong.)
 
 Only uint8 image batches take the ring (mixcls's loaders yield uint8); anything else, and
 every batch made outside a worker, is torch's `default_collate`.
@@ -85,13 +87,15 @@ class BatchRing:
         if info is None or images is None or info.id >= self.workers:
             return default_collate(batch)
         hwc = self.hwc and images[0].permute(1, 2, 0).is_contiguous()
-        shape = (len(images), *images[0].permute(1, 2, 0).shape) if hwc else (len(images), *images[0].shape)
+        if hwc:
+            images = [image.permute(1, 2, 0) for image in images]
+        shape = (len(images), *images[0].shape)
         slot = self._claim(info.id)
         if slot is None:
             return default_collate(batch)
-        buffer, generation, first = self._buffer(slot, int(np.prod(shape)))
-        out = buffer[:int(np.prod(shape))].view(shape)
-        torch.stack([image.permute(1, 2, 0) if hwc else image for image in images], out=out)
+        numel = int(np.prod(shape))
+        buffer, generation, first = self._buffer(slot, numel)
+        torch.stack(images, out=buffer[:numel].view(shape))
         rest = [default_collate(list(column)) for column in list(zip(*batch))[1:]]
         sent = _RingBatch(self.ring_id, info.id, slot, generation, buffer if first else None,
                           shape, hwc)
