@@ -232,7 +232,7 @@ def test_colour_on_device_trains_as_the_batches_coloured_and_normalised_before()
     coloured = [(normalizer.from_255(colour(x, before)), y) for x, y in raw]
     assert not torch.allclose(coloured[0][0], normalizer(raw[0][0]))
     outcomes = []
-    for batches, kwargs in ((raw, dict(normalizer=normalizer, colour=colour,
+    for batches, kwargs in ((raw, dict(normalizer=normalizer, device_augment=colour,
                                        generator=torch.Generator().manual_seed(9))),
                             (coloured, {})):
         model = _net(3)

@@ -406,8 +406,11 @@ def test_device_colour_repeats_under_its_generator_and_changes_the_batch():
     assert torch.equal(first, colour(batch, torch.Generator().manual_seed(5)))
     assert not torch.equal(first, colour(batch, torch.Generator().manual_seed(6)))
     assert first.dtype == torch.float32 and first.min() >= 0 and first.max() <= 255
+    as_float = batch.float()
+    assert torch.equal(colour(as_float, torch.Generator().manual_seed(5)), first)
+    assert torch.equal(as_float, batch.float())  # the float input is not shifted in place
     with pytest.raises(TypeError, match="uint8"):
-        colour(batch.float())
+        colour(batch.double())
 
 
 def test_colour_on_device_takes_the_colour_steps_out_of_the_loader():

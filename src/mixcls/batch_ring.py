@@ -19,8 +19,9 @@ How a batch travels:
   are shut down mid-epoch may never reach the main process; their slots then stay leased, and
   that DataLoader's later workers use torch's collate for them: slower, never wrong.)
 
-Only uint8 image batches take the ring (mixcls's loaders yield uint8); anything else, and
-every batch made outside a worker, is torch's `default_collate`.
+Only uint8 image batches take the ring (mixcls's loaders yield uint8, or WarpItems whose uint8
+sources of any size are padded to the batch's largest); anything else, and every batch made
+outside a worker, is torch's `default_collate` (device_augment.collate_warp_items for WarpItems).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import default_collate, get_worker_info
+
+from mixcls.device_augment import WarpBatch, WarpItem, collate_warp_items, stack_sources
 
 # ring id -> the main process's BatchRing (its table of received slots); weak, so a ring dies
 # with its DataLoader and iterators, while a batch still in use keeps its own slot alive.
@@ -83,23 +86,30 @@ class BatchRing:
 
     def __call__(self, batch: list) -> Any:
         info = get_worker_info()
-        images = _uint8_images(batch)
+        warp = bool(batch) and isinstance(batch[0], (tuple, list)) and isinstance(batch[0][0], WarpItem)
+        images = [sample[0].image for sample in batch] if warp else _uint8_images(batch)
         if info is None or images is None or info.id >= self.workers:
-            return default_collate(batch)
+            return self._fallback(batch, warp)
         hwc = self.hwc and images[0].permute(1, 2, 0).is_contiguous()
-        if hwc:
-            images = [image.permute(1, 2, 0) for image in images]
-        shape = (len(images), *images[0].shape)
+        # WarpItems' sources differ in size: padded to the largest (stack_sources)
+        height = max(image.shape[1] for image in images)
+        width = max(image.shape[2] for image in images)
+        shape = (len(images), height, width, 3) if hwc else (len(images), 3, height, width)
         slot = self._claim(info.id)
         if slot is None:
-            return default_collate(batch)
+            return self._fallback(batch, warp)
         numel = int(np.prod(shape))
         buffer, generation, first = self._buffer(slot, numel)
-        torch.stack(images, out=buffer[:numel].view(shape))
+        stack_sources(images, out=buffer, hwc=hwc)
         rest = [default_collate(list(column)) for column in list(zip(*batch))[1:]]
         sent = _RingBatch(self.ring_id, info.id, slot, generation, buffer if first else None,
                           shape, hwc)
+        if warp:
+            sent = WarpBatch(sent, default_collate([sample[0].plan for sample in batch]))
         return [sent, *rest]  # a list, as default_collate gives for (image, label) samples
+
+    def _fallback(self, batch: list, warp: bool) -> Any:
+        return collate_warp_items(batch, hwc=self.hwc) if warp else default_collate(batch)
 
     def _claim(self, worker: int) -> int | None:
         """A free slot of `worker`, now leased; None when every one is in use."""

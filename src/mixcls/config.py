@@ -52,6 +52,10 @@ class DataConfig:
     colour_on_device: bool = _opt(False, "run the preset's colour steps (HSV, brightness/contrast) "
                                   "on the batch on the device instead of in the loader: less CPU "
                                   "per image, for GPU machines")
+    augment_on_device: bool = _opt(False, "run the whole training augmentation (geometry, colour, "
+                                   "cutout) on the batch on the device: the loader only decodes "
+                                   "or reads the cache, draws the parameters and stacks the "
+                                   "source images; for GPU machines (includes colour_on_device)")
     workers: int = _opt(2, "DataLoader worker processes (0: load in the main process)")
     cache_images: str = _opt("auto", "where decoded images live between epochs: yes (RAM, full "
                              "size), disk (copies shrunk to a short side of cache_scale x img_size "
@@ -303,6 +307,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train_folds: {bad} outside 0..{cfg.train.folds - 1}")
     if cfg.loss.name == "bi_tempered" and not (cfg.loss.t1 <= 1.0 <= cfg.loss.t2):
         raise ConfigError(f"t1, t2: bi-tempered needs t1 <= 1 <= t2, got {cfg.loss.t1}, {cfg.loss.t2}")
+    if cfg.data.augment_on_device:
+        from mixcls.device_augment import HostPlan  # local: it imports the presets
+        from mixcls.transforms import preset_steps
+        try:
+            HostPlan(preset_steps(cfg.data.preset, cfg.data.img_size, (0.5, 0.5, 0.5)), cfg.data.img_size)
+        except ValueError as exc:
+            raise ConfigError(f"augment_on_device: preset {cfg.data.preset!r}: {exc}") from None
     from mixcls.mix import parse_mix_spec  # local: mix imports nothing from config
     try:
         parse_mix_spec(cfg.mix.method)

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from mixcls.device_augment import WarpItem
 from mixcls.image_cache import CACHE_SCALE, RAM_LIMIT_BYTES, ImageCache, decode_image, load_copy
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -478,7 +479,8 @@ class ImageDataset(torch.utils.data.Dataset):
     """Images with their targets: class indices (N,) int64 or soft targets (N, K) float32.
 
     The image is whatever `transform` returns: with the presets of mixcls.transforms a uint8
-    tensor (3, H, W), normalised later on the device (transforms.Normalizer).
+    tensor (3, H, W), normalised later on the device (transforms.Normalizer); with a
+    device_augment.HostPlan a WarpItem (the source and its plan, augmented on the device).
 
     An item key is an index or an (index, seed) pair: with a seed the augmentation of that item
     is a pure function of (seed, index), so a run is the same whatever the number of workers
@@ -512,7 +514,9 @@ class ImageDataset(torch.utils.data.Dataset):
         image = self._read(index)
         if seed is not None:
             seed_transform(self.transform, seed)
-        tensor = self.transform(image=image)["image"]
+        out = self.transform(image=image)
+        # a HostPlan (--augment-on-device) gives the source and its plan; the device warps it
+        tensor = WarpItem(out["image"], out["plan"]) if "plan" in out else out["image"]
         if self.targets is None:
             return tensor, index
         if self.weights is not None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mixcls.device_augment import DeviceAugment, WarpBatch
 from mixcls.losses import to_soft_targets
 from mixcls.optim import current_lr
 from mixcls.transforms import DeviceColour, Normalizer, apply_tta_view
@@ -134,17 +135,26 @@ def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
 
 def prepare_images(images: torch.Tensor, *, device: torch.device,
                    normalizer: Normalizer | None = None, channels_last: bool = False,
-                   colour: DeviceColour | None = None,
+                   device_augment: DeviceColour | DeviceAugment | None = None,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """A loader's images as the model takes them, on `device`: uint8 batches normalised there
     by `normalizer` (the model's mean and std) into float32; then the memory format asked for.
-    `colour` (--colour-on-device, training only) shifts the colours first, drawing from
-    `generator`. Without a normalizer the images are taken as they are (already float)."""
-    images = images.to(device, non_blocking=True)
-    if colour is not None:
+    `device_augment` (training only) first runs the augmentation steps that moved to the device,
+    drawing from `generator`: the colour steps (--colour-on-device, a DeviceColour), or the
+    whole preset on a WarpBatch (--augment-on-device, a DeviceAugment). Without a normalizer the
+    images are taken as they are (already float)."""
+    if isinstance(images, WarpBatch):
+        if not isinstance(device_augment, DeviceAugment):
+            raise TypeError("a batch of source images and plans (--augment-on-device) needs the "
+                            "DeviceAugment that finishes it")
+        images = WarpBatch(images.images.to(device, non_blocking=True),
+                           images.plans.to(device, non_blocking=True))
+    else:
+        images = images.to(device, non_blocking=True)
+    if device_augment is not None:
         if normalizer is None:
-            raise TypeError("colour on the device needs a Normalizer (the model's mean and std)")
-        images = normalizer.from_255(colour(images, generator))
+            raise TypeError("augmenting on the device needs a Normalizer (the model's mean and std)")
+        images = normalizer.from_255(device_augment(images, generator))
     elif normalizer is not None:
         images = normalizer(images)
     elif images.dtype == torch.uint8:
@@ -162,18 +172,19 @@ def prepare_batch(images: torch.Tensor, targets: torch.Tensor, *, device: torch.
                   num_classes: int, normalizer: Normalizer | None = None,
                   channels_last: bool = False, mixer: Callable | None = None,
                   generator: torch.Generator | None = None,
-                  colour: DeviceColour | None = None, weights: torch.Tensor | None = None
+                  device_augment: DeviceColour | DeviceAugment | None = None,
+                  weights: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A loader's batch on `device` as the model trains on it: images (B, 3, H, W) float,
-    colour-shifted when `colour` is given and normalised (prepare_images), soft targets (B, K),
+    augmented by `device_augment` when it is given and normalised (prepare_images), soft targets (B, K),
     mixed when a mixer is given (mixing sees the normalised images), and the row weights (B,)
-    float32 or None. Colour and mixing draw from `generator`, in that order.
+    float32 or None. The device augmentation and mixing draw from `generator`, in that order.
 
     A mixed row's weight is mixed like its target, λ_eff·w + (1 − λ_eff)·w[perm]: the weights
     ride through the mixer as one more target column, so they take the very same λ and partner.
     """
     images = prepare_images(images, device=device, normalizer=normalizer, channels_last=channels_last,
-                            colour=colour, generator=generator)
+                            device_augment=device_augment, generator=generator)
     soft_targets = to_soft_targets(targets.to(device, non_blocking=True), num_classes)
     if weights is not None:
         weights = weights.to(device, non_blocking=True).to(soft_targets.dtype)
@@ -217,7 +228,8 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
                     accum_steps: int = 1, scaler: torch.amp.GradScaler | None = None,
                     amp_dtype: torch.dtype | None = None, grad_clip: float | None = None,
                     ema: nn.Module | None = None, channels_last: bool = False,
-                    bn_eval: Sequence[nn.Module] = (), colour: DeviceColour | None = None,
+                    bn_eval: Sequence[nn.Module] = (),
+                    device_augment: DeviceColour | DeviceAugment | None = None,
                     start_batch: int = 0, n_batches: int | None = None,
                     start_stats: EpochStats | None = None,
                     on_step: Callable[[int, EpochStats], None] | None = None,
@@ -244,7 +256,8 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
         images, targets, weights = batch_parts(batch)
         images, soft_targets, weights = prepare_batch(
             images, targets, device=device, num_classes=num_classes, normalizer=normalizer,
-            channels_last=channels_last, mixer=mixer, generator=generator, colour=colour,
+            channels_last=channels_last, mixer=mixer, generator=generator,
+            device_augment=device_augment,
             weights=weights)
         step = should_step(i, n_batches, accum_steps)
         # Under DDP only the group's last micro-batch all-reduces the (accumulated) gradients.

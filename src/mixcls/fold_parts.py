@@ -17,13 +17,13 @@ from mixcls.config import Config
 from mixcls.data import ImageDataset
 from mixcls.devices import amp_setup
 from mixcls.distributed import DistContext
+from mixcls.device_augment import DeviceAugment, build_train_augment
 from mixcls.models import batchnorm_modules, build_model, model_mean_std, set_body_trainable
 from mixcls.optim import build_optimizer, build_scheduler
 from mixcls.resume import Trainables
 from mixcls.run_setup import FoldData, build_mixer, build_training_loss
 from mixcls.sampling import EpochSampler, derive_seed, make_loader
-from mixcls.transforms import (DeviceColour, Normalizer, build_device_colour, build_train_transform,
-                               build_valid_transform)
+from mixcls.transforms import DeviceColour, Normalizer, build_valid_transform
 
 
 @dataclass
@@ -41,7 +41,9 @@ class FoldParts:
     mixer: Callable | None
     valid_labels: np.ndarray  # (n_valid,) every validation row, for scoring
     normalizer: Normalizer  # the model's mean and std: uint8 batches -> its input, on the device
-    colour: DeviceColour | None  # the preset's colour steps, on the training batch (--colour-on-device)
+    # the augmentation steps that run on the training batch on the device: the colour ones
+    # (--colour-on-device) or the whole preset (--augment-on-device); None: all in the loader
+    device_augment: DeviceColour | DeviceAugment | None
     wrap: Callable[[nn.Module], nn.Module]  # DDP and/or torch.compile around the bare model
     compile: bool = False
     freeze_epochs: int = 0
@@ -89,7 +91,11 @@ def build_fold_parts(cfg: Config, data: FoldData, *, fold: int, device: torch.de
     if ctx.world_size > 1 and cfg.train.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     mean, std = model_mean_std(model)
-    sampler, train_loader, valid_loader = _build_loaders(cfg, data, mean, fold=fold,
+    # `mean` only colours the cassava preset's cutout
+    train_transform, device_augment = build_train_augment(
+        cfg.data.preset, cfg.data.img_size, mean=mean, colour_on_device=cfg.data.colour_on_device,
+        augment_on_device=cfg.data.augment_on_device, rank=ctx.rank, world_size=ctx.world_size)
+    sampler, train_loader, valid_loader = _build_loaders(cfg, data, train_transform, fold=fold,
                                                          device=device, ctx=ctx)
     n_batches = len(train_loader)
     optimizer = build_optimizer(model, cfg.optim)  # before any freezing: every parameter has a group
@@ -110,20 +116,16 @@ def build_fold_parts(cfg: Config, data: FoldData, *, fold: int, device: torch.de
 
     return FoldParts(Trainables(model, ema, optimizer, scheduler, scaler), amp_dtype, sampler,
                      train_loader, valid_loader, n_batches, loss_fn, mixer, data.valid_labels,
-                     Normalizer(mean, std),
-                     build_device_colour(cfg.data.preset, rank=ctx.rank, world_size=ctx.world_size)
-                     if cfg.data.colour_on_device else None,
-                     wrap, compile=cfg.model.compile,
+                     Normalizer(mean, std), device_augment, wrap, compile=cfg.model.compile,
                      freeze_epochs=cfg.model.freeze_epochs, freeze_bn=cfg.model.freeze_bn)
 
 
-def _build_loaders(cfg: Config, data: FoldData, mean: tuple, *, fold: int, device: torch.device,
-                   ctx: DistContext) -> tuple[EpochSampler, DataLoader, DataLoader]:
-    """uint8 batches; `mean` only colours the cassava preset's cutout."""
+def _build_loaders(cfg: Config, data: FoldData, train_transform: Callable, *, fold: int,
+                   device: torch.device, ctx: DistContext
+                   ) -> tuple[EpochSampler, DataLoader, DataLoader]:
+    """uint8 batches (or WarpBatches of sources and plans under --augment-on-device)."""
     batch_size, img_size = int(cfg.train.batch_size), cfg.data.img_size
-    train_ds = ImageDataset(data.train_paths, data.train_targets,
-                            build_train_transform(cfg.data.preset, img_size, mean=mean,
-                                                  colour_on_device=cfg.data.colour_on_device),
+    train_ds = ImageDataset(data.train_paths, data.train_targets, train_transform,
                             cache=data.train_cache, weights=data.train_weights)
     # Each rank evaluates every world_size-th validation row and the probabilities are gathered:
     # with 8 GPUs and a 4,000-image fold (times the TTA views) evaluating the whole fold on

@@ -31,7 +31,8 @@ from mixcls.run_setup import build_mixer, build_training_loss, resolve_batch_pla
 from mixcls.runs import RunError
 from mixcls.heap import keep_freed_memory
 from mixcls.sampling import build_collate, worker_init
-from mixcls.transforms import DeviceColour, Normalizer, build_device_colour, build_train_transform
+from mixcls.device_augment import DeviceAugment, build_train_augment
+from mixcls.transforms import DeviceColour, Normalizer
 
 SUGGEST_RULES = ("steepest", "min10")
 MIN_STEPS = 10  # fewer points than this give no curve to read a slope from
@@ -96,7 +97,7 @@ def range_test(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
                scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None,
                channels_last: bool = False, beta: float = 0.98,
                diverge_factor: float = 4.0, normalizer: Normalizer | None = None,
-               colour: DeviceColour | None = None) -> LRFindResult:
+               device_augment: DeviceColour | DeviceAugment | None = None) -> LRFindResult:
     """Train `steps` optimizer steps at lrs rising exponentially from min_lr to max_lr; then restore.
 
     Each step is `accum_steps` micro-batches from `loader` (batches of images (B, C, H, W) and
@@ -119,7 +120,7 @@ def range_test(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
                               accum_steps=accum_steps, mixer=mixer, generator=generator,
                               amp_dtype=amp_dtype, scaler=scaler, grad_clip=grad_clip,
                               channels_last=channels_last, beta=beta, diverge_factor=diverge_factor,
-                              normalizer=normalizer, colour=colour)
+                              normalizer=normalizer, device_augment=device_augment)
     finally:
         _restore_snapshot(snapshot, model, optimizer, scaler)
 
@@ -130,7 +131,7 @@ def _run_range(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
                amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
                grad_clip: float | None, channels_last: bool, beta: float,
                diverge_factor: float, normalizer: Normalizer | None = None,
-               colour: DeviceColour | None = None) -> LRFindResult:
+               device_augment: DeviceColour | DeviceAugment | None = None) -> LRFindResult:
     """The plain loop: one lr per accumulation group, one recorded loss per optimizer step."""
     model.train()
     n_batches = len(lrs) * accum_steps
@@ -144,7 +145,8 @@ def _run_range(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
         _set_lr(optimizer, lr)
         images, soft_targets, _ = prepare_batch(images, targets, device=device, num_classes=num_classes,
                                                 normalizer=normalizer, channels_last=channels_last,
-                                                mixer=mixer, generator=generator, colour=colour)
+                                                mixer=mixer, generator=generator,
+                                                device_augment=device_augment)
         with autocast_context(device, amp_dtype):
             logits = model(images)
             loss = loss_fn(logits, soft_targets)
@@ -333,7 +335,7 @@ def find_lr_for_config(cfg: Config, *, rows: np.ndarray | None = None, device: s
                         scaler=parts.scaler, grad_clip=cfg.train.grad_clip,
                         channels_last=cfg.model.channels_last, beta=beta,
                         diverge_factor=diverge_factor, normalizer=parts.normalizer,
-                        colour=parts.colour)
+                        device_augment=parts.device_augment)
     return result, suggest_lr(result, rule=rule)
 
 
@@ -353,7 +355,8 @@ class _Pipeline:
     batch_size: int
     accum_steps: int
     normalizer: Normalizer | None = None  # the model's mean and std for the uint8 batches
-    colour: DeviceColour | None = None  # the preset's colour steps on the device (--colour-on-device)
+    # the augmentation steps on the device (--colour-on-device, --augment-on-device)
+    device_augment: DeviceColour | DeviceAugment | None = None
 
 
 def _build_pipeline(cfg: Config, table: TrainTable, rows: np.ndarray, *,
@@ -370,9 +373,10 @@ def _build_pipeline(cfg: Config, table: TrainTable, rows: np.ndarray, *,
     mean, std = model_mean_std(model)
     targets = table.soft_targets if table.soft_targets is not None else table.labels
     paths = table.frame["path"].tolist()
-    dataset = ImageDataset([paths[i] for i in rows], targets[rows],
-                           build_train_transform(cfg.data.preset, cfg.data.img_size, mean=mean,
-                                                 colour_on_device=cfg.data.colour_on_device))
+    transform, device_augment = build_train_augment(
+        cfg.data.preset, cfg.data.img_size, mean=mean, colour_on_device=cfg.data.colour_on_device,
+        augment_on_device=cfg.data.augment_on_device)
+    dataset = ImageDataset([paths[i] for i in rows], targets[rows], transform)
     keep_freed_memory()  # before the workers fork (mixcls.heap)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=cfg.data.workers,
                         drop_last=len(dataset) > batch_size, pin_memory=device.type == "cuda",
@@ -385,4 +389,4 @@ def _build_pipeline(cfg: Config, table: TrainTable, rows: np.ndarray, *,
                      generator=torch.Generator(device=device).manual_seed(cfg.train.seed),
                      device=device, amp_dtype=amp_dtype, scaler=scaler, batch_size=batch_size,
                      accum_steps=accum_steps, normalizer=Normalizer(mean, std),
-                     colour=build_device_colour(cfg.data.preset) if cfg.data.colour_on_device else None)
+                     device_augment=device_augment)

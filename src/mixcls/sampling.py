@@ -8,6 +8,7 @@ restores the python / numpy / torch / mixing generator states saved with its che
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mixcls.batch_ring import BatchRing
 from mixcls.config import ConfigError
+from mixcls.device_augment import WarpItem, collate_warp_items
 from mixcls.heap import keep_freed_memory
 
 
@@ -161,12 +163,22 @@ def collate_hwc(batch: list) -> Any:
     return [stacked, *(default_collate(list(column)) for column in rest)]
 
 
+def collate_items(batch: list, *, hwc: bool = False) -> Any:
+    """The collate of a loader without workers: WarpItems (--augment-on-device) padded into a
+    WarpBatch; other uint8 images by collate_hwc when `hwc`, else torch's default_collate."""
+    from torch.utils.data import default_collate
+
+    if batch and isinstance(batch[0], (tuple, list)) and isinstance(batch[0][0], WarpItem):
+        return collate_warp_items(batch, hwc=hwc)
+    return collate_hwc(batch) if hwc else default_collate(batch)
+
+
 def build_collate(*, workers: int, hwc: bool):
     """The collate_fn of mixcls's loaders: with workers, a BatchRing (reused shared-memory image
-    buffers); without, collate_hwc when `hwc`, else None (torch's default_collate)."""
+    buffers); without, collate_items."""
     if workers > 0:
         return BatchRing(workers=workers, slots=RING_SLOTS, hwc=hwc)
-    return collate_hwc if hwc else None
+    return functools.partial(collate_items, hwc=hwc)
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, workers: int, sampler: Sampler | None,

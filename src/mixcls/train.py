@@ -149,7 +149,7 @@ def _train_epoch(cfg: Config, parts: FoldParts, state: FoldState, *, fold: int, 
         stats = train_one_epoch(
             parts.train_model, parts.train_loader, parts.net.optimizer, loss_fn=parts.loss_fn,
             device=device, num_classes=num_classes, normalizer=parts.normalizer,
-            scheduler=parts.net.scheduler, bn_eval=bn_eval, colour=parts.colour,
+            scheduler=parts.net.scheduler, bn_eval=bn_eval, device_augment=parts.device_augment,
             mixer=mixing, generator=mix_gen, accum_steps=accum, scaler=parts.net.scaler,
             amp_dtype=parts.amp_dtype, grad_clip=cfg.train.grad_clip, ema=parts.net.ema,
             channels_last=cfg.model.channels_last, start_batch=start_batch,

@@ -256,7 +256,7 @@ def build_train_transform(preset: str, img_size: int, *, mean: Sequence[float] =
     With `colour_on_device` the colour steps are left out: `build_device_colour` gives them,
     applied to the batch on the device.
     """
-    steps = _preset_steps(preset, img_size, mean)
+    steps = preset_steps(preset, img_size, mean)
     if colour_on_device:
         steps = [step for step in steps if not isinstance(step, COLOUR_STEPS)]
     return A.Compose(steps + _finish())
@@ -264,11 +264,12 @@ def build_train_transform(preset: str, img_size: int, *, mean: Sequence[float] =
 
 def build_device_colour(preset: str, *, rank: int = 0, world_size: int = 1) -> "DeviceColour | None":
     """The preset's colour steps as one batched step on the device (None when it has none)."""
-    colour = [step for step in _preset_steps(preset, 32, IMAGENET_MEAN) if isinstance(step, COLOUR_STEPS)]
+    colour = [step for step in preset_steps(preset, 32, IMAGENET_MEAN) if isinstance(step, COLOUR_STEPS)]
     return DeviceColour(colour, rank=rank, world_size=world_size) if colour else None
 
 
-def _preset_steps(preset: str, img_size: int, mean: Sequence[float]) -> list:
+def preset_steps(preset: str, img_size: int, mean: Sequence[float]) -> list:
+    """A preset's albumentations steps, in order, without the final ToTensorV2."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(sorted(PRESETS))}")
     steps = PRESETS[preset](img_size)
@@ -294,7 +295,8 @@ class DeviceColour:
     x * (1 + contrast) + brightness * 255, each clipped to [0, 255]. What moves: the cutout
     holes of the cassava preset are cut on the host, before these shifts, so they take them.
 
-    Takes uint8 (B, 3, H, W), returns float32 in 0-255 for Normalizer.from_255.
+    Takes uint8 (B, 3, H, W) (or float32 in 0-255: device_augment's warp gives those), returns
+    float32 in 0-255 for Normalizer.from_255.
     """
 
     def __init__(self, steps: Sequence, *, rank: int = 0, world_size: int = 1):
@@ -331,9 +333,13 @@ class DeviceColour:
         return draws
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if images.dtype != torch.uint8:
-            raise TypeError(f"DeviceColour expects uint8 images (B, 3, H, W), got {images.dtype}")
-        x = images.float()
+        if images.dtype == torch.uint8:
+            x = images.float()
+        elif images.dtype == torch.float32:
+            x = images.clone()  # the shifts write in place
+        else:
+            raise TypeError(f"DeviceColour expects uint8 images (B, 3, H, W) or float32 ones in "
+                            f"0-255, got {images.dtype}")
         for kind, fired, v in self.draw(x.shape[0], device=x.device, generator=generator):
             if fired.numel() == 0:
                 continue
