@@ -20,6 +20,11 @@ images stay in their HWC memory order, the channel split is left to the device).
 --colour-on-device the preset's colour steps leave the loader (they run on the batch on the
 device in training); the script then also times that step on this machine's CPU, per image, as
 the cost it moves: on a GPU machine it runs on the GPU.
+With --augment-on-device the whole preset
+leaves it (mixcls.device_augment: the loader decodes or reads the cache, draws the parameters
+and stacks the padded sources; the warp, colour and cutout run on the device), and the script
+times that device step on this CPU in the same way, on batches of sources of the size each mode
+hands it (the cached copies' size for disk, the photos' own for decode and ram).
 
 Then the whole trainer (`fit_folds`, one fold, --cache-images disk) on tf_efficientnet_lite0 at
 384 px against a bare loop fed by the same loader (same dataset, transform, cache, workers;
@@ -27,7 +32,8 @@ uint8 batches normalised by the same Normalizer; forward, cross-entropy, backwar
 nothing else); each timed over its second epoch.
 
     python benchmarks/loader.py --data PATH [--images 256] [--work runs/bench_loader]
-                                [--preset cassava] [--colour-on-device] [--skip-trainer]
+                                [--preset cassava] [--colour-on-device | --augment-on-device]
+                                [--hwc-batches] [--skip-trainer]
 
 Nothing is downloaded. Ends with
 `disk_cache_speedup_512=… ram_cache_speedup_512=… trainer_ratio=…` (the speedups: images/s of
@@ -53,8 +59,10 @@ from sklearn.model_selection import train_test_split
 from clothing import list_photos
 from mixcls.config import load_config
 from mixcls.data import ImageDataset, load_image_cache
+from mixcls.device_augment import WarpBatch, build_augment_on_device, build_train_augment
+from mixcls.image_cache import short_side_for, shrunk_size
 from mixcls.sampling import EpochSampler, make_loader
-from mixcls.transforms import build_device_colour, build_train_transform
+from mixcls.transforms import build_device_colour
 
 MODES = ("decode", "ram", "disk", "pil")
 UPSCALED = (800, 600)  # width, height: Cassava's photos
@@ -103,7 +111,8 @@ class PilOnly(torch.utils.data.Dataset):
 
 
 def build_dataset(mode: str, paths: list[str], labels: np.ndarray, img_size: int, preset: str,
-                  cache_dir: Path, colour_on_device: bool = False) -> tuple[torch.utils.data.Dataset, float]:
+                  cache_dir: Path, colour_on_device: bool = False,
+                  augment_on_device: bool = False) -> tuple[torch.utils.data.Dataset, float]:
     """The dataset of one mode and the seconds its cache took to build (0 without one)."""
     if mode == "pil":
         return PilOnly(paths), 0.0
@@ -113,7 +122,8 @@ def build_dataset(mode: str, paths: list[str], labels: np.ndarray, img_size: int
         cache = load_image_cache(paths, mode="yes" if mode == "ram" else "disk", img_size=img_size,
                                  cache_dir=cache_dir)
         seconds = time.perf_counter() - start
-    transform = build_train_transform(preset, img_size, colour_on_device=colour_on_device)
+    transform, _ = build_train_augment(preset, img_size, colour_on_device=colour_on_device,
+                                       augment_on_device=augment_on_device)
     return ImageDataset(paths, labels, transform, cache=cache), seconds
 
 
@@ -131,6 +141,27 @@ def device_colour_ms(preset: str, img_size: int, batch: int, *, repeats: int = 5
     for _ in range(repeats):
         start = time.perf_counter()
         colour(images, generator)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times)) / batch
+
+
+def device_augment_ms(preset: str, img_size: int, batch: int, source: tuple[int, int], *,
+                      repeats: int = 3) -> float:
+    """CPU milliseconds per image of --augment-on-device's device step (warp, colour, cutout)
+    on a batch of `source` (width, height) uint8 images with plans drawn by the loader's half,
+    the median of `repeats` batches."""
+    plan, augment = build_augment_on_device(preset, img_size)
+    width, height = source
+    image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    items = [plan(image=image) for _ in range(batch)]
+    warp = WarpBatch(torch.stack([item["image"] for item in items]),
+                     torch.stack([item["plan"] for item in items]))
+    generator = torch.Generator().manual_seed(1)
+    augment(warp, generator)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        augment(warp, generator)
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times)) / batch
 
@@ -201,8 +232,8 @@ def pipeline_ips(dataset, n: int, *, batch: int, workers: int, seed: int,
 
 
 def trainer_vs_bare(photos: Path, table: pd.DataFrame, work: Path, *, img_size: int, batch: int,
-                    workers: int, preset: str, seed: int,
-                    colour_on_device: bool = False) -> tuple[float, float]:
+                    workers: int, preset: str, seed: int, colour_on_device: bool = False,
+                    augment_on_device: bool = False) -> tuple[float, float]:
     """(trainer images/s, bare loop images/s), each over its second epoch on the same rows."""
     import timm
 
@@ -222,7 +253,8 @@ def trainer_vs_bare(photos: Path, table: pd.DataFrame, work: Path, *, img_size: 
     cfg = load_config(None, {
         "data": str(data), "model": "tf_efficientnet_lite0", "img_size": img_size,
         "batch_size": batch, "epochs": 2, "folds": 2, "train_folds": [0], "workers": workers,
-        "preset": preset, "colour_on_device": colour_on_device, "cache_images": "disk",
+        "preset": preset, "colour_on_device": colour_on_device,
+        "augment_on_device": augment_on_device, "cache_images": "disk",
         "cache_dir": str(work / "cache"),
         "optimizer": "adamw", "lr": 1e-3, "device": "cpu", "seed": seed})
     fit_folds(cfg, run, progress=False, log=lambda msg: None)
@@ -236,8 +268,9 @@ def trainer_vs_bare(photos: Path, table: pd.DataFrame, work: Path, *, img_size: 
     paths = [str(data / "train_images" / i) for i in train_ids]
     labels = np.array([classes.index(by_id[i]) for i in train_ids], dtype=np.int64)
     dataset, _ = build_dataset("disk", paths, labels, img_size, preset, work / "cache",
-                               colour_on_device=colour_on_device)
-    colour = build_device_colour(preset) if colour_on_device else None
+                               colour_on_device=colour_on_device, augment_on_device=augment_on_device)
+    _, on_device = build_train_augment(preset, img_size, colour_on_device=colour_on_device,
+                                       augment_on_device=augment_on_device)
     generator = torch.Generator().manual_seed(seed)
     register_models()
     torch.manual_seed(seed)
@@ -252,7 +285,7 @@ def trainer_vs_bare(photos: Path, table: pd.DataFrame, work: Path, *, img_size: 
         sampler.set_epoch(epoch)
         start = time.perf_counter()
         for images, targets in loader:
-            x = normalizer.from_255(colour(images, generator)) if colour else normalizer(images)
+            x = normalizer.from_255(on_device(images, generator)) if on_device else normalizer(images)
             loss = torch.nn.functional.cross_entropy(model(x), targets)
             loss.backward()
             optimizer.step()
@@ -279,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                              "split left to the device)")
     parser.add_argument("--colour-on-device", action="store_true",
                         help="leave the preset's colour steps out of the loader (--colour-on-device)")
+    parser.add_argument("--augment-on-device", action="store_true",
+                        help="leave the whole preset out of the loader (--augment-on-device)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     data, work = Path(args.data), Path(args.work)
@@ -301,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                 if mode == "disk":
                     shutil.rmtree(cache_dir, ignore_errors=True)  # the build is timed from scratch
                 dataset, build_s = build_dataset(mode, paths, labels, size, args.preset, cache_dir,
-                                                 colour_on_device=args.colour_on_device)
+                                                 colour_on_device=args.colour_on_device,
+                                                 augment_on_device=args.augment_on_device)
                 for workers in worker_counts:
                     ips, cpu_ms = pipeline_ips(dataset, len(paths), batch=args.batch_size,
                                                workers=workers, seed=args.seed,
@@ -320,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     builds = result[result["mode"].isin(["ram", "disk"])].groupby(
         ["source", "img_size", "mode"])["cache_build_s"].first().unstack()
     where = " (colour steps on the device, not in these cells)" if args.colour_on_device else ""
+    if args.augment_on_device:
+        where = " (geometry, colour and cutout on the device, not in these cells)"
     where += " (batches collated channels_last, as for a CUDA device)" if args.hwc_batches else ""
     print(f"clothing photos: {len(table)} per cell, preset {args.preset}{where}, batch {args.batch_size}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs; images/s of one epoch after a warm-up epoch")
@@ -340,6 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         print("\nthe colour steps moved to the device, timed on this CPU (1 thread), ms per image:")
         for size in sizes:
             print(f"  {size} px: {device_colour_ms(args.preset, size, args.batch_size):.2f}")
+    if args.augment_on_device:
+        print("\nthe whole augmentation moved to the device (warp, colour, cutout), timed on this "
+              "CPU (1 thread), ms per image, by the sources' size:")
+        for size in sizes:
+            cached = shrunk_size(*UPSCALED, short_side_for(size)) or UPSCALED
+            for name, source in (("an 800x600 photo (decode, ram)", UPSCALED), ("its disk copy", cached)):
+                print(f"  {size} px from {name}, {source[0]}x{source[1]}: "
+                      f"{device_augment_ms(args.preset, size, args.batch_size, source):.2f}")
     torch.set_num_threads(os.cpu_count() or 1)
     at = wide.loc[("800x600", max(sizes), max(worker_counts))]  # 512 px and 2 workers by default
     trainer_ratio = float("nan")
@@ -349,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer_ips, bare_ips = trainer_vs_bare(
             trainer_photos, trainer_table, work, img_size=384, batch=args.trainer_batch,
             workers=args.trainer_workers, preset=args.preset, seed=args.seed,
-            colour_on_device=args.colour_on_device)
+            colour_on_device=args.colour_on_device, augment_on_device=args.augment_on_device)
         trainer_ratio = trainer_ips / bare_ips
         print(f"\ntf_efficientnet_lite0 at 384 px, 800x600 JPEGs, disk cache, batch "
               f"{args.trainer_batch}, {args.trainer_workers} worker(s), {args.trainer_images} "

@@ -153,4 +153,6 @@ def test_hwc_collate_gives_default_collates_values_with_channels_last_strides():
     assert torch.equal(collate_hwc(floats)[0], default_collate(floats)[0])
     chosen = {kind: make_loader(items, batch_size=2, workers=0, sampler=None, drop_last=False,
                                 device=torch.device(kind), seed=0).collate_fn for kind in ("cpu", "cuda")}
-    assert chosen["cuda"] is collate_hwc and chosen["cpu"] is not collate_hwc
+    assert chosen["cuda"].keywords == {"hwc": True} and chosen["cpu"].keywords == {"hwc": False}
+    assert chosen["cuda"](items)[0].is_contiguous(memory_format=torch.channels_last)
+    assert chosen["cpu"](items)[0].is_contiguous()
