@@ -9,8 +9,11 @@ Steps:
 1. `fit_folds` on generated images for 1 epoch of 1 fold with --amp fp16 (a GradScaler) and
    --channels-last: train images/s (from history.csv), peak GPU memory, whether every loss
    was finite and the scaler's final scale.
-2. The cassava preset twice, the same run otherwise: its colour steps in the loader, then on the
-   device (--colour-on-device): train images/s of each, what moving them to the GPU gives.
+2. The cassava preset three times, the same run otherwise: its colour steps in the loader, then
+   on the device (--colour-on-device), then the whole preset on the device (--augment-on-device):
+   train images/s of each, what moving them to the GPU gives. Then the device half of
+   --augment-on-device alone (mixcls.device_augment: warp, colour, cutout) on batches of 32
+   800x600 sources to 512 px, Cassava's case: images/s on the GPU, synchronised timing.
 3. DDP: with 2 or more GPUs, `mixcls train --nproc 2 --sync-bn` (torchrun, nccl); with one GPU,
    NCCL refuses two ranks on one device, so it probes nccl with 2 processes on that GPU and
    reports the refusal, then checks a 1-rank nccl all_reduce.
@@ -111,6 +114,32 @@ def single_device_run(data: Path, run: Path, opts: dict) -> dict:
             "valid_accuracy": float(history["valid_accuracy"].iloc[-1])}
 
 
+def device_augment_ips(device: str, *, batch: int = 32, img_size: int = 512,
+                       source: tuple[int, int] = (800, 600), repeats: int = 20) -> float:
+    """Images/s of --augment-on-device's device step (cassava preset) on `device`: uint8
+    sources of `source` (width, height) with plans drawn by the loader's half, the median of
+    `repeats` batches, each timed to its end (torch.cuda.synchronize)."""
+    from mixcls.device_augment import WarpBatch, build_augment_on_device
+
+    plan, augment = build_augment_on_device("cassava", img_size)
+    width, height = source
+    image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    items = [plan(image=image) for _ in range(batch)]
+    images = torch.stack([item["image"] for item in items]).to(device)
+    plans = torch.stack([item["plan"] for item in items])
+    generator = torch.Generator(device=device).manual_seed(0)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    for i in range(repeats + 2):  # two warm-up batches
+        sync()
+        start = time.perf_counter()
+        augment(WarpBatch(images, plans), generator)
+        sync()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return batch / float(np.median(times))
+
+
 def ddp_run(data: Path, run: Path, opts: dict, timeout: int) -> dict:
     """`mixcls train --nproc 2` (nccl on CUDA with --sync-bn, gloo on the CPU)."""
     cmd = [sys.executable, "-m", "mixcls", "train", "--nproc", "2", "--data", str(data), "--out", str(run),
@@ -173,8 +202,12 @@ def main() -> int:
         data = write_images(Path(tmp) / "data", n_images, opts["img_size"])
         single = single_device_run(data, Path(tmp) / "single", opts)
         cassava = {where: single_device_run(data, Path(tmp) / f"cassava_{where}",
-                                            dict(opts, preset="cassava", colour_on_device=where == "device"))
-                   for where in ("loader", "device")}
+                                            dict(opts, preset="cassava", colour_on_device=where == "device",
+                                                 augment_on_device=where == "augment"))
+                   for where in ("loader", "device", "augment")}
+        warp_ips = device_augment_ips(opts["device"], batch=4 if args.smoke_cpu else 32,
+                                      img_size=64 if args.smoke_cpu else 512,
+                                      source=(100, 75) if args.smoke_cpu else (800, 600))
         if args.smoke_cpu or gpus >= 2:
             ddp = ddp_run(data, Path(tmp) / "ddp", opts, args.timeout)
             two_on_one = {"ok": False, "reason": "not tried"}
@@ -194,6 +227,8 @@ def main() -> int:
             ("single: valid accuracy", f"{single['valid_accuracy']:.3f}"),
             ("cassava, colour in loader: images/s", f"{cassava['loader']['train_images_per_s']:.1f}"),
             ("cassava, colour on device: images/s", f"{cassava['device']['train_images_per_s']:.1f}"),
+            ("cassava, all augmentation on device: images/s", f"{cassava['augment']['train_images_per_s']:.1f}"),
+            ("device augment alone, 800x600 -> 512: images/s", f"{warp_ips:.1f}"),
             ("ddp 2 ranks: ok", ddp["ok"]),
             ("ddp 2 ranks: images/s", f"{ddp.get('train_images_per_s', float('nan')):.1f}"),
             ("ddp: reason", ddp.get("reason", "")),
@@ -208,6 +243,8 @@ def main() -> int:
           f"peak_gpu_mib={single['peak_gpu_mib']:.0f} fp16_loss_finite={int(fp16_finite)} "
           f"cassava_loader_ips={cassava['loader']['train_images_per_s']:.1f} "
           f"cassava_device_colour_ips={cassava['device']['train_images_per_s']:.1f} "
+          f"cassava_device_augment_ips={cassava['augment']['train_images_per_s']:.1f} "
+          f"device_augment_512_ips={warp_ips:.1f} "
           f"ddp_images_per_s={ddp.get('train_images_per_s', float('nan')):.1f} "
           f"nccl_ok={int(bool(nccl_ok)) if not args.smoke_cpu else 'n/a'} ddp_ok={int(bool(ddp['ok']))}")
     return 0

@@ -19,7 +19,7 @@ on them. Rows, each with its CV (OOF accuracy) and test accuracy:
   baseline's full-data model standing in for every fold model), which has seen every fold's
   validation rows: what a notebook does, and the CV-test gap it creates.
 
-    python benchmarks/teachers.py --data DIR [--work runs/bench_teachers] [--quick]
+    python benchmarks/teachers.py --data DIR [--work runs/bench_teachers] [--preset none] [--quick]
 
 DIR is a folder written by `mixcls data fashion-mnist --limit 25000` (train.csv + train_images,
 test.csv + test_images); nothing is downloaded. The labelled and unlabelled rows are disjoint
@@ -45,7 +45,7 @@ from sklearn.model_selection import train_test_split
 from mixcls.data import prob_columns
 from mixcls.runs import read_json
 
-FLAGS = ["--model", "mixcls_cnn_tiny", "--img-size", "28", "--preset", "none", "--batch-size",
+FLAGS = ["--model", "mixcls_cnn_tiny", "--img-size", "28", "--batch-size",
          "128", "--lr", "3e-3", "--workers", "0", "--no-progress"]
 
 
@@ -91,12 +91,13 @@ def split_rows(data: Path, work: Path, sizes: Sizes, seed: int) -> tuple[Path, P
 
 
 def train(name: str, work: Path, data: Path, labelled: Path, sizes: Sizes, extra: list[str], *,
-          device: str, threads: int) -> Path:
+          device: str, threads: int, preset: str) -> Path:
     out = work / name
     if not (out / "metrics.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
         run("train", "--csv", str(labelled), "--images", str(data / "train_images"), "--out", str(out),
-            "--epochs", str(sizes.epochs), "--device", device, *FLAGS, *extra, threads=threads,
+            "--epochs", str(sizes.epochs), "--device", device, "--preset", preset, *FLAGS, *extra,
+            threads=threads,
             log=work / f"{name}.log")
     return out
 
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="pseudo-label rounds (round r >= 2 is taught by round r-1's student)")
     parser.add_argument("--distill-weight", type=float, default=0.5)
+    parser.add_argument("--preset", default="none",
+                        help="every run's training augmentation (the teachers predict without it)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--seed", type=int, default=0)
@@ -161,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{data / name} does not exist; export with mixcls data fashion-mnist")
     labelled, unlabelled = split_rows(data, work, sizes, args.seed)
     common = dict(device=args.device, threads=args.threads)
+    training = dict(common, preset=args.preset)
     baseline = train("baseline", work, data, labelled, sizes, ["--folds", str(sizes.folds),
-                                                              "--full-fit"], **common)
+                                                              "--full-fit"], **training)
     shared = ["--folds-from", str(baseline)]
     cap = ["--max-per-class", str(args.max_per_class)] if args.max_per_class else []
     leaky = leaky_teacher(baseline, work)
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                                  *(["--soft"] if soft else []), *cap, threshold=args.threshold,
                                  **common)
             runs[name] = train(name, work, data, labelled, sizes, [*shared, "--pseudo", str(table)],
-                               **common)
+                               **training)
         if not prefix:
             student = max(("pseudo_hard", "pseudo_soft"),
                           key=lambda r: read_json(runs[r] / "metrics.json")["cv_accuracy"])
@@ -187,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                                      *(["--soft"] if soft else []), *cap,
                                      threshold=args.threshold, **common)
                 runs[name] = train(name, work, data, labelled, sizes,
-                                   [*shared, "--pseudo", str(table)], **common)
+                                   [*shared, "--pseudo", str(table)], **training)
                 student = name
         runs[f"{prefix}distill"] = train(f"{prefix}distill", work, data, labelled, sizes,
                                          [*shared, "--distill", str(teacher), "--distill-weight",
-                                          str(args.distill_weight)], **common)
+                                          str(args.distill_weight)], **training)
     rows = []
     for name, run_dir in runs.items():
         metrics = read_json(run_dir / "metrics.json")
@@ -203,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     table["cv_minus_test"] = table["cv"] - table["test"]
     print(f"Fashion-MNIST: {sizes.labelled} labelled ({sizes.folds} folds), {sizes.unlabelled} "
           f"unlabelled, {len(pd.read_csv(data / 'test.csv'))} test images; mixcls_cnn_tiny 28 px, "
+          f"preset {args.preset}, "
           f"{sizes.epochs} epochs, threshold {args.threshold}, "
           + (f"at most {args.max_per_class} pseudo rows per class per fold" if args.max_per_class
              else "every passing pseudo row") + f", distill weight {args.distill_weight}")

@@ -37,10 +37,12 @@ pytestmark = pytest.mark.slow
 # 36 images, 2 folds: 18 training rows per fold, batch 4 -> 4 batches (drop_last); with
 # --save-every-steps 1 each epoch renames last.pt after batches 1, 2, 3 and at its end.
 # Dropout, mixup and EMA make the torch RNG, the mixing generator and the EMA weights matter;
-# --colour-on-device draws the light preset's brightness/contrast from the mixing generator too.
+# --augment-on-device: the light preset's crop and flip are drawn in the loader from the item seeds
+# and its brightness/contrast from the mixing generator (as --colour-on-device does), and all
+# run on the batch in the step.
 FLAGS = ["--model", "test_resnet", "--img-size", "16", "--batch-size", "4", "--folds", "2",
          "--epochs", "2", "--lr", "3e-3", "--drop-rate", "0.3", "--mix", "mixup", "--ema",
-         "--ema-decay", "0.5", "--scheduler", "cosine", "--colour-on-device", "--no-progress"]
+         "--ema-decay", "0.5", "--scheduler", "cosine", "--augment-on-device", "--no-progress"]
 WALL_CLOCK = ["seconds", "images_per_s"]
 
 KILL_HOOK = textwrap.dedent('''

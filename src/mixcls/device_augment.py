@@ -217,15 +217,17 @@ def warp_images(images: torch.Tensor, plans: torch.Tensor, img_size: int) -> tor
     return F.grid_sample(src, normalised, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def cut_holes(images: torch.Tensor, plans: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """Fill each image's cutout holes (the plan's, in output pixels) with `fill` (3,), in place."""
+def cut_holes(images: torch.Tensor, plans: torch.Tensor, fill: torch.Tensor, *,
+              max_holes: int = MAX_HOLES) -> torch.Tensor:
+    """Each image's cutout holes (the plan's, in output pixels) filled with `fill` (3,);
+    `max_holes`: no plan has more (the loop's length, known on the host: no device sync)."""
     batch, _, height, width = images.shape
     holes = plans[:, 12:].view(batch, MAX_HOLES, 4)
     count = plans[:, 11]
     cols = torch.arange(width, device=images.device).view(1, 1, -1)
     rows = torch.arange(height, device=images.device).view(1, -1, 1)
     mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
-    for k in range(int(count.max().item()) if batch else 0):
+    for k in range(max_holes):
         x0, y0, x1, y1 = (holes[:, k, j].view(-1, 1, 1) for j in range(4))
         used = (count > k).view(-1, 1, 1)
         mask |= used & (cols >= x0) & (cols < x1) & (rows >= y0) & (rows < y1)
@@ -246,11 +248,16 @@ class DeviceAugment:
         if not isinstance(batch, WarpBatch):
             raise TypeError(f"DeviceAugment takes a WarpBatch (the loader's sources and plans), "
                             f"got {type(batch).__name__}; the loader must use HostPlan")
-        x = warp_images(batch.images, batch.plans, self.img_size)
+        images, plans = batch
+        # The plans may still be on the host (prepare_images leaves them there): the hole count
+        # is read there, never from the device, so no step waits for the GPU.
+        max_holes = int(plans[:, 11].max()) if len(plans) else 0
+        plans = plans.to(images.device, non_blocking=True)
+        x = warp_images(images, plans, self.img_size)
         if self.colour is not None:
             x = self.colour(x, generator)
-        if self.fill is not None:
-            x = cut_holes(x, batch.plans, self.fill)
+        if self.fill is not None and max_holes:
+            x = cut_holes(x, plans, self.fill, max_holes=max_holes)
         return x
 
     def __repr__(self) -> str:

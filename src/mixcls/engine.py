@@ -147,8 +147,8 @@ def prepare_images(images: torch.Tensor, *, device: torch.device,
         if not isinstance(device_augment, DeviceAugment):
             raise TypeError("a batch of source images and plans (--augment-on-device) needs the "
                             "DeviceAugment that finishes it")
-        images = WarpBatch(images.images.to(device, non_blocking=True),
-                           images.plans.to(device, non_blocking=True))
+        # the plans stay on the host: DeviceAugment reads their hole counts there first
+        images = WarpBatch(images.images.to(device, non_blocking=True), images.plans)
     else:
         images = images.to(device, non_blocking=True)
     if device_augment is not None:
