@@ -205,9 +205,9 @@ def main() -> int:
                                             dict(opts, preset="cassava", colour_on_device=where == "device",
                                                  augment_on_device=where == "augment"))
                    for where in ("loader", "device", "augment")}
-        warp_ips = device_augment_ips(opts["device"], batch=4 if args.smoke_cpu else 32,
-                                      img_size=64 if args.smoke_cpu else 512,
-                                      source=(100, 75) if args.smoke_cpu else (800, 600))
+        warp_case = dict(batch=4, img_size=64, source=(100, 75)) if args.smoke_cpu else {}
+        warp_ips = device_augment_ips(opts["device"], **warp_case)
+        warp_case = {**dict(img_size=512, source=(800, 600)), **warp_case}
         if args.smoke_cpu or gpus >= 2:
             ddp = ddp_run(data, Path(tmp) / "ddp", opts, args.timeout)
             two_on_one = {"ok": False, "reason": "not tried"}
@@ -228,7 +228,8 @@ def main() -> int:
             ("cassava, colour in loader: images/s", f"{cassava['loader']['train_images_per_s']:.1f}"),
             ("cassava, colour on device: images/s", f"{cassava['device']['train_images_per_s']:.1f}"),
             ("cassava, all augmentation on device: images/s", f"{cassava['augment']['train_images_per_s']:.1f}"),
-            ("device augment alone, 800x600 -> 512: images/s", f"{warp_ips:.1f}"),
+            (f"device augment alone, {warp_case['source'][0]}x{warp_case['source'][1]} -> "
+             f"{warp_case['img_size']}: images/s", f"{warp_ips:.1f}"),
             ("ddp 2 ranks: ok", ddp["ok"]),
             ("ddp 2 ranks: images/s", f"{ddp.get('train_images_per_s', float('nan')):.1f}"),
             ("ddp: reason", ddp.get("reason", "")),

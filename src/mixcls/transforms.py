@@ -303,6 +303,7 @@ class DeviceColour:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not one of {world_size} processes")
         self.rank, self.world_size = rank, world_size
+        self._limit_tensors: dict[torch.device, list] = {}
         self.steps = []
         for step in steps:
             if isinstance(step, A.HueSaturationValue):
@@ -322,31 +323,45 @@ class DeviceColour:
         (fired, len(limits)). One fixed-size draw per step and image, fired or not, so the
         stream does not depend on which images fired. Under torchrun the generator is the same
         on every rank: each draws every rank's numbers and keeps its own, so ranks differ."""
+        return [(kind, torch.nonzero(fired).flatten(), shifts[fired])
+                for kind, fired, shifts in self._draw_all(n, device=device, generator=generator)]
+
+    def _draw_all(self, n: int, *, device: torch.device, generator: torch.Generator | None
+                  ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """Per step: its kind, whether it fires on each image (n,) bool, and every image's
+        shifts (n, len(limits)): the draws of `draw`, kept on the device, with no index lists
+        (whose size the host would have to wait for)."""
         draws = []
-        for kind, p, limits in self.steps:
+        for (kind, p, limits), (low, high) in zip(self.steps, self._limits(device)):
             u = torch.rand((self.world_size, n, 1 + len(limits)), generator=generator,
                            device=device)[self.rank]
-            low = torch.tensor([lim[0] for lim in limits], device=device)
-            high = torch.tensor([lim[1] for lim in limits], device=device)
-            fired = torch.nonzero(u[:, 0] < p).flatten()
-            draws.append((kind, fired, (low + (high - low) * u[:, 1:])[fired]))
+            draws.append((kind, u[:, 0] < p, low + (high - low) * u[:, 1:]))
         return draws
+
+    def _limits(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each step's (low, high) limits as tensors on `device`, made once per device."""
+        if device not in self._limit_tensors:
+            self._limit_tensors[device] = [
+                tuple(torch.tensor([lim[j] for lim in limits], device=device) for j in (0, 1))
+                for _, _, limits in self.steps]
+        return self._limit_tensors[device]
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if images.dtype == torch.uint8:
             x = images.float()
         elif images.dtype == torch.float32:
-            x = images.clone()  # the shifts write in place
+            x = images  # never written: each step makes a new tensor
         else:
             raise TypeError(f"DeviceColour expects uint8 images (B, 3, H, W) or float32 ones in "
                             f"0-255, got {images.dtype}")
-        for kind, fired, v in self.draw(x.shape[0], device=x.device, generator=generator):
-            if fired.numel() == 0:
-                continue
+        # Every image is shifted and the unfired ones keep their pixels (torch.where): picking
+        # the fired ones by index would make the host wait for the GPU in every step.
+        for kind, fired, v in self._draw_all(x.shape[0], device=x.device, generator=generator):
             if kind == "hsv":
-                x[fired] = shift_hsv_float(x[fired], v[:, 0], v[:, 1], v[:, 2])
+                shifted = shift_hsv_float(x, v[:, 0], v[:, 1], v[:, 2])
             else:
-                x[fired] = brightness_contrast_float(x[fired], v[:, 0], v[:, 1])
+                shifted = brightness_contrast_float(x, v[:, 0], v[:, 1])
+            x = torch.where(fired.view(-1, 1, 1, 1), shifted, x)
         return x
 
     def __repr__(self) -> str:
