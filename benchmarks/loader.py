@@ -135,14 +135,7 @@ def device_colour_ms(preset: str, img_size: int, batch: int, *, repeats: int = 5
         return 0.0
     images = torch.randint(0, 256, (batch, 3, img_size, img_size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    generator = torch.Generator().manual_seed(1)
-    colour(images, generator)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        colour(images, generator)
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times)) / batch
+    return _median_ms_per_image(lambda g: colour(images, g), batch, repeats)
 
 
 def device_augment_ms(preset: str, img_size: int, batch: int, source: tuple[int, int], *,
@@ -156,12 +149,18 @@ def device_augment_ms(preset: str, img_size: int, batch: int, source: tuple[int,
     items = [plan(image=image) for _ in range(batch)]
     warp = WarpBatch(torch.stack([item["image"] for item in items]),
                      torch.stack([item["plan"] for item in items]))
+    return _median_ms_per_image(lambda g: augment(warp, g), batch, repeats)
+
+
+def _median_ms_per_image(step, batch: int, repeats: int) -> float:
+    """Milliseconds per image of `step(generator)` on a batch: the median of `repeats` calls
+    after one warm-up call."""
     generator = torch.Generator().manual_seed(1)
-    augment(warp, generator)  # warm-up
+    step(generator)  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        augment(warp, generator)
+        step(generator)
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times)) / batch
 
