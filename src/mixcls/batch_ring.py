@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate, get_worker_info
 
-from mixcls.device_augment import WarpBatch, WarpItem, collate_warp_items, stack_sources
+from mixcls.device_augment import WarpBatch, WarpItem, collate_warp_items, padded_shape, stack_sources
 
 # ring id -> the main process's BatchRing (its table of received slots); weak, so a ring dies
 # with its DataLoader and iterators, while a batch still in use keeps its own slot alive.
@@ -91,10 +91,7 @@ class BatchRing:
         if info is None or images is None or info.id >= self.workers:
             return self._fallback(batch, warp)
         hwc = self.hwc and images[0].permute(1, 2, 0).is_contiguous()
-        # WarpItems' sources differ in size: padded to the largest (stack_sources)
-        height = max(image.shape[1] for image in images)
-        width = max(image.shape[2] for image in images)
-        shape = (len(images), height, width, 3) if hwc else (len(images), 3, height, width)
+        shape = padded_shape(images, hwc=hwc)  # WarpItems' sources differ in size: padded
         slot = self._claim(info.id)
         if slot is None:
             return self._fallback(batch, warp)

@@ -267,13 +267,18 @@ class DeviceAugment:
 def build_augment_on_device(preset: str, img_size: int, *, mean: Sequence[float] = IMAGENET_MEAN,
                             rank: int = 0, world_size: int = 1) -> tuple[HostPlan, DeviceAugment]:
     """The loader's HostPlan and the training step's DeviceAugment for a preset."""
-    steps = preset_steps(preset, img_size, mean)
-    plan = HostPlan(steps, img_size)
-    colour = [step for step in steps if isinstance(step, COLOUR_STEPS)]
-    device = DeviceAugment(img_size,
-                           colour=DeviceColour(colour, rank=rank, world_size=world_size) if colour else None,
+    plan = HostPlan(preset_steps(preset, img_size, mean), img_size)
+    device = DeviceAugment(img_size, colour=build_device_colour(preset, rank=rank, world_size=world_size),
                            fill=None if plan.cutout is None else plan.cutout.fill)
     return plan, device
+
+
+def padded_shape(images: Sequence[torch.Tensor], *, hwc: bool = False) -> tuple[int, int, int, int]:
+    """The shape stack_sources gives uint8 images (3, h, w) of any sizes: (B, H, W, 3) when
+    `hwc`, else (B, 3, H, W), H and W the largest."""
+    height = max(image.shape[1] for image in images)
+    width = max(image.shape[2] for image in images)
+    return (len(images), height, width, 3) if hwc else (len(images), 3, height, width)
 
 
 def stack_sources(images: Sequence[torch.Tensor], *, out: torch.Tensor | None = None,
@@ -281,9 +286,7 @@ def stack_sources(images: Sequence[torch.Tensor], *, out: torch.Tensor | None = 
     """uint8 images (3, h, w) of any sizes -> (B, 3, H, W), padded with zeros at the bottom and
     right to the largest H and W; channels_last strides when `hwc` (each image a view of an
     (h, w, 3) array, as ToTensorV2 and HostPlan give). `out`: storage for (B·H·W·3) values."""
-    height = max(image.shape[1] for image in images)
-    width = max(image.shape[2] for image in images)
-    shape = (len(images), height, width, 3) if hwc else (len(images), 3, height, width)
+    shape = padded_shape(images, hwc=hwc)
     numel = int(np.prod(shape))
     if out is None:
         stacked = torch.empty(shape, dtype=torch.uint8)
@@ -323,12 +326,11 @@ def collate_warp_items(batch: list, *, hwc: bool = False) -> list:
     as default_collate does, so the batch crosses to the main process without a copy)."""
     items, *rest = zip(*batch)
     images = [item.image for item in items]
+    hwc = hwc and images[0].permute(1, 2, 0).is_contiguous()
     out = None
     if get_worker_info() is not None:
-        height = max(image.shape[1] for image in images)
-        width = max(image.shape[2] for image in images)
-        out = torch.empty(len(images) * 3 * height * width, dtype=torch.uint8).share_memory_()
-    hwc = hwc and images[0].permute(1, 2, 0).is_contiguous()
+        numel = int(np.prod(padded_shape(images, hwc=hwc)))
+        out = torch.empty(numel, dtype=torch.uint8).share_memory_()
     sources = stack_sources(images, out=out, hwc=hwc)
     plans = default_collate([item.plan for item in items])
     return [WarpBatch(sources, plans), *(default_collate(list(column)) for column in rest)]
