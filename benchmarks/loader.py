@@ -29,16 +29,18 @@ hands it (the cached copies' size for disk, the photos' own for decode and ram).
 Then the whole trainer (`fit_folds`, one fold, --cache-images disk) on tf_efficientnet_lite0 at
 384 px against a bare loop fed by the same loader (same dataset, transform, cache, workers;
 uint8 batches normalised by the same Normalizer; forward, cross-entropy, backward, AdamW step,
-nothing else); each timed over its second epoch.
+nothing else), their epochs taken in turn in one process after a warm-up epoch of each: each
+timed trainer epoch is compared with the mean of the bare epochs before and after it, and the
+ratio is the median over --trainer-rounds such rounds.
 
     python benchmarks/loader.py --data PATH [--images 256] [--work runs/bench_loader]
                                 [--preset cassava] [--colour-on-device | --augment-on-device]
-                                [--hwc-batches] [--skip-trainer]
+                                [--hwc-batches] [--skip-trainer] [--trainer-rounds 3]
 
 Nothing is downloaded. Ends with
 `disk_cache_speedup_512=… ram_cache_speedup_512=… trainer_ratio=…` (the speedups: images/s of
 the cached pipeline over "decode", at 512 px from the 800x600 JPEGs, with --workers 2 — as many
-workers as this machine has cores; the ratio: trainer images/s over the bare loop's).
+workers as this machine has cores; the ratio: the median over the rounds of trainer images/s over the bare loop's).
 """
 
 from __future__ import annotations
@@ -231,9 +233,20 @@ def pipeline_ips(dataset, n: int, *, batch: int, workers: int, seed: int,
 
 
 def trainer_vs_bare(photos: Path, table: pd.DataFrame, work: Path, *, img_size: int, batch: int,
-                    workers: int, preset: str, seed: int, colour_on_device: bool = False,
-                    augment_on_device: bool = False) -> tuple[float, float]:
-    """(trainer images/s, bare loop images/s), each over its second epoch on the same rows."""
+                    workers: int, preset: str, seed: int, rounds: int = 3,
+                    colour_on_device: bool = False,
+                    augment_on_device: bool = False) -> tuple[list[float], list[float]]:
+    """Images/s of the trainer's epochs and of a bare loop's, taken in turn in one process.
+
+    The order is T1 B0 B1 T2 B2 … T(R+1) B(R+1) for R = `rounds`: T are the trainer's epochs
+    (`fit_folds`, one fold), B the bare loop's, each run from the trainer's log line that ends
+    its epoch (so between two trainer epochs). T1 and B0 warm up (workers, page cache, the
+    allocator, oneDNN's kernels) and are not timed. Each timed trainer epoch T(k) is compared
+    with the mean of the two bare epochs on either side of it, B(k-1) and B(k), so that a
+    steady drift of the machine's speed during the measurement cancels (session 10 saw the same
+    steps speed up over minutes, which favoured whichever loop was timed second).
+    Returns (trainer images/s of T2 … T(R+1), bare images/s of B1 … B(R+1)).
+    """
     import timm
 
     from mixcls.models import model_mean_std, register_models
@@ -251,46 +264,73 @@ def trainer_vs_bare(photos: Path, table: pd.DataFrame, work: Path, *, img_size: 
     shutil.rmtree(run, ignore_errors=True)
     cfg = load_config(None, {
         "data": str(data), "model": "tf_efficientnet_lite0", "img_size": img_size,
-        "batch_size": batch, "epochs": 2, "folds": 2, "train_folds": [0], "workers": workers,
-        "preset": preset, "colour_on_device": colour_on_device,
+        "batch_size": batch, "epochs": rounds + 1, "folds": 2, "train_folds": [0],
+        "workers": workers, "preset": preset, "colour_on_device": colour_on_device,
         "augment_on_device": augment_on_device, "cache_images": "disk",
         "cache_dir": str(work / "cache"),
         "optimizer": "adamw", "lr": 1e-3, "device": "cpu", "seed": seed})
-    fit_folds(cfg, run, progress=False, log=lambda msg: None)
-    history = pd.read_csv(run / "fold_0" / "history.csv")
-    trainer_ips = float(history["images_per_s"].iloc[-1])
+    bare: dict = {}
+    bare_ips: list[float] = []
 
-    folds = pd.read_csv(run / "folds.csv", dtype={"image_id": str})
-    train_ids = folds.loc[folds["fold"] != 0, "image_id"].tolist()
-    classes = sorted(table["label"].unique())
-    by_id = table.set_index("image_id")["label"]
-    paths = [str(data / "train_images" / i) for i in train_ids]
-    labels = np.array([classes.index(by_id[i]) for i in train_ids], dtype=np.int64)
-    dataset, _ = build_dataset("disk", paths, labels, img_size, preset, work / "cache",
-                               colour_on_device=colour_on_device, augment_on_device=augment_on_device)
-    _, on_device = build_train_augment(preset, img_size, colour_on_device=colour_on_device,
+    def bare_epoch() -> None:
+        if not bare:  # built once the run folder holds folds.csv: fold 0's training rows
+            folds = pd.read_csv(run / "folds.csv", dtype={"image_id": str})
+            train_ids = folds.loc[folds["fold"] != 0, "image_id"].tolist()
+            classes = sorted(table["label"].unique())
+            by_id = table.set_index("image_id")["label"]
+            paths = [str(data / "train_images" / i) for i in train_ids]
+            labels = np.array([classes.index(by_id[i]) for i in train_ids], dtype=np.int64)
+            dataset, _ = build_dataset("disk", paths, labels, img_size, preset, work / "cache",
+                                       colour_on_device=colour_on_device,
                                        augment_on_device=augment_on_device)
-    generator = torch.Generator().manual_seed(seed)
-    register_models()
-    torch.manual_seed(seed)
-    model = timm.create_model("tf_efficientnet_lite0", num_classes=len(classes)).train()
-    normalizer = Normalizer(*model_mean_std(model))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sampler = EpochSampler(len(paths), seed=seed)
-    loader = make_loader(dataset, batch_size=batch, workers=workers, sampler=sampler,
-                         drop_last=False, device=DEVICE, seed=seed)
-    seconds = 0.0
-    for epoch in range(2):
-        sampler.set_epoch(epoch)
+            _, on_device = build_train_augment(preset, img_size, colour_on_device=colour_on_device,
+                                               augment_on_device=augment_on_device)
+            register_models()
+            torch.manual_seed(seed)
+            model = timm.create_model("tf_efficientnet_lite0", num_classes=len(classes)).train()
+            sampler = EpochSampler(len(paths), seed=seed)
+            bare.update(
+                n=len(paths), model=model, on_device=on_device, sampler=sampler,
+                normalizer=Normalizer(*model_mean_std(model)),
+                optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                generator=torch.Generator().manual_seed(seed),
+                loader=make_loader(dataset, batch_size=batch, workers=workers, sampler=sampler,
+                                   drop_last=False, device=DEVICE, seed=seed),
+                epoch=0)
+            bare_epoch()  # B0: the bare loop's warm-up
+            bare_ips.clear()
+        b = bare
+        b["sampler"].set_epoch(b["epoch"])
+        b["epoch"] += 1
         start = time.perf_counter()
-        for images, targets in loader:
-            x = normalizer.from_255(on_device(images, generator)) if on_device else normalizer(images)
-            loss = torch.nn.functional.cross_entropy(model(x), targets)
+        for images, targets in b["loader"]:
+            if b["on_device"]:
+                x = b["normalizer"].from_255(b["on_device"](images, b["generator"]))
+            else:
+                x = b["normalizer"](images)
+            loss = torch.nn.functional.cross_entropy(b["model"](x), targets)
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - start
-    return trainer_ips, len(paths) / seconds
+            b["optimizer"].step()
+            b["optimizer"].zero_grad(set_to_none=True)
+        bare_ips.append(b["n"] / (time.perf_counter() - start))
+
+    def after_trainer_epoch(message: str) -> None:
+        # fit_fold logs "fold 0 epoch k/E: …" once epoch k (and its evaluation) has ended.
+        if message.startswith("fold 0 epoch "):
+            bare_epoch()
+
+    fit_folds(cfg, run, progress=False, log=after_trainer_epoch)
+    history = pd.read_csv(run / "fold_0" / "history.csv")
+    trainer_ips = history["images_per_s"].astype(float).tolist()[1:]  # T1 warmed up
+    if len(trainer_ips) != rounds or len(bare_ips) != rounds + 1:
+        raise RuntimeError(f"expected {rounds} timed trainer and {rounds + 1} bare epochs, got "
+                           f"{len(trainer_ips)} and {len(bare_ips)}")
+    return trainer_ips, bare_ips
+
+
+def round_ratios(trainer_ips: list[float], bare_ips: list[float]) -> list[float]:
+    """Each timed trainer epoch over the mean of the bare epochs just before and after it."""
+    return [t / ((bare_ips[k] + bare_ips[k + 1]) / 2) for k, t in enumerate(trainer_ips)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer-images", type=int, default=128, help="rows fold 0 trains on")
     parser.add_argument("--trainer-batch", type=int, default=16)
     parser.add_argument("--trainer-workers", type=int, default=1)
+    parser.add_argument("--trainer-rounds", type=int, default=3,
+                        help="timed trainer epochs, each between two timed bare-loop epochs")
     parser.add_argument("--skip-trainer", action="store_true")
     parser.add_argument("--hwc-batches", action="store_true",
                         help="collate as a CUDA device's loader does (channels_last, the channel "
@@ -394,14 +436,19 @@ def main(argv: list[str] | None = None) -> int:
         trainer_ips, bare_ips = trainer_vs_bare(
             trainer_photos, trainer_table, work, img_size=384, batch=args.trainer_batch,
             workers=args.trainer_workers, preset=args.preset, seed=args.seed,
-            colour_on_device=args.colour_on_device, augment_on_device=args.augment_on_device)
-        trainer_ratio = trainer_ips / bare_ips
+            rounds=args.trainer_rounds, colour_on_device=args.colour_on_device,
+            augment_on_device=args.augment_on_device)
+        ratios = round_ratios(trainer_ips, bare_ips)
+        trainer_ratio = float(np.median(ratios))
         print(f"\ntf_efficientnet_lite0 at 384 px, 800x600 JPEGs, disk cache, batch "
               f"{args.trainer_batch}, {args.trainer_workers} worker(s), {args.trainer_images} "
-              f"training rows, second epoch:")
-        print(f"  mixcls trainer  {trainer_ips:8.2f} images/s")
-        print(f"  bare loop       {bare_ips:8.2f} images/s")
-        print(f"  ratio           {trainer_ratio:8.3f}")
+              f"training rows; trainer and bare-loop epochs in turn, images/s (B0 and T1 warm-ups, "
+              f"not shown):")
+        print(f"  bare loop B1      {bare_ips[0]:8.2f}")
+        for k, (t, b, r) in enumerate(zip(trainer_ips, bare_ips[1:], ratios), start=2):
+            print(f"  mixcls trainer T{k} {t:8.2f}   ratio to the mean of B{k - 1} and B{k}: {r:.3f}")
+            print(f"  bare loop B{k}      {b:8.2f}")
+        print(f"  ratio, the median of the {len(ratios)} rounds: {trainer_ratio:.3f}")
     print(f"disk_cache_speedup_512={at['disk/decode']:.2f} ram_cache_speedup_512={at['ram/decode']:.2f} "
           f"trainer_ratio={trainer_ratio:.3f}")
     return 0

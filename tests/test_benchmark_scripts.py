@@ -152,3 +152,61 @@ def test_loader_final_line_is_the_tables_ratio_of_the_upscaled_copies(tmp_path, 
     assert float(values["ram_cache_speedup_512"]) == pytest.approx(ram / decode, rel=0.01, abs=0.006)
     with Image.open(next((tmp_path / "work" / "upscaled").rglob("*.jpg"))) as upscaled:
         assert upscaled.size == (800, 600)
+
+
+def test_loader_round_ratio_cancels_a_steady_drift():
+    """A trainer at 0.8 of the bare loop's speed, on a machine whose speed rises steadily over
+    the measurement, reads 0.8 in every round: each trainer epoch is compared with the bare
+    epochs before and after it, not with a later one alone."""
+    loader_bench = _load("loader")
+    speed = [1.0 + 0.3 * t for t in range(7)]  # B1 T2 B2 T3 B3 T4 B4 at times 0 … 6
+    bare, trainer = speed[0::2], [0.8 * s for s in speed[1::2]]
+    assert loader_bench.round_ratios(trainer, bare) == pytest.approx([0.8, 0.8, 0.8])
+    later_only = [t / b for t, b in zip(trainer, bare[1:])]
+    assert all(r < 0.77 for r in later_only)  # what timing the bare loop second alone would read
+
+
+@pytest.mark.slow
+def test_loader_trainer_and_bare_epochs_alternate(tmp_path, monkeypatch):
+    """trainer_vs_bare on 8 generated photos at 32 px, 2 rounds: the bare loop's epochs run
+    between the trainer's (B0 and B1 after T1, then one after each later trainer epoch), and
+    the figures returned are the timed ones."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        folder = tmp_path / "photos" / "train" / ("coat" if i % 2 else "shoe")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (60, 45, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    loader_bench = _load("loader")
+    import mixcls.train
+
+    events = []
+    real_fit = mixcls.train.fit_folds
+
+    def recording_fit(cfg, run, **kwargs):
+        log = kwargs["log"]
+
+        def spy(message):
+            if message.startswith("fold 0 epoch "):
+                events.append("T")
+            log(message)
+        return real_fit(cfg, run, **dict(kwargs, log=spy))
+
+    monkeypatch.setattr("mixcls.train.fit_folds", recording_fit)
+    original_set_epoch = loader_bench.EpochSampler.set_epoch
+
+    def spy_set_epoch(self, epoch, *args, **kwargs):
+        if "skip" not in kwargs:  # the trainer passes skip= (its resume point); the bare loop not
+            events.append(f"B{epoch}")
+        return original_set_epoch(self, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(loader_bench.EpochSampler, "set_epoch", spy_set_epoch)
+    table = loader_bench.find_photos(tmp_path / "photos", 8, 0)
+    trainer_ips, bare_ips = loader_bench.trainer_vs_bare(
+        tmp_path / "photos", table, tmp_path / "work", img_size=32, batch=4, workers=0,
+        preset="none", seed=0, rounds=2)
+    assert events == ["T", "B0", "B1", "T", "B2", "T", "B3"]
+    assert len(trainer_ips) == 2 and len(bare_ips) == 3
+    assert all(v > 0 for v in trainer_ips + bare_ips)
