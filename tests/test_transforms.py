@@ -413,6 +413,34 @@ def test_device_colour_repeats_under_its_generator_and_changes_the_batch():
         colour(batch.double())
 
 
+def test_device_colour_cpu_index_path_equals_the_gpu_where_path(monkeypatch):
+    """On the CPU the fired images are shifted by index, a few at a time; on a GPU all are shifted
+    and torch.where keeps the unfired ones. Both give the same batch, unfired images untouched,
+    each fired one as the step applied to it alone."""
+    from mixcls import transforms
+
+    colour = build_device_colour("cassava")
+    rng = np.random.default_rng(7)
+    batch = to_batch([random_image(rng, 10, 10) for _ in range(11)])  # 11: chunks of 4, 4, 3
+    by_index = colour(batch, torch.Generator().manual_seed(2))
+    monkeypatch.setattr(transforms.DeviceColour, "_shift_fired_only", staticmethod(lambda device: False))
+    by_where = colour(batch, torch.Generator().manual_seed(2))
+    assert torch.allclose(by_index, by_where, atol=1e-4, rtol=0)
+    x = batch.float()
+    for kind, fired, v in colour._draw_all(len(batch), device=torch.device("cpu"),
+                                           generator=torch.Generator().manual_seed(2)):
+        alone = [transforms._colour_step(kind, x[i:i + 1], v[i:i + 1]) if fired[i] else x[i:i + 1]
+                 for i in range(len(x))]
+        x = torch.cat(alone)
+    assert torch.allclose(by_index, x, atol=1e-4, rtol=0)
+    fired_any = torch.zeros(len(batch), dtype=torch.bool)
+    for _, fired, _ in colour._draw_all(len(batch), device=torch.device("cpu"),
+                                        generator=torch.Generator().manual_seed(2)):
+        fired_any |= fired
+    assert 0 < int(fired_any.sum()) < len(batch)  # both kinds of image are in the batch
+    assert torch.equal(by_index[~fired_any], batch.float()[~fired_any])
+
+
 def test_colour_on_device_takes_the_colour_steps_out_of_the_loader():
     for preset in sorted(PRESETS):
         host = [type(t) for t in build_train_transform(preset, 32).transforms]
