@@ -28,6 +28,19 @@ def _load(name: str):
     return module
 
 
+def _write_photos(root: Path, n: int) -> None:
+    """n random 45x60 JPEGs in root/train/{coat,shoe}/, as the clothing checkout lays them out."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / "train" / ("coat" if i % 2 else "shoe")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (60, 45, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+
+
+
 def _table_rows(lines: list[str]) -> dict[str, list[float]]:
     """Rows of format_memory_table: label -> [eff.batch, params, grads, optim, act+work, peak, ...]."""
     start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["setting", "eff.batch"])
@@ -120,14 +133,9 @@ def test_loader_final_line_is_the_tables_ratio_of_the_upscaled_copies(tmp_path, 
     """benchmarks/loader.py on 12 generated JPEGs (no trainer part): every cell is timed and the
     final line's speedups are the table's disk/decode and ram/decode of the 800x600 copies.
     With --colour-on-device the colour steps' own cost on the CPU is printed apart."""
-    import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        folder = tmp_path / "photos" / "train" / ("coat" if i % 2 else "shoe")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (60, 45, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    _write_photos(tmp_path / "photos", 12)
     loader_bench = _load("loader")
     code = loader_bench.main(["--data", str(tmp_path / "photos"), "--work", str(tmp_path / "work"),
                               "--images", "10", "--sizes", "48", "--workers", "0",
@@ -171,14 +179,7 @@ def test_loader_trainer_and_bare_epochs_alternate(tmp_path, monkeypatch):
     """trainer_vs_bare on 8 generated photos at 32 px, 2 rounds: the bare loop's epochs run
     between the trainer's (B0 and B1 after T1, then one after each later trainer epoch), and
     the figures returned are the timed ones."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        folder = tmp_path / "photos" / "train" / ("coat" if i % 2 else "shoe")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (60, 45, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    _write_photos(tmp_path / "photos", 8)
     loader_bench = _load("loader")
     import mixcls.train
 
