@@ -354,19 +354,20 @@ class DeviceColour:
         else:
             raise TypeError(f"DeviceColour expects uint8 images (B, 3, H, W) or float32 ones in "
                             f"0-255, got {images.dtype}")
-        for kind, fired, v in self._draw_all(x.shape[0], device=x.device, generator=generator):
-            if self._shift_fired_only(x.device):
-                # The host waits for nothing here, so an index list is free: shift only the fired
-                # images, a few at a time (the HSV round trip's dozen full-size intermediates stay
-                # cache-sized; the whole batch at once cost 6x as much per image at 512 px).
-                index = torch.nonzero(fired).flatten()
+        if self._shift_fired_only(x.device):
+            # The host waits for nothing here, so draw's index lists are free: shift only the
+            # fired images, a few at a time (the HSV round trip's dozen full-size intermediates
+            # stay cache-sized; the whole batch at once cost 6x as much per image at 512 px).
+            for kind, index, v in self.draw(x.shape[0], device=x.device, generator=generator):
                 if index.numel():
                     x = x.index_copy(0, index, torch.cat([
-                        _colour_step(kind, x[part], v[part]) for part in index.split(CPU_CHUNK)]))
-            else:
-                # On a GPU every image is shifted and the unfired ones keep their pixels
-                # (torch.where): an index list's size would make the host wait for the GPU.
-                x = torch.where(fired.view(-1, 1, 1, 1), _colour_step(kind, x, v), x)
+                        _colour_step(kind, x[part], shifts)
+                        for part, shifts in zip(index.split(CPU_CHUNK), v.split(CPU_CHUNK))]))
+            return x
+        # On a GPU every image is shifted and the unfired ones keep their pixels (torch.where):
+        # an index list's size would make the host wait for the GPU.
+        for kind, fired, v in self._draw_all(x.shape[0], device=x.device, generator=generator):
+            x = torch.where(fired.view(-1, 1, 1, 1), _colour_step(kind, x, v), x)
         return x
 
     @staticmethod
