@@ -46,10 +46,12 @@ workers as this machine has cores; the ratio: the median over the rounds of trai
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -247,11 +249,7 @@ def trainer_vs_bare(photos: Path, table: pd.DataFrame, work: Path, *, img_size: 
     steps speed up over minutes, which favoured whichever loop was timed second).
     Returns (trainer images/s of T2 … T(R+1), bare images/s of B1 … B(R+1)).
     """
-    import timm
-
-    from mixcls.models import model_mean_std, register_models
     from mixcls.train import fit_folds
-    from mixcls.transforms import Normalizer
 
     # Two folds over a table of twice the rows, the first trained: fold 0 trains on one half.
     data = work / "trainer_data"
@@ -269,55 +267,21 @@ def trainer_vs_bare(photos: Path, table: pd.DataFrame, work: Path, *, img_size: 
         "augment_on_device": augment_on_device, "cache_images": "disk",
         "cache_dir": str(work / "cache"),
         "optimizer": "adamw", "lr": 1e-3, "device": "cpu", "seed": seed})
-    bare: dict = {}
+    bare_epoch = None  # built at T1's end, once the run folder holds folds.csv
     bare_ips: list[float] = []
-
-    def bare_epoch() -> None:
-        if not bare:  # built once the run folder holds folds.csv: fold 0's training rows
-            folds = pd.read_csv(run / "folds.csv", dtype={"image_id": str})
-            train_ids = folds.loc[folds["fold"] != 0, "image_id"].tolist()
-            classes = sorted(table["label"].unique())
-            by_id = table.set_index("image_id")["label"]
-            paths = [str(data / "train_images" / i) for i in train_ids]
-            labels = np.array([classes.index(by_id[i]) for i in train_ids], dtype=np.int64)
-            dataset, _ = build_dataset("disk", paths, labels, img_size, preset, work / "cache",
-                                       colour_on_device=colour_on_device,
-                                       augment_on_device=augment_on_device)
-            _, on_device = build_train_augment(preset, img_size, colour_on_device=colour_on_device,
-                                               augment_on_device=augment_on_device)
-            register_models()
-            torch.manual_seed(seed)
-            model = timm.create_model("tf_efficientnet_lite0", num_classes=len(classes)).train()
-            sampler = EpochSampler(len(paths), seed=seed)
-            bare.update(
-                n=len(paths), model=model, on_device=on_device, sampler=sampler,
-                normalizer=Normalizer(*model_mean_std(model)),
-                optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
-                generator=torch.Generator().manual_seed(seed),
-                loader=make_loader(dataset, batch_size=batch, workers=workers, sampler=sampler,
-                                   drop_last=False, device=DEVICE, seed=seed),
-                epoch=0)
-            bare_epoch()  # B0: the bare loop's warm-up
-            bare_ips.clear()
-        b = bare
-        b["sampler"].set_epoch(b["epoch"])
-        b["epoch"] += 1
-        start = time.perf_counter()
-        for images, targets in b["loader"]:
-            if b["on_device"]:
-                x = b["normalizer"].from_255(b["on_device"](images, b["generator"]))
-            else:
-                x = b["normalizer"](images)
-            loss = torch.nn.functional.cross_entropy(b["model"](x), targets)
-            loss.backward()
-            b["optimizer"].step()
-            b["optimizer"].zero_grad(set_to_none=True)
-        bare_ips.append(b["n"] / (time.perf_counter() - start))
 
     def after_trainer_epoch(message: str) -> None:
         # fit_fold logs "fold 0 epoch k/E: …" once epoch k (and its evaluation) has ended.
-        if message.startswith("fold 0 epoch "):
-            bare_epoch()
+        nonlocal bare_epoch
+        if not message.startswith("fold 0 epoch "):
+            return
+        if bare_epoch is None:
+            bare_epoch = bare_loop(run, data, table, work, img_size=img_size, batch=batch,
+                                   workers=workers, preset=preset, seed=seed,
+                                   colour_on_device=colour_on_device,
+                                   augment_on_device=augment_on_device)
+            bare_epoch()  # B0: the bare loop's warm-up
+        bare_ips.append(bare_epoch())
 
     fit_folds(cfg, run, progress=False, log=after_trainer_epoch)
     history = pd.read_csv(run / "fold_0" / "history.csv")
@@ -326,6 +290,52 @@ def trainer_vs_bare(photos: Path, table: pd.DataFrame, work: Path, *, img_size: 
         raise RuntimeError(f"expected {rounds} timed trainer and {rounds + 1} bare epochs, got "
                            f"{len(trainer_ips)} and {len(bare_ips)}")
     return trainer_ips, bare_ips
+
+
+def bare_loop(run: Path, data: Path, table: pd.DataFrame, work: Path, *, img_size: int, batch: int,
+              workers: int, preset: str, seed: int, colour_on_device: bool,
+              augment_on_device: bool) -> Callable[[], float]:
+    """A bare training loop on the trainer's fold-0 training rows (from run/folds.csv), with the
+    same dataset, transform, disk cache and workers: a function that runs one epoch of it and
+    returns its images/s."""
+    import timm
+
+    from mixcls.models import model_mean_std, register_models
+    from mixcls.transforms import Normalizer
+
+    folds = pd.read_csv(run / "folds.csv", dtype={"image_id": str})
+    train_ids = folds.loc[folds["fold"] != 0, "image_id"].tolist()
+    classes = sorted(table["label"].unique())
+    by_id = table.set_index("image_id")["label"]
+    paths = [str(data / "train_images" / i) for i in train_ids]
+    labels = np.array([classes.index(by_id[i]) for i in train_ids], dtype=np.int64)
+    dataset, _ = build_dataset("disk", paths, labels, img_size, preset, work / "cache",
+                               colour_on_device=colour_on_device, augment_on_device=augment_on_device)
+    _, on_device = build_train_augment(preset, img_size, colour_on_device=colour_on_device,
+                                       augment_on_device=augment_on_device)
+    generator = torch.Generator().manual_seed(seed)
+    register_models()
+    torch.manual_seed(seed)
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=len(classes)).train()
+    normalizer = Normalizer(*model_mean_std(model))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sampler = EpochSampler(len(paths), seed=seed)
+    loader = make_loader(dataset, batch_size=batch, workers=workers, sampler=sampler,
+                         drop_last=False, device=DEVICE, seed=seed)
+    epochs = itertools.count()
+
+    def one_epoch() -> float:
+        sampler.set_epoch(next(epochs))
+        start = time.perf_counter()
+        for images, targets in loader:
+            x = normalizer.from_255(on_device(images, generator)) if on_device else normalizer(images)
+            loss = torch.nn.functional.cross_entropy(model(x), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return len(paths) / (time.perf_counter() - start)
+
+    return one_epoch
 
 
 def round_ratios(trainer_ips: list[float], bare_ips: list[float]) -> list[float]:

@@ -40,7 +40,6 @@ def _write_photos(root: Path, n: int) -> None:
         Image.fromarray(rng.integers(0, 256, (60, 45, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
 
 
-
 def _table_rows(lines: list[str]) -> dict[str, list[float]]:
     """Rows of format_memory_table: label -> [eff.batch, params, grads, optim, act+work, peak, ...]."""
     start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["setting", "eff.batch"])
