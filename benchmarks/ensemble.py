@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fold_probs import accuracy, predict_fold_test_probs
 from mixcls.blend import BLEND_METHODS, combine_fold_members, read_blend
 from mixcls.data import prob_columns
 from mixcls.runs import read_json
@@ -145,22 +146,6 @@ def predict_probs(run_dir: Path, data: Path, out: Path, *extra: str) -> np.ndarr
     frame = pd.read_csv(out)
     k = sum(c.startswith("prob_") for c in frame.columns)
     return frame[prob_columns(k)].to_numpy(dtype=np.float64)
-
-
-def predict_fold_test_probs(run_dir: Path, data: Path, out: Path) -> np.ndarray:
-    """(F, N, K) each fold model's test probabilities (its TTA views averaged), in test.csv's
-    order; saved to `out` (.npy) so a rerun of the benchmark does not predict again."""
-    if not out.is_file():
-        from mixcls.predict import predict_fold_probs
-
-        ids = pd.read_csv(data / "test.csv")["image_id"]
-        probs = predict_fold_probs(run_dir, [str(data / "test_images" / i) for i in ids], device="cpu")
-        np.save(out, probs)
-    return np.load(out)
-
-
-def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float((probs.argmax(1) == labels).mean())
 
 
 def main() -> int:
