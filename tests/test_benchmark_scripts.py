@@ -24,6 +24,7 @@ def _load(name: str):
         sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass's string annotations are resolved through it
     spec.loader.exec_module(module)
     return module
 
@@ -210,3 +211,42 @@ def test_loader_trainer_and_bare_epochs_alternate(tmp_path, monkeypatch):
     assert events == ["T", "B0", "B1", "T", "B2", "T", "B3"]
     assert len(trainer_ips) == 2 and len(bare_ips) == 3
     assert all(v > 0 for v in trainer_ips + bare_ips)
+
+
+@pytest.mark.slow
+def test_teachers_single_fold_accuracy_is_the_mean_over_the_fold_models(tmp_path, one_thread):
+    """teachers.test_accuracies: the ensemble's figure is `mixcls predict`'s, the single one the
+    mean of each fold model's own test accuracy (each model predicted alone here)."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from conftest import TINY_TRAIN_FLAGS, write_tiny_dataset
+    from mixcls.cli import main
+    from mixcls.predict import load_model, predict_fold_outputs
+
+    teachers_bench = _load("teachers")
+    train = write_tiny_dataset(tmp_path / "train", n_per_class=8, num_classes=5)
+    held = write_tiny_dataset(tmp_path / "held", n_per_class=8, num_classes=5, seed=3)
+    data = tmp_path / "fmnist"  # the layout of `mixcls data fashion-mnist`: test.csv, test_images/
+    data.mkdir()
+    shutil.copy(held / "train.csv", data / "test.csv")
+    shutil.copytree(held / "train_images", data / "test_images")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--data", str(train), "--out", str(run_dir), "--folds", "3",
+                 *TINY_TRAIN_FLAGS, "--epochs", "3"]) == 0
+    ensemble, single, diff = teachers_bench.test_accuracies(run_dir, data, tmp_path, device="cpu",
+                                                            threads=1)
+    table = pd.read_csv(data / "test.csv")
+    paths = [str(data / "test_images" / i) for i in table["image_id"]]
+    labels = table["label"].to_numpy()
+    cpu = torch.device("cpu")
+    each = [predict_fold_outputs([load_model(run_dir / f"fold_{g}" / "best.pt", cpu)], paths,
+                                 device=cpu).probs[0] for g in range(3)]
+    accuracies = [(p.argmax(1) == labels).mean() for p in each]
+    assert single == pytest.approx(np.mean(accuracies))
+    assert ensemble == pytest.approx((np.mean(each, axis=0).argmax(1) == labels).mean())
+    assert diff < 1e-5
+    assert (tmp_path / "test_folds_run.npy").is_file()  # cached for a rerun of the benchmark
