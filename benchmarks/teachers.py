@@ -20,6 +20,7 @@ on them. Rows, each with its CV (OOF accuracy) and test accuracy:
   validation rows: what a notebook does, and the CV-test gap it creates.
 
     python benchmarks/teachers.py --data DIR [--work runs/bench_teachers] [--preset none] [--quick]
+                                  [--fresh FRESH]
 
 DIR is a folder written by `mixcls data fashion-mnist --limit 25000` (train.csv + train_images,
 test.csv + test_images); nothing is downloaded. The labelled and unlabelled rows are disjoint
@@ -31,11 +32,19 @@ user would, never by test; the gaps are CV minus test in points), then
 accuracy of the single fold models (column test_single), which is what a CV estimates. The test
 column is the fold ensemble's (`mixcls predict`), which a user submits; it gains over its single
 models, by more when the fold models disagree more, so its gap mixes that gain with any leak.
+
+With `--fresh FRESH` (an export of all 60,000 training images: `mixcls data fashion-mnist --out
+FRESH`), --fresh-rows (10,000) of FRESH's training images that are in neither of DIR's splits (by
+their pixels) are scored as the test images are (columns fresh, fresh_single): images that no
+model here saw, from the training split like the CV rows, where the test images come from the
+official test split. The line then also gives
+`max_cv_fresh_single_gap_points=… leaky_fresh_single_gap_points=…`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -46,9 +55,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from sklearn.model_selection import train_test_split
 
-from fold_probs import accuracy, predict_fold_test_probs
+from fold_probs import accuracy, predict_fold_probs_cached, predict_fold_test_probs
 from mixcls.data import prob_columns
 from mixcls.runs import read_json
 
@@ -149,8 +159,51 @@ def test_accuracies(run_dir: Path, data: Path, work: Path, *, device: str,
     folds = predict_fold_test_probs(run_dir, data, work / f"test_folds_{run_dir.name}.npy",
                                     device=device)
     labels = pd.read_csv(data / "test.csv")["label"].to_numpy()
-    single = float(np.mean([accuracy(fold, labels) for fold in folds]))
-    return accuracy(ensemble, labels), single, float(np.abs(folds.mean(0) - ensemble).max())
+    return accuracy(ensemble, labels), single_accuracy(folds, labels), \
+        float(np.abs(folds.mean(0) - ensemble).max())
+
+
+def single_accuracy(folds: np.ndarray, labels: np.ndarray) -> float:
+    """The mean over the fold models (F, N, K) of each one's accuracy."""
+    return float(np.mean([accuracy(fold, labels) for fold in folds]))
+
+
+def pixel_hash(path: Path) -> str:
+    return hashlib.sha1(np.asarray(Image.open(path)).tobytes()).hexdigest()
+
+
+def fresh_rows(data: Path, fresh: Path, work: Path, n: int, seed: int) -> Path:
+    """WORK/fresh.csv: n stratified rows of FRESH/train.csv whose pixels are in none of DATA's
+    train or test images, so no model here trained on them, nor labelled them: images of the
+    training split as the CV rows are, where the test images are the official test split."""
+    out = work / "fresh.csv"
+    if out.is_file():
+        return out
+    seen = {pixel_hash(data / f"{split}_images" / i)
+            for split in ("train", "test")
+            for i in pd.read_csv(data / f"{split}.csv", dtype={"image_id": str})["image_id"]}
+    table = pd.read_csv(fresh / "train.csv", dtype={"image_id": str})
+    unseen = table[[pixel_hash(fresh / "train_images" / i) not in seen for i in table["image_id"]]]
+    if len(unseen) < n:
+        raise SystemExit(f"{fresh}/train.csv has {len(unseen)} images that are not in {data}; "
+                         f"--fresh-rows {n} needs more (export all 60,000 with mixcls data "
+                         "fashion-mnist and no --limit)")
+    if len(unseen) > n:
+        unseen, _ = train_test_split(unseen, train_size=n, random_state=seed, stratify=unseen["label"])
+    partial = work / "fresh.csv.partial"
+    unseen[["image_id", "label"]].to_csv(partial, index=False)
+    partial.replace(out)
+    return out
+
+
+def fresh_accuracies(run_dir: Path, fresh: Path, rows: Path, work: Path, *,
+                     device: str) -> tuple[float, float]:
+    """(fold ensemble, mean single fold model) accuracy of a run on the fresh rows."""
+    table = pd.read_csv(rows, dtype={"image_id": str})
+    folds = predict_fold_probs_cached(run_dir, fresh / "train_images", table["image_id"],
+                                      work / f"fresh_folds_{run_dir.name}.npy", device=device)
+    labels = table["label"].to_numpy()
+    return accuracy(folds.mean(0), labels), single_accuracy(folds, labels)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill-weight", type=float, default=0.5)
     parser.add_argument("--preset", default="none",
                         help="every run's training augmentation (the teachers predict without it)")
+    parser.add_argument("--fresh", type=Path, default=None,
+                        help="a `mixcls data fashion-mnist` export with more training images (all "
+                             "60,000: no --limit); --fresh-rows of them that are in neither of DATA's "
+                             "splits (by their pixels) are scored like the test images")
+    parser.add_argument("--fresh-rows", type=int, default=10000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--seed", type=int, default=0)
@@ -181,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("train.csv", "train_images", "test.csv", "test_images"):
         if not (data / name).exists():
             raise SystemExit(f"{data / name} does not exist; export with mixcls data fashion-mnist")
+    if args.fresh is not None and not (args.fresh / "train.csv").is_file():
+        raise SystemExit(f"--fresh {args.fresh}: no train.csv; export with mixcls data fashion-mnist")
     labelled, unlabelled = split_rows(data, work, sizes, args.seed)
+    fresh = fresh_rows(data, args.fresh, work, args.fresh_rows, args.seed) if args.fresh else None
     common = dict(device=args.device, threads=args.threads)
     training = dict(common, preset=args.preset)
     baseline = train("baseline", work, data, labelled, sizes, ["--folds", str(sizes.folds),
@@ -222,21 +283,31 @@ def main(argv: list[str] | None = None) -> int:
         used = sum(v["rows"] for v in metrics.get("pseudo", {}).get("folds", {}).values())
         test, single, diff = test_accuracies(run_dir, data, work, **common)
         agree = max(agree, diff)
-        rows.append({"row": name, "cv": 100 * metrics["cv_accuracy"], "test": 100 * test,
-                     "test_single": 100 * single,
-                     "pseudo_rows_per_fold": used / sizes.folds if used else 0})
+        row = {"row": name, "cv": 100 * metrics["cv_accuracy"], "test": 100 * test,
+               "test_single": 100 * single,
+               "pseudo_rows_per_fold": used / sizes.folds if used else 0}
+        if fresh is not None:
+            ens, one = fresh_accuracies(run_dir, args.fresh, fresh, work, device=args.device)
+            row.update(fresh=100 * ens, fresh_single=100 * one)
+        rows.append(row)
     table = pd.DataFrame(rows)
     table["cv_minus_test"] = table["cv"] - table["test"]
     table["cv_minus_test_single"] = table["cv"] - table["test_single"]
+    if fresh is not None:
+        table["cv_minus_fresh_single"] = table["cv"] - table["fresh_single"]
     print(f"Fashion-MNIST: {sizes.labelled} labelled ({sizes.folds} folds), {sizes.unlabelled} "
           f"unlabelled, {len(pd.read_csv(data / 'test.csv'))} test images; mixcls_cnn_tiny 28 px, "
           f"preset {args.preset}, "
           f"{sizes.epochs} epochs, threshold {args.threshold}, "
           + (f"at most {args.max_per_class} pseudo rows per class per fold" if args.max_per_class
              else "every passing pseudo row") + f", distill weight {args.distill_weight}")
+    if fresh is not None:
+        print(f"fresh: {len(pd.read_csv(fresh))} images of {args.fresh}/train.csv in neither split "
+              f"of {data} (by their pixels), scored like the test images")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     by = table.set_index("row")
-    honest = by.loc[[r for r in by.index if not r.startswith("leaky")]]
+    leaky = [r for r in by.index if r.startswith("leaky")]
+    honest = by.loc[[r for r in by.index if r not in leaky]]
     chosen = by.loc[[r for r in by.index if r.startswith("pseudo")], "cv"].idxmax()
     pseudo = by.loc[chosen, "test"]
     print(f"pseudo row chosen by CV: {chosen}; mixcls predict vs the mean of its fold models' "
@@ -245,9 +316,12 @@ def main(argv: list[str] | None = None) -> int:
           f"distill={by.loc['distill', 'test']:.2f} "
           f"pseudo_gain_points={pseudo - by.loc['baseline', 'test']:.2f} "
           f"max_cv_test_gap_points={honest['cv_minus_test'].abs().max():.2f} "
-          f"leaky_gap_points={by.loc[[r for r in by.index if r.startswith('leaky')], 'cv_minus_test'].max():.2f} "
+          f"leaky_gap_points={by.loc[leaky, 'cv_minus_test'].max():.2f} "
           f"max_cv_single_test_gap_points={honest['cv_minus_test_single'].abs().max():.2f} "
-          f"leaky_single_gap_points={by.loc[[r for r in by.index if r.startswith('leaky')], 'cv_minus_test_single'].max():.2f}")
+          f"leaky_single_gap_points={by.loc[leaky, 'cv_minus_test_single'].max():.2f}"
+          + (f" max_cv_fresh_single_gap_points={honest['cv_minus_fresh_single'].abs().max():.2f} "
+             f"leaky_fresh_single_gap_points={by.loc[leaky, 'cv_minus_fresh_single'].max():.2f}"
+             if fresh is not None else ""))
     return 0
 
 

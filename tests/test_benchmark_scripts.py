@@ -250,3 +250,32 @@ def test_teachers_single_fold_accuracy_is_the_mean_over_the_fold_models(tmp_path
     assert ensemble == pytest.approx((np.mean(each, axis=0).argmax(1) == labels).mean())
     assert diff < 1e-5
     assert (tmp_path / "test_folds_run.npy").is_file()  # cached for a rerun of the benchmark
+
+
+def test_teachers_fresh_rows_leave_out_every_image_of_the_data_by_its_pixels(tmp_path):
+    """The fresh rows hold no image of DATA's train or test split, whatever its file name."""
+    import shutil
+
+    import pandas as pd
+
+    from conftest import write_tiny_dataset
+
+    teachers_bench = _load("teachers")
+    fresh = write_tiny_dataset(tmp_path / "fresh", n_per_class=10, num_classes=2, seed=5)
+    table = pd.read_csv(fresh / "train.csv")
+    data = tmp_path / "data"  # 3 of FRESH's images, renamed, in each split of DATA
+    for split, rows in (("train", table.iloc[[0, 1, 12]]), ("test", table.iloc[[2, 13, 14]])):
+        (data / f"{split}_images").mkdir(parents=True)
+        for k, image_id in enumerate(rows["image_id"]):
+            shutil.copy(fresh / "train_images" / image_id, data / f"{split}_images" / f"{split}_{k}.png")
+        pd.DataFrame({"image_id": [f"{split}_{k}.png" for k in range(3)],
+                      "label": rows["label"].to_numpy()}).to_csv(data / f"{split}.csv", index=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(SystemExit, match="14 images that are not in"):
+        teachers_bench.fresh_rows(data, fresh, work, 15, 0)
+    rows = pd.read_csv(teachers_bench.fresh_rows(data, fresh, work, 10, 0))
+    taken = set(table["image_id"].iloc[[0, 1, 2, 12, 13, 14]])
+    assert len(rows) == 10 and not set(rows["image_id"]) & taken
+    assert rows["label"].value_counts().to_dict() == {0: 5, 1: 5}  # stratified
+    assert not list(work.glob("*.partial"))
