@@ -13,6 +13,10 @@ on them. Rows, each with its CV (OOF accuracy) and test accuracy:
   again, with labels of the same kind; round r's student teaches round r + 1. Still no leak:
   a student's fold-g model trained on fold g's training rows and on labels from the fold-g model
   before it only, so fold g's validation rows never reached any model of that chain;
+- pseudo blend rounds 2 … --rounds: the same chain with an ensemble for a teacher, as competitors
+  pseudo-label with their ensemble: round r's teacher is `mixcls blend --method mean` of the two
+  students of round r - 1 (round 2: hard and soft; round r > 2: pseudo_round(r-1) and
+  pseudo_blend_round(r-1)). Still no leak: fold g's teacher averages the members' fold-g models;
 - distill: `mixcls train --distill baseline --folds-from baseline` (fold g's targets from the
   baseline's fold-g model);
 - leaky pseudo / leaky distill: the same with a teacher fitted on ALL labelled rows (the
@@ -126,6 +130,16 @@ def leaky_teacher(baseline: Path, work: Path) -> Path:
         shutil.copytree(baseline, out)
         for fold_dir in out.glob("fold_*"):
             shutil.copy(baseline / "full" / "best.pt", fold_dir / "best.pt")
+    return out
+
+
+def mean_blend(members: list[Path], work: Path, name: str, *, threads: int) -> Path:
+    """`mixcls blend --method mean` of finished runs (nothing fitted), the teacher of a round."""
+    out = work / name
+    if not ((out / "blend.json").is_file() and (out / "metrics.json").is_file()):
+        shutil.rmtree(out, ignore_errors=True)
+        run("blend", *[str(m) for m in members], "--method", "mean", "--out", str(out),
+            threads=threads, log=work / f"{name}.log")
     return out
 
 
@@ -273,6 +287,17 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name] = train(name, work, data, labelled, sizes,
                                    [*shared, "--pseudo", str(table)], **training)
                 student = name
+            previous = ["pseudo_hard", "pseudo_soft"]
+            for r in range(2, args.rounds + 1):  # each round's teacher: the last two students' mean
+                name = f"pseudo_blend_round{r}"
+                teacher_r = mean_blend([runs[p] for p in previous], work, f"teacher_blend_round{r}",
+                                       threads=args.threads)
+                table = pseudo_table(teacher_r, work, data, unlabelled, f"table_{name}",
+                                     *(["--soft"] if soft else []), *cap,
+                                     threshold=args.threshold, **common)
+                runs[name] = train(name, work, data, labelled, sizes,
+                                   [*shared, "--pseudo", str(table)], **training)
+                previous = [f"pseudo_round{r}", name]
         runs[f"{prefix}distill"] = train(f"{prefix}distill", work, data, labelled, sizes,
                                          [*shared, "--distill", str(teacher), "--distill-weight",
                                           str(args.distill_weight)], **training)
