@@ -191,7 +191,10 @@ def fresh_rows(data: Path, fresh: Path, work: Path, n: int, seed: int) -> Path:
     train or test images, so no model here trained on them, nor labelled them: images of the
     training split as the CV rows are, where the test images are the official test split."""
     out = work / "fresh.csv"
-    if out.is_file():
+    if out.is_file():  # the fresh predictions of every run are cached beside it
+        if len(cached := pd.read_csv(out)) != n:
+            raise SystemExit(f"{out} holds {len(cached)} fresh rows, not --fresh-rows {n}; "
+                             f"remove it and {work}/fresh_folds_*.npy to choose again")
         return out
     seen = {pixel_hash(data / f"{split}_images" / i)
             for split in ("train", "test")

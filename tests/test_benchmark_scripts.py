@@ -279,3 +279,5 @@ def test_teachers_fresh_rows_leave_out_every_image_of_the_data_by_its_pixels(tmp
     assert len(rows) == 10 and not set(rows["image_id"]) & taken
     assert rows["label"].value_counts().to_dict() == {0: 5, 1: 5}  # stratified
     assert not list(work.glob("*.partial"))
+    with pytest.raises(SystemExit, match="holds 10 fresh rows, not --fresh-rows 8"):
+        teachers_bench.fresh_rows(data, fresh, work, 8, 0)  # the cached rows are not re-chosen
