@@ -10,14 +10,30 @@ also trains `--full-fit` (one more model on all 10,000 rows), scored with `--mod
 
 A blend's test probabilities come from its members' test probabilities, each fold model's
 own (`predict.predict_fold_probs`, predicted once per member), combined by the blend's own rule
-read back from blend.json as `mixcls predict --run BLEND` combines them: fold model by fold model,
-then averaged (`blend.combine_fold_members`). A member's test row is the mean of its fold
-models, as `mixcls predict --run MEMBER` gives. `mixcls predict --run BLEND` is run once, for
+read back from blend.json as `mixcls predict --run BLEND` combines them: fold model by fold model
+(`blend.combine_each_fold`), then averaged (as `blend.combine_fold_members`). A member's test row
+is the mean of its fold models, as `mixcls predict --run MEMBER` gives. `mixcls predict --run BLEND` is run once, for
 the weighted blend, and must agree with that combination (the benchmark prints the largest
 difference).
 
     python benchmarks/ensemble.py --data DIR [--work runs/bench_ensemble] [--processes 2] [--quick]
-                                  [--members default|diverse|pretrained]
+                                  [--members default|diverse|pretrained] [--fresh FRESH]
+
+Where a CV and a test accuracy part, the table says why, in points (`_pts`): `test_single` is the
+mean accuracy of one fold's model alone (for a blend: the rule on every member's fold-f model,
+scored alone, averaged over f), the kind of model that scored each OOF row, so
+`single_gap_pts` = nested CV - test_single is the CV's own error on the test images, and
+`fold_gain_pts` = test - test_single what averaging the fold models adds on top, which no OOF row
+sees. For a member, `best_minus_last_pts` is how much higher its folds' validation accuracy at the
+best epoch (the checkpoint kept, chosen on those same rows) reads than at the last epoch, averaged
+over the folds. With `--fresh FRESH` (an export of all 60,000 training images: `mixcls data
+fashion-mnist --out FRESH`), --fresh-rows (10,000) of FRESH's training images that are in neither
+of DIR's splits (by their pixels) are scored as the test images are (`fresh`, `fresh_single`):
+images from the training split like the OOF rows, which no model here saw.
+`fresh_gap_pts` = nested CV - fresh_single, and `split_shift_pts` = fresh_single - test_single,
+how much harder the official test split is for the same models. After the issue's four figures
+the last line gives `max_single_gap_points=…` and, with --fresh, `max_fresh_gap_points=…` (the
+largest |single_gap_pts| and |fresh_gap_pts| over the blends).
 
 `--members diverse` keeps the first two members and replaces the other two by a timm ResNet
 (`resnet10t`, 48 px) and a small CNN at 40 px with cutmix: other architectures and image sizes
@@ -41,12 +57,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from fold_probs import accuracy, predict_fold_test_probs
-from mixcls.blend import BLEND_METHODS, combine_fold_members, read_blend
+from fold_probs import (accuracy, fresh_rows, predict_fold_fresh_probs, predict_fold_test_probs,
+                        single_accuracy)
+from mixcls.blend import BLEND_METHODS, combine_each_fold, read_blend
 from mixcls.data import prob_columns
 from mixcls.runs import read_json
 
@@ -170,7 +188,85 @@ def predict_probs(run_dir: Path, data: Path, out: Path, *extra: str) -> np.ndarr
     return frame[prob_columns(k)].to_numpy(dtype=np.float64)
 
 
-def main() -> int:
+def fold_scores(folds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The fold ensemble's accuracy (mean of the F models' probabilities (F, N, K)) and the
+    mean accuracy of each fold model alone."""
+    return {"ensemble": accuracy(folds.mean(axis=0), labels), "single": single_accuracy(folds, labels)}
+
+
+def best_minus_last_points(run_dir: Path) -> float:
+    """Mean over the folds of (best epoch's - last epoch's) validation accuracy, in points: what
+    keeping the best epoch's checkpoint, chosen on the fold's own validation rows, adds to the CV."""
+    gaps = [history["valid_accuracy"].max() - history["valid_accuracy"].iloc[-1]
+            for history in (pd.read_csv(path) for path in sorted(run_dir.glob("fold_*/history.csv")))]
+    return 100 * float(np.mean(gaps))
+
+
+@dataclass
+class Held:
+    """Images no model was fitted on: labels (N,), and each member's fold-model probabilities."""
+    name: str
+    labels: np.ndarray
+    member_folds: list[np.ndarray]  # (F, N, K) per member, in the members' order
+
+
+def held_columns(held: list[Held], folds_of: Callable[[Held], np.ndarray]) -> dict[str, float]:
+    """{"test": …, "test_single": …, "fresh": …, …} for one entry, `folds_of(h)` its (F, N, K)."""
+    row = {}
+    for h in held:
+        scores = fold_scores(folds_of(h), h.labels)
+        row[h.name], row[f"{h.name}_single"] = scores["ensemble"], scores["single"]
+    return row
+
+
+def add_gap_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """The `_pts` columns of the docstring (percentage points)."""
+    table["nested_gap_pts"] = 100 * (table["nested_cv"] - table["test"])
+    table["optimism_pts"] = 100 * (table["in_sample_cv"] - table["nested_cv"])
+    table["single_gap_pts"] = 100 * (table["nested_cv"] - table["test_single"])
+    table["fold_gain_pts"] = 100 * (table["test"] - table["test_single"])
+    if "fresh" in table:
+        table["fresh_gap_pts"] = 100 * (table["nested_cv"] - table["fresh_single"])
+        table["split_shift_pts"] = 100 * (table["fresh_single"] - table["test_single"])
+    return table
+
+
+def member_rows(names: list[str], work: Path, held: list[Held], seconds: dict[str, float]) -> list[dict]:
+    """One table row per member: its CV, its held-out accuracies, training minutes."""
+    rows = []
+    for m, name in enumerate(names):
+        metrics = read_json(work / name / "metrics.json")
+        rows.append({"entry": name, "kind": "member", "nested_cv": metrics["cv_accuracy"],
+                     "in_sample_cv": np.nan, **held_columns(held, lambda h: h.member_folds[m]),
+                     "train_min": seconds.get(name, metrics.get("seconds", 0)) / 60,
+                     "best_minus_last_pts": best_minus_last_points(work / name)})
+    return rows
+
+
+def blend_rows(names: list[str], work: Path, held: list[Held], prefix: str,
+               data: Path) -> tuple[list[dict], float]:
+    """`mixcls blend` of the members with every method (a finished blend is not fitted again),
+    one row each; and how far `mixcls predict --run PREFIX_weighted` is from our combination."""
+    rows, agreement = [], np.nan
+    for method in BLEND_METHODS:
+        for calibrate in (False, True):
+            tag = f"{prefix}_{method}" + ("_T" if calibrate else "")
+            out = work / tag
+            if not (out / "metrics.json").is_file():
+                run("blend", *[str(work / n) for n in names], "--method", method, "--out", str(out),
+                    *(["--calibrate"] if calibrate else []), log=work / f"{tag}.log")
+            metrics, spec = read_json(out / "metrics.json"), read_blend(out)
+            rows.append({"entry": tag, "kind": "blend", "nested_cv": metrics["cv_accuracy"],
+                         "in_sample_cv": metrics["in_sample"]["accuracy"],
+                         **held_columns(held, lambda h: combine_each_fold(spec, h.member_folds))})
+            if tag == f"{prefix}_weighted":
+                cli = predict_probs(out, data, work / f"{tag}_test.csv")
+                ours = combine_each_fold(spec, held[0].member_folds).mean(axis=0)
+                agreement = float(np.abs(cli - ours).max())
+    return rows, agreement
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="mixcls data fashion-mnist --limit 10000 output")
     parser.add_argument("--work", default="runs/bench_ensemble")
@@ -180,13 +276,25 @@ def main() -> int:
                         help="default: the recorded four; diverse: a timm resnet10t at 48 px and a "
                              "small CNN at 40 px replace the last two; pretrained: the diverse four "
                              "and an ImageNet-pretrained EfficientNet-Lite0 at 64 px (blends blend5_*)")
-    args = parser.parse_args()
+    parser.add_argument("--fresh", type=Path, default=None,
+                        help="mixcls data fashion-mnist output of all 60,000 training images (no "
+                             "--limit); --fresh-rows of them that are in neither of DATA's splits "
+                             "are scored too")
+    parser.add_argument("--fresh-rows", type=int, default=10000)
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     data, work = Path(args.data), Path(args.work)
     for need in ("train.csv", "train_images", "test.csv", "test_images"):
         if not (data / need).exists():
             raise SystemExit(f"--data {data}: no {need} there; write it with "
                              "`mixcls data fashion-mnist --limit 10000 --out DIR`")
+    if args.fresh is not None and not (args.fresh / "train.csv").is_file():
+        raise SystemExit(f"--fresh {args.fresh}: no train.csv; export with mixcls data fashion-mnist")
     work.mkdir(parents=True, exist_ok=True)
+    fresh = fresh_rows(data, args.fresh, work, args.fresh_rows, seed=0) if args.fresh else None
     sizes = QUICK if args.quick else FULL
     started = time.time()
     members = MEMBER_SETS[args.members]
@@ -195,52 +303,38 @@ def main() -> int:
     run("runs", str(work), "--sort", "logloss", "--csv", str(work / "runs.csv"), log=work / "runs.txt")
     print((work / "runs.txt").read_text())
 
-    labels = pd.read_csv(data / "test.csv")["label"].to_numpy()
-    member_fold_test = [predict_fold_test_probs(work / n, data, work / f"{n}_test_folds.npy")
-                        for n in names]  # (F, N, K) each
-    rows = []
-    for name, probs in zip(names, (p.mean(axis=0) for p in member_fold_test)):
-        metrics = read_json(work / name / "metrics.json")
-        rows.append({"entry": name, "kind": "member", "nested_cv": metrics["cv_accuracy"],
-                     "in_sample_cv": np.nan, "test": accuracy(probs, labels),
-                     "train_min": seconds.get(name, metrics.get("seconds", 0)) / 60})
-    blend_agreement = np.nan
-    prefix = BLEND_PREFIX[args.members]
-    for method in BLEND_METHODS:
-        for calibrate in (False, True):
-            tag = f"{prefix}_{method}" + ("_T" if calibrate else "")
-            out = work / tag
-            if not (out / "metrics.json").is_file():
-                run("blend", *[str(work / n) for n in names], "--method", method, "--out", str(out),
-                    *(["--calibrate"] if calibrate else []), log=work / f"{tag}.log")
-            metrics, spec = read_json(out / "metrics.json"), read_blend(out)
-            test_probs = combine_fold_members(spec, member_fold_test)
-            rows.append({"entry": tag, "kind": "blend", "nested_cv": metrics["cv_accuracy"],
-                         "in_sample_cv": metrics["in_sample"]["accuracy"],
-                         "test": accuracy(test_probs, labels), "train_min": np.nan})
-            if tag == f"{prefix}_weighted":
-                cli = predict_probs(out, data, work / f"{tag}_test.csv")
-                blend_agreement = float(np.abs(cli - test_probs).max())
+    held = [Held("test", pd.read_csv(data / "test.csv")["label"].to_numpy(),
+                 [predict_fold_test_probs(work / n, data, work / f"{n}_test_folds.npy") for n in names])]
+    if fresh is not None:
+        held.append(Held("fresh", pd.read_csv(fresh)["label"].to_numpy(),
+                         [predict_fold_fresh_probs(work / n, args.fresh, fresh, work) for n in names]))
+    rows = member_rows(names, work, held, seconds)
+    blends, blend_agreement = blend_rows(names, work, held, BLEND_PREFIX[args.members], data)
+    rows += blends
     first = work / names[0]
     for models in ("full", "all"):
         probs = predict_probs(first, data, work / f"{names[0]}_{models}_test.csv", "--models", models)
         rows.append({"entry": f"{names[0]} --models {models}", "kind": "refit", "nested_cv": np.nan,
-                     "in_sample_cv": np.nan, "test": accuracy(probs, labels), "train_min": np.nan})
-    table = pd.DataFrame(rows)
-    table["nested_gap_pts"] = 100 * (table["nested_cv"] - table["test"])
-    table["optimism_pts"] = 100 * (table["in_sample_cv"] - table["nested_cv"])
-    with pd.option_context("display.width", 160, "display.float_format", "{:.4f}".format):
+                     "in_sample_cv": np.nan, "test": accuracy(probs, held[0].labels)})
+    table = add_gap_columns(pd.DataFrame(rows))
+    with pd.option_context("display.width", 250, "display.max_columns", 30,
+                           "display.float_format", "{:.4f}".format):
         print(table.to_string(index=False))
+    if fresh is not None:
+        print(f"fresh: {len(pd.read_csv(fresh))} images of {args.fresh}/train.csv in neither split "
+              f"of {data} (by their pixels), scored like the test images")
     members, blends = table[table.kind == "member"], table[table.kind == "blend"]
     best_single, best_blend = members["test"].max(), blends["test"].max()
     print(f"\nbest member {members.loc[members['test'].idxmax(), 'entry']}, "
           f"best blend {blends.loc[blends['test'].idxmax(), 'entry']}; "
-          f"mixcls predict --run {prefix}_weighted vs its members' combination: max |diff| {blend_agreement:.2e}; "
+          f"mixcls predict --run {BLEND_PREFIX[args.members]}_weighted vs its members' combination: max |diff| {blend_agreement:.2e}; "
           f"wall {(time.time() - started) / 60:.1f} min")
     table.to_csv(work / "ensemble_table.csv", index=False)
     print(f"best_single={best_single:.4f} best_blend={best_blend:.4f} "
           f"gain_points={100 * (best_blend - best_single):.2f} "
-          f"max_nested_gap_points={blends['nested_gap_pts'].abs().max():.2f}")
+          f"max_nested_gap_points={blends['nested_gap_pts'].abs().max():.2f} "
+          f"max_single_gap_points={blends['single_gap_pts'].abs().max():.2f}"
+          + (f" max_fresh_gap_points={blends['fresh_gap_pts'].abs().max():.2f}" if fresh is not None else ""))
     return 0
 
 

@@ -48,7 +48,6 @@ official test split. The line then also gives
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
@@ -59,10 +58,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from sklearn.model_selection import train_test_split
 
-from fold_probs import accuracy, predict_fold_probs_cached, predict_fold_test_probs
+from fold_probs import (accuracy, fresh_rows, predict_fold_fresh_probs, predict_fold_test_probs,
+                        single_accuracy)
 from mixcls.data import prob_columns
 from mixcls.runs import read_json
 
@@ -177,52 +176,6 @@ def test_accuracies(run_dir: Path, data: Path, work: Path, *, device: str,
         float(np.abs(folds.mean(0) - ensemble).max())
 
 
-def single_accuracy(folds: np.ndarray, labels: np.ndarray) -> float:
-    """The mean over the fold models (F, N, K) of each one's accuracy."""
-    return float(np.mean([accuracy(fold, labels) for fold in folds]))
-
-
-def pixel_hash(path: Path) -> str:
-    return hashlib.sha1(np.asarray(Image.open(path)).tobytes()).hexdigest()
-
-
-def fresh_rows(data: Path, fresh: Path, work: Path, n: int, seed: int) -> Path:
-    """WORK/fresh.csv: n stratified rows of FRESH/train.csv whose pixels are in none of DATA's
-    train or test images, so no model here trained on them, nor labelled them: images of the
-    training split as the CV rows are, where the test images are the official test split."""
-    out = work / "fresh.csv"
-    if out.is_file():  # the fresh predictions of every run are cached beside it
-        if len(cached := pd.read_csv(out)) != n:
-            raise SystemExit(f"{out} holds {len(cached)} fresh rows, not --fresh-rows {n}; "
-                             f"remove it and {work}/fresh_folds_*.npy to choose again")
-        return out
-    seen = {pixel_hash(data / f"{split}_images" / i)
-            for split in ("train", "test")
-            for i in pd.read_csv(data / f"{split}.csv", dtype={"image_id": str})["image_id"]}
-    table = pd.read_csv(fresh / "train.csv", dtype={"image_id": str})
-    unseen = table[[pixel_hash(fresh / "train_images" / i) not in seen for i in table["image_id"]]]
-    if len(unseen) < n:
-        raise SystemExit(f"{fresh}/train.csv has {len(unseen)} images that are not in {data}; "
-                         f"--fresh-rows {n} needs more (export all 60,000 with mixcls data "
-                         "fashion-mnist and no --limit)")
-    if len(unseen) > n:
-        unseen, _ = train_test_split(unseen, train_size=n, random_state=seed, stratify=unseen["label"])
-    partial = work / "fresh.csv.partial"
-    unseen[["image_id", "label"]].to_csv(partial, index=False)
-    partial.replace(out)
-    return out
-
-
-def fresh_accuracies(run_dir: Path, fresh: Path, rows: Path, work: Path, *,
-                     device: str) -> tuple[float, float]:
-    """(fold ensemble, mean single fold model) accuracy of a run on the fresh rows."""
-    table = pd.read_csv(rows, dtype={"image_id": str})
-    folds = predict_fold_probs_cached(run_dir, fresh / "train_images", table["image_id"],
-                                      work / f"fresh_folds_{run_dir.name}.npy", device=device)
-    labels = table["label"].to_numpy()
-    return accuracy(folds.mean(0), labels), single_accuracy(folds, labels)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="mixcls data fashion-mnist --limit 25000 output")
@@ -315,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                "test_single": 100 * single,
                "pseudo_rows_per_fold": used / sizes.folds if used else 0}
         if fresh is not None:
-            ens, one = fresh_accuracies(run_dir, args.fresh, fresh, work, device=args.device)
-            row.update(fresh=100 * ens, fresh_single=100 * one)
+            folds = predict_fold_fresh_probs(run_dir, args.fresh, fresh, work, device=args.device)
+            labels = pd.read_csv(fresh)["label"].to_numpy()
+            row.update(fresh=100 * accuracy(folds.mean(0), labels),
+                       fresh_single=100 * single_accuracy(folds, labels))
         rows.append(row)
     table = pd.DataFrame(rows)
     table["cv_minus_test"] = table["cv"] - table["test"]

@@ -12,6 +12,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -31,7 +32,6 @@ def _load(name: str):
 
 def _write_photos(root: Path, n: int) -> None:
     """n random 45x60 JPEGs in root/train/{coat,shoe}/, as the clothing checkout lays them out."""
-    import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -219,7 +219,6 @@ def test_teachers_single_fold_accuracy_is_the_mean_over_the_fold_models(tmp_path
     mean of each fold model's own test accuracy (each model predicted alone here)."""
     import shutil
 
-    import numpy as np
     import pandas as pd
     import torch
 
@@ -252,7 +251,7 @@ def test_teachers_single_fold_accuracy_is_the_mean_over_the_fold_models(tmp_path
     assert (tmp_path / "test_folds_run.npy").is_file()  # cached for a rerun of the benchmark
 
 
-def test_teachers_fresh_rows_leave_out_every_image_of_the_data_by_its_pixels(tmp_path):
+def test_fresh_rows_leave_out_every_image_of_the_data_by_its_pixels(tmp_path):
     """The fresh rows hold no image of DATA's train or test split, whatever its file name."""
     import shutil
 
@@ -260,7 +259,7 @@ def test_teachers_fresh_rows_leave_out_every_image_of_the_data_by_its_pixels(tmp
 
     from conftest import write_tiny_dataset
 
-    teachers_bench = _load("teachers")
+    fold_probs = _load("fold_probs")
     fresh = write_tiny_dataset(tmp_path / "fresh", n_per_class=10, num_classes=2, seed=5)
     table = pd.read_csv(fresh / "train.csv")
     data = tmp_path / "data"  # 3 of FRESH's images, renamed, in each split of DATA
@@ -273,14 +272,14 @@ def test_teachers_fresh_rows_leave_out_every_image_of_the_data_by_its_pixels(tmp
     work = tmp_path / "work"
     work.mkdir()
     with pytest.raises(SystemExit, match="14 images that are not in"):
-        teachers_bench.fresh_rows(data, fresh, work, 15, 0)
-    rows = pd.read_csv(teachers_bench.fresh_rows(data, fresh, work, 10, 0))
+        fold_probs.fresh_rows(data, fresh, work, 15, 0)
+    rows = pd.read_csv(fold_probs.fresh_rows(data, fresh, work, 10, 0))
     taken = set(table["image_id"].iloc[[0, 1, 2, 12, 13, 14]])
     assert len(rows) == 10 and not set(rows["image_id"]) & taken
     assert rows["label"].value_counts().to_dict() == {0: 5, 1: 5}  # stratified
     assert not list(work.glob("*.partial"))
     with pytest.raises(SystemExit, match="holds 10 fresh rows, not --fresh-rows 8"):
-        teachers_bench.fresh_rows(data, fresh, work, 8, 0)  # the cached rows are not re-chosen
+        fold_probs.fresh_rows(data, fresh, work, 8, 0)  # the cached rows are not re-chosen
 
 
 @pytest.mark.parametrize("members", ["default", "diverse", "pretrained"])
@@ -312,3 +311,44 @@ def test_ensemble_member_flags_parse_and_share_the_first_members_folds(members):
     if members == "pretrained":
         assert any("--pretrained-file" in extra for _, extra in chosen)
         assert ensemble.BLEND_PREFIX[members] != ensemble.BLEND_PREFIX["diverse"]
+
+
+def test_ensemble_held_out_columns_score_each_fold_blend_alone_and_their_mean(tmp_path):
+    """test_single of a blend is the mean accuracy of the rule on each fold's members alone,
+    test that of their average; best_minus_last_pts reads the folds' histories; the gap columns
+    are the differences the docstring names. Expectations are computed here with plain numpy."""
+    import pandas as pd
+
+    ensemble = _load("ensemble")
+    rng = np.random.default_rng(3)
+    n_folds, n, k = 3, 200, 4
+    labels = rng.integers(0, k, n)
+    member_folds = [rng.dirichlet(np.ones(k), size=(n_folds, n)) for _ in range(2)]
+    for folds in member_folds:
+        folds[:, np.arange(n), labels] += rng.random((n_folds, n)) * 0.6
+        folds /= folds.sum(axis=2, keepdims=True)
+    weights = np.array([0.3, 0.7])
+    spec = {"method": "weighted", "members": [{"path": "a"}, {"path": "b"}],
+            "weights": weights.tolist(), "stacker": None, "temperature": None}
+    held = [ensemble.Held("test", labels, member_folds)]
+    row = ensemble.held_columns(held, lambda h: ensemble.combine_each_fold(spec, h.member_folds))
+    each = [weights[0] * member_folds[0][f] + weights[1] * member_folds[1][f] for f in range(n_folds)]
+    singles = [np.mean(e.argmax(1) == labels) for e in each]
+    assert len(set(singles)) > 1  # the folds differ, so a mean of one fold would be caught
+    assert row["test_single"] == pytest.approx(np.mean(singles))
+    assert row["test"] == pytest.approx(np.mean(np.mean(each, axis=0).argmax(1) == labels))
+    assert row["test"] != pytest.approx(row["test_single"])
+
+    for fold, accs in enumerate([[0.5, 0.8, 0.7], [0.6, 0.9], [0.4, 0.75, 0.72]]):
+        (tmp_path / f"fold_{fold}").mkdir()
+        pd.DataFrame({"epoch": range(1, len(accs) + 1), "valid_accuracy": accs}).to_csv(
+            tmp_path / f"fold_{fold}" / "history.csv", index=False)
+    assert ensemble.best_minus_last_points(tmp_path) == pytest.approx(100 * (0.1 + 0 + 0.03) / 3)
+
+    table = ensemble.add_gap_columns(pd.DataFrame(
+        [{"nested_cv": 0.91, "in_sample_cv": 0.92, "test": 0.905, "test_single": 0.899,
+          "fresh": 0.92, "fresh_single": 0.912}]))
+    expected = {"nested_gap_pts": 0.5, "optimism_pts": 1.0, "single_gap_pts": 1.1,
+                "fold_gain_pts": 0.6, "fresh_gap_pts": -0.2, "split_shift_pts": 1.3}
+    for column, value in expected.items():
+        assert table[column].iloc[0] == pytest.approx(value), column

@@ -409,7 +409,9 @@ def test_predict_blend_applies_the_rule_to_each_fold_model_then_averages(two_run
         assert (t is not None) == calibrate
         return blended if t is None else softmax(np.log(blended) / t, axis=1)
 
-    per_model = np.mean([calibrated(rule(member_fold_probs[:, f])) for f in range(n_models)], axis=0)
+    each = np.stack([calibrated(rule(member_fold_probs[:, f])) for f in range(n_models)])
+    np.testing.assert_allclose(b.combine_each_fold(spec, list(member_fold_probs)), each, atol=1e-5)
+    per_model = each.mean(axis=0)
     np.testing.assert_allclose(predicted, per_model, atol=1e-5)
     averaged_first = calibrated(rule(member_fold_probs.mean(axis=1)))
     if method in ("mean", "weighted", "caruana") and not calibrate:  # linear: the order is moot

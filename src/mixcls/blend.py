@@ -716,13 +716,20 @@ def combine_fold_members(spec: dict[str, Any], member_fold_probs: Sequence[np.nd
     weights that is the same, but the stacker, the rank average and the temperature are not
     linear, and a mean of 5 models is smoother and more confident than any one of them.
     """
+    return combine_each_fold(spec, member_fold_probs).mean(axis=0)
+
+
+def combine_each_fold(spec: dict[str, Any], member_fold_probs: Sequence[np.ndarray]) -> np.ndarray:
+    """(F, N, K): the blend's rule (fitted on all OOF rows) on every member's fold-f model
+    together, for each f; `combine_fold_members` averages these. One of them alone is the kind
+    of model that scored a fold's OOF rows, so its accuracy is what the blend's CV estimates."""
     counts = [np.asarray(p).shape[0] for p in member_fold_probs]
     if len(set(counts)) != 1:
         names = ", ".join(f"{m['path']} ({c})" for m, c in zip(spec["members"], counts))
         raise RunError(f"the blend's members have different numbers of fold models: {names}; "
                        "blend runs trained on the same folds (none with --train-folds)")
     stacked = np.stack([np.asarray(p, np.float64) for p in member_fold_probs])  # (M, F, N, K)
-    return np.mean([combine_members(spec, stacked[:, f]) for f in range(stacked.shape[1])], axis=0)
+    return np.stack([combine_members(spec, stacked[:, f]) for f in range(stacked.shape[1])])
 
 
 def combine_members(spec: dict[str, Any], member_probs: np.ndarray) -> np.ndarray:
