@@ -12,9 +12,9 @@ A blend's test probabilities come from its members' test probabilities, each fol
 own (`predict.predict_fold_probs`, predicted once per member), combined by the blend's own rule
 read back from blend.json as `mixcls predict --run BLEND` combines them: fold model by fold model
 (`blend.combine_each_fold`), then averaged (as `blend.combine_fold_members`). A member's test row
-is the mean of its fold models, as `mixcls predict --run MEMBER` gives. `mixcls predict --run BLEND` is run once, for
-the weighted blend, and must agree with that combination (the benchmark prints the largest
-difference).
+is the mean of its fold models, as `mixcls predict --run MEMBER` gives. `mixcls predict --run
+BLEND` is run once, for the weighted blend, and must agree with that combination (the benchmark
+prints the largest difference).
 
     python benchmarks/ensemble.py --data DIR [--work runs/bench_ensemble] [--processes 2] [--quick]
                                   [--members default|diverse|pretrained] [--fresh FRESH]
@@ -327,7 +327,8 @@ def main() -> int:
     best_single, best_blend = members["test"].max(), blends["test"].max()
     print(f"\nbest member {members.loc[members['test'].idxmax(), 'entry']}, "
           f"best blend {blends.loc[blends['test'].idxmax(), 'entry']}; "
-          f"mixcls predict --run {BLEND_PREFIX[args.members]}_weighted vs its members' combination: max |diff| {blend_agreement:.2e}; "
+          f"mixcls predict --run {BLEND_PREFIX[args.members]}_weighted vs its members' combination: "
+          f"max |diff| {blend_agreement:.2e}; "
           f"wall {(time.time() - started) / 60:.1f} min")
     table.to_csv(work / "ensemble_table.csv", index=False)
     print(f"best_single={best_single:.4f} best_blend={best_blend:.4f} "
