@@ -62,8 +62,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from fold_probs import (accuracy, fresh_rows, predict_fold_fresh_probs, predict_fold_test_probs,
-                        single_accuracy)
+from fold_probs import (accuracy, check_fresh_export, fold_scores, fresh_rows,
+                        predict_fold_fresh_probs, predict_fold_test_probs)
 from mixcls.blend import BLEND_METHODS, combine_each_fold, read_blend
 from mixcls.data import prob_columns
 from mixcls.runs import read_json
@@ -188,12 +188,6 @@ def predict_probs(run_dir: Path, data: Path, out: Path, *extra: str) -> np.ndarr
     return frame[prob_columns(k)].to_numpy(dtype=np.float64)
 
 
-def fold_scores(folds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The fold ensemble's accuracy (mean of the F models' probabilities (F, N, K)) and the
-    mean accuracy of each fold model alone."""
-    return {"ensemble": accuracy(folds.mean(axis=0), labels), "single": single_accuracy(folds, labels)}
-
-
 def best_minus_last_points(run_dir: Path) -> float:
     """Mean over the folds of (best epoch's - last epoch's) validation accuracy, in points: what
     keeping the best epoch's checkpoint, chosen on the fold's own validation rows, adds to the CV."""
@@ -256,13 +250,13 @@ def blend_rows(names: list[str], work: Path, held: list[Held], prefix: str,
                 run("blend", *[str(work / n) for n in names], "--method", method, "--out", str(out),
                     *(["--calibrate"] if calibrate else []), log=work / f"{tag}.log")
             metrics, spec = read_json(out / "metrics.json"), read_blend(out)
+            each_fold = {h.name: combine_each_fold(spec, h.member_folds) for h in held}
             rows.append({"entry": tag, "kind": "blend", "nested_cv": metrics["cv_accuracy"],
                          "in_sample_cv": metrics["in_sample"]["accuracy"],
-                         **held_columns(held, lambda h: combine_each_fold(spec, h.member_folds))})
+                         **held_columns(held, lambda h: each_fold[h.name])})
             if tag == f"{prefix}_weighted":
                 cli = predict_probs(out, data, work / f"{tag}_test.csv")
-                ours = combine_each_fold(spec, held[0].member_folds).mean(axis=0)
-                agreement = float(np.abs(cli - ours).max())
+                agreement = float(np.abs(cli - each_fold["test"].mean(axis=0)).max())
     return rows, agreement
 
 
@@ -291,8 +285,7 @@ def main() -> int:
         if not (data / need).exists():
             raise SystemExit(f"--data {data}: no {need} there; write it with "
                              "`mixcls data fashion-mnist --limit 10000 --out DIR`")
-    if args.fresh is not None and not (args.fresh / "train.csv").is_file():
-        raise SystemExit(f"--fresh {args.fresh}: no train.csv; export with mixcls data fashion-mnist")
+    check_fresh_export(args.fresh)
     work.mkdir(parents=True, exist_ok=True)
     fresh = fresh_rows(data, args.fresh, work, args.fresh_rows, seed=0) if args.fresh else None
     sizes = QUICK if args.quick else FULL

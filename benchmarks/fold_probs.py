@@ -55,6 +55,19 @@ def single_accuracy(folds: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean([accuracy(fold, labels) for fold in folds]))
 
 
+def fold_scores(folds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The fold ensemble's accuracy (mean of the F models' probabilities (F, N, K)) and the
+    mean accuracy of each fold model alone."""
+    return {"ensemble": accuracy(folds.mean(axis=0), labels), "single": single_accuracy(folds, labels)}
+
+
+def check_fresh_export(fresh: Path | None) -> None:
+    """A --fresh FRESH folder must be a `mixcls data fashion-mnist` export (its train.csv);
+    checked before any work."""
+    if fresh is not None and not (fresh / "train.csv").is_file():
+        raise SystemExit(f"--fresh {fresh}: no train.csv; export with mixcls data fashion-mnist")
+
+
 def pixel_hash(path: Path) -> str:
     return hashlib.sha1(np.asarray(Image.open(path)).tobytes()).hexdigest()
 

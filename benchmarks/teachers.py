@@ -60,8 +60,8 @@ import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
 
-from fold_probs import (accuracy, fresh_rows, predict_fold_fresh_probs, predict_fold_test_probs,
-                        single_accuracy)
+from fold_probs import (accuracy, check_fresh_export, fold_scores, fresh_rows,
+                        predict_fold_fresh_probs, predict_fold_test_probs, single_accuracy)
 from mixcls.data import prob_columns
 from mixcls.runs import read_json
 
@@ -209,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("train.csv", "train_images", "test.csv", "test_images"):
         if not (data / name).exists():
             raise SystemExit(f"{data / name} does not exist; export with mixcls data fashion-mnist")
-    if args.fresh is not None and not (args.fresh / "train.csv").is_file():
-        raise SystemExit(f"--fresh {args.fresh}: no train.csv; export with mixcls data fashion-mnist")
+    check_fresh_export(args.fresh)
     labelled, unlabelled = split_rows(data, work, sizes, args.seed)
     fresh = fresh_rows(data, args.fresh, work, args.fresh_rows, args.seed) if args.fresh else None
     common = dict(device=args.device, threads=args.threads)
@@ -259,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                                           str(args.distill_weight)], **training)
     rows, agree = [], 0.0
     torch.set_num_threads(args.threads)  # the single fold models are predicted in this process
+    fresh_labels = pd.read_csv(fresh)["label"].to_numpy() if fresh is not None else None
     for name, run_dir in runs.items():
         metrics = read_json(run_dir / "metrics.json")
         used = sum(v["rows"] for v in metrics.get("pseudo", {}).get("folds", {}).values())
@@ -268,10 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                "test_single": 100 * single,
                "pseudo_rows_per_fold": used / sizes.folds if used else 0}
         if fresh is not None:
-            folds = predict_fold_fresh_probs(run_dir, args.fresh, fresh, work, device=args.device)
-            labels = pd.read_csv(fresh)["label"].to_numpy()
-            row.update(fresh=100 * accuracy(folds.mean(0), labels),
-                       fresh_single=100 * single_accuracy(folds, labels))
+            scores = fold_scores(predict_fold_fresh_probs(run_dir, args.fresh, fresh, work,
+                                                          device=args.device), fresh_labels)
+            row.update(fresh=100 * scores["ensemble"], fresh_single=100 * scores["single"])
         rows.append(row)
     table = pd.DataFrame(rows)
     table["cv_minus_test"] = table["cv"] - table["test"]
