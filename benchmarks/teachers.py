@@ -110,15 +110,31 @@ def split_rows(data: Path, work: Path, sizes: Sizes, seed: int) -> tuple[Path, P
     return lab, unl
 
 
-def train(name: str, work: Path, data: Path, labelled: Path, sizes: Sizes, extra: list[str], *,
-          device: str, threads: int, preset: str) -> Path:
-    out = work / name
+@dataclass
+class Bench:
+    """What every step shares: the folders, the recipe and the machine."""
+
+    data: Path
+    work: Path
+    labelled: Path
+    unlabelled: Path
+    sizes: Sizes
+    threshold: float
+    max_per_class: int | None
+    device: str
+    threads: int
+    preset: str
+
+
+def train(name: str, bench: Bench, extra: list[str]) -> Path:
+    """`mixcls train` on the labelled rows into WORK/NAME, unless a finished run is there."""
+    out = bench.work / name
     if not (out / "metrics.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        run("train", "--csv", str(labelled), "--images", str(data / "train_images"), "--out", str(out),
-            "--epochs", str(sizes.epochs), "--device", device, "--preset", preset, *FLAGS, *extra,
-            threads=threads,
-            log=work / f"{name}.log")
+        run("train", "--csv", str(bench.labelled), "--images", str(bench.data / "train_images"),
+            "--out", str(out), "--epochs", str(bench.sizes.epochs), "--device", bench.device,
+            "--preset", bench.preset, *FLAGS, *extra, threads=bench.threads,
+            log=bench.work / f"{name}.log")
     return out
 
 
@@ -142,14 +158,63 @@ def mean_blend(members: list[Path], work: Path, name: str, *, threads: int) -> P
     return out
 
 
-def pseudo_table(teacher: Path, work: Path, data: Path, unlabelled: Path, name: str, *extra: str,
-                 threshold: float, device: str, threads: int) -> Path:
-    out = work / f"{name}.csv"
+def pseudo_table(teacher: Path, name: str, bench: Bench, *, soft: bool) -> Path:
+    """`mixcls pseudo --run TEACHER` on the unlabelled images into WORK/NAME.csv (cached)."""
+    out = bench.work / f"{name}.csv"
     if not out.is_file():
-        run("pseudo", "--run", str(teacher), "--images", str(data / "train_images"), "--ids",
-            str(unlabelled), "--out", str(out), "--threshold", str(threshold), "--device", device,
-            *extra, threads=threads, log=work / f"{name}.log")
+        cap = ["--max-per-class", str(bench.max_per_class)] if bench.max_per_class else []
+        run("pseudo", "--run", str(teacher), "--images", str(bench.data / "train_images"),
+            "--ids", str(bench.unlabelled), "--out", str(out), "--threshold", str(bench.threshold),
+            "--device", bench.device, *(["--soft"] if soft else []), *cap,
+            threads=bench.threads, log=bench.work / f"{name}.log")
     return out
+
+
+def pseudo_student(name: str, teacher: Path, baseline: Path, bench: Bench, *, soft: bool) -> Path:
+    """TEACHER's per-fold pseudo-labels, then a student on the baseline's folds with them."""
+    table = pseudo_table(teacher, f"table_{name}", bench, soft=soft)
+    return train(name, bench, ["--folds-from", str(baseline), "--pseudo", str(table)])
+
+
+def cv_of(run_dir: Path) -> float:
+    return read_json(run_dir / "metrics.json")["cv_accuracy"]
+
+
+def train_rows(bench: Bench, *, rounds: int, distill_weight: float) -> dict[str, Path]:
+    """Every row's run folder, in the table's order (each trained unless already finished).
+
+    Round r >= 2 of the plain chain is taught by round r - 1's student (round 1: hard or soft,
+    whichever has the better CV, and the chain keeps that kind of label); round r of the blend
+    chain by the mean blend of the two students of round r - 1.
+    """
+    baseline = train("baseline", bench, ["--folds", str(bench.sizes.folds), "--full-fit"])
+    runs = {"baseline": baseline}
+    for kind in ("hard", "soft"):
+        runs[f"pseudo_{kind}"] = pseudo_student(f"pseudo_{kind}", baseline, baseline, bench,
+                                                soft=kind == "soft")
+    soft = cv_of(runs["pseudo_soft"]) > cv_of(runs["pseudo_hard"])
+    student = "pseudo_soft" if soft else "pseudo_hard"
+    for r in range(2, rounds + 1):
+        runs[f"pseudo_round{r}"] = pseudo_student(f"pseudo_round{r}", runs[student], baseline,
+                                                  bench, soft=soft)
+        student = f"pseudo_round{r}"
+    previous = ["pseudo_hard", "pseudo_soft"]
+    for r in range(2, rounds + 1):
+        teacher = mean_blend([runs[p] for p in previous], bench.work, f"teacher_blend_round{r}",
+                             threads=bench.threads)
+        name = f"pseudo_blend_round{r}"
+        runs[name] = pseudo_student(name, teacher, baseline, bench, soft=soft)
+        previous = [f"pseudo_round{r}", name]
+    def distill_from(teacher: Path) -> list[str]:
+        return ["--folds-from", str(baseline), "--distill", str(teacher),
+                "--distill-weight", str(distill_weight)]
+
+    runs["distill"] = train("distill", bench, distill_from(baseline))
+    leaky = leaky_teacher(baseline, bench.work)  # one leaky pseudo row shows the gap
+    runs["leaky_pseudo_hard"] = pseudo_student("leaky_pseudo_hard", leaky, baseline, bench,
+                                               soft=False)
+    runs["leaky_distill"] = train("leaky_distill", bench, distill_from(leaky))
+    return runs
 
 
 def test_accuracies(run_dir: Path, data: Path, work: Path, *, device: str,
@@ -176,10 +241,60 @@ def test_accuracies(run_dir: Path, data: Path, work: Path, *, device: str,
         float(np.abs(folds.mean(0) - ensemble).max())
 
 
-def main(argv: list[str] | None = None) -> int:
+def score_rows(runs: dict[str, Path], bench: Bench, fresh_export: Path | None,
+               fresh: Path | None) -> tuple[pd.DataFrame, float]:
+    """The table (one row per run: CV, test, test_single, pseudo rows, and with FRESH the fresh
+    columns) and the largest |mixcls predict − mean of the fold models| over the runs."""
+    rows, agree = [], 0.0
+    torch.set_num_threads(bench.threads)  # the single fold models are predicted in this process
+    fresh_labels = pd.read_csv(fresh)["label"].to_numpy() if fresh is not None else None
+    for name, run_dir in runs.items():
+        metrics = read_json(run_dir / "metrics.json")
+        used = sum(v["rows"] for v in metrics.get("pseudo", {}).get("folds", {}).values())
+        test, single, diff = test_accuracies(run_dir, bench.data, bench.work, device=bench.device,
+                                             threads=bench.threads)
+        agree = max(agree, diff)
+        row = {"row": name, "cv": 100 * metrics["cv_accuracy"], "test": 100 * test,
+               "test_single": 100 * single,
+               "pseudo_rows_per_fold": used / bench.sizes.folds if used else 0}
+        if fresh is not None:
+            scores = fold_scores(predict_fold_fresh_probs(run_dir, fresh_export, fresh, bench.work,
+                                                          device=bench.device), fresh_labels)
+            row.update(fresh=100 * scores["ensemble"], fresh_single=100 * scores["single"])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["cv_minus_test"] = table["cv"] - table["test"]
+    table["cv_minus_test_single"] = table["cv"] - table["test_single"]
+    if fresh is not None:
+        table["cv_minus_fresh_single"] = table["cv"] - table["fresh_single"]
+    return table, agree
+
+
+def headline(table: pd.DataFrame) -> tuple[str, str]:
+    """(the row CV chooses among the pseudo rows, the final `name=value` line) of the table."""
+    by = table.set_index("row")
+    leaky = [r for r in by.index if r.startswith("leaky")]
+    honest = by.drop(index=leaky)
+    chosen = by.loc[[r for r in by.index if r.startswith("pseudo")], "cv"].idxmax()
+    pseudo, base = by.loc[chosen, "test"], by.loc["baseline", "test"]
+    figures = {"baseline": base, "pseudo": pseudo, "distill": by.loc["distill", "test"],
+               "pseudo_gain_points": pseudo - base}
+    gaps = (("max_cv_test_gap_points", "leaky_gap_points", "cv_minus_test"),
+            ("max_cv_single_test_gap_points", "leaky_single_gap_points", "cv_minus_test_single"),
+            ("max_cv_fresh_single_gap_points", "leaky_fresh_single_gap_points",
+             "cv_minus_fresh_single"))
+    for honest_name, leaky_name, column in gaps:
+        if column in by.columns:
+            figures[honest_name] = honest[column].abs().max()
+            figures[leaky_name] = by.loc[leaky, column].max()
+    return chosen, " ".join(f"{k}={v:.2f}" for k, v in figures.items())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="mixcls data fashion-mnist --limit 25000 output")
-    parser.add_argument("--work", default="runs/bench_teachers")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="mixcls data fashion-mnist --limit 25000 output")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_teachers"))
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK.labelled} labelled, {QUICK.unlabelled} unlabelled, 1 epoch (a smoke run)")
     parser.add_argument("--epochs", type=int, default=None, help=f"default {FULL.epochs}")
@@ -200,110 +315,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    data, work = Path(args.data), Path(args.work)
-    sizes = QUICK if args.quick else FULL
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
+    for name in ("train.csv", "train_images", "test.csv", "test_images"):
+        if not (args.data / name).exists():
+            raise SystemExit(f"{args.data / name} does not exist; export with mixcls data fashion-mnist")
+    check_fresh_export(args.fresh)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
     if args.epochs is not None:
         sizes = Sizes(sizes.labelled, sizes.unlabelled, args.epochs, sizes.folds)
-    for name in ("train.csv", "train_images", "test.csv", "test_images"):
-        if not (data / name).exists():
-            raise SystemExit(f"{data / name} does not exist; export with mixcls data fashion-mnist")
-    check_fresh_export(args.fresh)
-    labelled, unlabelled = split_rows(data, work, sizes, args.seed)
-    fresh = fresh_rows(data, args.fresh, work, args.fresh_rows, args.seed) if args.fresh else None
-    common = dict(device=args.device, threads=args.threads)
-    training = dict(common, preset=args.preset)
-    baseline = train("baseline", work, data, labelled, sizes, ["--folds", str(sizes.folds),
-                                                              "--full-fit"], **training)
-    shared = ["--folds-from", str(baseline)]
-    cap = ["--max-per-class", str(args.max_per_class)] if args.max_per_class else []
-    leaky = leaky_teacher(baseline, work)
-    runs = {"baseline": baseline}
-    for teacher, prefix in ((baseline, ""), (leaky, "leaky_")):
-        for soft in (False, True):
-            if prefix and soft:
-                continue  # one leaky pseudo row shows the gap
-            name = f"{prefix}pseudo_{'soft' if soft else 'hard'}"
-            table = pseudo_table(teacher, work, data, unlabelled, f"table_{name}",
-                                 *(["--soft"] if soft else []), *cap, threshold=args.threshold,
-                                 **common)
-            runs[name] = train(name, work, data, labelled, sizes, [*shared, "--pseudo", str(table)],
-                               **training)
-        if not prefix:
-            student = max(("pseudo_hard", "pseudo_soft"),
-                          key=lambda r: read_json(runs[r] / "metrics.json")["cv_accuracy"])
-            soft = student == "pseudo_soft"
-            for r in range(2, args.rounds + 1):  # each round's teacher: the student before it
-                name = f"pseudo_round{r}"
-                table = pseudo_table(runs[student], work, data, unlabelled, f"table_{name}",
-                                     *(["--soft"] if soft else []), *cap,
-                                     threshold=args.threshold, **common)
-                runs[name] = train(name, work, data, labelled, sizes,
-                                   [*shared, "--pseudo", str(table)], **training)
-                student = name
-            previous = ["pseudo_hard", "pseudo_soft"]
-            for r in range(2, args.rounds + 1):  # each round's teacher: the last two students' mean
-                name = f"pseudo_blend_round{r}"
-                teacher_r = mean_blend([runs[p] for p in previous], work, f"teacher_blend_round{r}",
-                                       threads=args.threads)
-                table = pseudo_table(teacher_r, work, data, unlabelled, f"table_{name}",
-                                     *(["--soft"] if soft else []), *cap,
-                                     threshold=args.threshold, **common)
-                runs[name] = train(name, work, data, labelled, sizes,
-                                   [*shared, "--pseudo", str(table)], **training)
-                previous = [f"pseudo_round{r}", name]
-        runs[f"{prefix}distill"] = train(f"{prefix}distill", work, data, labelled, sizes,
-                                         [*shared, "--distill", str(teacher), "--distill-weight",
-                                          str(args.distill_weight)], **training)
-    rows, agree = [], 0.0
-    torch.set_num_threads(args.threads)  # the single fold models are predicted in this process
-    fresh_labels = pd.read_csv(fresh)["label"].to_numpy() if fresh is not None else None
-    for name, run_dir in runs.items():
-        metrics = read_json(run_dir / "metrics.json")
-        used = sum(v["rows"] for v in metrics.get("pseudo", {}).get("folds", {}).values())
-        test, single, diff = test_accuracies(run_dir, data, work, **common)
-        agree = max(agree, diff)
-        row = {"row": name, "cv": 100 * metrics["cv_accuracy"], "test": 100 * test,
-               "test_single": 100 * single,
-               "pseudo_rows_per_fold": used / sizes.folds if used else 0}
-        if fresh is not None:
-            scores = fold_scores(predict_fold_fresh_probs(run_dir, args.fresh, fresh, work,
-                                                          device=args.device), fresh_labels)
-            row.update(fresh=100 * scores["ensemble"], fresh_single=100 * scores["single"])
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    table["cv_minus_test"] = table["cv"] - table["test"]
-    table["cv_minus_test_single"] = table["cv"] - table["test_single"]
-    if fresh is not None:
-        table["cv_minus_fresh_single"] = table["cv"] - table["fresh_single"]
+    labelled, unlabelled = split_rows(args.data, args.work, sizes, args.seed)
+    fresh = (fresh_rows(args.data, args.fresh, args.work, args.fresh_rows, args.seed)
+             if args.fresh else None)
+    bench = Bench(args.data, args.work, labelled, unlabelled, sizes, args.threshold,
+                  args.max_per_class, args.device, args.threads, args.preset)
+    runs = train_rows(bench, rounds=args.rounds, distill_weight=args.distill_weight)
+    table, agree = score_rows(runs, bench, args.fresh, fresh)
     print(f"Fashion-MNIST: {sizes.labelled} labelled ({sizes.folds} folds), {sizes.unlabelled} "
-          f"unlabelled, {len(pd.read_csv(data / 'test.csv'))} test images; mixcls_cnn_tiny 28 px, "
-          f"preset {args.preset}, "
-          f"{sizes.epochs} epochs, threshold {args.threshold}, "
+          f"unlabelled, {len(pd.read_csv(args.data / 'test.csv'))} test images; mixcls_cnn_tiny "
+          f"28 px, preset {args.preset}, {sizes.epochs} epochs, threshold {args.threshold}, "
           + (f"at most {args.max_per_class} pseudo rows per class per fold" if args.max_per_class
              else "every passing pseudo row") + f", distill weight {args.distill_weight}")
     if fresh is not None:
         print(f"fresh: {len(pd.read_csv(fresh))} images of {args.fresh}/train.csv in neither split "
-              f"of {data} (by their pixels), scored like the test images")
+              f"of {args.data} (by their pixels), scored like the test images")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    by = table.set_index("row")
-    leaky = [r for r in by.index if r.startswith("leaky")]
-    honest = by.loc[[r for r in by.index if r not in leaky]]
-    chosen = by.loc[[r for r in by.index if r.startswith("pseudo")], "cv"].idxmax()
-    pseudo = by.loc[chosen, "test"]
+    chosen, line = headline(table)
     print(f"pseudo row chosen by CV: {chosen}; mixcls predict vs the mean of its fold models' "
           f"probabilities: max |diff| {agree:.2e}")
-    print(f"baseline={by.loc['baseline', 'test']:.2f} pseudo={pseudo:.2f} "
-          f"distill={by.loc['distill', 'test']:.2f} "
-          f"pseudo_gain_points={pseudo - by.loc['baseline', 'test']:.2f} "
-          f"max_cv_test_gap_points={honest['cv_minus_test'].abs().max():.2f} "
-          f"leaky_gap_points={by.loc[leaky, 'cv_minus_test'].max():.2f} "
-          f"max_cv_single_test_gap_points={honest['cv_minus_test_single'].abs().max():.2f} "
-          f"leaky_single_gap_points={by.loc[leaky, 'cv_minus_test_single'].max():.2f}"
-          + (f" max_cv_fresh_single_gap_points={honest['cv_minus_fresh_single'].abs().max():.2f} "
-             f"leaky_fresh_single_gap_points={by.loc[leaky, 'cv_minus_fresh_single'].max():.2f}"
-             if fresh is not None else ""))
+    print(line)
     return 0
 
 
