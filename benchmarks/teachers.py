@@ -24,7 +24,7 @@ on them. Rows, each with its CV (OOF accuracy) and test accuracy:
   validation rows: what a notebook does, and the CV-test gap it creates.
 
     python benchmarks/teachers.py --data DIR [--work runs/bench_teachers] [--preset none] [--quick]
-                                  [--fresh FRESH]
+                                  [--labelled N] [--unlabelled N] [--epochs N] [--fresh FRESH]
 
 DIR is a folder written by `mixcls data fashion-mnist --limit 25000` (train.csv + train_images,
 test.csv + test_images); nothing is downloaded. The labelled and unlabelled rows are disjoint
@@ -105,8 +105,15 @@ def split_rows(data: Path, work: Path, sizes: Sizes, seed: int) -> tuple[Path, P
         raise SystemExit("labelled and unlabelled rows overlap")
     work.mkdir(parents=True, exist_ok=True)
     lab, unl = work / "labelled.csv", work / "unlabelled.csv"
-    labelled[["image_id", "label"]].to_csv(lab, index=False)
-    unlabelled[["image_id"]].to_csv(unl, index=False)
+    for path, rows in ((lab, labelled[["image_id", "label"]]), (unl, unlabelled[["image_id"]])):
+        text = rows.to_csv(index=False)
+        if not path.is_file():
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(text)
+            partial.replace(path)
+        elif path.read_text() != text:  # the cached runs there were trained on another split
+            raise SystemExit(f"{path} holds another split (other --labelled, --unlabelled, "
+                             f"--seed or data); give a new --work")
     return lab, unl
 
 
@@ -297,7 +304,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("runs/bench_teachers"))
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK.labelled} labelled, {QUICK.unlabelled} unlabelled, 1 epoch (a smoke run)")
-    parser.add_argument("--epochs", type=int, default=None, help=f"default {FULL.epochs}")
+    parser.add_argument("--labelled", type=int, default=None,
+                        help=f"labelled rows (default {FULL.labelled}, --quick {QUICK.labelled})")
+    parser.add_argument("--unlabelled", type=int, default=None,
+                        help=f"unlabelled rows (default {FULL.unlabelled}, --quick {QUICK.unlabelled})")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"default {FULL.epochs}, --quick {QUICK.epochs}")
     parser.add_argument("--threshold", type=float, default=0.9, help="pseudo-label confidence threshold")
     parser.add_argument("--max-per-class", type=int, default=None,
                         help="pseudo rows kept per class per fold (the most confident; default: all that pass)")
@@ -315,8 +327,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
+    for flag in ("rounds", "labelled", "unlabelled", "epochs"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{flag} must be at least 1, got {value}")
     for name in ("train.csv", "train_images", "test.csv", "test_images"):
         if not (args.data / name).exists():
             raise SystemExit(f"{args.data / name} does not exist; export with mixcls data fashion-mnist")
@@ -326,9 +340,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sizes = QUICK if args.quick else FULL
-    if args.epochs is not None:
-        sizes = Sizes(sizes.labelled, sizes.unlabelled, args.epochs, sizes.folds)
+    base = QUICK if args.quick else FULL
+    sizes = Sizes(args.labelled or base.labelled, args.unlabelled or base.unlabelled,
+                  args.epochs or base.epochs, base.folds)
     labelled, unlabelled = split_rows(args.data, args.work, sizes, args.seed)
     fresh = (fresh_rows(args.data, args.fresh, args.work, args.fresh_rows, args.seed)
              if args.fresh else None)
