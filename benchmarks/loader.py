@@ -343,15 +343,16 @@ def round_ratios(trainer_ips: list[float], bare_ips: list[float]) -> list[float]
     return [t / ((bare_ips[k] + bare_ips[k + 1]) / 2) for k, t in enumerate(trainer_ips)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="checkout of alexeygrigorev/clothing-dataset-small")
-    parser.add_argument("--work", default="runs/bench_loader")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="checkout of alexeygrigorev/clothing-dataset-small")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_loader"))
     parser.add_argument("--images", type=int, default=256, help="photos timed per cell")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--preset", default="cassava", help="the augmentation preset timed")
-    parser.add_argument("--sizes", default="384,512")
-    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--sizes", type=lambda v: [int(s) for s in v.split(",")], default=[384, 512])
+    parser.add_argument("--workers", type=lambda v: [int(w) for w in v.split(",")], default=[0, 1, 2])
     parser.add_argument("--trainer-images", type=int, default=128, help="rows fold 0 trains on")
     parser.add_argument("--trainer-batch", type=int, default=16)
     parser.add_argument("--trainer-workers", type=int, default=1)
@@ -366,30 +367,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--augment-on-device", action="store_true",
                         help="leave the whole preset out of the loader (--augment-on-device)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    data, work = Path(args.data), Path(args.work)
-    sizes = [int(s) for s in args.sizes.split(",")]
-    worker_counts = [int(w) for w in args.workers.split(",")]
-    work.mkdir(parents=True, exist_ok=True)
+    return parser.parse_args(argv)
 
-    table = find_photos(data, args.images, args.seed)
-    upscaled = make_upscaled(data, table, work / "upscaled")
+
+def time_cells(args: argparse.Namespace, table: pd.DataFrame, sources: dict[str, Path]) -> pd.DataFrame:
+    """One row per (source, img size, mode, workers): images/s, CPU ms per image, cache build s."""
     labels = pd.factorize(table["label"], sort=True)[0].astype(np.int64)
-    sources = {"original": data, "800x600": upscaled}
     rows = []
     for source, root in sources.items():
         paths = [str(root / i) for i in table["image_id"]]
         with Image.open(paths[0]) as first:
             shape = f"{first.width}x{first.height}"
-        for size in sizes:
+        for size in args.sizes:
             for mode in MODES:
-                cache_dir = work / "cache" / source
+                cache_dir = args.work / "cache" / source
                 if mode == "disk":
                     shutil.rmtree(cache_dir, ignore_errors=True)  # the build is timed from scratch
                 dataset, build_s = build_dataset(mode, paths, labels, size, args.preset, cache_dir,
                                                  colour_on_device=args.colour_on_device,
                                                  augment_on_device=args.augment_on_device)
-                for workers in worker_counts:
+                for workers in args.workers:
                     ips, cpu_ms = pipeline_ips(dataset, len(paths), batch=args.batch_size,
                                                workers=workers, seed=args.seed,
                                                hwc_batches=args.hwc_batches)
@@ -399,7 +396,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {source:8s} {size} {mode:6s} workers={workers}: {ips:8.1f} images/s",
                           file=sys.stderr, flush=True)
                 del dataset
-    result = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def print_cells(result: pd.DataFrame, args: argparse.Namespace, photos: int) -> pd.DataFrame:
+    """The images/s table with the caches' speed-ups (returned), CPU ms per image, build seconds."""
     wide = result.pivot_table(index=["source", "img_size", "workers"], columns="mode",
                               values="images_per_s").reindex(columns=list(MODES))
     wide["disk/decode"] = wide["disk"] / wide["decode"]
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.augment_on_device:
         where = " (geometry, colour and cutout on the device, not in these cells)"
     where += " (batches collated channels_last, as for a CUDA device)" if args.hwc_batches else ""
-    print(f"clothing photos: {len(table)} per cell, preset {args.preset}{where}, batch {args.batch_size}, "
+    print(f"clothing photos: {photos} per cell, preset {args.preset}{where}, batch {args.batch_size}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs; images/s of one epoch after a warm-up epoch")
     print(wide.to_string(float_format=lambda v: f"{v:.2f}"))
     cpu = result.pivot_table(index=["source", "img_size", "workers"], columns="mode",
@@ -419,46 +420,65 @@ def main(argv: list[str] | None = None) -> int:
     print(cpu.to_string(float_format=lambda v: f"{v:.2f}"))
     print("\ncache build seconds (decode every photo once, write the copies or keep the arrays):")
     print(builds.to_string(float_format=lambda v: f"{v:.1f}"))
+    return wide
+
+
+def print_one_core_costs(args: argparse.Namespace) -> None:
+    """Batch memory, and the augmentation steps moved to the device, timed on one CPU thread."""
     torch.set_num_threads(1)  # one core's cost, comparable with a loader worker's
     print(f"\nbatch memory, one thread, ms per image of a batch of {args.batch_size}:")
-    for size in sizes:
+    for size in args.sizes:
         shared_ms, reused_ms = batch_memory_ms(args.batch_size, size)
         print(f"  {size} px batches: new shared-memory batch (torch's collate in a worker) "
               f"{shared_ms:.3f}, a buffer used before (mixcls.batch_ring) {reused_ms:.3f}")
     if args.colour_on_device:
         print("\nthe colour steps moved to the device, timed on this CPU (1 thread), ms per image:")
-        for size in sizes:
+        for size in args.sizes:
             print(f"  {size} px: {device_colour_ms(args.preset, size, args.batch_size):.2f}")
     if args.augment_on_device:
         print("\nthe whole augmentation moved to the device (warp, colour, cutout), timed on this "
               "CPU (1 thread), ms per image, by the sources' size:")
-        for size in sizes:
+        for size in args.sizes:
             cached = shrunk_size(*UPSCALED, short_side_for(size)) or UPSCALED
             for name, source in (("an 800x600 photo (decode, ram)", UPSCALED), ("its disk copy", cached)):
                 print(f"  {size} px from {name}, {source[0]}x{source[1]}: "
                       f"{device_augment_ms(args.preset, size, args.batch_size, source):.2f}")
     torch.set_num_threads(os.cpu_count() or 1)
-    at = wide.loc[("800x600", max(sizes), max(worker_counts))]  # 512 px and 2 workers by default
-    trainer_ratio = float("nan")
-    if not args.skip_trainer:
-        trainer_table = find_photos(data, 2 * args.trainer_images, args.seed + 1)
-        trainer_photos = make_upscaled(data, trainer_table, work / "trainer_upscaled")
-        trainer_ips, bare_ips = trainer_vs_bare(
-            trainer_photos, trainer_table, work, img_size=384, batch=args.trainer_batch,
-            workers=args.trainer_workers, preset=args.preset, seed=args.seed,
-            rounds=args.trainer_rounds, colour_on_device=args.colour_on_device,
-            augment_on_device=args.augment_on_device)
-        ratios = round_ratios(trainer_ips, bare_ips)
-        trainer_ratio = float(np.median(ratios))
-        print(f"\ntf_efficientnet_lite0 at 384 px, 800x600 JPEGs, disk cache, batch "
-              f"{args.trainer_batch}, {args.trainer_workers} worker(s), {args.trainer_images} "
-              f"training rows; trainer and bare-loop epochs in turn, images/s (B0 and T1 warm-ups, "
-              f"not shown):")
-        print(f"  bare loop B1      {bare_ips[0]:8.2f}")
-        for k, (t, b, r) in enumerate(zip(trainer_ips, bare_ips[1:], ratios), start=2):
-            print(f"  mixcls trainer T{k} {t:8.2f}   ratio to the mean of B{k - 1} and B{k}: {r:.3f}")
-            print(f"  bare loop B{k}      {b:8.2f}")
-        print(f"  ratio, the median of the {len(ratios)} rounds: {trainer_ratio:.3f}")
+
+
+def print_trainer_rounds(args: argparse.Namespace) -> float:
+    """Trainer and bare-loop epochs in turn on other photos; the median of the rounds' ratios."""
+    trainer_table = find_photos(args.data, 2 * args.trainer_images, args.seed + 1)
+    trainer_photos = make_upscaled(args.data, trainer_table, args.work / "trainer_upscaled")
+    trainer_ips, bare_ips = trainer_vs_bare(
+        trainer_photos, trainer_table, args.work, img_size=384, batch=args.trainer_batch,
+        workers=args.trainer_workers, preset=args.preset, seed=args.seed,
+        rounds=args.trainer_rounds, colour_on_device=args.colour_on_device,
+        augment_on_device=args.augment_on_device)
+    ratios = round_ratios(trainer_ips, bare_ips)
+    trainer_ratio = float(np.median(ratios))
+    print(f"\ntf_efficientnet_lite0 at 384 px, 800x600 JPEGs, disk cache, batch "
+          f"{args.trainer_batch}, {args.trainer_workers} worker(s), {args.trainer_images} "
+          f"training rows; trainer and bare-loop epochs in turn, images/s (B0 and T1 warm-ups, "
+          f"not shown):")
+    print(f"  bare loop B1      {bare_ips[0]:8.2f}")
+    for k, (t, b, r) in enumerate(zip(trainer_ips, bare_ips[1:], ratios), start=2):
+        print(f"  mixcls trainer T{k} {t:8.2f}   ratio to the mean of B{k - 1} and B{k}: {r:.3f}")
+        print(f"  bare loop B{k}      {b:8.2f}")
+    print(f"  ratio, the median of the {len(ratios)} rounds: {trainer_ratio:.3f}")
+    return trainer_ratio
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    table = find_photos(args.data, args.images, args.seed)
+    upscaled = make_upscaled(args.data, table, args.work / "upscaled")
+    result = time_cells(args, table, {"original": args.data, "800x600": upscaled})
+    wide = print_cells(result, args, len(table))
+    print_one_core_costs(args)
+    at = wide.loc[("800x600", max(args.sizes), max(args.workers))]  # 512 px and 2 workers by default
+    trainer_ratio = float("nan") if args.skip_trainer else print_trainer_rounds(args)
     print(f"disk_cache_speedup_512={at['disk/decode']:.2f} ram_cache_speedup_512={at['ram/decode']:.2f} "
           f"trainer_ratio={trainer_ratio:.3f}")
     return 0
