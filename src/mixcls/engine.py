@@ -220,6 +220,27 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def _finish_step(model: nn.Module, optimizer: torch.optim.Optimizer, stats: EpochStats, *,
+                 scaler: torch.amp.GradScaler | None, grad_clip: float | None,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                 ema: nn.Module | None) -> None:
+    """The optimizer step of an accumulation group, then the schedule and the EMA, counted."""
+    stepped = _optimizer_step(model, optimizer, scaler=scaler, grad_clip=grad_clip)
+    stats.skipped_steps += not stepped
+    if scheduler is not None:  # on schedule even after a skipped step, as with GradScaler
+        _scheduler_step(scheduler, after_skipped_step=not stepped)
+    if ema is not None:
+        ema.update(unwrap_model(model))  # the EMA copies the bare model, not DDP or compile
+    stats.steps += 1
+    stats.lr = current_lr(optimizer)
+
+
+def _show(bar: tqdm, stats: EpochStats, clock: _Clock) -> None:
+    """The progress bar's loss, accuracy, lr and images/s (the sums just settled)."""
+    bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.accuracy:.3f}", lr=f"{stats.lr:.2e}",
+                    ips=f"{stats.images / max(clock.elapsed(), 1e-9):.0f}", refresh=False)
+
+
 def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.Optimizer, *,
                     loss_fn: Callable, device: torch.device, num_classes: int,
                     normalizer: Normalizer | None = None,
@@ -257,8 +278,7 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
         images, soft_targets, weights = prepare_batch(
             images, targets, device=device, num_classes=num_classes, normalizer=normalizer,
             channels_last=channels_last, mixer=mixer, generator=generator,
-            device_augment=device_augment,
-            weights=weights)
+            device_augment=device_augment, weights=weights)
         step = should_step(i, n_batches, accum_steps)
         # Under DDP only the group's last micro-batch all-reduces the (accumulated) gradients.
         with _no_sync(model, sync=step), autocast_context(device, amp_dtype):
@@ -270,14 +290,8 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
         sums.add(i, loss, logits, soft_targets)
         stats.images += images.shape[0]
         if step:
-            stepped = _optimizer_step(model, optimizer, scaler=scaler, grad_clip=grad_clip)
-            stats.skipped_steps += not stepped
-            if scheduler is not None:  # on schedule even after a skipped step, as with GradScaler
-                _scheduler_step(scheduler, after_skipped_step=not stepped)
-            if ema is not None:
-                ema.update(unwrap_model(model))  # the EMA copies the bare model, not DDP or compile
-            stats.steps += 1
-            stats.lr = current_lr(optimizer)
+            _finish_step(model, optimizer, stats, scaler=scaler, grad_clip=grad_clip,
+                         scheduler=scheduler, ema=ema)
             clock.update(stats)
             if on_step is not None:
                 on_step(i, stats)
@@ -285,9 +299,7 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
             stats.settle()
             last_read = time.perf_counter()
             if progress:
-                bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.accuracy:.3f}",
-                                lr=f"{stats.lr:.2e}", ips=f"{stats.images / max(clock.elapsed(), 1e-9):.0f}",
-                                refresh=False)
+                _show(bar, stats, clock)
         bar.update(1)
     bar.close()
     stats.settle()
