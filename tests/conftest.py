@@ -36,6 +36,15 @@ def write_tiny_dataset(root: Path, *, n_per_class: int = 12, num_classes: int = 
     return root
 
 
+def write_clothing_photos(root: Path, n: int) -> None:
+    """n random 45x60 JPEGs in root/train/{coat,shoe}/, as the clothing checkout lays them out."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / "train" / ("coat" if i % 2 else "shoe")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (60, 45, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+
+
 # `mixcls train` flags of a tiny CPU run (append --data/--out and what a test varies).
 TINY_TRAIN_FLAGS = ["--model", "mixcls_cnn_tiny", "--img-size", "16", "--epochs", "1",
                     "--batch-size", "8", "--workers", "0", "--preset", "none", "--device", "cpu",

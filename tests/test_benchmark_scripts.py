@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import write_clothing_photos
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 MODEL, IMG_SIZE, NUM_CLASSES, BATCHES = "mixcls_cnn_tiny", 16, 3, (2, 4)
 
@@ -28,17 +30,6 @@ def _load(name: str):
     sys.modules[spec.name] = module  # a dataclass's string annotations are resolved through it
     spec.loader.exec_module(module)
     return module
-
-
-def _write_photos(root: Path, n: int) -> None:
-    """n random 45x60 JPEGs in root/train/{coat,shoe}/, as the clothing checkout lays them out."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        folder = root / "train" / ("coat" if i % 2 else "shoe")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (60, 45, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
 
 
 def _table_rows(lines: list[str]) -> dict[str, list[float]]:
@@ -135,7 +126,7 @@ def test_loader_final_line_is_the_tables_ratio_of_the_upscaled_copies(tmp_path, 
     With --colour-on-device the colour steps' own cost on the CPU is printed apart."""
     from PIL import Image
 
-    _write_photos(tmp_path / "photos", 12)
+    write_clothing_photos(tmp_path / "photos", 12)
     loader_bench = _load("loader")
     code = loader_bench.main(["--data", str(tmp_path / "photos"), "--work", str(tmp_path / "work"),
                               "--images", "10", "--sizes", "48", "--workers", "0",
@@ -179,7 +170,7 @@ def test_loader_trainer_and_bare_epochs_alternate(tmp_path, monkeypatch):
     """trainer_vs_bare on 8 generated photos at 32 px, 2 rounds: the bare loop's epochs run
     between the trainer's (B0 and B1 after T1, then one after each later trainer epoch), and
     the figures returned are the timed ones."""
-    _write_photos(tmp_path / "photos", 8)
+    write_clothing_photos(tmp_path / "photos", 8)
     loader_bench = _load("loader")
     import mixcls.train
 
