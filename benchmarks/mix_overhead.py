@@ -154,27 +154,8 @@ def measure_case(batch: int, size: int, device: torch.device, *, reps: int, step
             "edge_ratio": edge_density(half) / edge_density(reference)}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (when available)")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    reps, step_reps, ref_reps = (5, 1, 5) if args.quick else (9, 2, 9)
-    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"device {device} ({torch.get_num_threads()} torch threads), torch {torch.__version__}; "
-          f"medians of {reps} (mixing), {step_reps} (resnet18 step), {ref_reps} (reference) runs; "
-          f"mode=sample (one λ and mask per image); resnet18 with {NUM_CLASSES} classes, AdamW")
-    results = {}
-    for batch, size in CASES:
-        results[size] = measure_case(batch, size, device, reps=reps, step_reps=step_reps,
-                                     ref_reps=ref_reps)
+def print_overheads(results: dict) -> list[float]:
+    """Each case's mask and apply milliseconds against a resnet18 step; the percentages."""
     print()
     print(f"{'batch':>5} {'px':>4} {'method':>7} {'masks ms':>9} {'apply ms':>9} {'total ms':>9} "
           f"{'step ms':>9} {'% step':>7}")
@@ -186,6 +167,11 @@ def main() -> int:
             overheads.append(pct)
             print(f"{batch:>5} {size:>4} {method:>7} {row['mask_ms']:>9.2f} {row['apply_ms']:>9.2f} "
                   f"{total:>9.2f} {res['step_ms']:>9.1f} {pct:>7.2f}")
+    return overheads
+
+
+def print_fmix(results: dict, device: torch.device) -> dict[int, float]:
+    """Our FMix masks against the one-image numpy reference; the speed-up by image size."""
     print()
     threads = torch.get_num_threads()
     print(f"{'batch':>5} {'px':>4} {'reference':>16} {'ours, 1 thread':>16} {'speedup':>8} "
@@ -208,6 +194,32 @@ def main() -> int:
         print(f"{batch:>5} {size:>4} {ref_wall:>7.1f}/{ref_cpu:>8.1f} {one_text} "
               f"{fmix['ours'][0]:>14.1f} {wall_speedup:>7.1f}x {res['lam_error']:>13.4f} "
               f"{res['edge_ratio']:>14.3f}")
+    return speedups
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (when available)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps, step_reps, ref_reps = (5, 1, 5) if args.quick else (9, 2, 9)
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"device {device} ({torch.get_num_threads()} torch threads), torch {torch.__version__}; "
+          f"medians of {reps} (mixing), {step_reps} (resnet18 step), {ref_reps} (reference) runs; "
+          f"mode=sample (one λ and mask per image); resnet18 with {NUM_CLASSES} classes, AdamW")
+    results = {}
+    for batch, size in CASES:
+        results[size] = measure_case(batch, size, device, reps=reps, step_reps=step_reps,
+                                     ref_reps=ref_reps)
+    overheads = print_overheads(results)
+    speedups = print_fmix(results, device)
     print("reference: numpy, one image at a time, one core (full-size irfftn + argsort); ours: "
           "mixcls.mix.fmix_masks for the batch. They alternate, so both see the same load; the "
           "CPU time of one thread does not count time spent waiting for a core. edge ours/ref: "
