@@ -187,16 +187,8 @@ def _last_error(text: str) -> str:
     return (lines[-1] if lines else text.strip().splitlines()[-1] if text.strip() else "no output")[:160]
 
 
-def main() -> int:
-    args = parse_args()
-    if not torch.cuda.is_available() and not args.smoke_cpu:
-        print(f"gpu_check: no CUDA device here (torch {torch.__version__}, built with CUDA "
-              f"{torch.version.cuda or 'none'}); nothing measured. Run it on a CUDA machine, or "
-              "with --smoke-cpu to check the script on the CPU.")
-        print("cuda=none")
-        return 0
-    opts = settings(args)
-    gpus = torch.cuda.device_count() if opts["device"] == "cuda" else 0
+def run_steps(args: argparse.Namespace, opts: dict, gpus: int) -> dict:
+    """Every step on generated images in a temporary folder: the runs' results by name."""
     n_images = 64 if args.smoke_cpu else args.images
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         data = write_images(Path(tmp) / "data", n_images, opts["img_size"])
@@ -216,8 +208,14 @@ def main() -> int:
             ddp = {"ok": False, "reason": "one GPU: mixcls gives each rank its own device"}
             two_on_one = nccl_probe(2, args.timeout)
             one_rank = nccl_probe(1, args.timeout)
-    device = torch.cuda.get_device_name(0) if opts["device"] == "cuda" else "cpu (smoke)"
-    rows = [("device", device), ("gpus", gpus),
+    return dict(single=single, cassava=cassava, warp_case=warp_case, warp_ips=warp_ips, ddp=ddp,
+                two_on_one=two_on_one, one_rank=one_rank)
+
+
+def table_rows(r: dict, opts: dict, device: str, gpus: int) -> list[tuple[str, object]]:
+    """The printed table: (what, value) per line."""
+    single, cassava, ddp, warp_case = r["single"], r["cassava"], r["ddp"], r["warp_case"]
+    return [("device", device), ("gpus", gpus),
             ("model / img / batch", f"{opts['model']} / {opts['img_size']} / {opts['batch_size']}"),
             ("amp / channels_last", f"{opts['amp']} / {opts['channels_last']}"),
             ("single: train images/s", f"{single['train_images_per_s']:.1f}"),
@@ -229,23 +227,39 @@ def main() -> int:
             ("cassava, colour on device: images/s", f"{cassava['device']['train_images_per_s']:.1f}"),
             ("cassava, all augmentation on device: images/s", f"{cassava['augment']['train_images_per_s']:.1f}"),
             (f"device augment alone, {warp_case['source'][0]}x{warp_case['source'][1]} -> "
-             f"{warp_case['img_size']}: images/s", f"{warp_ips:.1f}"),
+             f"{warp_case['img_size']}: images/s", f"{r['warp_ips']:.1f}"),
             ("ddp 2 ranks: ok", ddp["ok"]),
             ("ddp 2 ranks: images/s", f"{ddp.get('train_images_per_s', float('nan')):.1f}"),
             ("ddp: reason", ddp.get("reason", "")),
-            ("nccl 2 ranks on 1 GPU", f"{two_on_one['ok']} {two_on_one['reason']}".strip()),
-            ("nccl 1 rank all_reduce", f"{one_rank['ok']} {one_rank['reason']}".strip())]
+            ("nccl 2 ranks on 1 GPU", f"{r['two_on_one']['ok']} {r['two_on_one']['reason']}".strip()),
+            ("nccl 1 rank all_reduce", f"{r['one_rank']['ok']} {r['one_rank']['reason']}".strip())]
+
+
+def main() -> int:
+    args = parse_args()
+    if not torch.cuda.is_available() and not args.smoke_cpu:
+        print(f"gpu_check: no CUDA device here (torch {torch.__version__}, built with CUDA "
+              f"{torch.version.cuda or 'none'}); nothing measured. Run it on a CUDA machine, or "
+              "with --smoke-cpu to check the script on the CPU.")
+        print("cuda=none")
+        return 0
+    opts = settings(args)
+    gpus = torch.cuda.device_count() if opts["device"] == "cuda" else 0
+    r = run_steps(args, opts, gpus)
+    single, cassava, ddp = r["single"], r["cassava"], r["ddp"]
+    device = torch.cuda.get_device_name(0) if opts["device"] == "cuda" else "cpu (smoke)"
+    rows = table_rows(r, opts, device, gpus)
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    nccl_ok = ddp["ok"] if gpus >= 2 else one_rank["ok"]
+    nccl_ok = ddp["ok"] if gpus >= 2 else r["one_rank"]["ok"]
     fp16_finite = single["loss_finite"] and (args.smoke_cpu or math.isfinite(single["grad_scale"]))
     print(f"device={device.replace(' ', '_')} images_per_s={single['train_images_per_s']:.1f} "
           f"peak_gpu_mib={single['peak_gpu_mib']:.0f} fp16_loss_finite={int(fp16_finite)} "
           f"cassava_loader_ips={cassava['loader']['train_images_per_s']:.1f} "
           f"cassava_device_colour_ips={cassava['device']['train_images_per_s']:.1f} "
           f"cassava_device_augment_ips={cassava['augment']['train_images_per_s']:.1f} "
-          f"device_augment_512_ips={warp_ips:.1f} "
+          f"device_augment_512_ips={r['warp_ips']:.1f} "
           f"ddp_images_per_s={ddp.get('train_images_per_s', float('nan')):.1f} "
           f"nccl_ok={int(bool(nccl_ok)) if not args.smoke_cpu else 'n/a'} ddp_ok={int(bool(ddp['ok']))}")
     return 0

@@ -1,0 +1,48 @@
+"""benchmarks/gpu_check.py, the one script a lent GPU runs, kept working without one: its
+--smoke-cpu mode takes every step (fit, the three cassava placements, the device augmentation,
+DDP over gloo) on tiny images, and the final line must agree with the table (~16 s)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def _run(*flags: str) -> str:
+    done = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_cpu_takes_every_step_and_its_line_matches_the_table():
+    out = _run("--smoke-cpu")
+    lines = out.strip().splitlines()
+    figures = dict(pair.split("=", 1) for pair in lines[-1].split())
+    table = {line[:47].strip(): line[47:].strip() for line in lines[:-1] if len(line) > 47}
+    assert figures["device"] == "cpu_(smoke)" and figures["ddp_ok"] == "1"
+    assert figures["fp16_loss_finite"] == "1" and figures["nccl_ok"] == "n/a"
+    for key in ("images_per_s", "cassava_loader_ips", "cassava_device_colour_ips",
+                "cassava_device_augment_ips", "device_augment_512_ips", "ddp_images_per_s"):
+        value = float(figures[key])
+        assert math.isfinite(value) and value > 0, key
+    assert table["single: train images/s"] == figures["images_per_s"]
+    assert table["ddp 2 ranks: images/s"] == figures["ddp_images_per_s"]
+    assert table["cassava, all augmentation on device: images/s"] == figures["cassava_device_augment_ips"]
+    assert table["single: losses finite"] == "True"
+
+
+def test_gpu_check_without_cuda_measures_nothing_and_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the script would measure")
+    out = _run()
+    assert "no CUDA device here" in out and out.strip().splitlines()[-1] == "cuda=none"
