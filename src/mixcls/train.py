@@ -72,13 +72,8 @@ def fit_fold(cfg: Config, data: FoldData, *, fold: int, fold_dir: Path, device: 
     steps_per_epoch = -(-parts.n_batches // layout.accum_steps)
     log(f"fold {fold}: {layout.describe(n_train=len(data.train_paths), steps_per_epoch=steps_per_epoch)}")
     last_path = Path(fold_dir) / "last.pt"
-    state = FoldState()
-    if resume:  # rank 0 reads the run folder; the others receive its checkpoint
-        ckpt = dist.run_on_main(lambda: load_checkpoint(last_path) if last_path.is_file() else None)
-        if ckpt is not None:
-            state = restore_checkpoint(ckpt, parts.net, fold=fold, layout=layout, rank=ctx.rank)
-            log(f"fold {fold}: resuming at epoch {state.epoch + 1}, batch {state.batch} "
-                f"of {parts.n_batches}")
+    state = _resumed_state(last_path, parts, fold=fold, layout=layout, ctx=ctx,
+                           log=log) if resume else FoldState()
     state.last_path = last_path if ctx.is_main else None
     header = {"config": config_to_flat(cfg), "classes": list(data.classes), "fold": fold}
 
@@ -116,6 +111,18 @@ def fit_fold(cfg: Config, data: FoldData, *, fold: int, fold_dir: Path, device: 
         board.log_confusion(parts.valid_labels, state.best_probs, data.classes, state.best_epoch)
     return FoldResult(fold=fold, best_score=state.best_score, best_epoch=state.best_epoch,
                       valid_probs=state.best_probs, history=state.history)
+
+
+def _resumed_state(last_path: Path, parts: FoldParts, *, fold: int, layout: BatchLayout,
+                   ctx: DistContext, log: Callable[[str], None]) -> FoldState:
+    """The fold's state from its last.pt (a fresh one when there is none); rank 0 reads the
+    run folder and the other ranks receive its checkpoint."""
+    ckpt = dist.run_on_main(lambda: load_checkpoint(last_path) if last_path.is_file() else None)
+    if ckpt is None:
+        return FoldState()
+    state = restore_checkpoint(ckpt, parts.net, fold=fold, layout=layout, rank=ctx.rank)
+    log(f"fold {fold}: resuming at epoch {state.epoch + 1}, batch {state.batch} of {parts.n_batches}")
+    return state
 
 
 def _patience_spent(patience: int | None, state: FoldState) -> bool:
