@@ -210,3 +210,59 @@ def test_format_marks_missing_values():
     text = format_runs_table(pd.DataFrame([row], columns=COLUMNS))
     last = text.splitlines()[-1]
     assert last.split()[:4] == ["x", "-", "-", "-"] and last.split()[-3:] == ["no", "broken:", "why"]
+
+
+def test_paired_difference_se_is_the_paired_t_tests():
+    """The paired SE equals diff / t of scipy's paired t-test, and the McNemar-count formula."""
+    from scipy.stats import ttest_rel
+
+    from mixcls.run_table import paired_accuracy_difference
+
+    rng = np.random.default_rng(4)
+    for n, p_a, p_b in [(50, 0.7, 0.8), (1000, 0.9, 0.88), (333, 0.5, 0.5)]:
+        a = rng.random(n) < p_a
+        b = np.where(rng.random(n) < 0.7, a, rng.random(n) < p_b)  # the runs agree on most rows
+        diff, se = paired_accuracy_difference(b, a)
+        assert diff == pytest.approx(b.mean() - a.mean())
+        assert se == pytest.approx(diff / ttest_rel(b.astype(float), a.astype(float)).statistic)
+        only_b, only_a = np.sum(b & ~a), np.sum(a & ~b)  # the discordant rows decide it
+        variance = ((only_a + only_b) / n - diff ** 2) * n / (n - 1)
+        assert se == pytest.approx(np.sqrt(variance / n))
+    assert np.isnan(paired_accuracy_difference(np.array([True]), np.array([False]))[1])
+
+
+def test_against_compares_runs_on_the_same_folds_row_for_row(trained, tmp_path, capsys):
+    runs, first, second = trained
+    table_dir = tmp_path / "runs"
+    base = copy_run(first, table_dir / "base")
+    copy_run(second, table_dir / "other_folds")
+    other = copy_run(first, table_dir / "changed")  # the same folds, other predictions
+    oof = pd.read_csv(other / "oof.csv", dtype={"image_id": str})
+    rng = np.random.default_rng(0)
+    flip = rng.random(len(oof)) < 0.5
+    pred = np.where(flip, (oof["label"] + rng.integers(0, 3, len(oof))) % 3, oof["pred"])
+    probs = np.eye(3)[pred] * 0.9 + 0.1 / 3
+    oof[[f"prob_{k}" for k in range(3)]] = probs
+    oof["pred"] = pred
+    oof.drop(index=oof.index[:3]).to_csv(other / "oof.csv", index=False)  # 3 rows fewer
+    table = runs_table([table_dir], sort="name", against=base).set_index("name")
+    assert list(table.columns[-3:]) == ["acc_diff", "diff_se", "shared_rows"]
+
+    reference = pd.read_csv(base / "oof.csv", dtype={"image_id": str}).set_index("image_id")
+    mine = oof.drop(index=oof.index[:3]).set_index("image_id")
+    right_b = (mine["pred"] == mine["label"]).to_numpy()
+    right_a = (reference.loc[mine.index, "pred"] == reference.loc[mine.index, "label"]).to_numpy()
+    d = right_b.astype(float) - right_a
+    assert table.loc["changed", "shared_rows"] == len(reference) - 3
+    assert table.loc["changed", "acc_diff"] == pytest.approx(d.mean())
+    assert table.loc["changed", "diff_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
+    assert table.loc["base", "acc_diff"] == 0 and table.loc["base", "diff_se"] == 0
+    assert table.loc[["other_folds"], ["acc_diff", "diff_se", "shared_rows"]].isna().all(axis=None)
+
+    assert main(["runs", str(table_dir), "--against", str(base), "--sort", "name"]) == 0
+    header, _, *lines = capsys.readouterr().out.splitlines()
+    assert header.split()[-4:] == ["acc_diff", "diff_se", "shared_rows", "status"]
+    changed = next(line for line in lines if line.startswith("changed"))
+    assert f"{table.loc['changed', 'acc_diff']:+.4f}" in changed.split()
+    assert main(["runs", str(table_dir), "--against", str(tmp_path / "nowhere")]) == 2
+    assert "--against" in capsys.readouterr().err

@@ -28,6 +28,8 @@ RUN_MARKERS = ("config.yaml", "folds.csv")
 COLUMNS = ["name", "cv_accuracy", "cv_macro_f1", "cv_logloss", "model", "img_size", "loss", "mix",
            "epochs", "seconds", "folds_fingerprint", "finished", "status"]
 SCORES = ("cv_accuracy", "cv_macro_f1", "cv_logloss")
+# With --against RUN: accuracy minus RUN's on the shared OOF rows, its paired SE, those rows.
+AGAINST_COLUMNS = ["acc_diff", "diff_se", "shared_rows"]
 # --sort KEY -> (column, ascending): best first for scores, fastest first for seconds.
 SORT_KEYS = {"logloss": ("cv_logloss", True), "accuracy": ("cv_accuracy", False),
              "f1": ("cv_macro_f1", False), "name": ("name", True), "seconds": ("seconds", True)}
@@ -135,17 +137,66 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def runs_table(dirs: Iterable[str | Path], *, sort: str = "logloss") -> pd.DataFrame:
+def paired_accuracy_difference(correct: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """(mean of correct − reference, its standard error) over rows scored by both runs.
+
+    Paired on the rows: the two runs judged the same images, so the SE is that of the per-row
+    difference (std with n − 1 over √n), much smaller than either accuracy's own SE when the
+    runs err on the same images. It counts the rows' sampling noise only, not how much a
+    retrained run (another seed) would move.
+    """
+    d = correct.astype(np.float64) - reference.astype(np.float64)
+    if len(d) < 2:
+        return (float(d.mean()) if len(d) else math.nan), math.nan
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+
+
+def _correct_by_id(run_dir: Path) -> pd.Series:
+    """image_id -> whether the run's OOF prediction of it is right."""
+    oof = RunFolder.open(run_dir, require=RUN_MARKERS).read_oof()
+    return pd.Series((oof["pred"] == oof["label"]).to_numpy(), index=oof["image_id"].to_numpy())
+
+
+def _against_columns(row: dict[str, Any], run_dir: Path, reference: dict[str, Any],
+                     reference_correct: pd.Series) -> dict[str, Any]:
+    """acc_diff, diff_se and shared_rows of a row against the reference run (None where the two
+    did not validate on the same folds or the row is not a finished run)."""
+    empty = dict.fromkeys(AGAINST_COLUMNS)
+    if not row["finished"] or row["folds_fingerprint"] != reference["folds_fingerprint"]:
+        return empty
+    correct = _correct_by_id(run_dir)
+    shared = correct.index.intersection(reference_correct.index)
+    diff, se = paired_accuracy_difference(correct.loc[shared].to_numpy(),
+                                          reference_correct.loc[shared].to_numpy())
+    return {"acc_diff": diff, "diff_se": _number(se), "shared_rows": len(shared)}
+
+
+def runs_table(dirs: Iterable[str | Path], *, sort: str = "logloss",
+               against: str | Path | None = None) -> pd.DataFrame:
     """The table (COLUMNS) of every run folder under `dirs`, named by its path relative to the
-    dir it was found under, sorted by `sort` (SORT_KEYS; rows without the score last)."""
+    dir it was found under, sorted by `sort` (SORT_KEYS; rows without the score last).
+
+    With `against` (a finished run folder), AGAINST_COLUMNS follow: each run's CV accuracy minus
+    the reference's on the OOF rows both scored, with the paired standard error, for the runs
+    on the reference's folds.
+    """
     if sort not in SORT_KEYS:
         raise ValueError(f"unknown sort {sort!r}; use one of {', '.join(SORT_KEYS)}")
+    reference, reference_correct = None, None
+    if against is not None:  # checked before the table is read
+        reference = run_row(against)
+        if not reference["finished"]:
+            raise RunError(f"--against {against}: not a finished run ({reference['status']})")
+        reference_correct = _correct_by_id(Path(against))
     rows = []
     for folder in map(Path, dirs):
         for run_dir in find_runs([folder]):
             relative = run_dir.relative_to(folder).as_posix()
-            rows.append(run_row(run_dir) | {"name": relative if relative != "." else run_dir.name})
-    table = pd.DataFrame(rows, columns=COLUMNS)
+            row = run_row(run_dir) | {"name": relative if relative != "." else run_dir.name}
+            if reference is not None:
+                row |= _against_columns(row, run_dir, reference, reference_correct)
+            rows.append(row)
+    table = pd.DataFrame(rows, columns=COLUMNS + (AGAINST_COLUMNS if against is not None else []))
     column, ascending = SORT_KEYS[sort]
     # Name breaks ties so that the order never depends on the file system's listing.
     table = table.sort_values([column, "name"], ascending=[ascending, True], na_position="last",
@@ -156,19 +207,23 @@ def runs_table(dirs: Iterable[str | Path], *, sort: str = "logloss") -> pd.DataF
 def format_runs_table(table: pd.DataFrame) -> str:
     """The table as aligned text: numbers right-aligned, '-' where a value is missing."""
     formats = {"cv_accuracy": "{:.4f}", "cv_macro_f1": "{:.4f}", "cv_logloss": "{:.4f}",
-               "seconds": "{:.0f}", "img_size": "{:.0f}", "epochs": "{:.0f}"}
+               "seconds": "{:.0f}", "img_size": "{:.0f}", "epochs": "{:.0f}",
+               "acc_diff": "{:+.4f}", "diff_se": "{:.4f}", "shared_rows": "{:.0f}"}
+    # status stays last (its text is not padded); the --against columns come before it
+    columns = [c for c in COLUMNS if c != "status"] + \
+        [c for c in AGAINST_COLUMNS if c in table.columns] + ["status"]
     cells = [[_cell(value, formats.get(column)) for column, value in row.items()]
-             for row in table[COLUMNS].to_dict("records")]
-    widths = [max([len(column), *(len(r[i]) for r in cells)]) for i, column in enumerate(COLUMNS)]
-    right = {i for i, column in enumerate(COLUMNS) if column in formats}
+             for row in table[columns].to_dict("records")]
+    widths = [max([len(column), *(len(r[i]) for r in cells)]) for i, column in enumerate(columns)]
+    right = {i for i, column in enumerate(columns) if column in formats}
 
     def line(values: list[str]) -> str:
         parts = [v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))]
         return "  ".join(parts).rstrip()
 
     # The last column (status) is not padded, so its rule stays as long as its header.
-    rule = ["-" * w for w in widths[:-1]] + ["-" * len(COLUMNS[-1])]
-    return "\n".join([line(COLUMNS), line(rule), *map(line, cells)])
+    rule = ["-" * w for w in widths[:-1]] + ["-" * len(columns[-1])]
+    return "\n".join([line(columns), line(rule), *map(line, cells)])
 
 
 def _cell(value: Any, fmt: str | None) -> str:

@@ -19,6 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="folders searched recursively for run folders (default: runs)")
     p.add_argument("--sort", choices=list(SORT_KEYS), default="logloss",
                    help="order of the rows: scores best first, seconds fastest first (default logloss)")
+    p.add_argument("--against", metavar="RUN",
+                   help="a finished run folder: add each run's CV accuracy minus RUN's on the OOF "
+                        "rows both scored (acc_diff), its paired standard error (diff_se) and "
+                        "those rows' count, for the runs on RUN's folds")
     p.add_argument("--csv", metavar="FILE", help="also write the table to this CSV file")
     p.set_defaults(func=run_runs)
 
@@ -27,7 +31,7 @@ def run_runs(args: argparse.Namespace) -> int:
     from mixcls.run_table import format_runs_table, runs_table
     from mixcls.runs import atomic_write_csv
 
-    table = runs_table(args.dirs, sort=args.sort)
+    table = runs_table(args.dirs, sort=args.sort, against=args.against)
     if table.empty:
         print(f"no run folders (config.yaml + folds.csv) under {', '.join(args.dirs)}")
     else:
