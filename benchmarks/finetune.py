@@ -40,6 +40,7 @@ from sklearn.model_selection import train_test_split
 from clothing import list_photos
 from mixcls.data import prob_columns
 from mixcls.runs import read_json
+from split_files import write_split_once
 
 COMMON = ["--model", "tf_efficientnet_lite0", "--img-size", "224", "--preset", "light",
           "--optimizer", "adamw", "--scheduler", "cosine", "--folds", "5", "--device", "cpu",
@@ -68,14 +69,7 @@ def split_photos(data: Path, work: Path, limit: int | None, seed: int) -> tuple[
     work.mkdir(parents=True, exist_ok=True)
     cv_csv, test_csv = work / "cv.csv", work / "test.csv"
     for path, rows in ((cv_csv, cv), (test_csv, test)):
-        text = rows.sort_values("image_id").to_csv(index=False)
-        if not path.is_file():
-            partial = path.with_name(path.name + ".partial")
-            partial.write_text(text)
-            partial.replace(path)
-        elif path.read_text() != text:  # the runs cached there were trained on another split
-            raise SystemExit(f"{path} holds another split (other --limit, --seed or photos); "
-                             f"give a new --work")
+        write_split_once(path, rows.sort_values("image_id"), flags="--limit, --seed or photos")
     return cv_csv, test_csv
 
 

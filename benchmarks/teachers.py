@@ -64,6 +64,7 @@ from fold_probs import (accuracy, check_fresh_export, fold_scores, fresh_rows,
                         predict_fold_fresh_probs, predict_fold_test_probs, single_accuracy)
 from mixcls.data import prob_columns
 from mixcls.runs import read_json
+from split_files import write_split_once
 
 FLAGS = ["--model", "mixcls_cnn_tiny", "--img-size", "28", "--batch-size",
          "128", "--lr", "3e-3", "--workers", "0", "--no-progress"]
@@ -105,15 +106,9 @@ def split_rows(data: Path, work: Path, sizes: Sizes, seed: int) -> tuple[Path, P
         raise SystemExit("labelled and unlabelled rows overlap")
     work.mkdir(parents=True, exist_ok=True)
     lab, unl = work / "labelled.csv", work / "unlabelled.csv"
-    for path, rows in ((lab, labelled[["image_id", "label"]]), (unl, unlabelled[["image_id"]])):
-        text = rows.to_csv(index=False)
-        if not path.is_file():
-            partial = path.with_name(path.name + ".partial")
-            partial.write_text(text)
-            partial.replace(path)
-        elif path.read_text() != text:  # the cached runs there were trained on another split
-            raise SystemExit(f"{path} holds another split (other --labelled, --unlabelled, "
-                             f"--seed or data); give a new --work")
+    flags = "--labelled, --unlabelled, --seed or data"
+    write_split_once(lab, labelled[["image_id", "label"]], flags=flags)
+    write_split_once(unl, unlabelled[["image_id"]], flags=flags)
     return lab, unl
 
 
