@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -57,6 +58,13 @@ def test_blend_cli_writes_a_folder_that_noise_review_and_report_read(trained, tm
     assert oof["image_id"].tolist() == pd.read_csv(runs[0] / "oof.csv")["image_id"].tolist()
     assert metrics["cv_accuracy"] == pytest.approx(np.mean(oof["pred"] == oof["label"]))
     assert metrics["in_sample"]["logloss"] <= metrics["cv_logloss"] + 1e-9
+    # the blend against its best member, paired on the OOF rows, from the two oof.csv files
+    best = max(metrics["members"], key=lambda m: m["cv_accuracy"])
+    member = pd.read_csv(Path(best["path"]) / "oof.csv").set_index("image_id").loc[oof["image_id"]]
+    d = (oof["pred"] == oof["label"]).to_numpy(float) - (member["pred"] == member["label"]).to_numpy(float)
+    line = next(x for x in printed.splitlines() if "best member" in x)
+    assert f"({best['name']})" in line and f"{d.mean():+.4f}," in line.split()
+    assert f"{d.std(ddof=1) / np.sqrt(len(d)):.4f}" in line.split() and f"{len(d)} OOF rows" in line
     page = (out / "report.html").read_text()
     assert "optimistic" in page and "blend-correlation" in page and "run1" in page
     assert main(["noise", "--run", str(out), "--out", str(tmp_path / "suspects.csv")]) == 0

@@ -151,7 +151,7 @@ def paired_accuracy_difference(correct: np.ndarray, reference: np.ndarray) -> tu
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
 
 
-def _correct_by_id(run_dir: Path) -> pd.Series:
+def oof_correct(run_dir: str | Path) -> pd.Series:
     """image_id -> whether the run's OOF prediction of it is right."""
     oof = RunFolder.open(run_dir, require=RUN_MARKERS).read_oof()
     return pd.Series((oof["pred"] == oof["label"]).to_numpy(), index=oof["image_id"].to_numpy())
@@ -164,7 +164,7 @@ def _against_columns(row: dict[str, Any], run_dir: Path, reference: dict[str, An
     empty = dict.fromkeys(AGAINST_COLUMNS)
     if not row["finished"] or row["folds_fingerprint"] != reference["folds_fingerprint"]:
         return empty
-    correct = _correct_by_id(run_dir)
+    correct = oof_correct(run_dir)
     shared = correct.index.intersection(reference_correct.index)
     diff, se = paired_accuracy_difference(correct.loc[shared].to_numpy(),
                                           reference_correct.loc[shared].to_numpy())
@@ -187,7 +187,7 @@ def runs_table(dirs: Iterable[str | Path], *, sort: str = "logloss",
         reference = run_row(against)
         if not reference["finished"]:
             raise RunError(f"--against {against}: not a finished run ({reference['status']})")
-        reference_correct = _correct_by_id(Path(against))
+        reference_correct = oof_correct(Path(against))
     rows = []
     for folder in map(Path, dirs):
         for run_dir in find_runs([folder]):

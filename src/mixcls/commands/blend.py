@@ -35,6 +35,19 @@ def _row(name: str, scores: dict[str, float]) -> str:
             f"{scores['logloss']:9.4f}")
 
 
+def _against_best_member(metrics: dict, out: str) -> str:
+    """The blend's nested accuracy minus its best member's, paired on the OOF rows (as
+    `mixcls runs --against`): is the gain more than the rows' noise?"""
+    from mixcls.run_table import oof_correct, paired_accuracy_difference
+
+    best = max(metrics["members"], key=lambda m: m["cv_accuracy"])
+    blend, member = oof_correct(out), oof_correct(best["path"])
+    shared = blend.index.intersection(member.index)
+    diff, se = paired_accuracy_difference(blend.loc[shared].to_numpy(), member.loc[shared].to_numpy())
+    return (f"  blend - best member ({best['name']}), nested accuracy: {diff:+.4f}, paired SE "
+            f"{se:.4f} over {len(shared)} OOF rows (row noise only, not seed-to-seed)")
+
+
 def run_blend(args: argparse.Namespace) -> int:
     from mixcls.blend import blend_runs, fit_objective
 
@@ -49,6 +62,7 @@ def run_blend(args: argparse.Namespace) -> int:
     print(_row(f"blend {args.method}, nested CV", nested))
     print(_row("blend, in-sample (optimistic)", in_sample))
     print(_row("gap (in-sample - nested)", {k: in_sample[k] - nested[k] for k in nested}))
+    print(_against_best_member(metrics, args.out))
     objective = fit_objective(args.method, args.metric)
     if args.metric == "accuracy" and objective == "logloss":
         print(f"note: {args.method} fits log-loss (accuracy is a step function, no gradient); "
