@@ -93,11 +93,14 @@ def test_accuracy(probs_csv: Path, test_csv: Path, classes: list[str]) -> float:
     return float((predicted == truth.map(index).to_numpy()).mean())
 
 
+ROWS = ("scratch", "pretrained", "pretrained_ft", "pretrained_ft_mix")
+
+
 def variants(weights: str) -> dict[str, list[str]]:
-    """Each row's flags beyond the shared budget."""
-    return {"scratch": [], "pretrained": ["--pretrained-file", weights],
-            "pretrained_ft": ["--pretrained-file", weights, *FINETUNE],
-            "pretrained_ft_mix": ["--pretrained-file", weights, *FINETUNE, *MIX]}
+    """Each row's flags beyond the shared budget (the keys are ROWS)."""
+    return dict(zip(ROWS, ([], ["--pretrained-file", weights],
+                           ["--pretrained-file", weights, *FINETUNE],
+                           ["--pretrained-file", weights, *FINETUNE, *MIX])))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -111,16 +114,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="a stratified subset of the photos")
     parser.add_argument("--train-folds", default=None, help="e.g. 0 (default: all 5)")
-    parser.add_argument("--rows", type=lambda v: v.split(","),
-                        default=["scratch", "pretrained", "pretrained_ft", "pretrained_ft_mix"])
+    parser.add_argument("--rows", type=lambda v: v.split(","), default=list(ROWS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.data, args.work = args.data.resolve(), args.work.resolve()
-    unknown = sorted(set(args.rows) - set(variants("")))
+    unknown = sorted(set(args.rows) - set(ROWS))
     if unknown or "scratch" not in args.rows or "pretrained" not in args.rows:
         raise SystemExit(f"--rows: {unknown or 'scratch and pretrained are needed'}; "
-                         f"choose from {', '.join(variants(''))}")
+                         f"choose from {', '.join(ROWS)}")
     return args
 
 

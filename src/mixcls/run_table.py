@@ -157,18 +157,24 @@ def oof_correct(run_dir: str | Path) -> pd.Series:
     return pd.Series((oof["pred"] == oof["label"]).to_numpy(), index=oof["image_id"].to_numpy())
 
 
+def paired_oof_difference(run_dir: str | Path, reference: pd.Series) -> tuple[float, float, int]:
+    """(accuracy difference, paired SE, rows) of a run's OOF against a reference's oof_correct,
+    over the image ids both scored."""
+    correct = oof_correct(run_dir)
+    shared = correct.index.intersection(reference.index)
+    diff, se = paired_accuracy_difference(correct.loc[shared].to_numpy(),
+                                          reference.loc[shared].to_numpy())
+    return diff, se, len(shared)
+
+
 def _against_columns(row: dict[str, Any], run_dir: Path, reference: dict[str, Any],
                      reference_correct: pd.Series) -> dict[str, Any]:
     """acc_diff, diff_se and shared_rows of a row against the reference run (None where the two
     did not validate on the same folds or the row is not a finished run)."""
-    empty = dict.fromkeys(AGAINST_COLUMNS)
     if not row["finished"] or row["folds_fingerprint"] != reference["folds_fingerprint"]:
-        return empty
-    correct = oof_correct(run_dir)
-    shared = correct.index.intersection(reference_correct.index)
-    diff, se = paired_accuracy_difference(correct.loc[shared].to_numpy(),
-                                          reference_correct.loc[shared].to_numpy())
-    return {"acc_diff": diff, "diff_se": _number(se), "shared_rows": len(shared)}
+        return dict.fromkeys(AGAINST_COLUMNS)
+    diff, se, rows = paired_oof_difference(run_dir, reference_correct)
+    return {"acc_diff": diff, "diff_se": _number(se), "shared_rows": rows}
 
 
 def runs_table(dirs: Iterable[str | Path], *, sort: str = "logloss",

@@ -38,14 +38,12 @@ def _row(name: str, scores: dict[str, float]) -> str:
 def _against_best_member(metrics: dict, out: str) -> str:
     """The blend's nested accuracy minus its best member's, paired on the OOF rows (as
     `mixcls runs --against`): is the gain more than the rows' noise?"""
-    from mixcls.run_table import oof_correct, paired_accuracy_difference
+    from mixcls.run_table import oof_correct, paired_oof_difference
 
     best = max(metrics["members"], key=lambda m: m["cv_accuracy"])
-    blend, member = oof_correct(out), oof_correct(best["path"])
-    shared = blend.index.intersection(member.index)
-    diff, se = paired_accuracy_difference(blend.loc[shared].to_numpy(), member.loc[shared].to_numpy())
+    diff, se, rows = paired_oof_difference(out, oof_correct(best["path"]))
     return (f"  blend - best member ({best['name']}), nested accuracy: {diff:+.4f}, paired SE "
-            f"{se:.4f} over {len(shared)} OOF rows (row noise only, not seed-to-seed)")
+            f"{se:.4f} over {rows} OOF rows (row noise only, not seed-to-seed)")
 
 
 def run_blend(args: argparse.Namespace) -> int:
