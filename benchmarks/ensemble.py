@@ -62,7 +62,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from fold_probs import (accuracy, check_fresh_export, fold_scores, fresh_rows,
+from fold_probs import (accuracy, check_fresh_export, cv_leads, fold_scores, fresh_rows,
                         predict_fold_fresh_probs, predict_fold_test_probs)
 from mixcls.blend import BLEND_METHODS, combine_each_fold, read_blend
 from mixcls.data import prob_columns
@@ -323,6 +323,12 @@ def main() -> int:
           f"mixcls predict --run {BLEND_PREFIX[args.members]}_weighted vs its members' combination: "
           f"max |diff| {blend_agreement:.2e}; "
           f"wall {(time.time() - started) / 60:.1f} min")
+    best_cv = max(names, key=lambda n: read_json(work / n / "metrics.json")["cv_accuracy"])
+    print(f"\nnested CV of each blend (and CV of each member) minus the best member's by CV, "
+          f"{best_cv}, paired on the OOF rows:")
+    others = {n: work / n for n in names if n != best_cv} | {
+        e: work / e for e in blends["entry"]}
+    print(cv_leads(work / best_cv, others).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     table.to_csv(work / "ensemble_table.csv", index=False)
     print(f"best_single={best_single:.4f} best_blend={best_blend:.4f} "
           f"gain_points={100 * (best_blend - best_single):.2f} "

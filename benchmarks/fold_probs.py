@@ -1,5 +1,6 @@
 """Each fold model's probabilities on images no model trained on, as the benchmarks read them:
-the official test images, and "fresh" images of the training split that no run here saw.
+the official test images, and "fresh" images of the training split that no run here saw; and
+how far one run's CV leads others', paired on the OOF rows (`cv_leads`).
 
 Imported by ensemble.py and teachers.py (run as scripts, so this folder is on sys.path).
 """
@@ -97,3 +98,18 @@ def fresh_rows(data: Path, fresh: Path, work: Path, n: int, seed: int) -> Path:
     unseen[["image_id", "label"]].to_csv(partial, index=False)
     partial.replace(out)
     return out
+
+
+def cv_leads(reference: Path, others: dict[str, Path]) -> pd.DataFrame:
+    """Per other run: its CV accuracy minus REFERENCE's over the OOF rows both scored, and the
+    paired standard error of that difference (mixcls.run_table, as `mixcls runs --against`), in
+    percentage points: whether a lead chosen by CV is more than the rows' noise."""
+    from mixcls.run_table import oof_correct, paired_oof_difference
+
+    base = oof_correct(reference)
+    rows = []
+    for name, run_dir in others.items():
+        diff, se, shared = paired_oof_difference(run_dir, base)
+        rows.append({"row": name, "cv_diff_points": 100 * diff, "paired_se_points": 100 * se,
+                     "rows": shared})
+    return pd.DataFrame(rows)

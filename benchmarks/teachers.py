@@ -60,7 +60,7 @@ import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
 
-from fold_probs import (accuracy, check_fresh_export, fold_scores, fresh_rows,
+from fold_probs import (accuracy, check_fresh_export, cv_leads, fold_scores, fresh_rows,
                         predict_fold_fresh_probs, predict_fold_test_probs, single_accuracy)
 from mixcls.data import prob_columns
 from mixcls.runs import read_json
@@ -357,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen, line = headline(table)
     print(f"pseudo row chosen by CV: {chosen}; mixcls predict vs the mean of its fold models' "
           f"probabilities: max |diff| {agree:.2e}")
+    others = {n: d for n, d in runs.items() if n != chosen and not n.startswith("leaky")}
+    print(f"CV of each other per-fold row minus {chosen}'s, paired on the OOF rows:")
+    print(cv_leads(runs[chosen], others).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print(line)
     return 0
 

@@ -111,6 +111,14 @@ def test_teachers_benchmark_rows_table_and_final_line(tmp_path, capsys, monkeypa
     }
     for key, value in expected.items():
         assert figures[key] == pytest.approx(value, abs=0.011), key
+    lines = first.strip().splitlines()  # the other rows' CV minus the chosen row's, paired
+    start = next(i for i, x in enumerate(lines) if x.startswith("CV of each other per-fold row"))
+    assert lines[start + 1].split() == ["row", "cv_diff_points", "paired_se_points", "rows"]
+    leads = {t[0]: [float(v) for v in t[1:]] for t in map(str.split, lines[start + 2:-1])}
+    assert sorted(leads) == sorted(r for r in honest.index if r != chosen)
+    for name, (diff, se, rows) in leads.items():  # every OOF row is shared: CV minus CV
+        assert diff == pytest.approx(table.loc[name, "cv"] - table.loc[chosen, "cv"], abs=0.011)
+        assert rows == 150 and se >= 0
 
     stamps = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
     calls.clear()
