@@ -82,6 +82,16 @@ def one_thread():
 
 
 @pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if a fold starts training."""
+    import mixcls.train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started although the run should have been refused")
+    monkeypatch.setattr(mixcls.train, "train_one_epoch", refuse)
+
+
+@pytest.fixture
 def tiny_data(tmp_path: Path) -> Path:
     """3 classes x 12 images of 24 px, integer labels, Kaggle layout."""
     return write_tiny_dataset(tmp_path / "data")

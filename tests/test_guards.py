@@ -43,14 +43,6 @@ def _train(data, out, *extra):
     return main(["train", "--data", str(data), "--out", str(out), *BASE, *extra])
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    """Fail the test if a fold starts training."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("training started although the run should have been refused")
-    monkeypatch.setattr(mixcls.train, "train_one_epoch", refuse)
-
-
 @pytest.fixture(scope="module")
 def nan_run(tmp_path_factory):
     """A 3-epoch run (with EMA) whose loss turns NaN at batch 1 of epoch 2; (run folder, stderr)."""

@@ -47,6 +47,10 @@ class DataConfig:
     images: str | None = _opt(None, "training images folder, when it is not DATA/train_images")
     id_col: str = _opt("image_id", "column of image file names (relative to the images folder)")
     label_col: str = _opt("label", "column of labels (integers or strings)")
+    group_col: str | None = _opt(None, "column of group ids (patient, plant, photo session, "
+                                 "near-duplicate cluster from `mixcls duplicates`): the rows of a "
+                                 "group share one fold (stratified group k-fold), and given folds "
+                                 "that split a group are refused")
     img_size: int = _opt(224, "square side in pixels the model sees")
     preset: str = _opt("light", "albumentations preset for training", choices=PRESETS)
     colour_on_device: bool = _opt(False, "run the preset's colour steps (HSV, brightness/contrast) "

@@ -53,7 +53,8 @@ class TrainTable:
     """A checked training table.
 
     `frame` has image_id, label (int index into `classes`), path (absolute), and when the CSV
-    had them: fold, label_given (int), keep (0/1), prob_0 … prob_{K-1} (soft targets).
+    had them: fold, label_given (int), keep (0/1), prob_0 … prob_{K-1} (soft targets), and
+    group (text) when a group column was named.
     """
 
     frame: pd.DataFrame
@@ -184,16 +185,21 @@ def _long_rows(path: Path, n_columns: int) -> list[str]:
 
 def load_train_table(data: str | Path | None = None, *, csv: str | Path | None = None,
                      images: str | Path | None = None, id_col: str = "image_id",
-                     label_col: str = "label", n_folds: int | None = None,
+                     label_col: str = "label", group_col: str | None = None,
+                     n_folds: int | None = None,
                      check_images: str = "full", classes: list[str] | None = None,
                      image_cache: ImageCache | None = None) -> TrainTable:
     """Read a Kaggle-layout folder, a CSV + images folder, or a class-per-folder tree, and check it.
 
     `classes` fixes the class list (e.g. a run's classes.json when predicting or merging).
+    `group_col` names a column of group ids, kept as the frame's `group` (non-empty text).
     `image_cache`: the check skips files its index knows unchanged, and its decodes fill it.
     """
     csv_path, images_dir = resolve_layout(data, csv, images)
     if csv_path is None:
+        if group_col is not None:
+            raise DataError(f"group_col {group_col!r}: {images_dir} is a class-per-folder tree, "
+                            "which has no columns; list the images in a CSV with a group column")
         raw = _scan_class_folders(images_dir)
         source = str(images_dir)
         id_col, label_col = "image_id", "label"
@@ -201,7 +207,7 @@ def load_train_table(data: str | Path | None = None, *, csv: str | Path | None =
     else:
         raw = read_text_table(csv_path)
         source = str(csv_path)
-        missing = [c for c in (id_col, label_col) if c not in raw.columns]
+        missing = [c for c in (id_col, label_col, group_col) if c is not None and c not in raw.columns]
         if missing:
             raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
                             f"columns are {', '.join(raw.columns)}")
@@ -210,6 +216,8 @@ def load_train_table(data: str | Path | None = None, *, csv: str | Path | None =
                           "label_raw": raw[label_col].astype(str).str.strip()})
     _check_ids(frame, source, images_dir)
     _check_labels(frame["label_raw"], source)
+    if group_col is not None:
+        frame["group"] = _group_ids(raw[group_col], group_col, source)
     class_list, integer_labels = _resolve_classes(frame["label_raw"], names_file, classes)
     frame["label"] = _map_labels(frame["label_raw"], class_list, integer_labels, source)
     optional = _read_optional_columns(raw, frame, class_list, integer_labels, source)
@@ -259,6 +267,14 @@ def _check_labels(labels: pd.Series, source: str) -> None:
     empty = [f"row {i + 2}" for i in np.flatnonzero(labels.eq("").to_numpy())]
     if empty:
         raise DataError(format_listing(f"{source}: rows with an empty label", empty))
+
+
+def _group_ids(values: pd.Series, group_col: str, source: str) -> pd.Series:
+    groups = values.astype(str).str.strip()
+    empty = [f"row {i + 2}" for i in np.flatnonzero(groups.eq("").to_numpy())]
+    if empty:  # an empty id would silently make one big group of every unlabelled row
+        raise DataError(format_listing(f"{source}: rows with an empty {group_col}", empty))
+    return groups
 
 
 def _resolve_classes(labels: pd.Series, names_file: Any, classes: list[str] | None
@@ -373,6 +389,30 @@ def _check_images(paths: Sequence[str], mode: str | None, image_cache: ImageCach
     if image_cache is not None:
         image_cache.commit()  # the good files too when others are bad: the rerun skips them
     return problems
+
+
+def check_classes_beside(out: str | Path, classes: Sequence[str], *, source: str, what: str) -> bool:
+    """Whether a class file (classes.json, label_num_to_disease_map.json) is already beside
+    `out`; DataError when it names other classes than `classes` (those of `source`)."""
+    out = Path(out)
+    existing = [out.parent / name for name in CLASS_FILES if (out.parent / name).is_file()]
+    if existing and class_names_in_order(read_class_names(out.parent)) != list(classes):
+        raise DataError(f"{existing[0]} names other classes than {source} ({len(classes)} "
+                        f"classes); write the {what} to another folder")
+    return bool(existing)
+
+
+def write_table_with_classes(out: str | Path, table: pd.DataFrame, classes: Sequence[str], *,
+                             source: str, what: str) -> None:
+    """Write `table` to `out` (atomically) with its class list beside it, so the trainer reads
+    the classes back in `source`'s order wherever the table is written (checked first:
+    `check_classes_beside`)."""
+    from mixcls.runs import atomic_write_csv, atomic_write_json
+
+    existing = check_classes_beside(out, classes, source=source, what=what)
+    atomic_write_csv(out, table)
+    if not existing:
+        atomic_write_json(Path(out).parent / "classes.json", list(classes))
 
 
 def check_class_counts(table: TrainTable, n_folds: int) -> None:

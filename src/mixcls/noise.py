@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mixcls.data import (CLASS_FILES, DataError, check_oof, class_names_in_order, prob_columns,
-                         read_class_names, read_image)
-from mixcls.runs import RunFolder, atomic_save_figure, atomic_write_csv, atomic_write_json
+from mixcls.data import DataError, check_oof, prob_columns, read_image, write_table_with_classes
+from mixcls.runs import RunFolder, atomic_save_figure, atomic_write_csv
 
 # cleanlab's filter_by: how rows are judged label issues.
 FILTER_METHODS = ("low_self_confidence", "low_normalized_margin", "prune_by_noise_rate",
@@ -326,12 +325,5 @@ def write_clean_table(run_dir: str | Path, out: str | Path, *, policy: str,
     values = np.arange(len(classes)) if integer else np.asarray(classes, dtype=object)
     table = table.assign(label=values[table["label"].to_numpy()],
                          label_given=values[table["label_given"].to_numpy()], fold=folds)
-    out = Path(out)
-    existing = [out.parent / name for name in CLASS_FILES if (out.parent / name).is_file()]
-    if existing and class_names_in_order(read_class_names(out.parent)) != list(classes):
-        raise DataError(f"{existing[0]} names other classes than the run {run_dir} "
-                        f"({len(classes)} classes); write the cleaned table to another folder")
-    atomic_write_csv(out, table)
-    if not existing:
-        atomic_write_json(out.parent / "classes.json", list(classes))
+    write_table_with_classes(out, table, classes, source=f"the run {run_dir}", what="cleaned table")
     return table, n_acted

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from mixcls.config import Config, ConfigError, LossConfig, MixConfig, dump_config
-from mixcls.data import DataError, TrainTable, check_class_counts, load_train_table
+from mixcls.data import DataError, TrainTable, check_class_counts, format_listing, load_train_table
 from mixcls.devices import amp_setup
 from mixcls.distributed import check_distributed_options
-from mixcls.folds import make_folds
+from mixcls.folds import empty_folds, find_split_groups, make_folds
 from mixcls.image_cache import ImageCache
 from mixcls.losses import build_loss
 from mixcls.models import (ModelError, build_model, check_compile, check_finetune_settings,
@@ -51,11 +51,13 @@ class BatchPlan:
 
 def prepare_table(cfg: Config, *, image_cache: ImageCache | None = None) -> tuple[TrainTable, np.ndarray]:
     """The checked table and each row's fold (`--folds-from`, the table's own `fold` column, or
-    stratified). With `image_cache` the check's decode of each image also fills the cache, and
-    files the cache's index already checked are not decoded again."""
+    stratified, grouped by `--group-col` when it is set). With `image_cache` the check's decode
+    of each image also fills the cache, and files the cache's index already checked are not
+    decoded again."""
     table = load_train_table(cfg.data.data, csv=cfg.data.csv, images=cfg.data.images,
                              id_col=cfg.data.id_col, label_col=cfg.data.label_col,
-                             check_images=cfg.data.check_images, image_cache=image_cache)
+                             group_col=cfg.data.group_col, check_images=cfg.data.check_images,
+                             image_cache=image_cache)
     frame, source = table.frame, table.csv_path or table.images_dir
     if table.num_classes < 2:
         raise DataError(f"{source}: a classifier needs at least 2 classes, the table has only "
@@ -68,7 +70,7 @@ def prepare_table(cfg: Config, *, image_cache: ImageCache | None = None) -> tupl
             f"{Path(cfg.train.folds_from) / 'folds.csv'}"
     elif "fold" not in frame.columns:
         check_class_counts(table, cfg.train.folds)
-        return table, make_folds(table.labels, cfg.train.folds, cfg.train.seed)
+        return table, _made_folds(table, cfg.train.folds, cfg.train.seed, cfg.data.group_col)
     else:
         folds, where = frame["fold"].to_numpy(dtype=np.int64), f"the fold column of {source}"
     present = sorted(set(folds.tolist()))
@@ -77,7 +79,39 @@ def prepare_table(cfg: Config, *, image_cache: ImageCache | None = None) -> tupl
                 else f"number the folds 0 … {cfg.train.folds - 1}")
         raise ConfigError(f"folds: {where} holds folds {_short(present)}, but folds is "
                           f"{cfg.train.folds}; {hint}")
+    if "group" in frame.columns:
+        _check_groups_kept(frame["group"].to_numpy(), folds, where, cfg.data.group_col)
     return table, folds
+
+
+def _made_folds(table: TrainTable, n_folds: int, seed: int, group_col: str | None) -> np.ndarray:
+    """Stratified folds, grouped when the table has groups; DataError when the groups are too
+    few or too unequal to fill every fold."""
+    if group_col is None:
+        return make_folds(table.labels, n_folds, seed)
+    source, groups = table.csv_path, table.frame["group"].to_numpy()
+    sizes = pd.Series(groups).value_counts()
+    if len(sizes) < n_folds:
+        raise DataError(f"group_col {group_col!r}: {source} has {len(sizes)} group(s), fewer than "
+                        f"the {n_folds} folds; use --folds {max(len(sizes), 2)} or finer groups")
+    folds = make_folds(table.labels, n_folds, seed, groups=groups)
+    empty = empty_folds(folds, n_folds)
+    if empty:
+        raise DataError(f"group_col {group_col!r}: {n_folds} folds of whole groups leave fold(s) "
+                        f"{_short(empty)} empty ({sizes.iloc[0]} of the {len(groups)} rows are in "
+                        f"group {sizes.index[0]!r}); use fewer folds or finer groups")
+    return folds
+
+
+def _check_groups_kept(groups: np.ndarray, folds: np.ndarray, where: str, group_col: str) -> None:
+    """Given folds must keep each group in one fold, or that group is validated by a model that
+    trained on it."""
+    split = find_split_groups(groups, folds)
+    if split:
+        listed = [f"group {g!r}: folds {', '.join(map(str, fs))}" for g, fs in split.items()]
+        raise DataError(format_listing(f"group_col {group_col!r}: {where} puts a group's rows in "
+                                       "more than one fold, so CV would validate on rows it "
+                                       "trained on; groups", listed))
 
 
 def read_shared_folds(run_dir: str | Path, image_ids: list[str]) -> np.ndarray:
@@ -324,7 +358,8 @@ def write_run_header(cfg: Config, table: TrainTable, folds: np.ndarray, run_dir:
     atomic_write_json(run_dir / "dataset.json", {
         "csv": str(table.csv_path) if table.csv_path else None, "images": str(table.images_dir),
         "rows": len(table.frame), "integer_labels": table.integer_labels,
-        "soft_targets": table.soft_targets is not None})
+        "soft_targets": table.soft_targets is not None,
+        "groups": int(table.frame["group"].nunique()) if "group" in table.frame.columns else None})
     atomic_write_csv(run_dir / "folds.csv", pd.DataFrame({"image_id": table.frame["image_id"], "fold": folds}))
     if plan.source == "auto":
         atomic_write_json(run_dir / "batch_plan.json", dataclasses.asdict(plan))

@@ -312,6 +312,9 @@ def _begin_run(cfg: Config, table: TrainTable, folds: np.ndarray, run_dir: Path,
                log: Callable[[str], None]) -> tuple[BatchPlan, np.ndarray, list[int]]:
     """Rank 0: check the configuration, plan the batch, then open the run folder."""
     check_run_settings(cfg, device, world_size=world_size)
+    if cfg.data.group_col is not None:
+        log(f"folds grouped by {cfg.data.group_col!r}: {table.frame['group'].nunique()} groups, "
+            "each in one fold")
     plan = resolve_batch_plan(cfg, table.num_classes, device, world_size=world_size,
                               run_dir=run_dir, resume=resume, log=log)
     folds, finished = open_run_folder(cfg, table, folds, run_dir, resume=resume, chosen=chosen,

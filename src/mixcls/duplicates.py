@@ -1,0 +1,161 @@
+"""Near-duplicate images of a training table: a perceptual hash per image, the pairs within a
+Hamming distance, and groups (their connected components) for grouped folds.
+
+Competition photo sets hold the same subject more than once: Cassava's 2019 and 2020 images
+overlap, and resized, recompressed or re-shot copies are common. A copy that lands in another
+fold than its twin is validated by a model that trained on the twin, so CV reads high. `mixcls
+duplicates` writes the table with a group column, and `mixcls train --group-col` then keeps each
+group in one fold. Pairs whose labels differ are label noise found for free.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+# imagehash's pHash of 16 x 16 DCT coefficients: 256 bits. On photos of one garment on a plain
+# backdrop its 64-bit default put different garments within 4 bits of each other, where 256
+# bits keep them 38 or more apart (benchmarks/duplicates.py measures both).
+HASH_SIZE = 16
+HASH_BITS = HASH_SIZE * HASH_SIZE
+# pHash looks at a 64 x 64 grey image; a JPEG decoded at a reduced DCT scale to a short side of
+# 128 loses nothing it sees, and an 800 x 600 photo decodes several times faster.
+DECODE_SHORT_SIDE = 128
+DEFAULT_MAX_DISTANCE = 24  # of 256 bits; benchmarks/duplicates.py measures what it finds and misses
+
+
+def hash_image(path: str | Path) -> np.ndarray:
+    """The 256-bit perceptual hash (imagehash.phash) of one image file, as (256,) bools."""
+    import imagehash
+    from PIL import Image
+
+    from mixcls.image_cache import decode_image
+
+    pixels = decode_image(path, short_side=DECODE_SHORT_SIDE)
+    return imagehash.phash(Image.fromarray(pixels), hash_size=HASH_SIZE).hash.reshape(-1)
+
+
+def hash_images(paths: Sequence[str | Path], *, workers: int = 0,
+                progress: Callable | None = None) -> np.ndarray:
+    """(N, 256) bool perceptual hashes of `paths`, in their order; `workers` > 0 decodes in that
+    many processes. `progress` wraps the iterator (tqdm) when given."""
+    def wrap(items):
+        return progress(items, total=len(paths)) if progress is not None else items
+
+    if workers <= 0:
+        rows = [hash_image(p) for p in wrap(paths)]
+    else:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+            rows = list(wrap(pool.map(hash_image, paths, chunksize=64)))
+    return np.array(rows, dtype=bool).reshape(len(paths), HASH_BITS)
+
+
+def find_pairs(hashes: np.ndarray, max_distance: int) -> pd.DataFrame:
+    """Every pair of rows i < j whose hashes (N, B) bool differ in at most `max_distance` bits:
+    columns a, b (row indices) and distance (bits), sorted by distance, then a, then b.
+
+    scikit-learn's brute-force radius search (metric hamming, in chunks) finds them; its
+    distances are fractions of B, turned back into whole bits here.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    n, bits = hashes.shape
+    if n < 2:
+        return pd.DataFrame({"a": [], "b": [], "distance": []}, dtype=np.int64)
+    search = NearestNeighbors(radius=(max_distance + 0.5) / bits, metric="hamming",
+                              algorithm="brute").fit(hashes)
+    distances, neighbours = search.radius_neighbors(hashes, return_distance=True)
+    a = np.repeat(np.arange(n), [len(row) for row in neighbours])
+    b = np.concatenate(neighbours).astype(np.int64)
+    d = np.rint(np.concatenate(distances) * bits).astype(np.int64)
+    keep = a < b
+    pairs = pd.DataFrame({"a": a[keep], "b": b[keep], "distance": d[keep]})
+    return pairs.sort_values(["distance", "a", "b"], ignore_index=True)
+
+
+def group_rows(n_rows: int, pairs: pd.DataFrame) -> np.ndarray:
+    """(N,) the smallest row index of each row's group: the connected components of the pairs
+    (a twin of a twin is in the same group, so no fold split can separate them)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(pairs)), (pairs["a"].to_numpy(), pairs["b"].to_numpy())),
+                       shape=(n_rows, n_rows))
+    _, component = connected_components(graph, directed=False)
+    first = pd.Series(np.arange(n_rows)).groupby(component).transform("min")
+    return first.to_numpy(dtype=np.int64)
+
+
+@dataclass
+class DuplicateResult:
+    """What `write_duplicate_groups` wrote: the table with its group column, the pairs
+    (image_a, image_b, distance, label_a, label_b, same_label), and the images folder."""
+
+    table: pd.DataFrame
+    pairs: pd.DataFrame
+    column: str
+    max_distance: int
+    images_dir: Path
+
+    def summary(self) -> str:
+        groups = self.table[self.column].value_counts()
+        shared = groups[groups > 1]
+        conflicts = int((~self.pairs["same_label"]).sum())
+        return (f"{len(self.table)} images: {int(shared.sum())} in {len(shared)} group(s) of "
+                f"near-duplicates (largest {int(shared.max()) if len(shared) else 0}); "
+                f"{len(self.pairs)} pair(s) within {self.max_distance} of {HASH_BITS} bits, {conflicts} "
+                "of them with different labels")
+
+
+def write_duplicate_groups(data: str | Path | None, out: str | Path, *, csv: str | Path | None = None,
+                           images: str | Path | None = None, id_col: str = "image_id",
+                           label_col: str = "label", column: str = "dup_group",
+                           max_distance: int = DEFAULT_MAX_DISTANCE, pairs_out: str | Path | None = None,
+                           workers: int = 0, progress: Callable | None = None) -> DuplicateResult:
+    """Hash every training image, write `out`: the training table (every column as read) plus
+    `column`, each row's group (the image id of its group's first row in table order; an image
+    without near-duplicates is its own group). With `pairs_out`, also the pairs CSV.
+
+    Every check (table, files, the new column's name, `out` not the input) comes before any
+    image is hashed; both files are written under a temporary name and renamed.
+    """
+    from mixcls.data import (DataError, check_classes_beside, load_train_table, read_text_table,
+                             resolve_layout, write_table_with_classes)
+    from mixcls.runs import atomic_write_csv
+
+    if not 0 <= max_distance < HASH_BITS:
+        raise DataError(f"max_distance {max_distance} must be in 0 … {HASH_BITS - 1} bits")
+    csv_path, images_dir = resolve_layout(data, csv, images)
+    table = load_train_table(data, csv=csv, images=images, id_col=id_col, label_col=label_col,
+                             check_images="header")
+    if csv_path is None:  # a class-per-folder tree: its table is the scan's ids and folder names
+        label_col = "label"
+        raw = pd.DataFrame({"image_id": table.frame["image_id"],
+                            "label": np.asarray(table.classes, dtype=object)[table.labels]})
+    else:
+        raw = read_text_table(csv_path)
+        if Path(out).resolve() == csv_path.resolve():
+            raise DataError(f"--out {out} is the training table itself; write the grouped table "
+                            "beside it")
+    source = str(csv_path or images_dir)
+    if column in raw.columns:
+        raise DataError(f"{source}: already has a column {column!r}; pass another --column")
+    check_classes_beside(out, table.classes, source=source, what="grouped table")
+    hashes = hash_images(table.frame["path"].tolist(), workers=workers, progress=progress)
+    pairs = find_pairs(hashes, max_distance)
+    ids, labels = table.frame["image_id"].to_numpy(), raw[label_col].str.strip().to_numpy()
+    grouped = raw.assign(**{column: ids[group_rows(len(ids), pairs)]})
+    named = pd.DataFrame({"image_a": ids[pairs["a"]], "image_b": ids[pairs["b"]],
+                          "distance": pairs["distance"], "label_a": labels[pairs["a"]],
+                          "label_b": labels[pairs["b"]]})
+    named["same_label"] = named["label_a"] == named["label_b"]
+    if pairs_out is not None:
+        atomic_write_csv(pairs_out, named)
+    write_table_with_classes(out, grouped, table.classes, source=source, what="grouped table")
+    return DuplicateResult(table=grouped, pairs=named, column=column, max_distance=max_distance,
+                           images_dir=table.images_dir)

@@ -1,0 +1,229 @@
+"""Near-duplicate groups (`mixcls duplicates`): the hash, the pairs and groups against slow
+reference loops, planted copies found exactly, the written table, and the CV leak that grouped
+folds remove."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from mixcls.cli import main
+from mixcls.duplicates import DEFAULT_MAX_DISTANCE, find_pairs, group_rows, hash_image, hash_images
+
+# Smooth random fields (32 px, like a photo's low frequencies): a copy with pixel noise of sd 4
+# stays within 54 of the 256 pHash bits of its original here, two distinct fields differ in >= 96.
+SIZE, MAX_DISTANCE = 32, 75
+
+
+def _field(rng: np.random.Generator) -> np.ndarray:
+    x = gaussian_filter(rng.normal(0, 1, (SIZE, SIZE, 3)), (2.0, 2.0, 0))
+    return ((x - x.min()) / (x.max() - x.min()) * 255).astype(np.uint8)
+
+
+def _near_copy(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+
+
+def _write_twins(root: Path, *, n_unique: int, n_twins: int, labels: np.ndarray, seed: int = 0,
+                 twin_label=lambda original: original) -> Path:
+    """root/train.csv + train_images/: n_unique fields, the first n_twins each with a near copy
+    (`twin_<i>.png`, label twin_label(its original's)), rows shuffled; an extra column `site`."""
+    rng = np.random.default_rng(seed)
+    (root / "train_images").mkdir(parents=True)
+    rows = []
+    for i in range(n_unique):
+        image = _field(rng)
+        Image.fromarray(image).save(root / "train_images" / f"img_{i}.png")
+        rows.append({"image_id": f"img_{i}.png", "label": int(labels[i]), "site": f"s{i % 3}"})
+        if i < n_twins:
+            Image.fromarray(_near_copy(image, rng)).save(root / "train_images" / f"twin_{i}.png")
+            rows.append({"image_id": f"twin_{i}.png", "label": int(twin_label(labels[i])),
+                         "site": f"s{i % 3}"})
+    table = pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    table.to_csv(root / "train.csv", index=False)
+    return root
+
+
+def _last_epoch_accuracy(run: Path) -> float:
+    """Validation accuracy of each fold's last epoch, pooled over the rows (the CV is the best
+    epoch's, picked on those rows, which lifts a chance-level score)."""
+    correct = rows = 0
+    for fold_dir in run.glob("fold_*"):
+        n = len(pd.read_csv(fold_dir / "oof.csv"))
+        correct += pd.read_csv(fold_dir / "history.csv")["valid_accuracy"].iloc[-1] * n
+        rows += n
+    return correct / rows
+
+
+def _reference_pairs(hashes: np.ndarray, max_distance: int) -> set[tuple[int, int, int]]:
+    n = len(hashes)
+    return {(i, j, int((hashes[i] != hashes[j]).sum())) for i in range(n) for j in range(i + 1, n)
+            if (hashes[i] != hashes[j]).sum() <= max_distance}
+
+
+def test_find_pairs_equals_a_slow_loop_over_every_pair_and_is_sorted():
+    rng = np.random.default_rng()
+    for _ in range(10):
+        n, bits = int(rng.integers(2, 60)), int(rng.choice([16, 64]))
+        base = rng.random((int(rng.integers(1, 8)), bits)) < 0.5  # a few centres, flipped copies
+        hashes = base[rng.integers(0, len(base), n)] ^ (rng.random((n, bits)) < 0.08)
+        max_distance = int(rng.integers(0, bits // 4))
+        pairs = find_pairs(hashes, max_distance)
+        assert set(map(tuple, pairs[["a", "b", "distance"]].to_numpy().tolist())) == \
+            _reference_pairs(hashes, max_distance)
+        assert pairs.equals(pairs.sort_values(["distance", "a", "b"], ignore_index=True))
+    assert find_pairs(np.zeros((1, 64), bool), 3).empty
+
+
+def test_group_rows_equals_union_find_on_random_pairs():
+    rng = np.random.default_rng()
+    for _ in range(20):
+        n = int(rng.integers(1, 50))
+        m = int(rng.integers(0, n + 1))
+        a, b = rng.integers(0, n, m), rng.integers(0, n, m)
+        keep = a < b
+        pairs = pd.DataFrame({"a": a[keep], "b": b[keep]})
+        parent = list(range(n))
+
+        def root(i):
+            while parent[i] != i:
+                i = parent[i]
+            return i
+        for i, j in zip(pairs["a"], pairs["b"]):
+            parent[max(root(i), root(j))] = min(root(i), root(j))
+        expected = [min(k for k in range(n) if root(k) == root(i)) for i in range(n)]
+        assert group_rows(n, pairs).tolist() == expected
+
+
+def test_hash_image_is_imagehash_phash_of_the_decoded_image(tmp_path):
+    rng = np.random.default_rng()
+    image = _field(rng)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    assert np.array_equal(hash_image(tmp_path / "a.png"),
+                          imagehash.phash(Image.fromarray(image), hash_size=16).hash.reshape(-1))
+    # A large JPEG is decoded at a reduced scale; its hash stays well inside the default distance
+    # of the full decode's (12 bits here), so the shortcut alone never hides a copy.
+    big = np.kron(_field(rng), np.ones((20, 15, 1), np.uint8))  # 640 x 480
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=90)
+    full = imagehash.phash(Image.open(tmp_path / "big.jpg"), hash_size=16).hash.reshape(-1)
+    assert (hash_image(tmp_path / "big.jpg") != full).sum() <= DEFAULT_MAX_DISTANCE // 2
+    paths = [tmp_path / "a.png", tmp_path / "big.jpg"]
+    assert np.array_equal(hash_images(paths, workers=2), hash_images(paths, workers=0))
+
+
+def test_planted_copies_are_found_exactly_and_the_table_keeps_its_columns(tmp_path, capsys):
+    labels = np.arange(30) % 3
+    # twins 0..7 carry their original's label, twins 8..11 another one (label noise to list)
+    data = _write_twins(tmp_path / "data", n_unique=30, n_twins=12, labels=labels,
+                        twin_label=lambda y: y)
+    table = pd.read_csv(data / "train.csv")
+    for i in range(8, 12):
+        table.loc[table["image_id"] == f"twin_{i}.png", "label"] = (labels[i] + 1) % 3
+    table.to_csv(data / "train.csv", index=False)
+    out, pairs_out = tmp_path / "grouped" / "train.csv", tmp_path / "pairs.csv"
+    assert main(["duplicates", "--data", str(data), "--out", str(out), "--pairs", str(pairs_out),
+                 "--max-distance", str(MAX_DISTANCE), "--workers", "0", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "42 images: 24 in 12 group(s) of near-duplicates (largest 2); 12 pair(s) within 75 of " \
+           "256 bits, 4 of them with different labels" in said
+    grouped = pd.read_csv(out)
+    assert list(grouped.columns) == ["image_id", "label", "site", "dup_group"]
+    assert grouped[["image_id", "label", "site"]].equals(table)
+    by_id = dict(zip(grouped["image_id"], grouped["dup_group"]))
+    for i in range(30):
+        twin = by_id.get(f"twin_{i}.png")
+        if i < 12:  # original and copy share the id of whichever comes first in the table
+            assert twin == by_id[f"img_{i}.png"] and twin in (f"img_{i}.png", f"twin_{i}.png")
+        else:
+            assert by_id[f"img_{i}.png"] == f"img_{i}.png" and twin is None
+    pairs = pd.read_csv(pairs_out)
+    assert {frozenset(p) for p in pairs[["image_a", "image_b"]].to_numpy().tolist()} == \
+        {frozenset((f"img_{i}.png", f"twin_{i}.png")) for i in range(12)}
+    assert sorted(pairs.loc[~pairs["same_label"], "image_a"].str.extract(r"_(\d+)")[0]
+                  .astype(int)) == [8, 9, 10, 11]
+    assert json.loads((out.parent / "classes.json").read_text()) == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("itself", "is the training table itself"),
+    ("column", "already has a column 'site'"),
+    ("distance", "max_distance 256 must be in 0 … 255 bits"),
+    ("missing", "files that do not exist"),
+    ("classes", "names other classes than"),
+])
+def test_bad_requests_are_refused_before_hashing_and_write_nothing(tmp_path, capsys, monkeypatch,
+                                                                   case, expected):
+    import mixcls.duplicates
+
+    data = _write_twins(tmp_path / "data", n_unique=6, n_twins=0, labels=np.arange(6) % 2)
+    if case == "missing":
+        (data / "train_images" / "img_3.png").unlink()
+    monkeypatch.setattr(mixcls.duplicates, "hash_images",
+                        lambda *a, **k: pytest.fail("hashed although the request was refused"))
+    if case == "classes":
+        (tmp_path / "classes.json").write_text('["a", "b"]')
+    out = data / "train.csv" if case == "itself" else tmp_path / "out.csv"
+    extra = {"column": ["--column", "site"], "distance": ["--max-distance", "256"]}.get(case, [])
+    before = (data / "train.csv").read_bytes()
+    assert main(["duplicates", "--data", str(data), "--out", str(out), "--workers", "0",
+                 "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixcls: error:") and expected in err, err
+    assert (data / "train.csv").read_bytes() == before
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_a_class_per_folder_tree_gets_a_table_of_its_images(tmp_path):
+    rng = np.random.default_rng(1)
+    for k in range(2):
+        (tmp_path / "tree" / f"cls{k}").mkdir(parents=True)
+        image = _field(rng)
+        Image.fromarray(image).save(tmp_path / "tree" / f"cls{k}" / "a.png")
+        Image.fromarray(_near_copy(image, rng)).save(tmp_path / "tree" / f"cls{k}" / "b.png")
+        Image.fromarray(_field(rng)).save(tmp_path / "tree" / f"cls{k}" / "c.png")
+    out = tmp_path / "grouped.csv"
+    assert main(["duplicates", "--data", str(tmp_path / "tree"), "--out", str(out),
+                 "--max-distance", str(MAX_DISTANCE), "--workers", "0", "--no-progress"]) == 0
+    grouped = pd.read_csv(out)
+    assert grouped["label"].tolist() == ["cls0"] * 3 + ["cls1"] * 3
+    assert grouped["dup_group"].tolist() == ["cls0/a.png", "cls0/a.png", "cls0/c.png",
+                                             "cls1/a.png", "cls1/a.png", "cls1/c.png"]
+
+
+@pytest.mark.slow
+def test_grouped_folds_remove_the_cv_leak_of_near_duplicates(tmp_path, one_thread):
+    """Random labels (nothing to learn but each image; 12 per class), every image twice with
+    the same label, as a re-shot photo is. Plain folds put most twins in another fold than
+    their original, and the model that memorised one answers the other: CV well above chance.
+    Folds grouped by `mixcls duplicates` keep the twins together: CV at chance or below.
+
+    Measured (seeds 0/1/2/3 of labels and training, 12 epochs, one thread), last-epoch accuracy
+    and CV (best epoch, picked on the validation rows, which lifts a chance score):
+    plain 0.73/0.84/0.75/0.72 and 0.77/0.85/0.83/0.72; grouped 0.23/0.30/0.25/0.19 and
+    0.29/0.38/0.29/0.29 (chance 0.25, sd 0.044 at 96 rows). Bounds: plain > 0.55 and > 0.60,
+    grouped < 0.40 and < 0.45.
+    """
+    labels = np.random.default_rng(0).permutation(np.arange(48) % 4)
+    data = _write_twins(tmp_path / "data", n_unique=48, n_twins=48, labels=labels)
+    grouped = tmp_path / "grouped.csv"
+    assert main(["duplicates", "--data", str(data), "--out", str(grouped), "--workers", "0",
+                 "--max-distance", str(MAX_DISTANCE), "--no-progress"]) == 0
+    assert pd.read_csv(grouped)["dup_group"].nunique() == 48
+    tiny = ["--model", "mixcls_cnn_tiny", "--img-size", "16", "--epochs", "12", "--batch-size",
+            "16", "--workers", "0", "--preset", "none", "--device", "cpu", "--check-images",
+            "header", "--no-progress", "--lr", "0.01", "--seed", "0", "--folds", "3"]
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "plain"), *tiny]) == 0
+    assert main(["train", "--csv", str(grouped), "--images", str(data / "train_images"),
+                 "--group-col", "dup_group", "--out", str(tmp_path / "grouped"), *tiny]) == 0
+    cv = {name: json.loads((tmp_path / name / "metrics.json").read_text())["cv_accuracy"]
+          for name in ("plain", "grouped")}
+    last = {name: _last_epoch_accuracy(tmp_path / name) for name in ("plain", "grouped")}
+    assert last["plain"] > 0.55 and last["grouped"] < 0.40, last
+    assert cv["plain"] > 0.60 and cv["grouped"] < 0.45, cv

@@ -1,0 +1,140 @@
+"""Grouped folds: `--group-col` keeps each group's rows in one fold, and given folds that split a
+group are refused before any training."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY_TRAIN_FLAGS, write_tiny_dataset
+from mixcls.cli import main
+from mixcls.folds import empty_folds, find_split_groups, make_folds
+
+
+def _reference_split_groups(groups, folds):
+    """Slow loop: each group's set of folds, in first-appearance order, kept when > 1."""
+    seen: dict[str, set[int]] = {}
+    for g, f in zip(groups, folds):
+        seen.setdefault(str(g), set()).add(int(f))
+    return {g: sorted(fs) for g, fs in seen.items() if len(fs) > 1}
+
+
+@pytest.mark.parametrize("n_folds", [2, 3, 5])
+def test_grouped_folds_keep_every_group_whole_cover_every_row_and_stay_near_the_class_mix(n_folds):
+    rng = np.random.default_rng()
+    n = int(rng.integers(300, 600))
+    groups = rng.integers(0, n // 4, n).astype(str)
+    labels = rng.integers(0, 3, n)
+    folds = make_folds(labels, n_folds, seed=int(rng.integers(1e6)), groups=groups)
+    assert folds.shape == (n,) and set(folds.tolist()) == set(range(n_folds))
+    for g in np.unique(groups):
+        assert len(set(folds[groups == g].tolist())) == 1, g
+    # Whole groups of about 4 rows: each fold's class shares stay within a few points of the whole.
+    overall = np.bincount(labels, minlength=3) / n
+    for f in range(n_folds):
+        share = np.bincount(labels[folds == f], minlength=3) / (folds == f).sum()
+        assert np.abs(share - overall).max() < 0.12, (f, share, overall)
+    # Ungrouped folds of the same rows split groups (so the grouped check above can fail).
+    assert _reference_split_groups(groups, make_folds(labels, n_folds, seed=0))
+
+
+def test_grouped_folds_are_fixed_by_the_seed():
+    rng = np.random.default_rng(3)
+    groups, labels = rng.integers(0, 60, 400).astype(str), rng.integers(0, 4, 400)
+    same = make_folds(labels, 5, 7, groups=groups)
+    assert np.array_equal(same, make_folds(labels, 5, 7, groups=groups))
+    assert not np.array_equal(same, make_folds(labels, 5, 8, groups=groups))
+
+
+def test_find_split_groups_matches_a_slow_loop_on_random_folds():
+    rng = np.random.default_rng()
+    for _ in range(20):
+        n = int(rng.integers(1, 200))
+        groups = rng.integers(0, int(rng.integers(1, 40)), n).astype(str)
+        folds = rng.integers(0, int(rng.integers(1, 5)), n)
+        assert find_split_groups(groups, folds) == _reference_split_groups(groups, folds)
+    assert find_split_groups(["a", "a", "b"], [1, 1, 0]) == {}
+
+
+def test_empty_folds_lists_the_folds_no_row_has():
+    assert empty_folds(np.array([0, 2, 2, 4]), 5) == [1, 3]
+    assert empty_folds(np.array([1, 0]), 2) == []
+
+
+# ---------------------------------------------------------------- through `mixcls train`
+
+def _grouped_table(root, groups):
+    data = write_tiny_dataset(root / "data", n_per_class=8, size=16)
+    table = pd.read_csv(data / "train.csv")
+    table["plant"] = groups(len(table))
+    table.to_csv(data / "train.csv", index=False)
+    return data, table
+
+
+def _train(data, out, *extra):
+    return main(["train", "--data", str(data), "--out", str(out), *TINY_TRAIN_FLAGS,
+                 "--folds", "3", *extra])
+
+
+def test_a_grouped_run_validates_each_group_on_one_fold_and_records_the_groups(tmp_path, capsys,
+                                                                               one_thread):
+    # 24 rows in 8 plants of 3 photos, each plant's photos of mixed classes.
+    data, table = _grouped_table(tmp_path, lambda n: [f"p{i % 8}" for i in range(n)])
+    out = tmp_path / "run"
+    assert _train(data, out, "--group-col", "plant") == 0
+    assert "folds grouped by 'plant': 8 groups, each in one fold" in capsys.readouterr().out
+    folds = pd.read_csv(out / "folds.csv")
+    merged = table.merge(folds, on="image_id")
+    assert len(merged) == len(table)
+    assert merged.groupby("plant")["fold"].nunique().max() == 1
+    oof = pd.read_csv(out / "oof.csv")
+    assert oof.merge(merged, on="image_id").eval("fold_x == fold_y").all()
+    assert json.loads((out / "dataset.json").read_text())["groups"] == 8
+    assert "group_col: plant" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", r"missing column\(s\) shelf"),
+    ("empty", r"rows with an empty plant \(1\):\n  row 5"),
+    ("few", r"has 2 group\(s\), fewer than the 3 folds; use --folds 2"),
+    ("unequal", r"leave fold\(s\) \[2\] empty \(22 of the 24 rows are in group 'big'\)"),
+    ("split", r"puts a group's rows in more than one fold.*\n  group 'p0': folds 0, 1"),
+])
+def test_bad_groups_are_refused_before_training_naming_the_column_rows_or_groups(
+        tmp_path, capsys, monkeypatch, no_training, case, expected):
+    def groups(n):
+        if case == "few":
+            return [f"p{i % 2}" for i in range(n)]
+        if case == "unequal":
+            return ["big"] * (n - 2) + ["a", "b"]
+        return [f"p{i % 8}" if not (case == "empty" and i == 3) else "" for i in range(n)]
+    data, table = _grouped_table(tmp_path, groups)
+    if case == "unequal":  # scikit-learn fills every fold here; the guard is for splitters that don't
+        import mixcls.run_setup
+
+        monkeypatch.setattr(mixcls.run_setup, "make_folds",
+                            lambda labels, n_folds, seed, groups: (groups != "big").astype(int))
+    if case == "split":  # hand-made folds that put plant p0's rows (0, 8, 16) in two folds
+        table["fold"] = [0 if i == 0 else (i % 3) if i % 8 else 1 for i in range(len(table))]
+        table.to_csv(data / "train.csv", index=False)
+    column = "shelf" if case == "missing" else "plant"
+    out = tmp_path / "run"
+    assert _train(data, out, "--group-col", column) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixcls: error:") and re.search(expected, err), err
+    assert not out.exists()
+
+
+def test_a_class_per_folder_tree_has_no_group_column(tmp_path, capsys, no_training):
+    from PIL import Image
+
+    for k in range(2):
+        (tmp_path / "tree" / f"c{k}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (k * 200, 0, 0)).save(tmp_path / "tree" / f"c{k}" / f"{i}.png")
+    assert _train(tmp_path / "tree", tmp_path / "run", "--group-col", "plant") == 2
+    assert "is a class-per-folder tree, which has no columns" in capsys.readouterr().err
