@@ -76,9 +76,9 @@ def test_find_pairs_equals_a_slow_loop_over_every_pair_and_is_sorted():
         hashes = base[rng.integers(0, len(base), n)] ^ (rng.random((n, bits)) < 0.08)
         max_distance = int(rng.integers(0, bits // 4))
         pairs = find_pairs(hashes, max_distance)
-        assert set(map(tuple, pairs[["a", "b", "distance"]].to_numpy().tolist())) == \
+        assert set(map(tuple, pairs[["a", "b", "bits"]].to_numpy().tolist())) == \
             _reference_pairs(hashes, max_distance)
-        assert pairs.equals(pairs.sort_values(["distance", "a", "b"], ignore_index=True))
+        assert pairs.equals(pairs.sort_values(["bits", "a", "b"], ignore_index=True))
     assert find_pairs(np.zeros((1, 64), bool), 3).empty
 
 

@@ -1,5 +1,5 @@
-"""Near-duplicate images of a training table: a perceptual hash per image, the pairs within a
-Hamming distance, and groups (their connected components) for grouped folds.
+"""Near-duplicate images of a training table: a perceptual hash (or a CNN embedding) per image,
+the pairs within a distance, and groups (their connected components) for grouped folds.
 
 Competition photo sets hold the same subject more than once: Cassava's 2019 and 2020 images
 overlap, and resized, recompressed or re-shot copies are common. A copy that lands in another
@@ -11,7 +11,7 @@ group in one fold. Pairs whose labels differ are label noise found for free.
 from __future__ import annotations
 
 import concurrent.futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,6 +27,7 @@ HASH_BITS = HASH_SIZE * HASH_SIZE
 # 128 loses nothing it sees, and an 800 x 600 photo decodes several times faster.
 DECODE_SHORT_SIDE = 128
 DEFAULT_MAX_DISTANCE = 24  # of 256 bits; benchmarks/duplicates.py measures what it finds and misses
+DEFAULT_MIN_SIMILARITY = 0.92  # cosine of two embeddings; measured there too
 
 
 def hash_image(path: str | Path) -> np.ndarray:
@@ -57,7 +58,7 @@ def hash_images(paths: Sequence[str | Path], *, workers: int = 0,
 
 def find_pairs(hashes: np.ndarray, max_distance: int) -> pd.DataFrame:
     """Every pair of rows i < j whose hashes (N, B) bool differ in at most `max_distance` bits:
-    columns a, b (row indices) and distance (bits), sorted by distance, then a, then b.
+    columns a, b (row indices) and bits (the distance), sorted by bits, then a, then b.
 
     scikit-learn's brute-force radius search (metric hamming, in chunks) finds them; its
     distances are fractions of B, turned back into whole bits here.
@@ -66,7 +67,7 @@ def find_pairs(hashes: np.ndarray, max_distance: int) -> pd.DataFrame:
 
     n, bits = hashes.shape
     if n < 2:
-        return pd.DataFrame({"a": [], "b": [], "distance": []}, dtype=np.int64)
+        return pd.DataFrame({"a": [], "b": [], "bits": []}, dtype=np.int64)
     search = NearestNeighbors(radius=(max_distance + 0.5) / bits, metric="hamming",
                               algorithm="brute").fit(hashes)
     distances, neighbours = search.radius_neighbors(hashes, return_distance=True)
@@ -74,8 +75,60 @@ def find_pairs(hashes: np.ndarray, max_distance: int) -> pd.DataFrame:
     b = np.concatenate(neighbours).astype(np.int64)
     d = np.rint(np.concatenate(distances) * bits).astype(np.int64)
     keep = a < b
-    pairs = pd.DataFrame({"a": a[keep], "b": b[keep], "distance": d[keep]})
-    return pairs.sort_values(["distance", "a", "b"], ignore_index=True)
+    pairs = pd.DataFrame({"a": a[keep], "b": b[keep], "bits": d[keep]})
+    return pairs.sort_values(["bits", "a", "b"], ignore_index=True)
+
+
+def embed_images(paths: Sequence[str | Path], *, run: str | Path | None = None,
+                 model: str | None = None, pretrained_file: str | None = None,
+                 pretrained: bool = False, img_size: int = 224, device: str = "auto",
+                 batch_size: int = 64, workers: int = 0) -> np.ndarray:
+    """(N, D) float32 unit-length embeddings: the pooled penultimate features of the plain
+    images, from a trained run's fold models (mean over the folds, `predict.extract_features`)
+    or from timm model `model` with its pretrained weights (hub or `pretrained_file`), at
+    `img_size`, normalised with the weights' own mean and std."""
+    from mixcls import predict
+    from mixcls.config import Config, ModelConfig
+    from mixcls.devices import resolve_device
+    from mixcls.models import build_model
+
+    if run is not None:
+        features = predict.extract_features(run, [str(p) for p in paths], device=device,
+                                            batch_size=batch_size, workers=workers)
+    else:
+        cfg = Config()
+        cfg.model = ModelConfig(name=model, pretrained=pretrained, pretrained_file=pretrained_file)
+        cfg.data.img_size = img_size
+        dev = resolve_device(device)
+        net = build_model(cfg.model, 1).to(dev).eval()  # the classifier is never used
+        loaded = predict.LoadedModel(net, cfg, ["0"], 0)
+        features = predict.predict_fold_outputs([loaded], [str(p) for p in paths], device=dev,
+                                                views=("orig",), batch_size=batch_size,
+                                                workers=workers, features=True).features[0]
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return (features / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def find_similar_pairs(embeddings: np.ndarray, min_similarity: float) -> pd.DataFrame:
+    """Every pair of rows i < j of unit-length `embeddings` (N, D) whose cosine similarity is
+    at least `min_similarity`: columns a, b, similarity, most similar first (then a, then b);
+    scikit-learn's brute-force radius search, metric cosine."""
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(embeddings)
+    if n < 2:
+        return pd.DataFrame({"a": pd.Series(dtype=np.int64), "b": pd.Series(dtype=np.int64),
+                             "similarity": pd.Series(dtype=np.float64)})
+    search = NearestNeighbors(radius=1.0 - min_similarity + 1e-9, metric="cosine",
+                              algorithm="brute").fit(embeddings)
+    distances, neighbours = search.radius_neighbors(embeddings, return_distance=True)
+    a = np.repeat(np.arange(n), [len(row) for row in neighbours])
+    b = np.concatenate(neighbours).astype(np.int64)
+    similarity = 1.0 - np.concatenate(distances)
+    keep = a < b
+    pairs = pd.DataFrame({"a": a[keep], "b": b[keep], "similarity": similarity[keep]})
+    return pairs.sort_values(["similarity", "a", "b"], ascending=[False, True, True],
+                             ignore_index=True)
 
 
 def group_rows(n_rows: int, pairs: pd.DataFrame) -> np.ndarray:
@@ -91,16 +144,96 @@ def group_rows(n_rows: int, pairs: pd.DataFrame) -> np.ndarray:
     return first.to_numpy(dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class HashFinder:
+    """Near-duplicates by perceptual hash: at most `max_distance` of the 256 bits differ."""
+
+    max_distance: int = DEFAULT_MAX_DISTANCE
+    workers: int = 0  # processes that decode and hash (0: this one)
+
+    def check(self) -> None:
+        from mixcls.data import DataError
+
+        if not 0 <= self.max_distance < HASH_BITS:
+            raise DataError(f"max_distance {self.max_distance} must be in 0 … {HASH_BITS - 1} bits")
+
+    def describe(self) -> str:
+        return f"within {self.max_distance} of {HASH_BITS} bits"
+
+    def vectors(self, paths: Sequence[str], progress: Callable | None) -> np.ndarray:
+        return hash_images(paths, workers=self.workers, progress=progress)
+
+    def pairs(self, vectors: np.ndarray) -> pd.DataFrame:
+        return find_pairs(vectors, self.max_distance)
+
+
+@dataclass(frozen=True)
+class EmbeddingFinder:
+    """Near-duplicates by CNN embedding: cosine similarity at least `min_similarity`, from a
+    trained run (`run`) or a pretrained timm model (`model`, hub or `pretrained_file`)."""
+
+    min_similarity: float = DEFAULT_MIN_SIMILARITY
+    run: str | None = None
+    model: str | None = None
+    pretrained_file: str | None = None
+    pretrained: bool = False
+    img_size: int = 224
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int = 0
+
+    def check(self) -> None:
+        from mixcls.data import DataError
+        from mixcls.models import check_model_name, check_pretrained_available
+        from mixcls.runs import RunError, RunFolder
+
+        if not 0.0 < self.min_similarity <= 1.0:
+            raise DataError(f"min_similarity {self.min_similarity} must be in (0, 1]")
+        if (self.run is None) == (self.model is None):
+            raise DataError("embeddings come from --run RUN (its fold models) or from --model NAME "
+                            "with --pretrained-file FILE or --pretrained: give exactly one")
+        if self.run is not None:
+            run = RunFolder(Path(self.run))
+            run.classes  # a folder that is not a run fails here
+            if not any((d / "best.pt").is_file() for d in run.fold_dirs.values()):
+                raise RunError(f"{run.path}: no fold_*/best.pt checkpoints; is this a finished "
+                               "mixcls run?")
+            return
+        check_model_name(self.model)
+        if self.pretrained_file is not None and not Path(self.pretrained_file).is_file():
+            raise DataError(f"pretrained_file {self.pretrained_file} does not exist")
+        if self.pretrained_file is None and not self.pretrained:
+            raise DataError(f"--model {self.model}: random weights embed nothing; pass "
+                            "--pretrained-file FILE or --pretrained")
+        if self.pretrained_file is None:
+            check_pretrained_available(self.model)
+
+    def describe(self) -> str:
+        source = f"run {self.run}" if self.run is not None else f"{self.model} at {self.img_size} px"
+        return f"with cosine similarity >= {self.min_similarity} ({source})"
+
+    def vectors(self, paths: Sequence[str], progress: Callable | None) -> np.ndarray:
+        return embed_images(paths, run=self.run, model=self.model,
+                            pretrained_file=self.pretrained_file, pretrained=self.pretrained,
+                            img_size=self.img_size, device=self.device,
+                            batch_size=self.batch_size, workers=self.workers)
+
+    def pairs(self, vectors: np.ndarray) -> pd.DataFrame:
+        return find_similar_pairs(vectors, self.min_similarity)
+
+
 @dataclass
 class DuplicateResult:
     """What `write_duplicate_groups` wrote: the table with its group column, the pairs
-    (image_a, image_b, distance, label_a, label_b, same_label), and the images folder."""
+    (image_a, image_b, bits or similarity, label_a, label_b, same_label), the images folder,
+    and each image's hash or embedding."""
 
     table: pd.DataFrame
     pairs: pd.DataFrame
     column: str
-    max_distance: int
+    finder: HashFinder | EmbeddingFinder
     images_dir: Path
+    vectors: np.ndarray = field(repr=False)  # (N, 256) bool hashes or (N, D) embeddings, row order
 
     def summary(self) -> str:
         groups = self.table[self.column].value_counts()
@@ -108,28 +241,31 @@ class DuplicateResult:
         conflicts = int((~self.pairs["same_label"]).sum())
         return (f"{len(self.table)} images: {int(shared.sum())} in {len(shared)} group(s) of "
                 f"near-duplicates (largest {int(shared.max()) if len(shared) else 0}); "
-                f"{len(self.pairs)} pair(s) within {self.max_distance} of {HASH_BITS} bits, {conflicts} "
-                "of them with different labels")
+                f"{len(self.pairs)} pair(s) {self.finder.describe()}, {conflicts} of them with "
+                "different labels")
 
 
 def write_duplicate_groups(data: str | Path | None, out: str | Path, *, csv: str | Path | None = None,
                            images: str | Path | None = None, id_col: str = "image_id",
                            label_col: str = "label", column: str = "dup_group",
-                           max_distance: int = DEFAULT_MAX_DISTANCE, pairs_out: str | Path | None = None,
-                           workers: int = 0, progress: Callable | None = None) -> DuplicateResult:
-    """Hash every training image, write `out`: the training table (every column as read) plus
-    `column`, each row's group (the image id of its group's first row in table order; an image
-    without near-duplicates is its own group). With `pairs_out`, also the pairs CSV.
+                           finder: HashFinder | EmbeddingFinder | None = None,
+                           pairs_out: str | Path | None = None,
+                           progress: Callable | None = None) -> DuplicateResult:
+    """Hash (or embed) every training image, write `out`: the training table (every column as
+    read) plus `column`, each row's group (the image id of its group's first row in table
+    order; an image without near-duplicates is its own group). With `pairs_out`, also the
+    pairs CSV. `finder` defaults to HashFinder().
 
-    Every check (table, files, the new column's name, `out` not the input) comes before any
-    image is hashed; both files are written under a temporary name and renamed.
+    Every check (table, files, the new column's name, `out` not the input, the finder's
+    settings) comes before any image is hashed; both files are written under a temporary name
+    and renamed.
     """
     from mixcls.data import (DataError, check_classes_beside, load_train_table, read_text_table,
                              resolve_layout, write_table_with_classes)
     from mixcls.runs import atomic_write_csv
 
-    if not 0 <= max_distance < HASH_BITS:
-        raise DataError(f"max_distance {max_distance} must be in 0 … {HASH_BITS - 1} bits")
+    finder = finder if finder is not None else HashFinder()
+    finder.check()
     csv_path, images_dir = resolve_layout(data, csv, images)
     table = load_train_table(data, csv=csv, images=images, id_col=id_col, label_col=label_col,
                              check_images="header")
@@ -146,16 +282,17 @@ def write_duplicate_groups(data: str | Path | None, out: str | Path, *, csv: str
     if column in raw.columns:
         raise DataError(f"{source}: already has a column {column!r}; pass another --column")
     check_classes_beside(out, table.classes, source=source, what="grouped table")
-    hashes = hash_images(table.frame["path"].tolist(), workers=workers, progress=progress)
-    pairs = find_pairs(hashes, max_distance)
+    vectors = finder.vectors(table.frame["path"].tolist(), progress)
+    pairs = finder.pairs(vectors)
     ids, labels = table.frame["image_id"].to_numpy(), raw[label_col].str.strip().to_numpy()
     grouped = raw.assign(**{column: ids[group_rows(len(ids), pairs)]})
+    score = pairs.columns[2]  # bits or similarity
     named = pd.DataFrame({"image_a": ids[pairs["a"]], "image_b": ids[pairs["b"]],
-                          "distance": pairs["distance"], "label_a": labels[pairs["a"]],
+                          score: pairs[score], "label_a": labels[pairs["a"]],
                           "label_b": labels[pairs["b"]]})
     named["same_label"] = named["label_a"] == named["label_b"]
     if pairs_out is not None:
         atomic_write_csv(pairs_out, named)
     write_table_with_classes(out, grouped, table.classes, source=source, what="grouped table")
-    return DuplicateResult(table=grouped, pairs=named, column=column, max_distance=max_distance,
-                           images_dir=table.images_dir)
+    return DuplicateResult(table=grouped, pairs=named, column=column, finder=finder,
+                           images_dir=table.images_dir, vectors=vectors)
