@@ -3,7 +3,7 @@
 Run on a machine with CUDA (takes a few minutes, most of it imports and process start-up):
 
     python benchmarks/gpu_check.py                    # resnet18, 128 px, 2,048 generated images
-    python benchmarks/gpu_check.py --smoke-cpu        # the same steps, tiny, on the CPU (gloo, bf16)
+    python benchmarks/gpu_check.py --smoke-cpu        # the same steps, tiny, on the CPU (gloo, fp32)
 
 Steps:
 1. `fit_folds` on generated images for 1 epoch of 1 fold with --amp fp16 (a GradScaler) and
@@ -85,7 +85,10 @@ def write_images(root: Path, n: int, size: int, num_classes: int = 4, seed: int 
 
 def settings(args: argparse.Namespace) -> dict:
     if args.smoke_cpu:
-        return {"model": "test_resnet", "img_size": 16, "batch_size": 8, "workers": 0, "amp": "bf16",
+        # fp32: CPU bf16 backward kernels differ by CPU, and on some (a CI machine, 2026-12-07)
+        # every step of a cassava-preset run at this size had non-finite gradients for a finite
+        # loss; the smoke checks the script's steps, not a CPU's bf16 numerics.
+        return {"model": "test_resnet", "img_size": 16, "batch_size": 8, "workers": 0, "amp": "none",
                 "device": "cpu", "channels_last": True}
     return {"model": args.model, "img_size": args.img_size, "batch_size": args.batch_size,
             "workers": args.workers, "amp": "fp16", "device": "cuda", "channels_last": True}

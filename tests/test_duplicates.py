@@ -102,19 +102,30 @@ def test_group_rows_equals_union_find_on_random_pairs():
         assert group_rows(n, pairs).tolist() == expected
 
 
+def _photo_like(rng: np.random.Generator) -> np.ndarray:
+    """640 x 480: a smooth field whose structure is large next to the hash's 16 x 16 DCT, as in
+    a photo. (_field's fine structure makes pHash itself unstable: saving one as JPEG q90
+    instead of PNG flips 8 bits at the median and up to 20, shortcut or not.)"""
+    x = gaussian_filter(rng.normal(0, 1, (128, 128, 3)), (6.0, 6.0, 0))
+    x = ((x - x.min()) / (x.max() - x.min()) * 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(x).resize((640, 480), Image.BICUBIC))
+
+
 def test_hash_image_is_imagehash_phash_of_the_decoded_image(tmp_path):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     image = _field(rng)
     Image.fromarray(image).save(tmp_path / "a.png")
     assert np.array_equal(hash_image(tmp_path / "a.png"),
                           imagehash.phash(Image.fromarray(image), hash_size=16).hash.reshape(-1))
-    # A large JPEG is decoded at a reduced scale; its hash stays well inside the default distance
-    # of the full decode's (12 bits here), so the shortcut alone never hides a copy.
-    big = np.kron(_field(rng), np.ones((20, 15, 1), np.uint8))  # 640 x 480
-    Image.fromarray(big).save(tmp_path / "big.jpg", quality=90)
-    full = imagehash.phash(Image.open(tmp_path / "big.jpg"), hash_size=16).hash.reshape(-1)
-    assert (hash_image(tmp_path / "big.jpg") != full).sum() <= DEFAULT_MAX_DISTANCE // 2
-    paths = [tmp_path / "a.png", tmp_path / "big.jpg"]
+    # A large JPEG is decoded at a reduced scale; on photo-like images its hash stays well inside
+    # the default distance of the full decode's (at most 12 bits here; measured: 0-4 bits on
+    # these 8, median 2 and worst 6 over the first 100 of this sequence), so the shortcut alone
+    # never hides a copy.
+    for k in range(8):
+        Image.fromarray(_photo_like(rng)).save(tmp_path / f"big_{k}.jpg", quality=90)
+        full = imagehash.phash(Image.open(tmp_path / f"big_{k}.jpg"), hash_size=16).hash.reshape(-1)
+        assert (hash_image(tmp_path / f"big_{k}.jpg") != full).sum() <= DEFAULT_MAX_DISTANCE // 2, k
+    paths = [tmp_path / "a.png", *sorted(tmp_path.glob("big_*.jpg"))]
     assert np.array_equal(hash_images(paths, workers=2), hash_images(paths, workers=0))
 
 
