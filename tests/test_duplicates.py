@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from conftest import last_epoch_accuracy
 from mixcls.cli import main
 from mixcls.duplicates import DEFAULT_MAX_DISTANCE, find_pairs, group_rows, hash_image, hash_images
 
@@ -49,17 +50,6 @@ def _write_twins(root: Path, *, n_unique: int, n_twins: int, labels: np.ndarray,
     table = pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)
     table.to_csv(root / "train.csv", index=False)
     return root
-
-
-def _last_epoch_accuracy(run: Path) -> float:
-    """Validation accuracy of each fold's last epoch, pooled over the rows (the CV is the best
-    epoch's, picked on those rows, which lifts a chance-level score)."""
-    correct = rows = 0
-    for fold_dir in run.glob("fold_*"):
-        n = len(pd.read_csv(fold_dir / "oof.csv"))
-        correct += pd.read_csv(fold_dir / "history.csv")["valid_accuracy"].iloc[-1] * n
-        rows += n
-    return correct / rows
 
 
 def _reference_pairs(hashes: np.ndarray, max_distance: int) -> set[tuple[int, int, int]]:
@@ -235,7 +225,7 @@ def test_grouped_folds_remove_the_cv_leak_of_near_duplicates(tmp_path, one_threa
                  "--group-col", "dup_group", "--out", str(tmp_path / "grouped"), *tiny]) == 0
     cv = {name: json.loads((tmp_path / name / "metrics.json").read_text())["cv_accuracy"]
           for name in ("plain", "grouped")}
-    last = {name: _last_epoch_accuracy(tmp_path / name) for name in ("plain", "grouped")}
+    last = {name: last_epoch_accuracy(tmp_path / name) for name in ("plain", "grouped")}
     assert last["plain"] > 0.55 and last["grouped"] < 0.40, last
     assert cv["plain"] > 0.60 and cv["grouped"] < 0.45, cv
 

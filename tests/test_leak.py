@@ -32,6 +32,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import last_epoch_accuracy
 from mixcls.cli import main
 
 pytestmark = pytest.mark.slow
@@ -65,19 +66,8 @@ def _cv(run: Path) -> float:
     return float(json.loads((run / "metrics.json").read_text())["cv_accuracy"])
 
 
-def _last_epoch_accuracy(run: Path) -> float:
-    """Validation accuracy of each fold's last epoch, pooled over the rows. The CV (oof.csv) is
-    the best epoch's, picked on validation, which lifts a chance-level score; this is not."""
-    correct = rows = 0
-    for fold_dir in run.glob("fold_*"):
-        n = len(pd.read_csv(fold_dir / "oof.csv"))
-        correct += pd.read_csv(fold_dir / "history.csv")["valid_accuracy"].iloc[-1] * n
-        rows += n
-    return correct / rows
-
-
 def _scores(run: Path) -> dict[str, float]:
-    return {"cv": _cv(run), "last": _last_epoch_accuracy(run)}
+    return {"cv": _cv(run), "last": last_epoch_accuracy(run)}
 
 
 def _leaky_copy(teacher: Path, out: Path) -> Path:
