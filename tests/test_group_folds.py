@@ -12,7 +12,9 @@ import pytest
 
 from conftest import TINY_TRAIN_FLAGS, write_tiny_dataset
 from mixcls.cli import main
+from mixcls.data import DataError
 from mixcls.folds import empty_folds, find_split_groups, make_folds
+from mixcls.noise import write_clean_table
 
 
 def _reference_split_groups(groups, folds):
@@ -95,6 +97,41 @@ def test_a_grouped_run_validates_each_group_on_one_fold_and_records_the_groups(t
     assert oof.merge(merged, on="image_id").eval("fold_x == fold_y").all()
     assert json.loads((out / "dataset.json").read_text())["groups"] == 8
     assert "group_col: plant" in (out / "config.yaml").read_text()
+    # folds.csv keeps each row's group (ids as text: "007" stays "007"), for `mixcls clean`.
+    assert folds["group"].astype(str).tolist() == table["plant"].tolist()
+
+
+def test_clean_keeps_a_grouped_runs_groups_and_the_cleaned_table_trains_grouped(tmp_path, capsys,
+                                                                                one_thread):
+    data, table = _grouped_table(tmp_path, lambda n: [f"0{i % 8}" for i in range(n)])
+    run = tmp_path / "run"
+    assert _train(data, run, "--group-col", "plant") == 0
+    clean = tmp_path / "clean" / "train_clean.csv"
+    assert main(["clean", "--run", str(run), "--policy", "drop", "--max-fraction", "0.2",
+                 "--out", str(clean)]) == 0
+    cleaned = pd.read_csv(clean, dtype={"plant": str, "image_id": str})
+    expected = table.set_index("image_id")["plant"]
+    assert cleaned["plant"].tolist() == expected.loc[cleaned["image_id"]].tolist()
+    capsys.readouterr()
+    again = tmp_path / "again"
+    assert main(["train", "--csv", str(clean), "--images", str(data / "train_images"),
+                 "--out", str(again), *TINY_TRAIN_FLAGS, "--folds", "3", "--group-col", "plant"]) == 0
+    assert "8 groups, each in one fold" in capsys.readouterr().out
+    assert pd.read_csv(again / "folds.csv")["fold"].tolist() == \
+        cleaned.set_index("image_id").loc[pd.read_csv(again / "folds.csv")["image_id"], "fold"].tolist()
+
+
+def test_clean_refuses_a_group_column_named_like_a_column_of_the_cleaned_table(tmp_path, one_thread):
+    data, table = _grouped_table(tmp_path, lambda n: [f"p{i % 8}" for i in range(n)])
+    # The cleaned table names its id column image_id, whatever --id-col the run read.
+    table = table.rename(columns={"image_id": "name", "plant": "image_id"})
+    table.to_csv(data / "train.csv", index=False)
+    run = tmp_path / "run"
+    assert _train(data, run, "--id-col", "name", "--group-col", "image_id") == 0
+    clean = tmp_path / "clean" / "train_clean.csv"
+    with pytest.raises(DataError, match="grouped by a column named 'image_id', a column the cleaned"):
+        write_clean_table(run, clean, policy="drop")
+    assert not clean.exists()
 
 
 @pytest.mark.parametrize("case, expected", [

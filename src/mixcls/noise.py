@@ -203,6 +203,18 @@ def read_run_folds(run: RunFolder, oof: pd.DataFrame) -> np.ndarray:
     return matched.to_numpy(dtype=np.int64)
 
 
+def read_run_groups(run: RunFolder, oof: pd.DataFrame) -> np.ndarray:
+    """(N,) the group of each OOF row from a grouped run's folds.csv (read_run_folds checked the
+    ids); DataError when folds.csv has no group column (a run trained before groups were kept)."""
+    folds = run.read_folds()
+    if "group" not in folds.columns:
+        raise DataError(f"{run.path / 'folds.csv'}: the run was grouped by "
+                        f"{run.config.data.group_col!r}, but its folds.csv has no group column; "
+                        "train the run again to clean it with its groups")
+    group_of = folds.drop_duplicates("image_id").set_index("image_id")["group"]
+    return oof["image_id"].map(group_of).to_numpy(dtype=object)
+
+
 def resolve_run_images(run: RunFolder, image_ids: list[str]) -> list[Path]:
     """Image files of `image_ids` in the run's training images folder (RunFolder.find_images_dir)."""
     images_dir = run.find_images_dir()
@@ -308,7 +320,9 @@ def write_clean_table(run_dir: str | Path, out: str | Path, *, policy: str,
     """Write the cleaned training table of the run (labels as class names) to `out`.
 
     Returns (the table as written, number of rows acted on). Columns: image_id, label,
-    label_given, fold (from RUN/folds.csv), keep, and prob_0 … prob_{K-1} for policy soft.
+    label_given, fold (from RUN/folds.csv), keep, prob_0 … prob_{K-1} for policy soft, and the
+    run's `--group-col` column (its groups, from RUN/folds.csv) when it was grouped, so the
+    cleaned table trains with the same --group-col.
     """
     run = RunFolder.open(run_dir)
     oof, classes = run.read_oof(), run.classes
@@ -325,5 +339,11 @@ def write_clean_table(run_dir: str | Path, out: str | Path, *, policy: str,
     values = np.arange(len(classes)) if integer else np.asarray(classes, dtype=object)
     table = table.assign(label=values[table["label"].to_numpy()],
                          label_given=values[table["label_given"].to_numpy()], fold=folds)
+    group_col = run.config.data.group_col
+    if group_col is not None:
+        if group_col in table.columns:
+            raise DataError(f"the run {run_dir} was grouped by a column named {group_col!r}, a "
+                            f"column the cleaned table has already ({', '.join(table.columns)})")
+        table[group_col] = read_run_groups(run, oof)
     write_table_with_classes(out, table, classes, source=f"the run {run_dir}", what="cleaned table")
     return table, n_acted

@@ -360,7 +360,10 @@ def write_run_header(cfg: Config, table: TrainTable, folds: np.ndarray, run_dir:
         "rows": len(table.frame), "integer_labels": table.integer_labels,
         "soft_targets": table.soft_targets is not None,
         "groups": int(table.frame["group"].nunique()) if "group" in table.frame.columns else None})
-    atomic_write_csv(run_dir / "folds.csv", pd.DataFrame({"image_id": table.frame["image_id"], "fold": folds}))
+    fold_table = pd.DataFrame({"image_id": table.frame["image_id"], "fold": folds})
+    if "group" in table.frame.columns:  # so `mixcls clean` can give the cleaned table its groups
+        fold_table["group"] = table.frame["group"].to_numpy()
+    atomic_write_csv(run_dir / "folds.csv", fold_table)
     if plan.source == "auto":
         atomic_write_json(run_dir / "batch_plan.json", dataclasses.asdict(plan))
 

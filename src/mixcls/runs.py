@@ -302,13 +302,15 @@ class RunFolder:
         return oof["image_id"].str.strip().tolist()
 
     def read_folds(self) -> "pd.DataFrame":
-        """folds.csv (image_id, fold as written by the trainer); DataError for other columns."""
+        """folds.csv (image_id, fold as written by the trainer, and group, the `--group-col` id,
+        when the run was grouped); DataError when image_id or fold is missing."""
         from mixcls.data import DataError, read_csv
 
         path = self.path / "folds.csv"
         if not path.is_file():
             raise RunError(f"{path} does not exist")
-        folds = read_csv(path, dtype={"image_id": str}, keep_default_na=False)  # an id "NA" stays "NA"
+        folds = read_csv(path, dtype={"image_id": str, "group": str},
+                         keep_default_na=False)  # an id "NA" stays "NA", a group "007" stays "007"
         if not {"image_id", "fold"} <= set(folds.columns):
             raise DataError(f"{path}: expected columns image_id, fold; found {', '.join(folds.columns)}")
         return folds
