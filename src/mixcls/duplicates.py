@@ -13,10 +13,13 @@ from __future__ import annotations
 import concurrent.futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from mixcls.data import TrainTable
 
 # imagehash's pHash of 16 x 16 DCT coefficients: 256 bits. On photos of one garment on a plain
 # backdrop its 64-bit default put different garments within 4 bits of each other, where 256
@@ -131,6 +134,29 @@ def find_similar_pairs(embeddings: np.ndarray, min_similarity: float) -> pd.Data
                              ignore_index=True)
 
 
+def nearest_hashes(queries: np.ndarray, references: np.ndarray) -> pd.DataFrame:
+    """For each row of `queries` (M, B) bool, the row of `references` (N, B) whose hash differs
+    in the fewest bits (one of them on a tie): columns ref (index) and bits; scikit-learn's
+    brute-force nearest-neighbour search, metric hamming."""
+    from sklearn.neighbors import NearestNeighbors
+
+    bits = references.shape[1]
+    search = NearestNeighbors(n_neighbors=1, metric="hamming", algorithm="brute").fit(references)
+    distances, index = search.kneighbors(queries, return_distance=True)
+    return pd.DataFrame({"ref": index[:, 0].astype(np.int64),
+                         "bits": np.rint(distances[:, 0] * bits).astype(np.int64)})
+
+
+def nearest_embeddings(queries: np.ndarray, references: np.ndarray) -> pd.DataFrame:
+    """For each unit-length row of `queries` (M, D), the row of `references` (N, D) of highest
+    cosine similarity (one of them on a tie): columns ref (index) and similarity."""
+    from sklearn.neighbors import NearestNeighbors
+
+    search = NearestNeighbors(n_neighbors=1, metric="cosine", algorithm="brute").fit(references)
+    distances, index = search.kneighbors(queries, return_distance=True)
+    return pd.DataFrame({"ref": index[:, 0].astype(np.int64), "similarity": 1.0 - distances[:, 0]})
+
+
 def group_rows(n_rows: int, pairs: pd.DataFrame) -> np.ndarray:
     """(N,) the smallest row index of each row's group: the connected components of the pairs
     (a twin of a twin is in the same group, so no fold split can separate them)."""
@@ -165,6 +191,11 @@ class HashFinder:
 
     def pairs(self, vectors: np.ndarray) -> pd.DataFrame:
         return find_pairs(vectors, self.max_distance)
+
+    def nearest(self, queries: np.ndarray, references: np.ndarray) -> pd.DataFrame:
+        """ref, bits, and near (within max_distance) for each query."""
+        found = nearest_hashes(queries, references)
+        return found.assign(near=found["bits"] <= self.max_distance)
 
 
 @dataclass(frozen=True)
@@ -221,6 +252,11 @@ class EmbeddingFinder:
     def pairs(self, vectors: np.ndarray) -> pd.DataFrame:
         return find_similar_pairs(vectors, self.min_similarity)
 
+    def nearest(self, queries: np.ndarray, references: np.ndarray) -> pd.DataFrame:
+        """ref, similarity, and near (at least min_similarity) for each query."""
+        found = nearest_embeddings(queries, references)
+        return found.assign(near=found["similarity"] >= self.min_similarity - 1e-9)
+
 
 @dataclass
 class DuplicateResult:
@@ -245,6 +281,51 @@ class DuplicateResult:
                 "different labels")
 
 
+@dataclass
+class TrainingImages:
+    """A training table as `mixcls duplicates` reads it: the checked TrainTable, the table's
+    own columns as text (`raw`; a class-per-folder tree's is image_id, label), its label column,
+    and where it came from."""
+
+    table: TrainTable
+    raw: pd.DataFrame
+    label_col: str
+    csv_path: Path | None
+    source: str
+
+    @classmethod
+    def read(cls, data: str | Path | None, *, csv: str | Path | None, images: str | Path | None,
+             id_col: str, label_col: str, out: str | Path) -> "TrainingImages":
+        """The table, its files checked (headers), and `out` refused when it is the table."""
+        from mixcls.data import DataError, load_train_table, read_text_table, resolve_layout
+
+        csv_path, images_dir = resolve_layout(data, csv, images)
+        table = load_train_table(data, csv=csv, images=images, id_col=id_col, label_col=label_col,
+                                 check_images="header")
+        if csv_path is None:  # a class-per-folder tree: its table is the scan's ids and folders
+            label_col = "label"
+            raw = pd.DataFrame({"image_id": table.frame["image_id"],
+                                "label": np.asarray(table.classes, dtype=object)[table.labels]})
+        else:
+            raw = read_text_table(csv_path)
+            if Path(out).resolve() == csv_path.resolve():
+                raise DataError(f"--out {out} is the training table itself; write beside it")
+        return cls(table, raw, label_col, csv_path, str(csv_path or images_dir))
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.table.frame["image_id"].to_numpy()
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Each row's label as the table writes it."""
+        return self.raw[self.label_col].str.strip().to_numpy()
+
+    @property
+    def paths(self) -> list[str]:
+        return self.table.frame["path"].tolist()
+
+
 def write_duplicate_groups(data: str | Path | None, out: str | Path, *, csv: str | Path | None = None,
                            images: str | Path | None = None, id_col: str = "image_id",
                            label_col: str = "label", column: str = "dup_group",
@@ -260,32 +341,20 @@ def write_duplicate_groups(data: str | Path | None, out: str | Path, *, csv: str
     settings) comes before any image is hashed; both files are written under a temporary name
     and renamed.
     """
-    from mixcls.data import (DataError, check_classes_beside, load_train_table, read_text_table,
-                             resolve_layout, write_table_with_classes)
+    from mixcls.data import DataError, check_classes_beside, write_table_with_classes
     from mixcls.runs import atomic_write_csv
 
     finder = finder if finder is not None else HashFinder()
     finder.check()
-    csv_path, images_dir = resolve_layout(data, csv, images)
-    table = load_train_table(data, csv=csv, images=images, id_col=id_col, label_col=label_col,
-                             check_images="header")
-    if csv_path is None:  # a class-per-folder tree: its table is the scan's ids and folder names
-        label_col = "label"
-        raw = pd.DataFrame({"image_id": table.frame["image_id"],
-                            "label": np.asarray(table.classes, dtype=object)[table.labels]})
-    else:
-        raw = read_text_table(csv_path)
-        if Path(out).resolve() == csv_path.resolve():
-            raise DataError(f"--out {out} is the training table itself; write the grouped table "
-                            "beside it")
-    source = str(csv_path or images_dir)
-    if column in raw.columns:
-        raise DataError(f"{source}: already has a column {column!r}; pass another --column")
-    check_classes_beside(out, table.classes, source=source, what="grouped table")
-    vectors = finder.vectors(table.frame["path"].tolist(), progress)
+    train = TrainingImages.read(data, csv=csv, images=images, id_col=id_col, label_col=label_col,
+                                out=out)
+    if column in train.raw.columns:
+        raise DataError(f"{train.source}: already has a column {column!r}; pass another --column")
+    check_classes_beside(out, train.table.classes, source=train.source, what="grouped table")
+    vectors = finder.vectors(train.paths, progress)
     pairs = finder.pairs(vectors)
-    ids, labels = table.frame["image_id"].to_numpy(), raw[label_col].str.strip().to_numpy()
-    grouped = raw.assign(**{column: ids[group_rows(len(ids), pairs)]})
+    ids, labels = train.ids, train.labels
+    grouped = train.raw.assign(**{column: ids[group_rows(len(ids), pairs)]})
     score = pairs.columns[2]  # bits or similarity
     named = pd.DataFrame({"image_a": ids[pairs["a"]], "image_b": ids[pairs["b"]],
                           score: pairs[score], "label_a": labels[pairs["a"]],
@@ -293,6 +362,69 @@ def write_duplicate_groups(data: str | Path | None, out: str | Path, *, csv: str
     named["same_label"] = named["label_a"] == named["label_b"]
     if pairs_out is not None:
         atomic_write_csv(pairs_out, named)
-    write_table_with_classes(out, grouped, table.classes, source=source, what="grouped table")
+    write_table_with_classes(out, grouped, train.table.classes, source=train.source,
+                             what="grouped table")
     return DuplicateResult(table=grouped, pairs=named, column=column, finder=finder,
-                           images_dir=table.images_dir, vectors=vectors)
+                           images_dir=train.table.images_dir, vectors=vectors)
+
+
+@dataclass
+class MatchResult:
+    """What `write_matches` wrote: one row per image of the other folder (image_id,
+    train_image_id, bits or similarity, train_label, near_duplicate), near-duplicates first."""
+
+    matches: pd.DataFrame
+    against: Path
+    n_train: int
+    finder: HashFinder | EmbeddingFinder
+
+    def summary(self) -> str:
+        near = self.matches[self.matches["near_duplicate"]]
+        labels = near["train_label"].value_counts()
+        shown = ", ".join(f"{label} {count}" for label, count in labels.head(5).items())
+        more = ", …" if len(labels) > 5 else ""
+        return (f"{len(near)} of the {len(self.matches)} images of {self.against} have a "
+                f"near-duplicate among the {self.n_train} training images "
+                f"({self.finder.describe()})" + (f"; their training labels: {shown}{more}"
+                                                 if len(near) else ""))
+
+
+def write_matches(data: str | Path | None, against: str | Path, out: str | Path, *,
+                  csv: str | Path | None = None, images: str | Path | None = None,
+                  id_col: str = "image_id", label_col: str = "label",
+                  finder: HashFinder | EmbeddingFinder | None = None,
+                  progress: Callable | None = None) -> MatchResult:
+    """For every image below `against` (the test images, an extra data set, an unlabelled pool),
+    the training image nearest to it and whether it is a near-duplicate at `finder`'s limit;
+    written to `out` (temporary name, then renamed), near-duplicates first, closest first.
+
+    Every check (both folders' files, `out`, the finder's settings) comes before any image is
+    hashed. A folder that is the training images folder, or holds it, is refused: its images
+    would match themselves.
+    """
+    from mixcls.data import DataError, check_image_folder
+    from mixcls.runs import atomic_write_csv
+
+    finder = finder if finder is not None else HashFinder()
+    finder.check()
+    train = TrainingImages.read(data, csv=csv, images=images, id_col=id_col, label_col=label_col,
+                                out=out)
+    against = Path(against)
+    train_dir = Path(train.table.images_dir).resolve()
+    if against.resolve() == train_dir or against.resolve() in train_dir.parents:
+        raise DataError(f"--against {against} is (or holds) the training images folder "
+                        f"{train.table.images_dir}; leave --against out to pair the training "
+                        "images among themselves")
+    other_ids, other_paths = check_image_folder(against)
+    references = finder.vectors(train.paths, progress)
+    queries = finder.vectors(other_paths, progress)
+    found = finder.nearest(queries, references)
+    score = found.columns[1]  # bits or similarity
+    matches = pd.DataFrame({"image_id": other_ids, "train_image_id": train.ids[found["ref"]],
+                            score: found[score].to_numpy(),
+                            "train_label": train.labels[found["ref"]],
+                            "near_duplicate": found["near"].to_numpy()})
+    matches = matches.sort_values(["near_duplicate", score, "image_id"],
+                                  ascending=[False, score == "bits", True], ignore_index=True)
+    atomic_write_csv(out, matches)
+    return MatchResult(matches=matches, against=against, n_train=len(train.ids), finder=finder)
