@@ -5,7 +5,9 @@ Competition photo sets hold the same subject more than once: Cassava's 2019 and 
 overlap, and resized, recompressed or re-shot copies are common. A copy that lands in another
 fold than its twin is validated by a model that trained on the twin, so CV reads high. `mixcls
 duplicates` writes the table with a group column, and `mixcls train --group-col` then keeps each
-group in one fold. Pairs whose labels differ are label noise found for free.
+group in one fold. Pairs whose labels differ are label noise found for free. `--against DIR`
+lists instead which images of another folder (the test images, an extra data set) copy a
+training image (`write_matches`).
 """
 
 from __future__ import annotations
