@@ -15,12 +15,16 @@ Table 1, per transform: each copy's closeness to its own original (bits, or cosi
 and the share of copies put in their original's group (`found_pct`; a twin of a twin counts).
 Table 2, per limit: the share of copies paired with their own original, and the pairs of two
 originals (the dataset's own near-duplicates, true or false: this script cannot tell; `--sheets`
-draws the closest ones). Then the speed of the hash alone on the photos as they are and
+draws the closest ones). Table 3 (per method, with `mixcls duplicates --against`): the
+repository's own validation and test photos against its train photos, the held-out photos
+with a near-duplicate among the training photos, and how many of those carry another label.
+Then the speed of the hash alone on the photos as they are and
 upscaled to 800 x 600 (a Cassava photo's size), and how far the reduced-scale JPEG decode moves
 a hash from the full decode's.
 
 Ends with `phash_images_per_s_800x600=… phash_found_<transform>=… phash_original_pairs=…
-embedding_found_<transform>=… embedding_original_pairs=… embedding_ms_per_image=…`.
+embedding_found_<transform>=… embedding_original_pairs=… phash_heldout_near=…
+embedding_heldout_near=… embedding_ms_per_image=…`.
 """
 
 from __future__ import annotations
@@ -77,6 +81,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def link_photo(source: Path, target: Path) -> None:
+    """target as a hard link to source (a copy across disks), unless it exists."""
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:  # mixcls refuses a symbolic link out of the images folder; a hard link is a file
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+
+
 def write_copies(data: Path, work: Path, n_copies: int) -> pd.DataFrame:
     """work/images/: the originals (hard links, or copies across disks) and the copies; the table image_id, label, source
     (the original's id), transform ('' for an original)."""
@@ -84,13 +98,7 @@ def write_copies(data: Path, work: Path, n_copies: int) -> pd.DataFrame:
     rows = [{"image_id": f"orig/{i}", "label": label, "source": f"orig/{i}", "transform": ""}
             for i, label in zip(photos["image_id"], photos["label"])]
     for i in photos["image_id"]:
-        target = work / "images" / "orig" / i
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:  # mixcls refuses a symbolic link out of the images folder; a hard link is a file
-                os.link(data / i, target)
-            except OSError:
-                shutil.copyfile(data / i, target)
+        link_photo(data / i, work / "images" / "orig" / i)
     picked = np.random.default_rng(0).choice(len(photos), n_copies, replace=False)
     for name, transform in TRANSFORMS.items():
         for k in picked:
@@ -265,6 +273,35 @@ def run_method(method: Method, table: pd.DataFrame, args: argparse.Namespace) ->
         f"{method.name}_ms_per_image": seconds / len(table) * 1e3}
 
 
+def split_matches(method: Method, args: argparse.Namespace) -> dict[str, float]:
+    """Table 3: the repository's own validation and test photos against its train photos, by
+    one `mixcls duplicates --against` call (the library function): how many held-out photos have
+    a near-duplicate among the training photos, and how many of those carry another label."""
+    from mixcls.duplicates import write_matches
+
+    photos = list_photos(args.data)
+    split = photos["image_id"].str.split("/").str[0]
+    photos[split == "train"].to_csv(args.work / "split_train.csv", index=False)
+    heldout = args.work / "heldout"
+    for image_id in photos.loc[split != "train", "image_id"]:
+        link_photo(args.data / image_id, heldout / image_id)
+    result = write_matches(None, heldout, args.work / method.name / "heldout_matches.csv",
+                           csv=args.work / "split_train.csv", images=args.work / "images" / "orig",
+                           finder=method.finder)
+    print(f"\n## {method.name}, the repository's validation and test photos against its train photos")
+    print(result.summary())
+    matches = result.matches
+    parts = matches["image_id"].str.split("/")
+    matches = matches.assign(split=parts.str[0], label=parts.str[1])
+    rows = []
+    for name, part in matches.groupby("split", sort=False):
+        near = part[part["near_duplicate"]]
+        rows.append({"split": name, "photos": len(part), "near_duplicates": len(near),
+                     "other_label": int((near["label"] != near["train_label"].astype(str)).sum())})
+    print(pd.DataFrame(rows).sort_values("split").to_string(index=False))
+    return {f"{method.name}_heldout_near": int(matches["near_duplicate"].sum())}
+
+
 def _default_limit(result) -> float:
     finder = result.finder
     return finder.max_distance if hasattr(finder, "max_distance") else finder.min_similarity
@@ -280,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     headline: dict[str, float] = {}
     for method in methods(args):
         headline |= run_method(method, table, args)
+        headline |= split_matches(method, args)
     speed = time_hashing(table, args.work, args.speed_photos, args.workers)
     print(f"\nphash alone, {args.workers} worker(s): {speed['native'] * 1e3:.1f} ms per photo as "
           f"it is, {speed['800x600'] * 1e3:.1f} ms at 800 x 600; reduced-scale decode vs full "
@@ -287,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = ["phash_found_resize", "phash_found_jpeg", "phash_found_brightness", "phash_found_crop95",
             "phash_found_hflip", "phash_original_pairs", "embedding_found_resize",
             "embedding_found_crop95", "embedding_found_crop90", "embedding_found_hflip",
-            "embedding_original_pairs"]
+            "embedding_original_pairs", "phash_heldout_near", "embedding_heldout_near"]
     print(f"phash_images_per_s_800x600={1 / speed['800x600']:.0f} "
           + " ".join(f"{k}={headline[k]:g}" for k in keys if k in headline)
           + (f" embedding_ms_per_image={headline['embedding_ms_per_image']:.1f}"

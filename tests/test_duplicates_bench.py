@@ -1,0 +1,56 @@
+"""benchmarks/duplicates.py on a tiny clothing-like checkout (phash only): its final line
+agrees with its tables, and table 3 counts the held-out photos planted as copies."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from conftest import load_benchmark
+
+
+def _smooth_photo(rng: np.random.Generator) -> Image.Image:
+    x = gaussian_filter(rng.normal(0, 1, (48, 64, 3)), (4.0, 4.0, 0))
+    x = ((x - x.min()) / (x.max() - x.min()) * 255).astype(np.uint8)
+    return Image.fromarray(x).resize((160, 120), Image.BICUBIC)
+
+
+def _write_checkout(root: Path) -> None:
+    """train/{coat,shoe}/: 20 photos; test/: a copy of train/coat/1.jpg and a new photo;
+    validation/coat/: a copy of train/shoe/2.jpg (another label)."""
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        folder = root / "train" / ("coat" if i % 2 else "shoe")
+        folder.mkdir(parents=True, exist_ok=True)
+        _smooth_photo(rng).save(folder / f"{i}.jpg", quality=90)
+    for folder in ("test/coat", "test/shoe", "validation/coat"):
+        (root / folder).mkdir(parents=True)
+    shutil.copyfile(root / "train" / "coat" / "1.jpg", root / "test" / "coat" / "copy.jpg")
+    _smooth_photo(rng).save(root / "test" / "shoe" / "new.jpg", quality=90)
+    shutil.copyfile(root / "train" / "shoe" / "2.jpg", root / "validation" / "coat" / "v.jpg")
+
+
+def test_duplicates_bench_line_matches_its_tables_and_counts_the_planted_heldout_copies(
+        tmp_path, capsys):
+    _write_checkout(tmp_path / "clothing")
+    bench = load_benchmark("duplicates")
+    assert bench.main(["--data", str(tmp_path / "clothing"), "--work", str(tmp_path / "work"),
+                       "--copies", "4", "--speed-photos", "2", "--workers", "0",
+                       "--no-embedding"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    figures = dict(pair.split("=", 1) for pair in lines[-1].split())
+    assert figures["phash_heldout_near"] == "2"
+    table1 = {line.split()[0]: line.split() for line in lines
+              if line.split() and line.split()[0] in bench.TRANSFORMS}
+    for name in ("resize", "jpeg", "brightness", "crop95", "hflip"):
+        assert float(figures[f"phash_found_{name}"]) == float(table1[name][-1]), name
+    start = lines.index(next(line for line in lines if line.split()[:2] == ["split", "photos"]))
+    table3 = {line.split()[0]: line.split()[1:] for line in lines[start + 1:start + 3]}
+    assert table3 == {"test": ["2", "1", "0"], "validation": ["1", "1", "1"]}
+    matches = (tmp_path / "work" / "phash" / "heldout_matches.csv").read_text()
+    assert "test/coat/copy.jpg,train/coat/1.jpg,0,coat,True" in matches
+    assert "validation/coat/v.jpg,train/shoe/2.jpg,0,shoe,True" in matches
