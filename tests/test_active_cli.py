@@ -295,3 +295,62 @@ def test_select_and_review_end_to_end_with_the_real_predict(trained, strategy, t
     review = tmp_path / "to_review.csv"
     assert main(["review", "--run", str(run), "--budget", "6", "--out", str(review)]) == 0
     assert pd.read_csv(review)["rank"].tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def _photo_like(rng: np.random.Generator) -> Image.Image:
+    """320 x 240, smooth with fine structure, as a photo is to pHash: its JPEG re-saves stay
+    within a few bits, where two such images differ by about half the bits."""
+    from scipy.ndimage import gaussian_filter
+
+    x = gaussian_filter(rng.normal(0, 1, (128, 128, 3)), (6.0, 6.0, 0))
+    x = ((x - x.min()) / (x.max() - x.min()) * 255).astype(np.uint8)
+    return Image.fromarray(x).resize((320, 240), Image.BICUBIC)
+
+
+def _resaved(source: Path, target: Path) -> None:
+    """`source` saved again as JPEG: another file, other bytes, the same picture."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.open(source).convert("RGB").save(target, quality=90)
+
+
+def test_select_skips_near_duplicates_of_labelled_images_and_of_each_other(
+        run_dir, tiny_data, tmp_path, monkeypatch, capsys):
+    from mixcls.duplicates import DEFAULT_MAX_DISTANCE, hash_image
+
+    rng = np.random.default_rng(11)
+    _photo_like(rng).save(tiny_data / "train_images" / "c1_003.png")  # a labelled photo
+    root = tmp_path / "pool"
+    root.mkdir()
+    for i in range(6):
+        _photo_like(rng).save(root / f"f{i}.png")
+    _resaved(root / "f2.png", root / "f2_again.jpg")  # after f2 in pool order: f2 is kept
+    _resaved(root / "f2_again.jpg", root / "sub" / "f2_third.jpg")  # a copy of the copy
+    _resaved(tiny_data / "train_images" / "c1_003.png", root / "labelled_again.jpg")
+    near = {("f2.png", "f2_again.jpg"), ("f2_again.jpg", "sub/f2_third.jpg")}
+    for a, b in near:  # the premise: copies near, different photos far
+        assert (hash_image(root / a) != hash_image(root / b)).sum() <= DEFAULT_MAX_DISTANCE // 2
+    assert (hash_image(root / "labelled_again.jpg") != hash_image(
+        tiny_data / "train_images" / "c1_003.png")).sum() <= DEFAULT_MAX_DISTANCE // 2
+    fresh = [root / f"f{i}.png" for i in range(6)]
+    assert min((hash_image(a) != hash_image(b)).sum() for a in fresh for b in fresh if a != b) \
+        > 2 * DEFAULT_MAX_DISTANCE
+    fake = install_fake(monkeypatch, [root / "f2_again.jpg", root / "sub" / "f2_third.jpg",
+                                      root / "labelled_again.jpg"])
+    out = tmp_path / "to_label.csv"
+    argv = ["select", "--run", str(run_dir), "--pool", str(root), "--budget", "100",
+            "--strategy", "margin", "--out", str(out)]
+    assert run_command(argv + ["--skip-near-duplicates"]) == 0
+    assert sorted(pd.read_csv(out)["image_id"]) == [f"f{i}.png" for i in range(6)]
+    assert "pool 9 images: 0 already labelled, 0 duplicates, 3 near-duplicates (within 24 bits), " \
+           "6 candidates" in capsys.readouterr().out
+    scored = [paths for kind, paths in fake.calls if kind.startswith("probs")]
+    assert [len(paths) for paths in scored] == [6]
+    # Without the flag the copies are candidates, and the fake model makes them the first picks.
+    assert run_command(argv) == 0
+    assert {"f2_again.jpg", "sub/f2_third.jpg", "labelled_again.jpg"} <= set(
+        pd.read_csv(out)["image_id"].head(3))
+    # At 0 bits the re-saved copies are no longer near-duplicates.
+    assert run_command(argv + ["--skip-near-duplicates", "0"]) == 0
+    assert len(pd.read_csv(out)) == 9
+    with pytest.raises(DataError, match="--skip-near-duplicates 256 must be in 0 … 255 bits"):
+        run_command(argv + ["--skip-near-duplicates", "256"])

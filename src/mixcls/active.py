@@ -521,6 +521,27 @@ def find_candidates(pool: pd.DataFrame, labelled: pd.DataFrame) -> tuple[pd.Data
     return rest, counts
 
 
+def drop_near_duplicates(candidates: pd.DataFrame, labelled: pd.DataFrame, max_distance: int, *,
+                         workers: int = 0) -> tuple[pd.DataFrame, int]:
+    """The candidates less their near-duplicates (pHash within `max_distance` of 256 bits, as
+    `mixcls duplicates`): grouped as connected components, a group keeps its first candidate
+    in pool order, and a group with a member near a labelled image keeps none. A resized or
+    re-saved copy of an image takes a labelling slot for an answer already known, and
+    uncertainty strategies favour picking every copy of one uncertain image. Returns (the
+    kept candidates, how many were dropped)."""
+    from mixcls.duplicates import find_pairs, group_rows, hash_images, nearest_hashes
+
+    hashes = hash_images(candidates["path"].tolist(), workers=workers)
+    first = group_rows(len(candidates), find_pairs(hashes, max_distance))
+    near_labelled = np.zeros(len(candidates), dtype=bool)
+    if len(labelled):
+        known = hash_images(labelled["path"].tolist(), workers=workers)
+        near_labelled = nearest_hashes(hashes, known)["bits"].to_numpy() <= max_distance
+    group_near = pd.Series(near_labelled).groupby(first).transform("any").to_numpy()
+    keep = (first == np.arange(len(candidates))) & ~group_near
+    return candidates.loc[keep].reset_index(drop=True), int((~keep).sum())
+
+
 def _predict_module() -> Any:
     # Imported by name when needed: it loads torch models, and tests put a fake in sys.modules.
     return importlib.import_module("mixcls.predict")
@@ -528,11 +549,13 @@ def _predict_module() -> Any:
 
 def select_from_pool(run_dir: str | Path, pool: str | Path, *, strategy: str, budget: int,
                      seed: int = 42, tta: int | None = None, pool_images: str | Path | None = None,
-                     device: str = "auto", batch_size: int = 64,
-                     workers: int = 0) -> tuple[pd.DataFrame, dict[str, int]]:
+                     device: str = "auto", batch_size: int = 64, workers: int = 0,
+                     near_duplicates: int | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
     """Score the unlabelled pool with the run's models and choose up to `budget` images.
 
-    tta None uses the run's own number of TTA views.
+    tta None uses the run's own number of TTA views. With `near_duplicates` (bits), the pool's
+    near-duplicates of labelled images and of each other are left out first
+    (`drop_near_duplicates`; counted as near_duplicates).
 
     Returns (the selection table, best first: image_id, label (empty, for the person), rank,
     score, pred_class, prob_0 … prob_{K-1}, path; counts from `find_candidates` plus selected).
@@ -546,9 +569,15 @@ def select_from_pool(run_dir: str | Path, pool: str | Path, *, strategy: str, bu
     classes = run.classes
     labelled = read_run_labelled(run)
     candidates, counts = find_candidates(read_pool(pool, pool_images=pool_images), labelled)
+    if near_duplicates is not None:
+        candidates, dropped = drop_near_duplicates(candidates, labelled, near_duplicates,
+                                                   workers=workers)
+        counts = {**counts, "near_duplicates": dropped, "candidates": len(candidates)}
     if candidates.empty:
         raise DataError(f"pool {pool}: no image left to label ({counts['labelled']} already "
-                        f"labelled, {counts['duplicates']} duplicates)")
+                        f"labelled, {counts['duplicates']} duplicates"
+                        + (f", {counts['near_duplicates']} near-duplicates)"
+                           if near_duplicates is not None else ")"))
     budget = min(budget, len(candidates))
     outputs = _model_outputs(run.path, candidates["path"].tolist(), strategy=strategy,
                              labelled_paths=labelled["path"].tolist(), num_classes=len(classes),

@@ -14,6 +14,7 @@ from pathlib import Path
 from mixcls.active import REVIEW_WEIGHT, STRATEGIES, merge_files, place_files, review_run, select_from_pool
 from mixcls.config import ConfigError, load_config
 from mixcls.data import DataError
+from mixcls.duplicates import DEFAULT_MAX_DISTANCE
 from mixcls.runs import atomic_write_csv
 
 
@@ -32,13 +33,17 @@ def run_select(args: argparse.Namespace) -> int:
         raise DataError(f"--budget {args.budget} must be >= 1")
     if args.copy_to is not None:
         _check_destination(Path(args.copy_to))
+    if args.skip_near_duplicates is not None and not 0 <= args.skip_near_duplicates < 256:
+        raise DataError(f"--skip-near-duplicates {args.skip_near_duplicates} must be in 0 … 255 bits")
     table, counts = select_from_pool(args.run, args.pool, strategy=args.strategy, budget=args.budget,
                                      seed=args.seed, tta=args.tta, pool_images=args.pool_images,
                                      device=args.device, batch_size=args.batch_size,
-                                     workers=args.workers)
+                                     workers=args.workers, near_duplicates=args.skip_near_duplicates)
     atomic_write_csv(args.out, table)
+    near = (f"{counts['near_duplicates']} near-duplicates (within {args.skip_near_duplicates} "
+            "bits), " if "near_duplicates" in counts else "")
     print(f"pool {counts['pool']} images: {counts['labelled']} already labelled, "
-          f"{counts['duplicates']} duplicates, {counts['candidates']} candidates")
+          f"{counts['duplicates']} duplicates, {near}{counts['candidates']} candidates")
     print(f"selected {counts['selected']} by {args.strategy} -> {args.out}"
           + ("" if counts["selected"] == args.budget else f" (budget {args.budget})"))
     if args.copy_to is not None:
@@ -100,7 +105,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "select", help="choose the unlabelled images to label next",
         description="Score a pool of unlabelled images with a trained run and write the ones a "
-                    "person should label next (never an image the run already has, never one twice). "
+                    "person should label next (never an image the run already has, never one twice; with "
+                    "--skip-near-duplicates, never a resized or re-saved copy of either). "
                     f"Strategies: {strategies}.")
     p.add_argument("--run", required=True, help="trained run folder")
     p.add_argument("--pool", required=True, help="folder of images, or a CSV with an image_id column")
@@ -117,6 +123,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--skip-near-duplicates", type=int, nargs="?", const=DEFAULT_MAX_DISTANCE,
+                   default=None, metavar="BITS",
+                   help="leave out pool images whose perceptual hash is within BITS of 256 "
+                   f"(default {DEFAULT_MAX_DISTANCE}) of a labelled image's or of another pool "
+                   "image's (the first in pool order is kept), as mixcls duplicates pairs them")
     p.set_defaults(func=run_select)
 
     p = subparsers.add_parser(
