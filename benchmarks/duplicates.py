@@ -178,25 +178,32 @@ def limit_table(method: Method, table: pd.DataFrame, pairs: pd.DataFrame) -> pd.
     return pd.DataFrame(out)
 
 
+def draw_sheet(path: Path, items: list[tuple[Path, Path, str]]) -> None:
+    """A contact sheet: two pairs of images per row, each pair under its caption."""
+    from PIL import ImageDraw
+
+    cell = 120
+    sheet = Image.new("RGB", (4 * cell, (len(items) + 1) // 2 * (cell + 14)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (first, second, caption) in enumerate(items):
+        x, y = (k % 2) * 2 * cell, (k // 2) * (cell + 14)
+        for j, image_path in enumerate((first, second)):
+            image = Image.open(image_path).convert("RGB")
+            image.thumbnail((cell - 4, cell - 4))
+            sheet.paste(image, (x + j * cell + 2, y + 14))
+        draw.text((x + 4, y), caption, fill="black")
+    sheet.save(path)
+
+
 def draw_original_pairs(path: Path, table: pd.DataFrame, work: Path, pairs: pd.DataFrame,
                         method: Method, n: int = 16) -> None:
     """A contact sheet of the closest pairs of two originals, closest first, each with its score."""
-    from PIL import ImageDraw
-
     transform = table["transform"].to_numpy()
     both = pairs[(transform[pairs["a"]] == "") & (transform[pairs["b"]] == "")].head(n)
-    cell = 120
-    sheet = Image.new("RGB", (4 * cell, (len(both) + 1) // 2 * (cell + 14)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k, (a, b, value) in enumerate(zip(both["a"], both["b"], both[method.score])):
-        x, y = (k % 2) * 2 * cell, (k // 2) * (cell + 14)
-        for j, row in enumerate((a, b)):
-            image = Image.open(work / "images" / table["image_id"].iloc[row]).convert("RGB")
-            image.thumbnail((cell - 4, cell - 4))
-            sheet.paste(image, (x + j * cell + 2, y + 14))
-        labels = f"{table['label'].iloc[a]} / {table['label'].iloc[b]}"
-        draw.text((x + 4, y), f"{method.score} {value:.3g}: {labels}", fill="black")
-    sheet.save(path)
+    ids, labels = table["image_id"].to_numpy(), table["label"].to_numpy()
+    draw_sheet(path, [(work / "images" / ids[a], work / "images" / ids[b],
+                       f"{method.score} {value:.3g}: {labels[a]} / {labels[b]}")
+                      for a, b, value in zip(both["a"], both["b"], both[method.score])])
 
 
 def time_hashing(table: pd.DataFrame, work: Path, n_speed: int, workers: int) -> dict[str, float]:
@@ -299,6 +306,15 @@ def split_matches(method: Method, args: argparse.Namespace) -> dict[str, float]:
         rows.append({"split": name, "photos": len(part), "near_duplicates": len(near),
                      "other_label": int((near["label"] != near["train_label"].astype(str)).sum())})
     print(pd.DataFrame(rows).sort_values("split").to_string(index=False))
+    if args.sheets:
+        near = matches[matches["near_duplicate"]].head(16)
+        sheet = args.work / f"{method.name}_heldout_matches.png"
+        draw_sheet(sheet, [(heldout / i, args.work / "images" / "orig" / t,
+                            f"{method.score} {v:.3g}: {i.split('/')[0]} {label} / train {tl}")
+                           for i, t, v, label, tl in zip(near["image_id"], near["train_image_id"],
+                                                         near[method.score], near["label"],
+                                                         near["train_label"])])
+        print(f"held-out photos and their nearest training photos: {sheet}")
     return {f"{method.name}_heldout_near": int(matches["near_duplicate"].sum())}
 
 

@@ -40,7 +40,7 @@ def test_duplicates_bench_line_matches_its_tables_and_counts_the_planted_heldout
     bench = load_benchmark("duplicates")
     assert bench.main(["--data", str(tmp_path / "clothing"), "--work", str(tmp_path / "work"),
                        "--copies", "4", "--speed-photos", "2", "--workers", "0",
-                       "--no-embedding"]) == 0
+                       "--no-embedding", "--sheets"]) == 0
     lines = capsys.readouterr().out.splitlines()
     figures = dict(pair.split("=", 1) for pair in lines[-1].split())
     assert figures["phash_heldout_near"] == "2"
@@ -54,3 +54,5 @@ def test_duplicates_bench_line_matches_its_tables_and_counts_the_planted_heldout
     matches = (tmp_path / "work" / "phash" / "heldout_matches.csv").read_text()
     assert "test/coat/copy.jpg,train/coat/1.jpg,0,coat,True" in matches
     assert "validation/coat/v.jpg,train/shoe/2.jpg,0,shoe,True" in matches
+    for sheet in ("phash_original_pairs.png", "phash_heldout_matches.png"):
+        assert Image.open(tmp_path / "work" / sheet).size[0] == 480
