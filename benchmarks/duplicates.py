@@ -178,9 +178,13 @@ def limit_table(method: Method, table: pd.DataFrame, pairs: pd.DataFrame) -> pd.
     return pd.DataFrame(out)
 
 
-def draw_sheet(path: Path, items: list[tuple[Path, Path, str]]) -> None:
-    """A contact sheet: two pairs of images per row, each pair under its caption."""
+def draw_sheet(path: Path, items: list[tuple[Path, Path, str]]) -> bool:
+    """A contact sheet: two pairs of images per row, each pair under its caption; False, and no
+    file, when there is no pair to draw."""
     from PIL import ImageDraw
+
+    if not items:
+        return False
 
     cell = 120
     sheet = Image.new("RGB", (4 * cell, (len(items) + 1) // 2 * (cell + 14)), "white")
@@ -193,17 +197,18 @@ def draw_sheet(path: Path, items: list[tuple[Path, Path, str]]) -> None:
             sheet.paste(image, (x + j * cell + 2, y + 14))
         draw.text((x + 4, y), caption, fill="black")
     sheet.save(path)
+    return True
 
 
 def draw_original_pairs(path: Path, table: pd.DataFrame, work: Path, pairs: pd.DataFrame,
-                        method: Method, n: int = 16) -> None:
+                        method: Method, n: int = 16) -> bool:
     """A contact sheet of the closest pairs of two originals, closest first, each with its score."""
     transform = table["transform"].to_numpy()
     both = pairs[(transform[pairs["a"]] == "") & (transform[pairs["b"]] == "")].head(n)
     ids, labels = table["image_id"].to_numpy(), table["label"].to_numpy()
-    draw_sheet(path, [(work / "images" / ids[a], work / "images" / ids[b],
-                       f"{method.score} {value:.3g}: {labels[a]} / {labels[b]}")
-                      for a, b, value in zip(both["a"], both["b"], both[method.score])])
+    return draw_sheet(path, [(work / "images" / ids[a], work / "images" / ids[b],
+                              f"{method.score} {value:.3g}: {labels[a]} / {labels[b]}")
+                             for a, b, value in zip(both["a"], both["b"], both[method.score])])
 
 
 def time_hashing(table: pd.DataFrame, work: Path, n_speed: int, workers: int) -> dict[str, float]:
@@ -270,9 +275,9 @@ def run_method(method: Method, table: pd.DataFrame, args: argparse.Namespace) ->
     sweep = limit_table(method, table, pairs)
     print(sweep.to_string(index=False))
     if args.sheets:
-        draw_original_pairs(args.work / f"{method.name}_original_pairs.png", table, args.work,
-                            pairs, method)
-        print(f"closest pairs of two originals: {args.work / f'{method.name}_original_pairs.png'}")
+        sheet = args.work / f"{method.name}_original_pairs.png"
+        drawn = draw_original_pairs(sheet, table, args.work, pairs, method)
+        print(f"closest pairs of two originals: {sheet if drawn else 'none'}")
     found = dict(zip(copies["transform"], copies["found_pct"]))
     default = sweep[np.isclose(sweep["limit"], _default_limit(result))].iloc[0]
     return {f"{method.name}_found_{t}": found[t] for t in TRANSFORMS} | {
@@ -309,12 +314,12 @@ def split_matches(method: Method, args: argparse.Namespace) -> dict[str, float]:
     if args.sheets:
         near = matches[matches["near_duplicate"]].head(16)
         sheet = args.work / f"{method.name}_heldout_matches.png"
-        draw_sheet(sheet, [(heldout / i, args.work / "images" / "orig" / t,
-                            f"{method.score} {v:.3g}: {i.split('/')[0]} {label} / train {tl}")
-                           for i, t, v, label, tl in zip(near["image_id"], near["train_image_id"],
-                                                         near[method.score], near["label"],
-                                                         near["train_label"])])
-        print(f"held-out photos and their nearest training photos: {sheet}")
+        drawn = draw_sheet(sheet, [(heldout / i, args.work / "images" / "orig" / t,
+                                    f"{method.score} {v:.3g}: {i.split('/')[0]} {label} / train {tl}")
+                                   for i, t, v, label, tl in zip(
+                                       near["image_id"], near["train_image_id"], near[method.score],
+                                       near["label"], near["train_label"])])
+        print(f"held-out photos and their nearest training photos: {sheet if drawn else 'none'}")
     return {f"{method.name}_heldout_near": int(matches["near_duplicate"].sum())}
 
 

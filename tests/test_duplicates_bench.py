@@ -56,3 +56,5 @@ def test_duplicates_bench_line_matches_its_tables_and_counts_the_planted_heldout
     assert "validation/coat/v.jpg,train/shoe/2.jpg,0,shoe,True" in matches
     for sheet in ("phash_original_pairs.png", "phash_heldout_matches.png"):
         assert Image.open(tmp_path / "work" / sheet).size[0] == 480
+    assert bench.draw_sheet(tmp_path / "none.png", []) is False
+    assert not (tmp_path / "none.png").exists()
