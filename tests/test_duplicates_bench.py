@@ -58,3 +58,14 @@ def test_duplicates_bench_line_matches_its_tables_and_counts_the_planted_heldout
         assert Image.open(tmp_path / "work" / sheet).size[0] == 480
     assert bench.draw_sheet(tmp_path / "none.png", []) is False
     assert not (tmp_path / "none.png").exists()
+
+
+def test_pair_search_bench_finds_the_planted_pairs_both_ways_and_its_line_is_its_last_row(capsys):
+    bench = load_benchmark("pair_search")
+    assert bench.main(["--rows", "250", "401"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    figures = dict(pair.split("=", 1) for pair in lines[-1].split())
+    last_row = lines[-2].split()
+    assert figures["rows"] == last_row[0] == "401" and figures["same_pairs"] == "1"
+    assert last_row[1] == "4"  # rows 1, 101, 201 and 301 copy the row before them
+    assert figures["mixcls_s"] == last_row[2] and figures["sklearn_s"] == last_row[3]
