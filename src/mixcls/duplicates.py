@@ -62,10 +62,10 @@ def hash_images(paths: Sequence[str | Path], *, workers: int = 0,
 
 
 # Hamming distances by hand: scikit-learn's metric "hamming" works on one float per bit, and
-# its radius search took 93 s for the pairs of 21,397 random 256-bit hashes (Cassava's training
-# set) on this project's 2-core machine. XOR and popcount (numpy's bitwise_count) on the bits
-# packed into 64-bit words give the same integers in 6.5 s there, in blocks of rows that bound
-# the memory (tests check both searches against slow loops).
+# its radius search took 91.7 s for the pairs of 21,397 random 256-bit hashes (Cassava's
+# training set) on this project's 2-core machine. XOR and popcount (numpy's bitwise_count) on
+# the bits packed into 64-bit words give the same pairs in 6.0 s there, in blocks of rows that
+# bound the memory (benchmarks/pair_search.py; tests check both searches against slow loops).
 BLOCK_WORDS = 1 << 22  # 64-bit words XORed per block: 32 MiB, and 4 MiB of their counts
 
 
