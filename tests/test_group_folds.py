@@ -175,3 +175,52 @@ def test_a_class_per_folder_tree_has_no_group_column(tmp_path, capsys, no_traini
             Image.new("RGB", (8, 8), (k * 200, 0, 0)).save(tmp_path / "tree" / f"c{k}" / f"{i}.png")
     assert _train(tmp_path / "tree", tmp_path / "run", "--group-col", "plant") == 2
     assert "is a class-per-folder tree, which has no columns" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- byte-identical copies
+
+def test_identical_files_groups_equal_bytes_and_only_those(tmp_path):
+    from mixcls.duplicates import identical_files
+
+    contents = [b"a" * 10, b"b" * 10, b"a" * 10, b"c" * 5, b"b" * 10, b"a" * 10, b"d" * 10]
+    paths = []
+    for i, content in enumerate(contents):
+        (tmp_path / f"{i}.bin").write_bytes(content)
+        paths.append(tmp_path / f"{i}.bin")
+    assert identical_files(paths) == [[0, 2, 5], [1, 4]]  # "d"*10 has a size twin, not a copy
+    assert identical_files(paths[:2]) == []
+
+
+def _with_copy(root):
+    """The tiny data set plus copy.png, a byte-identical copy of c0_000.png under its label."""
+    data = write_tiny_dataset(root / "data", n_per_class=8, size=16)
+    (data / "train_images" / "copy.png").write_bytes((data / "train_images" / "c0_000.png").read_bytes())
+    table = pd.read_csv(data / "train.csv")
+    table = pd.concat([table, pd.DataFrame({"image_id": ["copy.png"], "label": [0]})],
+                      ignore_index=True)
+    return data, table
+
+
+@pytest.mark.parametrize("case", ["split", "same_fold", "grouped"])
+def test_training_warns_when_byte_identical_images_lie_in_two_folds(tmp_path, capsys, one_thread,
+                                                                     case):
+    data, table = _with_copy(tmp_path)
+    extra = []
+    if case == "same_fold":  # given folds that keep the copy with its original
+        table["fold"] = [i % 3 for i in range(len(table))]
+        table.loc[table["image_id"] == "copy.png", "fold"] = int(
+            table.loc[table["image_id"] == "c0_000.png", "fold"].iloc[0])
+    if case == "split":
+        table["fold"] = [i % 3 for i in range(len(table))]
+        table.loc[table["image_id"] == "copy.png", "fold"] = (int(
+            table.loc[table["image_id"] == "c0_000.png", "fold"].iloc[0]) + 1) % 3
+    if case == "grouped":
+        table["plant"] = np.where(table["image_id"].isin(["copy.png", "c0_000.png"]), "twin",
+                                  table["image_id"])
+        extra = ["--group-col", "plant"]
+    table.to_csv(data / "train.csv", index=False)
+    assert _train(data, tmp_path / "run", *extra) == 0
+    said = capsys.readouterr().out
+    warned = ("warning: 1 set(s) of byte-identical training images lie in more than one fold "
+              "(e.g. 'c0_000.png' and 'copy.png')") in said
+    assert warned == (case == "split"), said

@@ -307,6 +307,22 @@ def fit_folds(cfg: Config, run_dir: str | Path, *, progress: bool = True, resume
     return metrics
 
 
+def _warn_split_copies(table: TrainTable, folds: np.ndarray, log: Callable[[str], None]) -> None:
+    """Say so when byte-identical training images sit in different folds: CV then scores each
+    with a model that trained on its copy. A warning, not an error: the run is valid, its CV
+    optimistic by those rows."""
+    from mixcls.duplicates import identical_files
+
+    ids = table.frame["image_id"].tolist()
+    split = [rows for rows in identical_files(table.frame["path"].tolist())
+             if len({int(folds[i]) for i in rows}) > 1]
+    if split:
+        example = " and ".join(repr(ids[i]) for i in split[0][:2])
+        log(f"warning: {len(split)} set(s) of byte-identical training images lie in more than one "
+            f"fold (e.g. {example}), so CV scores them with a model that trained on the copy; "
+            "mixcls duplicates groups them (and near-copies) for --group-col")
+
+
 def _begin_run(cfg: Config, table: TrainTable, folds: np.ndarray, run_dir: Path, *,
                device: torch.device, world_size: int, resume: bool, chosen: list[int],
                log: Callable[[str], None]) -> tuple[BatchPlan, np.ndarray, list[int]]:
@@ -315,6 +331,8 @@ def _begin_run(cfg: Config, table: TrainTable, folds: np.ndarray, run_dir: Path,
     if cfg.data.group_col is not None:
         log(f"folds grouped by {cfg.data.group_col!r}: {table.frame['group'].nunique()} groups, "
             "each in one fold")
+    else:
+        _warn_split_copies(table, folds, log)
     plan = resolve_batch_plan(cfg, table.num_classes, device, world_size=world_size,
                               run_dir=run_dir, resume=resume, log=log)
     folds, finished = open_run_folder(cfg, table, folds, run_dir, resume=resume, chosen=chosen,
