@@ -26,7 +26,7 @@ from mixcls.runs import RunError, RunFolder, read_json
 
 RUN_MARKERS = ("config.yaml", "folds.csv")
 COLUMNS = ["name", "cv_accuracy", "cv_macro_f1", "cv_logloss", "model", "img_size", "loss", "mix",
-           "epochs", "seconds", "folds_fingerprint", "finished", "status"]
+           "epochs", "group_col", "seconds", "folds_fingerprint", "finished", "status"]
 SCORES = ("cv_accuracy", "cv_macro_f1", "cv_logloss")
 # With --against RUN: accuracy minus RUN's on the shared OOF rows, its paired SE, those rows.
 AGAINST_COLUMNS = ["acc_diff", "diff_se", "shared_rows"]
@@ -84,7 +84,7 @@ def _settings(run: RunFolder) -> dict[str, Any]:
         return {"model": f"blend:{spec.get('method')} of {len(spec.get('members', []))} runs"}
     cfg = run.config
     return {"model": cfg.model.name, "img_size": cfg.data.img_size, "loss": cfg.loss.name,
-            "mix": cfg.mix.method, "epochs": cfg.train.epochs}
+            "mix": cfg.mix.method, "epochs": cfg.train.epochs, "group_col": cfg.data.group_col}
 
 
 def _progress(run: RunFolder) -> dict[str, Any]:
