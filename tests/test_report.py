@@ -321,6 +321,17 @@ def test_report_without_history_or_images(runs, tmp_path):
     assert table(parser, "cv-folds")["fold 0"][2] == "—"  # best epoch unknown without history
 
 
+def test_settings_name_the_column_the_folds_were_grouped_by(runs, tmp_path):
+    full, _ = runs
+    run = copy_run(full, tmp_path / "run")
+    text = "".join(parse_page(write_report(run))[1].text)
+    assert "folds grouped by" not in text
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump(dict(config, group_col="plant")))
+    text = "".join(parse_page(write_report(run))[1].text)
+    assert "folds grouped byplant" in text  # a <dt> and its <dd>, joined
+
+
 def test_report_command_rebuilds_and_rejects_other_folders(runs, tmp_path, capsys):
     full, _ = runs
     run = copy_run(full, tmp_path / "run")

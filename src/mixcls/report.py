@@ -361,6 +361,8 @@ def _config_items(cfg: dict[str, Any], metrics: dict[str, Any]) -> list[tuple[st
         items.append(("label smoothing", values["smoothing"]))
     if values.get("train_folds") is not None:
         items.append(("train folds", values["train_folds"]))
+    if values.get("group_col"):  # grouped folds: this CV and an ungrouped run's differ in kind
+        items.append(("folds grouped by", values["group_col"]))
     return items
 
 
