@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
@@ -14,9 +15,11 @@ from conftest import load_benchmark
 
 
 def _smooth_photo(rng: np.random.Generator) -> Image.Image:
-    x = gaussian_filter(rng.normal(0, 1, (48, 64, 3)), (4.0, 4.0, 0))
+    """320 x 240, smooth with fine structure: pHash keeps its re-saved copies within a few bits,
+    as it does a photo's."""
+    x = gaussian_filter(rng.normal(0, 1, (128, 128, 3)), (6.0, 6.0, 0))
     x = ((x - x.min()) / (x.max() - x.min()) * 255).astype(np.uint8)
-    return Image.fromarray(x).resize((160, 120), Image.BICUBIC)
+    return Image.fromarray(x).resize((320, 240), Image.BICUBIC)
 
 
 def _write_checkout(root: Path) -> None:
@@ -69,3 +72,24 @@ def test_pair_search_bench_finds_the_planted_pairs_both_ways_and_its_line_is_its
     assert figures["rows"] == last_row[0] == "401" and figures["same_pairs"] == "1"
     assert last_row[1] == "4"  # rows 1, 101, 201 and 301 copy the row before them
     assert figures["mixcls_s"] == last_row[2] and figures["sklearn_s"] == last_row[3]
+
+
+def test_group_leak_bench_copies_training_photos_only_and_duplicates_groups_them(tmp_path):
+    from mixcls.cli import main
+
+    _write_checkout(tmp_path / "clothing")
+    bench = load_benchmark("group_leak")
+    work = tmp_path / "work"
+    train_csv, test_csv, n_copies = bench.write_tables(tmp_path / "clothing", work, 0.5)
+    train, test = pd.read_csv(train_csv), pd.read_csv(test_csv)
+    originals = train[train["image_id"] == train["source"]]
+    copies = train[train["image_id"] != train["source"]]
+    assert len(originals) + len(test) == 23 and n_copies == len(copies) == round(0.5 * len(originals))
+    assert not set(test["image_id"]) & set(train["source"])  # no test photo is trained on, copied or not
+    assert set(copies["source"]) <= set(originals["image_id"])
+    assert (copies.set_index("source").loc[copies["source"], "label"].to_numpy()
+            == originals.set_index("image_id").loc[copies["source"], "label"].to_numpy()).all()
+    grouped = work / "dup_groups" / "train.csv"
+    assert main(["duplicates", "--csv", str(train_csv), "--images", str(work / "images"),
+                 "--out", str(grouped), "--workers", "0", "--no-progress"]) == 0
+    assert bench.copies_grouped(grouped) == 100.0
