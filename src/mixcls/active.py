@@ -11,7 +11,6 @@ time"; ties are broken by the lower row index so a selection never depends on so
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -498,11 +497,6 @@ def read_pool(pool: str | Path, *, pool_images: str | Path | None = None) -> pd.
     return pd.DataFrame({"image_id": ids, "path": paths})
 
 
-def _file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()
-
-
 def find_candidates(pool: pd.DataFrame, labelled: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     """Pool rows a person could label: not labelled already (same image_id or same file), and
     each image once (the first of rows sharing an image_id, a file, or identical bytes).
@@ -514,7 +508,11 @@ def find_candidates(pool: pd.DataFrame, labelled: pd.DataFrame) -> tuple[pd.Data
     same_name = rest["image_id"].duplicated() | rest["path"].duplicated()
     rest = rest.loc[~same_name]
     # Identical bytes under two names would take two labelling slots for one answer.
-    same_bytes = pd.Series([_file_digest(p) for p in rest["path"]], index=rest.index).duplicated()
+    from mixcls.duplicates import identical_files
+
+    same_bytes = np.zeros(len(rest), dtype=bool)
+    for rows in identical_files(rest["path"].tolist()):
+        same_bytes[rows[1:]] = True  # the first of each set stays
     rest = rest.loc[~same_bytes].reset_index(drop=True)
     counts = {"pool": len(pool), "labelled": int(is_labelled.sum()),
               "duplicates": int(same_name.sum() + same_bytes.sum()), "candidates": len(rest)}

@@ -329,7 +329,6 @@ class TrainingImages:
     table: TrainTable
     raw: pd.DataFrame
     label_col: str
-    csv_path: Path | None
     source: str
 
     @classmethod
@@ -349,7 +348,7 @@ class TrainingImages:
             raw = read_text_table(csv_path)
             if Path(out).resolve() == csv_path.resolve():
                 raise DataError(f"--out {out} is the training table itself; write beside it")
-        return cls(table, raw, label_col, csv_path, str(csv_path or images_dir))
+        return cls(table, raw, label_col, str(csv_path or images_dir))
 
     @property
     def ids(self) -> np.ndarray:
@@ -455,9 +454,9 @@ def write_matches(data: str | Path | None, against: str | Path, out: str | Path,
                         f"{train.table.images_dir}; leave --against out to pair the training "
                         "images among themselves")
     other_ids, other_paths = check_image_folder(against)
-    references = finder.vectors(train.paths, progress)
-    queries = finder.vectors(other_paths, progress)
-    found = finder.nearest(queries, references)
+    vectors = finder.vectors(train.paths + other_paths, progress)  # one model load for both
+    n_train = len(train.paths)
+    found = finder.nearest(vectors[n_train:], vectors[:n_train])
     score = found.columns[1]  # bits or similarity
     matches = pd.DataFrame({"image_id": other_ids, "train_image_id": train.ids[found["ref"]],
                             score: found[score].to_numpy(),
@@ -466,4 +465,4 @@ def write_matches(data: str | Path | None, against: str | Path, out: str | Path,
     matches = matches.sort_values(["near_duplicate", score, "image_id"],
                                   ascending=[False, score == "bits", True], ignore_index=True)
     atomic_write_csv(out, matches)
-    return MatchResult(matches=matches, against=against, n_train=len(train.ids), finder=finder)
+    return MatchResult(matches=matches, against=against, n_train=n_train, finder=finder)
