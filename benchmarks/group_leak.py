@@ -3,8 +3,8 @@
 Data: a checkout of github.com/alexeygrigorev/clothing-dataset-small (`--data`; nothing is
 downloaded), its train, validation and test folders pooled (3,781 photos). A stratified 20 %
 (seed 0) is the test split, never trained on; the repository's own test folder is not used as
-such, because it is harder than its train folder (a one-epoch run read 35 % CV against 21 % on
-it), which would hide the leak behind a shift. Training rows: the other photos, and for
+such, because it is harder than its train folder (a one-epoch trial of an earlier version of
+this script read 35 % CV against 21 % on it), which would hide the leak behind a shift. Training rows: the other photos, and for
 `--copied` of them (default half, seed 0) a second copy, a re-upload: three quarters of the
 size, JPEG quality 50, under another name and the same label.
 
