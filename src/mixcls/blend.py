@@ -162,7 +162,7 @@ def fit_weights(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return weights / weights.sum()
 
 
-def _selection_key(probs: np.ndarray, labels: np.ndarray, metric: str) -> tuple[float, float]:
+def selection_key(probs: np.ndarray, labels: np.ndarray, metric: str) -> tuple[float, float]:
     """Lower is better: the metric as a loss, ties (frequent for accuracy) broken by log-loss."""
     return metric_loss(probs, labels, metric), log_loss(probs, labels)
 
@@ -175,7 +175,7 @@ def select_forward(probs: np.ndarray, labels: np.ndarray, *, metric: str,
     whose inclusion in the running average scores best; remaining ties go to the lower index.
     """
     def best_of(candidates: list[np.ndarray]) -> int:
-        keys = [_selection_key(p, labels, metric) for p in candidates]
+        keys = [selection_key(p, labels, metric) for p in candidates]
         return min(range(len(keys)), key=keys.__getitem__)
 
     counts = np.zeros(len(probs))
@@ -391,6 +391,7 @@ class Members:
     labels: np.ndarray       # (N,)
     folds: np.ndarray        # (N,)
     probs: np.ndarray        # (M, N, K)
+    settings: list[dict[str, Any]] = field(default_factory=list)  # per member: member_setting
 
 
 def _read_folds(run: RunFolder) -> pd.Series:
@@ -425,20 +426,37 @@ def _check_same_folds(first: RunFolder, other: RunFolder, a: pd.Series, b: pd.Se
                         "column, or with the same --folds and --seed")
 
 
+def member_setting(run: RunFolder) -> dict[str, Any]:
+    """What a member predicts with and the OOF table that matches it: mixcls tta --apply's views,
+    size and tta_oof.csv, else the config's views (the first predict.tta), training size and
+    oof.csv. A blend records it, so that a later --apply on the member does not change what
+    the blend predicts."""
+    from mixcls.tta import inference_oof_path, inference_setting
+
+    setting, cfg = inference_setting(run.path), run.config
+    views = setting.views or list(cfg.predict.tta_views[: cfg.predict.tta])
+    return {"views": views, "img_size": setting.img_size or cfg.data.img_size,
+            "oof": inference_oof_path(run).name}
+
+
 def _aligned_oof(run: RunFolder, image_ids: list[str], folds: pd.Series) -> pd.DataFrame:
-    """The run's OOF table in the order of `image_ids`; its folds must be folds.csv's."""
-    oof = run.read_oof().set_index("image_id")
+    """The run's OOF table (the one that matches its inference setting) in the order of
+    `image_ids`; its folds must be folds.csv's."""
+    from mixcls.tta import inference_oof_path
+
+    path = inference_oof_path(run)
+    oof = run.read_oof(path).set_index("image_id")
     missing = pd.Index(image_ids).difference(oof.index)
     extra = oof.index.difference(pd.Index(image_ids))
     if len(missing) or len(extra):
         image_id = missing[0] if len(missing) else extra[0]
-        raise DataError(f"{run.oof_path}: its OOF rows differ from the other members' "
+        raise DataError(f"{path}: its OOF rows differ from the other members' "
                         f"({len(missing)} missing, {len(extra)} extra, first {image_id!r}); blend "
                         "runs that trained every fold of the same table")
     oof = oof.reindex(image_ids)
     wrong = oof.index[oof["fold"].to_numpy() != folds.reindex(oof.index).to_numpy()]
     if len(wrong):
-        raise DataError(f"{run.oof_path}: fold of image {wrong[0]!r} differs from {run.path}/folds.csv")
+        raise DataError(f"{path}: fold of image {wrong[0]!r} differs from {run.path}/folds.csv")
     return oof
 
 
@@ -452,7 +470,7 @@ def read_members(run_dirs: Sequence[str | Path]) -> Members:
     for run, run_folds in zip(runs[1:], folds[1:]):
         _check_same_classes(runs[0], run)
         _check_same_folds(runs[0], run, folds[0], run_folds)
-    first = runs[0].read_oof()
+    first = runs[0].read_oof()  # its ids and their order; the probabilities come from _aligned_oof
     image_ids = first["image_id"].tolist()
     oofs = [_aligned_oof(run, image_ids, folds[0]) for run in runs]
     labels = oofs[0]["label"].to_numpy(dtype=np.int64)
@@ -465,7 +483,8 @@ def read_members(run_dirs: Sequence[str | Path]) -> Members:
     # Not renormalised: check_oof bounds the rows' sums, and a mean of one run stays its OOF.
     probs = np.stack([oof[prob_columns(k)].to_numpy(dtype=np.float64) for oof in oofs])
     return Members([run.path for run in runs], runs[0].classes, image_ids, labels,
-                   oofs[0]["fold"].to_numpy(dtype=np.int64), probs)
+                   oofs[0]["fold"].to_numpy(dtype=np.int64), probs,
+                   [member_setting(run) for run in runs])
 
 
 def _check_distinct(runs: list[RunFolder]) -> None:
@@ -573,8 +592,8 @@ def make_blend_spec(members: Members, result: BlendFit, *, method: str, metric: 
         "format": BLEND_FORMAT, "method": method, "metric": metric,
         "fit_objective": fit_objective(method, metric), "calibrate": calibrate, "seed": seed,
         "classes": members.classes,
-        "members": [{"name": p.name, "path": str(p), "checkpoints": c}
-                    for p, c in zip(members.paths, checkpoints)],
+        "members": [{"name": p.name, "path": str(p), "checkpoints": c, **setting}
+                    for p, c, setting in zip(members.paths, checkpoints, members.settings)],
         **_params_to_json(result.params), "temperature": result.temperature,
         "nested": {"folds": {str(g): {**_params_to_json(p),
                                       "temperature": nested.fold_temperatures.get(g)}
@@ -626,9 +645,10 @@ def make_blend_metrics(members: Members, result: BlendFit, oof: pd.DataFrame, *,
                                for g in np.unique(members.folds).tolist()}
     metrics["in_sample"] = score_probs(result.in_sample_probs, members.labels)
     metrics["method"], metrics["metric"] = method, metric
-    metrics["members"] = [{"name": p.name, "path": str(p),
+    metrics["members"] = [{"name": p.name, "path": str(p), **setting,
                            **{f"cv_{k}": v for k, v in score_probs(probs, members.labels).items()}}
-                          for p, probs in zip(members.paths, members.probs)]
+                          for p, probs, setting in zip(members.paths, members.probs,
+                                                       members.settings)]
     corr = error_correlation(members.probs, members.labels)
     metrics["error_correlation"] = [[None if np.isnan(v) else float(v) for v in row] for row in corr]
     return metrics
@@ -687,8 +707,9 @@ def predict_blend(blend_dir: str | Path, paths: Sequence[str], *, tta: int | Non
     """Blended probabilities (N, K) of the images at `paths`.
 
     Every member is verified first (folder present, checkpoints unchanged, the same fold models
-    as the others), then predicted with its own image size and TTA views, one probability table
-    per model (`predict.predict_fold_probs`). The blend's rule, fitted on all OOF rows, combines
+    as the others), then predicted with the TTA views and image size recorded when it was
+    blended (a blend.json from before they were recorded: the member's own), or with the first
+    `tta` views when given, one probability table per model (`predict.predict_fold_probs`). The blend's rule, fitted on all OOF rows, combines
     the members model by model (every member's fold-f model together), and those blends are
     averaged (`combine_fold_members`). `models` is predict's: "folds" (default), "all" (the
     full-data model of a --full-fit member is one more entry after the folds) or "full" (it is
@@ -700,7 +721,9 @@ def predict_blend(blend_dir: str | Path, paths: Sequence[str], *, tta: int | Non
     verify_members(spec, blend_dir, models=models)
     if models != "full":
         check_same_fold_models(spec)
-    member_fold_probs = [predict_fold_probs(m["path"], paths, tta=tta, device=device,
+    member_fold_probs = [predict_fold_probs(m["path"], paths, tta=tta,
+                                            views=m.get("views") if tta is None else None,
+                                            img_size=m.get("img_size"), device=device,
                                             batch_size=batch_size, workers=workers, amp=amp,
                                             models=models)
                          for m in spec["members"]]

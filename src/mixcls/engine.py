@@ -390,7 +390,7 @@ def evaluate(model: nn.Module, loader: Sequence, *, device: torch.device,
              normalizer: Normalizer | None = None,
              amp_dtype: torch.dtype | None = None, channels_last: bool = False,
              tta_views: Sequence[str] = ("orig",), features: bool = False, progress: bool = False,
-             desc: str = "valid") -> tuple:
+             desc: str = "valid", per_view: bool = False) -> tuple:
     """Class probabilities (N, K) averaged over `tta_views`, and the mean loss of the plain view.
 
     The loader's images go through `prepare_images` as in training (uint8 normalised on the
@@ -399,19 +399,21 @@ def evaluate(model: nn.Module, loader: Sequence, *, device: torch.device,
     With `features`, also the penultimate features (N, D) of the plain view (the classifier's
     input: timm's forward_head(pre_logits=True)), from the same forward pass, so a caller that
     needs both reads the images once. Returns (probs, loss), or (probs, loss, features) with
-    `features`; loss is None without `loss_fn`. Never mixes: validation and prediction see the
+    `features`; loss is None without `loss_fn`. With `per_view`, probs is (V, N, K) instead: one
+    table per view in `tta_views` order (their mean is the (N, K) table), so a caller scoring
+    the first 1, 2, … views runs each view once. Never mixes: validation and prediction see the
     images as they are (plus TTA views).
     """
     model.eval()
     all_probs, all_features, total_loss, seen = [], [], 0.0, 0
     for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images = prepare_images(images, device=device, normalizer=normalizer, channels_last=channels_last)
-        probs = None
+        view_probs = []
         for view in tta_views:
             logits, pooled = _forward(model, apply_tta_view(images, view), amp_dtype=amp_dtype,
                                       channels_last=channels_last,
                                       features=features and view == "orig")
-            probs = logits.softmax(1) if probs is None else probs + logits.softmax(1)
+            view_probs.append(logits.softmax(1))
             if pooled is not None:
                 all_features.append(pooled.cpu().numpy())
             if view == "orig" and loss_fn is not None:
@@ -421,8 +423,11 @@ def evaluate(model: nn.Module, loader: Sequence, *, device: torch.device,
             all_features.append(_forward(model, images, amp_dtype=amp_dtype, channels_last=channels_last,
                                          features=True)[1].cpu().numpy())
         seen += images.shape[0]
-        all_probs.append((probs / len(tta_views)).cpu().numpy())
-    probs = np.concatenate(all_probs) if all_probs else np.zeros((0, num_classes or 0), np.float32)
+        stacked = torch.stack(view_probs)  # (V, B, K)
+        all_probs.append((stacked if per_view else stacked.mean(0)).cpu().numpy())
+    empty_shape = (len(tta_views), 0, num_classes or 0) if per_view else (0, num_classes or 0)
+    probs = (np.concatenate(all_probs, axis=-2) if all_probs
+             else np.zeros(empty_shape, np.float32))
     loss = total_loss / max(seen, 1) if loss_fn is not None else None
     if not features:
         return probs, loss

@@ -92,27 +92,39 @@ def predict_fold_outputs(models: Sequence[LoadedModel], paths: Sequence[str], *,
                          device: torch.device, views: Sequence[str] | None = None,
                          tta: int | None = None, batch_size: int = 64, workers: int = 0,
                          amp_dtype: torch.dtype | None = None, features: bool = False,
-                         cache: list[np.ndarray] | None = None) -> FoldOutputs:
+                         cache: list[np.ndarray] | None = None, img_size: int | None = None,
+                         per_view: bool = False) -> FoldOutputs:
     """Run every model over the images at `paths` in one pass each (engine.evaluate).
 
     `views` are the TTA views; None takes the first `tta` of each model's configured views
-    (all `predict.tta` of them when tta is None). `cache` holds the decoded images of `paths`
-    (data.load_image_cache) so they are not decoded again per model.
+    (all `predict.tta` of them when tta is None). `img_size` is the side the images are resized
+    to (None: each model's training size). `cache` holds the decoded images of `paths`
+    (data.load_image_cache) so they are not decoded again per model. With `per_view`, probs
+    is (F, V, N, K): each view's table, not their mean.
     """
     probs, feats = [], []
     for loaded in models:
         cfg = loaded.config
         chosen = list(views) if views is not None else _tta_views(cfg, tta)
-        dataset = ImageDataset(paths, None, build_valid_transform(cfg.data.img_size), cache=cache)
+        size = img_size or cfg.data.img_size
+        dataset = ImageDataset(paths, None, build_valid_transform(size), cache=cache)
         keep_freed_memory()  # before the workers fork (mixcls.heap)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
                             pin_memory=device.type == "cuda", worker_init_fn=worker_init,
                             collate_fn=build_collate(workers=workers, hwc=device.type == "cuda"))
         # features=True calls forward_features / forward_head, which torch.compile leaves eager
         model = torch.compile(loaded.model) if cfg.model.compile and not features else loaded.model
-        out = evaluate(model, loader, device=device, amp_dtype=amp_dtype, tta_views=chosen,
-                       normalizer=Normalizer(*model_mean_std(loaded.model)),
-                       channels_last=cfg.model.channels_last, features=features)
+        try:
+            out = evaluate(model, loader, device=device, amp_dtype=amp_dtype, tta_views=chosen,
+                           normalizer=Normalizer(*model_mean_std(loaded.model)),
+                           channels_last=cfg.model.channels_last, features=features,
+                           per_view=per_view)
+        except RuntimeError as exc:
+            if size == cfg.data.img_size:
+                raise
+            # e.g. a ViT whose position embedding fixes the input size
+            raise DataError(f"{cfg.model.name} (fold {loaded.fold}, trained at {cfg.data.img_size} "
+                            f"px) cannot predict at {size} px: {exc}") from None
         probs.append(out[0])
         if features:
             feats.append(out[2])
@@ -128,25 +140,39 @@ def _tta_views(cfg: Config, tta: int | None) -> list[str]:
 
 
 def predict_run_outputs(run_dir: str | Path, paths: Sequence[str], *, tta: int | None = None,
+                        views: Sequence[str] | None = None, img_size: int | None = None,
                         device: str = "auto", batch_size: int = 64, workers: int = 0,
                         amp: str = "none", features: bool = False,
                         models: str = "folds") -> FoldOutputs:
     """`predict_fold_outputs` of a run's models (`models`: see load_fold_models): probs
-    (F, N, K) over the first `tta` TTA views (the run's own number when None) and, with
-    `features`, features (F, N, D)."""
+    (F, N, K) and, with `features`, features (F, N, D).
+
+    The TTA views are `views`, else the first `tta` of the run's views, else the run's
+    inference setting (mixcls.tta.inference_setting: what `mixcls tta --apply` chose, or the
+    config's `predict.tta`); the image size is `img_size`, else the setting's.
+    """
+    from mixcls.tta import inference_setting
+
+    setting = inference_setting(run_dir)
+    if views is None and tta is None:
+        views = setting.views
     dev = resolve_device(device)
     dtype = amp_dtype(amp, dev)  # the trainer's rule: fp16 is refused on a CPU
     return predict_fold_outputs(load_fold_models(run_dir, dev, models=models), paths, device=dev,
-                                tta=tta, batch_size=batch_size, workers=workers, amp_dtype=dtype,
+                                views=views, tta=tta, img_size=img_size or setting.img_size,
+                                batch_size=batch_size, workers=workers, amp_dtype=dtype,
                                 features=features)
 
 
 def predict_fold_probs(run_dir: str | Path, paths: Sequence[str], *, tta: int | None = None,
+                       views: Sequence[str] | None = None, img_size: int | None = None,
                        device: str = "auto", batch_size: int = 64, workers: int = 0,
                        amp: str = "none", models: str = "folds") -> np.ndarray:
-    """Per-model probabilities (F, N, K), each the mean over the first `tta` TTA views."""
-    return predict_run_outputs(run_dir, paths, tta=tta, device=device, batch_size=batch_size,
-                               workers=workers, amp=amp, models=models).probs
+    """Per-model probabilities (F, N, K), each the mean over the TTA views that
+    `predict_run_outputs` resolves."""
+    return predict_run_outputs(run_dir, paths, tta=tta, views=views, img_size=img_size,
+                               device=device, batch_size=batch_size, workers=workers, amp=amp,
+                               models=models).probs
 
 
 def predict_run(run_dir: str | Path, paths: Sequence[str], **kwargs) -> np.ndarray:

@@ -23,10 +23,12 @@ from mixcls.data import DataError, prob_columns
 from mixcls.folds import folds_fingerprint
 from mixcls.metrics import cv_logloss
 from mixcls.runs import RunError, RunFolder, read_json
+from mixcls.tta import TTA_FILE
 
 RUN_MARKERS = ("config.yaml", "folds.csv")
 COLUMNS = ["name", "cv_accuracy", "cv_macro_f1", "cv_logloss", "model", "img_size", "loss", "mix",
-           "epochs", "group_col", "seconds", "folds_fingerprint", "finished", "status"]
+           "epochs", "group_col", "tta", "tta_cv_accuracy", "seconds", "folds_fingerprint",
+           "finished", "status"]
 SCORES = ("cv_accuracy", "cv_macro_f1", "cv_logloss")
 # With --against RUN: accuracy minus RUN's on the shared OOF rows, its paired SE, those rows.
 AGAINST_COLUMNS = ["acc_diff", "diff_se", "shared_rows"]
@@ -84,7 +86,18 @@ def _settings(run: RunFolder) -> dict[str, Any]:
         return {"model": f"blend:{spec.get('method')} of {len(spec.get('members', []))} runs"}
     cfg = run.config
     return {"model": cfg.model.name, "img_size": cfg.data.img_size, "loss": cfg.loss.name,
-            "mix": cfg.mix.method, "epochs": cfg.train.epochs, "group_col": cfg.data.group_col}
+            "mix": cfg.mix.method, "epochs": cfg.train.epochs, "group_col": cfg.data.group_col,
+            **_applied_tta(run)}
+
+
+def _applied_tta(run: RunFolder) -> dict[str, Any]:
+    """The setting `mixcls tta --apply` chose (e.g. "448px x4") and its nested CV accuracy."""
+    if not (run.path / TTA_FILE).is_file():
+        return {}
+    spec = read_json(run.path / TTA_FILE)
+    nested = spec.get("nested") if isinstance(spec, dict) else None
+    return {"tta": spec.get("setting"),
+            "tta_cv_accuracy": _number((nested or {}).get("accuracy"))}
 
 
 def _progress(run: RunFolder) -> dict[str, Any]:
@@ -214,7 +227,7 @@ def format_runs_table(table: pd.DataFrame) -> str:
     """The table as aligned text: numbers right-aligned, '-' where a value is missing."""
     formats = {"cv_accuracy": "{:.4f}", "cv_macro_f1": "{:.4f}", "cv_logloss": "{:.4f}",
                "seconds": "{:.0f}", "img_size": "{:.0f}", "epochs": "{:.0f}",
-               "acc_diff": "{:+.4f}", "diff_se": "{:.4f}", "shared_rows": "{:.0f}"}
+               "tta_cv_accuracy": "{:.4f}", "acc_diff": "{:+.4f}", "diff_se": "{:.4f}", "shared_rows": "{:.0f}"}
     # status stays last (its text is not padded); the --against columns come before it
     columns = [c for c in COLUMNS if c != "status"] + \
         [c for c in AGAINST_COLUMNS if c in table.columns] + ["status"]

@@ -275,12 +275,13 @@ class RunFolder:
                  if p.is_dir() and p.name.removeprefix("fold_").isdigit()}
         return dict(sorted(found.items()))
 
-    def read_oof(self) -> "pd.DataFrame":
-        """oof.csv checked against classes.json (data.check_oof), with a `pred` column
-        (argmax of the probabilities) added when a hand-made table lacks it."""
+    def read_oof(self, path: Path | None = None) -> "pd.DataFrame":
+        """oof.csv (or another OOF table of the run at `path`, e.g. tta_oof.csv) checked against
+        classes.json (data.check_oof), with a `pred` column (argmax of the probabilities) added
+        when a hand-made table lacks it."""
         from mixcls.data import check_oof, prob_columns, read_csv
 
-        path, num_classes = self.oof_path, len(self.classes)
+        path, num_classes = path or self.oof_path, len(self.classes)
         if not path.is_file():
             raise RunError(f"{path} does not exist (train the run first: mixcls train --out {self.path})")
         oof = read_csv(path, dtype={"image_id": str})

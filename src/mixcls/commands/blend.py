@@ -61,6 +61,12 @@ def run_blend(args: argparse.Namespace) -> int:
     print(_row("blend, in-sample (optimistic)", in_sample))
     print(_row("gap (in-sample - nested)", {k: in_sample[k] - nested[k] for k in nested}))
     print(_against_best_member(metrics, args.out))
+    for member in metrics["members"]:
+        if member["oof"] == "oof.csv" and len(member["views"]) > 1:
+            print(f"note: {member['name']} predicts with {len(member['views'])} TTA views but its "
+                  "oof.csv has one, so the blend was fitted on other probabilities than it will "
+                  f"combine; score the views with mixcls tta --run {member['path']} --apply, then "
+                  "blend again")
     objective = fit_objective(args.method, args.metric)
     if args.metric == "accuracy" and objective == "logloss":
         print(f"note: {args.method} fits log-loss (accuracy is a step function, no gradient); "
