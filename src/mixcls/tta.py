@@ -124,8 +124,10 @@ def score_run_settings(run_dir: str | Path, settings: Sequence[Setting], *, devi
     """Each fold's best model on its own validation rows (those of oof.csv), once per image
     size with every view of the largest setting; the first n views' mean is the n-view setting.
 
-    Everything is checked (run folder, checkpoints, images) before the first model runs.
+    Everything is checked (run folder, checkpoints, images present) before the first model
+    runs; a fold's images are decoded once for all sizes when they fit in RAM.
     """
+    from mixcls.data import load_image_cache
     from mixcls.devices import amp_dtype, resolve_device
     from mixcls.predict import load_model, predict_fold_outputs
 
@@ -143,6 +145,8 @@ def score_run_settings(run_dir: str | Path, settings: Sequence[Setting], *, devi
     for g, ckpt in checkpoints.items():
         model = [load_model(ckpt, dev)]
         rows = np.flatnonzero(folds == g)
+        # the fold's images decoded once for every size when they fit in RAM (data's limit)
+        cache = load_image_cache([paths[r] for r in rows], mode="auto")
         for size in dict.fromkeys(s.img_size for s in settings):
             at_size = [i for i, s in enumerate(settings) if s.img_size == size]
             views = max((settings[i].views for i in at_size), key=len)
@@ -150,7 +154,7 @@ def score_run_settings(run_dir: str | Path, settings: Sequence[Setting], *, devi
             per_view = predict_fold_outputs(model, [paths[r] for r in rows], device=dev,
                                             views=views, img_size=size, per_view=True,
                                             batch_size=batch_size, workers=workers,
-                                            amp_dtype=dtype).probs[0]  # (V, n, K)
+                                            amp_dtype=dtype, cache=cache).probs[0]  # (V, n, K)
             running = np.cumsum(per_view.astype(np.float64), axis=0)
             for i in at_size:
                 n = len(settings[i].views)
