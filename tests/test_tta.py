@@ -241,3 +241,33 @@ def test_missing_images_are_named_before_any_model_runs(run):
             score_run_settings(out, [Setting(16, ("orig",))], device="cpu")
     finally:
         (data / "train_images" / "moved.png").rename(data / "train_images" / first)
+
+
+def test_one_fold_has_no_other_rows_to_choose_on():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(3), size=(3, 40))
+    labels, folds = rng.integers(0, 3, 40), np.zeros(40, int)
+    choice = choose_setting(probs, labels, folds, metric="logloss")
+    assert choice.fold_choices == {0: 0}
+    np.testing.assert_array_equal(choice.nested_probs, probs[0])
+    losses = [log_loss(labels, p, labels=range(3)) for p in probs]
+    assert choice.chosen == int(np.argmin(losses))
+
+
+def test_the_report_shows_the_grid_and_the_applied_setting(run):
+    from mixcls.report import write_report
+
+    _, out = run
+    assert (out / "report.html").is_file()
+    assert main(["tta", "--run", str(out), "--img-sizes", "20", "--views", "1", "--apply",
+                 "--device", "cpu"]) == 0
+    page = (out / "report.html").read_text()
+    grid = pd.read_csv(out / "tta_grid.csv")
+    section = page[page.index('id="tta-grid"'):]
+    assert [s for s in grid["setting"] if f"<td>{s}</td>" in section] == list(grid["setting"])
+    assert f"Applied: {json.loads((out / TTA_FILE).read_text())['setting']}" in page
+    assert main(["tta", "--run", str(out), "--reset"]) == 0
+    assert "Not applied" in (out / "report.html").read_text()
+    grid.drop(columns="nested_folds").to_csv(out / "tta_grid.csv", index=False)
+    with pytest.raises(DataError, match=r"tta_grid\.csv: missing column\(s\) nested_folds"):
+        write_report(out)

@@ -28,6 +28,7 @@ from PIL import Image
 
 from mixcls import __version__, runs
 from mixcls.data import DataError, prob_columns, read_csv, read_image
+from mixcls.tta import GRID_FILE, TTA_FILE
 
 REPORT_NAME = "report.html"
 SUSPECTS_CSV = "suspects.csv"
@@ -72,6 +73,8 @@ class RunFiles:
     images_dir: Path | None = None
     suspects: pd.DataFrame | None = None
     suspects_png: bytes | None = None
+    tta_grid: pd.DataFrame | None = None   # RUN/tta_grid.csv (mixcls tta)
+    tta: dict[str, Any] | None = None      # RUN/tta.json (mixcls tta --apply)
 
 
 # ---------------------------------------------------------------- reading the run
@@ -85,7 +88,20 @@ def read_run(run_dir: str | Path) -> RunFiles:
     return RunFiles(run_dir=run.path, config=run.flat_config, classes=classes, metrics=run.metrics,
                     oof=oof, histories=_read_histories(run), images_dir=run.images_dir,
                     suspects=_read_suspects(run.path / SUSPECTS_CSV),
-                    suspects_png=_read_png(run.path / SUSPECTS_PNG))
+                    suspects_png=_read_png(run.path / SUSPECTS_PNG),
+                    tta_grid=_read_tta_grid(run.path / GRID_FILE),
+                    tta=runs.read_json(run.path / TTA_FILE) if (run.path / TTA_FILE).is_file() else None)
+
+
+def _read_tta_grid(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    frame = read_csv(path)
+    missing = [c for c in TTA_GRID_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (write it with mixcls tta "
+                        f"--run {path.parent})")
+    return frame
 
 
 def _check_metrics(metrics: Any, num_classes: int, path: Path) -> None:
@@ -656,7 +672,31 @@ footer{color:#9aa5b1;font-size:12px;text-align:center}
 
 NAV = [("config", "Settings"), ("cv", "Cross-validation"), ("curves", "Learning curves"),
        ("classes", "Confusion matrix"), ("mistakes", "Confidently wrong"), ("mix", "Mixed batches"),
-       ("suspects", "Suspect labels"), ("pseudo", "Pseudo-labels")]
+       ("suspects", "Suspect labels"), ("pseudo", "Pseudo-labels"), ("tta", "Test-time settings")]
+TTA_GRID_COLUMNS = ("setting", "views", "cv_accuracy", "cv_macro_f1", "cv_logloss", "nested_folds",
+                    "chosen")
+
+
+def _section_tta(run: RunFiles) -> str:
+    """mixcls tta's grid (tta_grid.csv) and, when applied, the setting predict uses (tta.json)."""
+    grid = run.tta_grid
+    rows = [[r.setting, r.views, float(r.cv_accuracy), float(r.cv_macro_f1), float(r.cv_logloss),
+             int(r.nested_folds), "chosen" if bool(r.chosen) else ""] for r in grid.itertuples()]
+    table = _table(["setting", "views", "CV accuracy", "CV macro F1", "CV log-loss",
+                    "folds choosing it (nested)", ""], rows, table_id="tta-grid",
+                   numeric=frozenset({2, 3, 4, 5}))
+    if run.tta is not None:
+        nested, in_sample = run.tta.get("nested", {}), run.tta.get("in_sample", {})
+        applied = _note(f"Applied: {run.tta.get('setting')} (mixcls predict and blend use it). Its CV "
+                        f"accuracy is {in_sample.get('accuracy', float('nan')):.4f} in-sample (chosen "
+                        f"on these rows: optimistic) and {nested.get('accuracy', float('nan')):.4f} "
+                        "nested (each fold scored with the setting best on the other folds).")
+    else:
+        applied = _note("Not applied: mixcls predict uses the run's config (mixcls tta --apply to "
+                        "change it).")
+    return _section("tta", "Test-time settings", table + applied,
+                    intro="Each fold's best model scored its own validation rows again under each "
+                          "setting: the first n TTA views at an image size (mixcls tta).")
 
 
 def _section_pseudo(run: RunFiles) -> str:
@@ -689,6 +729,8 @@ def build_report_html(run: RunFiles, *, seed: int = 0) -> str:
         sections["suspects"] = _section_suspects(run)
     if isinstance(run.metrics.get("pseudo"), dict):
         sections["pseudo"] = _section_pseudo(run)
+    if run.tta_grid is not None:
+        sections["tta"] = _section_tta(run)
     nav = "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in NAV if a in sections)
     name = html.escape(run.run_dir.resolve().name)
     subtitle = html.escape(f"{_fmt(run.config.get('model'))} · {_fmt(run.config.get('img_size'))} px · "

@@ -28,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="keep at most the N most confident passing rows per class per fold")
     p.add_argument("--soft", action="store_true",
                    help="the student trains on the fold's probabilities, not its argmax label")
-    p.add_argument("--tta", type=int, default=None, help="TTA views (default: the teacher's tta)")
+    p.add_argument("--tta", type=int, default=None,
+                   help="the first N of the teacher's TTA views (default: the setting mixcls tta "
+                   "--apply chose for the teacher, else its tta)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)

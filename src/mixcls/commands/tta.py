@@ -65,6 +65,7 @@ def run_tta(args: argparse.Namespace) -> int:
         for name in (TTA_FILE, TTA_OOF_FILE):  # tta.json first: without it the OOF file is unused
             (run.path / name).unlink(missing_ok=True)
         print(f"removed {', '.join(removed) or 'nothing (no setting was applied)'} from {run.path}")
+        _refresh_report(run.path)
         return 0
     cfg = run.config
     tta_views = args.tta_views or list(cfg.predict.tta_views)
@@ -79,6 +80,8 @@ def run_tta(args: argparse.Namespace) -> int:
     _print_summary(grid, choice, table)
     if args.apply:
         apply_setting(run.path, grid, choice, metric=args.metric)
+    _refresh_report(run.path)
+    if args.apply:
         print(f"applied {settings[choice.chosen].name} ({TTA_FILE}, {TTA_OOF_FILE}): mixcls predict "
               f"and mixcls blend now use it; undo with mixcls tta --run {args.run} --reset")
     else:
@@ -87,6 +90,15 @@ def run_tta(args: argparse.Namespace) -> int:
         print(f"wrote {Path(args.run) / GRID_FILE}; nothing applied, predict keeps {kept} "
               "(--apply to change it)")
     return 0
+
+
+def _refresh_report(run_dir: Path) -> None:
+    """Rewrite report.html, whose "Test-time settings" section reads tta_grid.csv and tta.json,
+    when the run has one."""
+    if (run_dir / "report.html").is_file():
+        from mixcls.report import write_report
+
+        print(f"rewrote {write_report(run_dir)}")
 
 
 def _print_table(table) -> None:
