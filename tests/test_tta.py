@@ -16,6 +16,7 @@ from mixcls.cli import main
 from mixcls.data import DataError, prob_columns
 from mixcls.engine import evaluate
 from mixcls.predict import load_model, predict_fold_outputs, predict_fold_probs, predict_run
+from mixcls.pseudo import predict_teacher_folds
 from mixcls.run_table import run_row
 from mixcls.tta import (TTA_FILE, TTA_OOF_FILE, Setting, SettingChoice, apply_setting,
                         choose_setting, inference_setting, make_settings, score_run_settings)
@@ -199,10 +200,15 @@ def test_a_blend_fits_on_tta_oof_and_predicts_with_the_recorded_setting(run, tmp
     recorded = predict_fold_probs(out, paths, device="cpu", views=applied["views"],
                                   img_size=applied["img_size"]).mean(0)
     np.testing.assert_allclose(predict_blend(blend, paths, device="cpu"), recorded, atol=1e-6)
+    # as a pseudo-label teacher the blend's members predict with that setting too
+    recorded_folds = predict_fold_probs(out, paths, device="cpu", views=applied["views"],
+                                        img_size=applied["img_size"])
     # another setting applied to the member later does not change what the blend predicts
     assert main(["tta", "--run", str(out), "--reset"]) == 0
     assert not (out / TTA_FILE).exists() and not (out / TTA_OOF_FILE).exists()
     np.testing.assert_allclose(predict_blend(blend, paths, device="cpu"), recorded, atol=1e-6)
+    _, teacher_probs = predict_teacher_folds(blend, paths, device="cpu")
+    np.testing.assert_allclose(teacher_probs, recorded_folds, atol=1e-6)
 
 
 def test_the_command_refuses_a_blend_and_bad_flags(run, tmp_path, capsys):

@@ -527,12 +527,19 @@ def _selected(checkpoints: dict[str, str], models: str) -> dict[str, str]:
             if (name == FULL_CHECKPOINT) == (models == "full") or models == "all"}
 
 
+def member_dir(member: dict[str, Any], blend_dir: str | Path) -> Path:
+    """A member's run folder: blend.json's absolute path, or a path relative to the blend
+    folder (what `mixcls export` writes, so the exported folder can move)."""
+    path = Path(member["path"])
+    return path if path.is_absolute() else Path(blend_dir) / path
+
+
 def verify_members(spec: dict[str, Any], blend_dir: str | Path, *, models: str = "folds") -> None:
     """RunError naming the member and file unless every member's checkpoints that `models`
     predicts with are as blended (a blend.json written before full/best.pt was hashed knows no
     full model: blend again to predict it with --models full or all)."""
     for member in spec["members"]:
-        path = Path(member["path"])
+        path = member_dir(member, blend_dir)
         if not path.is_dir():
             raise RunError(f"blend {blend_dir}: member run {path} does not exist (moved or "
                            "deleted?); blend the runs again from where they are now")
@@ -721,7 +728,7 @@ def predict_blend(blend_dir: str | Path, paths: Sequence[str], *, tta: int | Non
     verify_members(spec, blend_dir, models=models)
     if models != "full":
         check_same_fold_models(spec)
-    member_fold_probs = [predict_fold_probs(m["path"], paths, tta=tta,
+    member_fold_probs = [predict_fold_probs(member_dir(m, blend_dir), paths, tta=tta,
                                             views=m.get("views") if tta is None else None,
                                             img_size=m.get("img_size"), device=device,
                                             batch_size=batch_size, workers=workers, amp=amp,

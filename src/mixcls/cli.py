@@ -20,7 +20,8 @@ COMMANDS = {"train": "train", "predict": "predict", "demo": "demo", "data": "dat
             "show-mix": "show_mix", "noise": "noise", "clean": "noise", "select": "active",
             "review": "active", "merge": "active", "al-sim": "active", "explain": "explain",
             "report": "report", "lr-find": "lr_find", "runs": "runs", "blend": "blend",
-            "pseudo": "pseudo", "duplicates": "duplicates", "tta": "tta"}
+            "pseudo": "pseudo", "duplicates": "duplicates", "tta": "tta",
+            "export": "export"}
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))  # one per command group, in order
 
 

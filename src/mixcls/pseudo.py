@@ -71,11 +71,14 @@ def predict_teacher_folds(teacher: str | Path, paths: Sequence[str], *, tta: int
     spec = blend.read_blend(teacher)
     blend.verify_members(spec, teacher)  # the members' fold checkpoints are those blended
     blend.check_same_fold_models(spec)
-    members = [Path(m["path"]) for m in spec["members"]]
+    members = [blend.member_dir(m, teacher) for m in spec["members"]]
     fold_ids = _fold_ids_of_run(members[0])
-    member_probs = np.stack([predict_fold_probs(m, paths, tta=tta, device=device,
+    # each member with the views and size it was blended with (as blend.predict_blend)
+    member_probs = np.stack([predict_fold_probs(path, paths, tta=tta,
+                                                views=m.get("views") if tta is None else None,
+                                                img_size=m.get("img_size"), device=device,
                                                 batch_size=batch_size, workers=workers, amp=amp)
-                             for m in members]).astype(np.float64)  # (M, F, N, K)
+                             for path, m in zip(members, spec["members"])]).astype(np.float64)
     return fold_ids, np.stack([blend.combine_members(_nested_spec(spec, g, teacher), member_probs[:, i])
                                for i, g in enumerate(fold_ids)])
 
@@ -102,7 +105,8 @@ def teacher_round(teacher: str | Path) -> int:
 
     teacher = Path(teacher)
     if blend.is_blend_folder(teacher):
-        return max(teacher_round(m["path"]) for m in blend.read_blend(teacher)["members"])
+        return max(teacher_round(blend.member_dir(m, teacher))
+                   for m in blend.read_blend(teacher)["members"])
     metrics = teacher / "metrics.json"
     info = read_json(metrics).get("pseudo") if metrics.is_file() else None
     return int(info.get("round", 1)) if isinstance(info, dict) else 0
