@@ -54,7 +54,7 @@ def test_a_run_exports_its_inference_files_and_predicts_the_same(runs, tmp_path)
                                       predict_run(first, paths, device="cpu", models=models))
 
 
-def test_a_blend_exports_its_members_below_it_and_can_move(runs, tmp_path):
+def test_a_blend_exports_its_members_below_it_and_can_move(runs, tmp_path, capsys):
     root, first, second, blend, paths = runs
     export_folder(blend, tmp_path / "out")
     spec = json.loads((tmp_path / "out" / "blend.json").read_text())
@@ -72,8 +72,12 @@ def test_a_blend_exports_its_members_below_it_and_can_move(runs, tmp_path):
     folds_there, probs_there = predict_teacher_folds(blend, paths, device="cpu")
     assert folds_moved == folds_there
     np.testing.assert_array_equal(probs_moved, probs_there)
+    capsys.readouterr()
     assert main(["predict", "--run", str(moved), "--images", str(root / "data" / "train_images"),
                  "--out", str(tmp_path / "sub.csv")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"wrote {tmp_path / 'sub.csv'}: 18 rows; predicted in ")
+    assert line.endswith(" images/s)")
 
 
 def test_a_member_changed_since_blending_is_refused_and_nothing_is_written(runs, tmp_path):

@@ -35,11 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    import time
+
     from mixcls.blend import is_blend_folder, predict_blend
     from mixcls.data import DataError
-    from mixcls.tta import inference_setting
     from mixcls.predict import predict_run, resolve_images, write_submission
     from mixcls.runs import RunFolder
+    from mixcls.tta import inference_setting
 
     RunFolder(Path(args.run)).classes  # fail on a wrong --run before reading images
     blend = is_blend_folder(args.run)
@@ -47,21 +49,25 @@ def run_predict(args: argparse.Namespace) -> int:
         raise DataError(f"--img-size {args.img_size}: " + (
             "a blend predicts each member at the size it was blended with; set a member's size "
             "with mixcls tta --apply and blend again" if blend else "must be at least 8 px"))
+    setting = None if blend else inference_setting(args.run)  # a damaged tta.json fails here
     ids, paths = resolve_images(args.images, args.ids)
     options = dict(tta=args.tta, device=args.device, batch_size=args.batch_size,
                    workers=args.workers, amp=args.amp)
+    start = time.perf_counter()
     if blend:  # mixcls blend's folder: the rule per model, then the mean
         probs = predict_blend(args.run, paths, models=args.models, **options)
     else:
         probs = predict_run(args.run, paths, models=args.models, img_size=args.img_size, **options)
-    if not blend:
-        setting = inference_setting(args.run)
-        if setting.applied:
-            views = (f"the first {args.tta} view(s) (--tta)" if args.tta is not None
-                     else f"{len(setting.views)} view(s) ({', '.join(setting.views)})")
-            print(f"predicted with {views} at {args.img_size or setting.img_size} px "
-                  f"(applied by mixcls tta: {setting.source})")
+    seconds = time.perf_counter() - start
+    if setting is not None and setting.applied:
+        views = (f"the first {args.tta} view(s) (--tta)" if args.tta is not None
+                 else f"{len(setting.views)} view(s) ({', '.join(setting.views)})")
+        print(f"predicted with {views} at {args.img_size or setting.img_size} px "
+              f"(applied by mixcls tta: {setting.source})")
     write_submission(args.out, ids, probs, run_dir=args.run, with_probs=args.with_probs,
                      label_names=args.label_names)
-    print(f"wrote {args.out}: {len(ids)} rows")
+    # the whole prediction, loading, decoding and every model and view included: what a
+    # notebook's time limit sees
+    print(f"wrote {args.out}: {len(ids)} rows; predicted in {seconds:.1f} s "
+          f"({len(ids) / max(seconds, 1e-9):.1f} images/s)")
     return 0
