@@ -147,6 +147,13 @@ def test_nested_choice_never_uses_a_folds_own_rows():
     np.testing.assert_array_equal(choice.nested_probs[own], fair[own])
 
 
+def test_settings_of_one_size_must_share_a_view_list(trained):
+    _, out = trained
+    with pytest.raises(ValueError, match=r"\['orig', 'vflip'\] is not a prefix of"):
+        score_run_settings(out, [Setting(16, ("orig", "hflip", "zoom")), Setting(16, ("orig", "vflip"))],
+                           device="cpu")
+
+
 def test_make_settings_refuses_bad_grids():
     with pytest.raises(ValueError, match=r"outside 1\.\.2"):
         make_settings([], [3], ["orig", "hflip"], train_size=16)

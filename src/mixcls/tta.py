@@ -138,6 +138,10 @@ def score_run_settings(run_dir: str | Path, settings: Sequence[Setting], *, devi
     if gone:
         raise RunError(f"{run.path}: oof.csv scores folds whose checkpoints are missing: {', '.join(gone)}")
     paths = _image_paths(run, oof["image_id"].tolist())
+    at_size = {size: [i for i, s in enumerate(settings) if s.img_size == size]
+               for size in dict.fromkeys(s.img_size for s in settings)}
+    size_views = {size: _longest_prefix_list([settings[i].views for i in rows])
+                  for size, rows in at_size.items()}
     dev = resolve_device(device)
     dtype = amp_dtype(amp, dev)
     k = len(run.classes)
@@ -147,20 +151,29 @@ def score_run_settings(run_dir: str | Path, settings: Sequence[Setting], *, devi
         rows = np.flatnonzero(folds == g)
         # the fold's images decoded once for every size when they fit in RAM (data's limit)
         cache = load_image_cache([paths[r] for r in rows], mode="auto")
-        for size in dict.fromkeys(s.img_size for s in settings):
-            at_size = [i for i, s in enumerate(settings) if s.img_size == size]
-            views = max((settings[i].views for i in at_size), key=len)
+        for size, views in size_views.items():
             log(f"fold {g}: {len(rows)} rows at {size} px, {len(views)} view(s)")
             per_view = predict_fold_outputs(model, [paths[r] for r in rows], device=dev,
                                             views=views, img_size=size, per_view=True,
                                             batch_size=batch_size, workers=workers,
                                             amp_dtype=dtype, cache=cache).probs[0]  # (V, n, K)
             running = np.cumsum(per_view.astype(np.float64), axis=0)
-            for i in at_size:
+            for i in at_size[size]:
                 n = len(settings[i].views)
                 probs[i, rows] = running[n - 1] / n
     return OofGrid(list(settings), oof["image_id"].tolist(), oof["label"].to_numpy(np.int64),
                    folds, probs, oof[prob_columns(k)].to_numpy(np.float64))
+
+
+def _longest_prefix_list(views: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The longest of the views lists; ValueError unless the others are its prefixes (the
+    running mean over one pass of its views gives them all)."""
+    longest = max(views, key=len)
+    wrong = [v for v in views if longest[:len(v)] != v]
+    if wrong:
+        raise ValueError(f"settings of one size must take the first n of one view list; "
+                         f"{list(wrong[0])} is not a prefix of {list(longest)}")
+    return longest
 
 
 def _open_scored_run(run_dir: str | Path) -> tuple[RunFolder, pd.DataFrame]:
