@@ -14,7 +14,11 @@ Steps:
    train images/s of each, what moving them to the GPU gives. Then the device half of
    --augment-on-device alone (mixcls.device_augment: warp, colour, cutout) on batches of 32
    800x600 sources to 512 px, Cassava's case: images/s on the GPU, synchronised timing.
-3. DDP: with 2 or more GPUs, `mixcls train --nproc 2 --sync-bn` (torchrun, nccl); with one GPU,
+3. `mixcls tta` on step 1's run, on the device under its AMP: fold 0's validation rows under
+   4 views at the training size and 1.25 times it (images/s of the re-scoring, and how far the
+   training setting scored again lies from oof.csv), then `mixcls export` of the run and a
+   prediction from the export, which must equal the run's own exactly.
+4. DDP: with 2 or more GPUs, `mixcls train --nproc 2 --sync-bn` (torchrun, nccl); with one GPU,
    NCCL refuses two ranks on one device, so it probes nccl with 2 processes on that GPU and
    reports the refusal, then checks a 1-rank nccl all_reduce.
 
@@ -117,6 +121,33 @@ def single_device_run(data: Path, run: Path, opts: dict) -> dict:
             "valid_accuracy": float(history["valid_accuracy"].iloc[-1])}
 
 
+def tta_and_export(run: Path, out: Path, opts: dict) -> dict:
+    """`mixcls tta`'s re-scoring of fold 0 on the device, then predict from `mixcls export`."""
+    from mixcls.data import prob_columns
+    from mixcls.export import export_folder
+    from mixcls.predict import predict_run
+    from mixcls.tta import make_settings, score_run_settings
+
+    size = opts["img_size"]
+    settings = make_settings([round(size * 1.25)], [1, 2, 3, 4],
+                             ["orig", "hflip", "vflip", "transpose"], train_size=size)
+    started = time.perf_counter()
+    grid = score_run_settings(run, settings, device=opts["device"], amp=opts["amp"],
+                              batch_size=opts["batch_size"], workers=opts["workers"])
+    seconds = time.perf_counter() - started
+    forwards = len(grid.image_ids) * 8  # 4 views at each of 2 sizes
+    export_folder(run, out)
+    oof = pd.read_csv(run / "oof.csv")
+    paths = [str(Path(json.loads((run / "dataset.json").read_text())["images"]) / i)
+             for i in oof["image_id"][:64]]
+    same = np.array_equal(predict_run(out, paths, device=opts["device"], amp=opts["amp"]),
+                          predict_run(run, paths, device=opts["device"], amp=opts["amp"]))
+    return {"images_per_s": forwards / seconds, "seconds": seconds,
+            "max_diff": float(np.abs(grid.probs[0] - oof[prob_columns(grid.probs.shape[2])]
+                                     .to_numpy()).max()),
+            "export_same": bool(same)}
+
+
 def device_augment_ips(device: str, *, batch: int = 32, img_size: int = 512,
                        source: tuple[int, int] = (800, 600), repeats: int = 20) -> float:
     """Images/s of --augment-on-device's device step (cassava preset) on `device`: uint8
@@ -196,6 +227,7 @@ def run_steps(args: argparse.Namespace, opts: dict, gpus: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         data = write_images(Path(tmp) / "data", n_images, opts["img_size"])
         single = single_device_run(data, Path(tmp) / "single", opts)
+        tta = tta_and_export(Path(tmp) / "single", Path(tmp) / "exported", opts)
         cassava = {where: single_device_run(data, Path(tmp) / f"cassava_{where}",
                                             dict(opts, preset="cassava", colour_on_device=where == "device",
                                                  augment_on_device=where == "augment"))
@@ -211,8 +243,8 @@ def run_steps(args: argparse.Namespace, opts: dict, gpus: int) -> dict:
             ddp = {"ok": False, "reason": "one GPU: mixcls gives each rank its own device"}
             two_on_one = nccl_probe(2, args.timeout)
             one_rank = nccl_probe(1, args.timeout)
-    return dict(single=single, cassava=cassava, warp_case=warp_case, warp_ips=warp_ips, ddp=ddp,
-                two_on_one=two_on_one, one_rank=one_rank)
+    return dict(single=single, tta=tta, cassava=cassava, warp_case=warp_case, warp_ips=warp_ips,
+                ddp=ddp, two_on_one=two_on_one, one_rank=one_rank)
 
 
 def table_rows(r: dict, opts: dict, device: str, gpus: int) -> list[tuple[str, object]]:
@@ -226,6 +258,9 @@ def table_rows(r: dict, opts: dict, device: str, gpus: int) -> list[tuple[str, o
             ("single: losses finite", single["loss_finite"]),
             ("single: final grad scale", single["grad_scale"]),
             ("single: valid accuracy", f"{single['valid_accuracy']:.3f}"),
+            ("tta: re-scoring images/s (8 forwards per row)", f"{r['tta']['images_per_s']:.1f}"),
+            ("tta: training setting vs oof.csv, max |diff|", f"{r['tta']['max_diff']:.2e}"),
+            ("export: predicts exactly as the run", r["tta"]["export_same"]),
             ("cassava, colour in loader: images/s", f"{cassava['loader']['train_images_per_s']:.1f}"),
             ("cassava, colour on device: images/s", f"{cassava['device']['train_images_per_s']:.1f}"),
             ("cassava, all augmentation on device: images/s", f"{cassava['augment']['train_images_per_s']:.1f}"),
@@ -263,6 +298,8 @@ def main() -> int:
           f"cassava_device_colour_ips={cassava['device']['train_images_per_s']:.1f} "
           f"cassava_device_augment_ips={cassava['augment']['train_images_per_s']:.1f} "
           f"device_augment_512_ips={r['warp_ips']:.1f} "
+          f"tta_rescore_ips={r['tta']['images_per_s']:.1f} tta_oof_max_diff={r['tta']['max_diff']:.2e} "
+          f"export_same={int(r['tta']['export_same'])} "
           f"ddp_images_per_s={ddp.get('train_images_per_s', float('nan')):.1f} "
           f"nccl_ok={int(bool(nccl_ok)) if not args.smoke_cpu else 'n/a'} ddp_ok={int(bool(ddp['ok']))}")
     return 0
