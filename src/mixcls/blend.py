@@ -395,8 +395,12 @@ class Members:
 
 
 def _read_folds(run: RunFolder) -> pd.Series:
-    """image_id -> fold from RUN/folds.csv."""
-    return run.read_folds().set_index("image_id")["fold"].astype(np.int64)
+    """image_id -> fold from RUN/folds.csv, for the validated rows: a run's train-only rows
+    (fold -1) have no OOF row, so runs with and without extra training data blend."""
+    from mixcls.data import TRAIN_ONLY_FOLD
+
+    folds = run.read_folds().set_index("image_id")["fold"].astype(np.int64)
+    return folds[folds != TRAIN_ONLY_FOLD]
 
 
 def _check_same_classes(first: RunFolder, other: RunFolder) -> None:

@@ -51,6 +51,10 @@ class DataConfig:
                                  "near-duplicate cluster from `mixcls duplicates`): the rows of a "
                                  "group share one fold (stratified group k-fold), and given folds "
                                  "that split a group are refused")
+    train_only_col: str | None = _opt(None, "column of 0/1 flags: rows with 1 (extra data, e.g. "
+                                      "an earlier competition's images) are trained on in every "
+                                      "fold and never validated, so the CV scores the other rows "
+                                      "only (fold -1 in folds.csv)")
     img_size: int = _opt(224, "square side in pixels the model sees")
     preset: str = _opt("light", "albumentations preset for training", choices=PRESETS)
     colour_on_device: bool = _opt(False, "run the preset's colour steps (HSV, brightness/contrast) "

@@ -34,6 +34,9 @@ def prob_columns(num_classes: int) -> list[str]:
 MAX_LISTED = 20
 # Fold and keep values above this are typos or overflow (they would not fit an int32 index).
 MAX_INDEX = 2**31
+# folds.csv's and a table's fold of a train-only row (--train-only-col): in every fold's training
+# rows, in none's validation rows.
+TRAIN_ONLY_FOLD = -1
 # Caching decoded images avoids re-decoding every epoch; above this the RAM is better left to
 # the OS page cache and the workers (image_cache.py owns the rule).
 CACHE_LIMIT_BYTES = RAM_LIMIT_BYTES
@@ -53,8 +56,9 @@ class TrainTable:
     """A checked training table.
 
     `frame` has image_id, label (int index into `classes`), path (absolute), and when the CSV
-    had them: fold, label_given (int), keep (0/1), prob_0 … prob_{K-1} (soft targets), and
-    group (text) when a group column was named.
+    had them: fold (TRAIN_ONLY_FOLD for a train-only row), label_given (int), keep (0/1),
+    prob_0 … prob_{K-1} (soft targets), group (text) when a group column was named, and
+    train_only (bool) when a train-only column was.
     """
 
     frame: pd.DataFrame
@@ -186,20 +190,22 @@ def _long_rows(path: Path, n_columns: int) -> list[str]:
 def load_train_table(data: str | Path | None = None, *, csv: str | Path | None = None,
                      images: str | Path | None = None, id_col: str = "image_id",
                      label_col: str = "label", group_col: str | None = None,
-                     n_folds: int | None = None,
+                     train_only_col: str | None = None, n_folds: int | None = None,
                      check_images: str = "full", classes: list[str] | None = None,
                      image_cache: ImageCache | None = None) -> TrainTable:
     """Read a Kaggle-layout folder, a CSV + images folder, or a class-per-folder tree, and check it.
 
     `classes` fixes the class list (e.g. a run's classes.json when predicting or merging).
     `group_col` names a column of group ids, kept as the frame's `group` (non-empty text).
+    `train_only_col` names a column of 0/1 flags, kept as the frame's `train_only` (bool).
     `image_cache`: the check skips files its index knows unchanged, and its decodes fill it.
     """
     csv_path, images_dir = resolve_layout(data, csv, images)
     if csv_path is None:
-        if group_col is not None:
-            raise DataError(f"group_col {group_col!r}: {images_dir} is a class-per-folder tree, "
-                            "which has no columns; list the images in a CSV with a group column")
+        for key, column in (("group_col", group_col), ("train_only_col", train_only_col)):
+            if column is not None:
+                raise DataError(f"{key} {column!r}: {images_dir} is a class-per-folder tree, "
+                                "which has no columns; list the images in a CSV with that column")
         raw = _scan_class_folders(images_dir)
         source = str(images_dir)
         id_col, label_col = "image_id", "label"
@@ -207,7 +213,8 @@ def load_train_table(data: str | Path | None = None, *, csv: str | Path | None =
     else:
         raw = read_text_table(csv_path)
         source = str(csv_path)
-        missing = [c for c in (id_col, label_col, group_col) if c is not None and c not in raw.columns]
+        missing = [c for c in (id_col, label_col, group_col, train_only_col)
+                   if c is not None and c not in raw.columns]
         if missing:
             raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
                             f"columns are {', '.join(raw.columns)}")
@@ -218,6 +225,8 @@ def load_train_table(data: str | Path | None = None, *, csv: str | Path | None =
     _check_labels(frame["label_raw"], source)
     if group_col is not None:
         frame["group"] = _group_ids(raw[group_col], group_col, source)
+    if train_only_col is not None:
+        frame["train_only"] = _flags(raw[train_only_col], train_only_col, source)
     class_list, integer_labels = _resolve_classes(frame["label_raw"], names_file, classes)
     frame["label"] = _map_labels(frame["label_raw"], class_list, integer_labels, source)
     optional = _read_optional_columns(raw, frame, class_list, integer_labels, source)
@@ -267,6 +276,16 @@ def _check_labels(labels: pd.Series, source: str) -> None:
     empty = [f"row {i + 2}" for i in np.flatnonzero(labels.eq("").to_numpy())]
     if empty:
         raise DataError(format_listing(f"{source}: rows with an empty label", empty))
+
+
+def _flags(values: pd.Series, column: str, source: str) -> np.ndarray:
+    """(N,) bool from a column of 0/1 (or true/false, yes/no); DataError lists other values."""
+    text = values.astype(str).str.strip().str.lower()
+    known = {"1": True, "0": False, "true": True, "false": False, "yes": True, "no": False}
+    bad = [f"row {i + 2}: {values.iloc[i]!r}" for i in np.flatnonzero(~text.isin(known).to_numpy())]
+    if bad:
+        raise DataError(format_listing(f"{source}: column {column} must hold 0 or 1", bad))
+    return text.map(known).to_numpy(dtype=bool)
 
 
 def _group_ids(values: pd.Series, group_col: str, source: str) -> pd.Series:
@@ -321,12 +340,14 @@ def _read_optional_columns(raw: pd.DataFrame, frame: pd.DataFrame, classes: list
     for name in ("fold", "keep"):
         if name in raw.columns:
             values = pd.to_numeric(raw[name], errors="coerce")
+            low = TRAIN_ONLY_FOLD if name == "fold" else 0  # fold -1: a train-only row
             bad = [f"row {i + 2}: {raw[name][i]!r}" for i in np.flatnonzero(
-                values.isna().to_numpy() | (values < 0).to_numpy() | (values % 1 != 0).to_numpy()
+                values.isna().to_numpy() | (values < low).to_numpy() | (values % 1 != 0).to_numpy()
                 | (values >= MAX_INDEX).to_numpy())]
             if bad:
-                raise DataError(format_listing(f"{source}: column {name} must hold integers in 0 … "
-                                         f"{MAX_INDEX - 1}", bad))
+                also = f" ({TRAIN_ONLY_FOLD}: train only)" if name == "fold" else ""
+                raise DataError(format_listing(f"{source}: column {name} must hold integers in {low} "
+                                               f"… {MAX_INDEX - 1}{also}", bad))
             columns[name] = values.to_numpy(dtype=np.int64)
     if "keep" in columns and not set(np.unique(columns["keep"])) <= {0, 1}:
         raise DataError(f"{source}: column keep must hold 0 or 1")
@@ -416,13 +437,18 @@ def write_table_with_classes(out: str | Path, table: pd.DataFrame, classes: Sequ
 
 
 def check_class_counts(table: TrainTable, n_folds: int) -> None:
-    """Stratified k-fold needs every class at least n_folds times."""
+    """Stratified k-fold needs every class at least n_folds times among the validated rows (a
+    train-only row is in no fold)."""
     classes, source = table.classes, str(table.csv_path or table.images_dir)
-    counts = np.bincount(table.labels, minlength=len(classes))
+    labels, which = table.labels, "images"
+    if "train_only" in table.frame.columns:
+        labels = labels[~table.frame["train_only"].to_numpy(dtype=bool)]
+        which = "validated images (train-only rows are in no fold)"
+    counts = np.bincount(labels, minlength=len(classes))
     small = [f"{classes[k]!r}: {counts[k]} image(s)" for k in range(len(classes)) if counts[k] < n_folds]
     if small:
-        raise DataError(format_listing(f"{source}: classes with fewer images than the {n_folds} folds "
-                                 "(stratified k-fold needs at least one per fold)", small))
+        raise DataError(format_listing(f"{source}: classes with fewer {which} than the {n_folds} "
+                                       "folds (stratified k-fold needs at least one per fold)", small))
 
 
 # OOF rows are softmax outputs written as text; allow for the rounding of a CSV round trip.

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mixcls.data import DataError, check_oof, prob_columns, read_image, write_table_with_classes
+from mixcls.data import (TRAIN_ONLY_FOLD, DataError, check_oof, prob_columns, read_image,
+                         write_table_with_classes)
 from mixcls.runs import RunFolder, atomic_save_figure, atomic_write_csv
 
 # cleanlab's filter_by: how rows are judged label issues.
@@ -184,11 +185,12 @@ def read_run_folds(run: RunFolder, oof: pd.DataFrame) -> np.ndarray:
     path = run.path / "folds.csv"
     folds = run.read_folds()
     fold_of = folds.drop_duplicates("image_id").set_index("image_id")["fold"]
-    unscored = fold_of.index.difference(pd.Index(oof["image_id"]))
+    validated = fold_of[fold_of != TRAIN_ONLY_FOLD]  # train-only rows are never in oof.csv
+    unscored = validated.index.difference(pd.Index(oof["image_id"]))
     if len(unscored):
         # A cleaned table must hold every training row, and rows outside oof.csv have neither
         # OOF probabilities nor a label here; they come from folds not trained (--train-folds).
-        raise DataError(f"{path}: {len(unscored)} of {len(fold_of)} images have no OOF "
+        raise DataError(f"{path}: {len(unscored)} of {len(validated)} images have no OOF "
                         f"probabilities in oof.csv (e.g. {unscored[0]!r}); train every fold "
                         "of the run before cleaning")
     matched = oof["image_id"].map(fold_of)
@@ -201,6 +203,34 @@ def read_run_folds(run: RunFolder, oof: pd.DataFrame) -> np.ndarray:
         raise DataError(f"{path}: folds disagree with oof.csv for {len(differ)} image(s), "
                         f"e.g. {oof['image_id'].iat[differ[0]]!r}")
     return matched.to_numpy(dtype=np.int64)
+
+
+def train_only_table(run: RunFolder, *, num_classes: int, soft: bool) -> pd.DataFrame:
+    """The run's train-only rows (fold -1 in folds.csv) as rows of a cleaned table: their
+    labels as the run's training table gives them (they have no OOF row to act on), fold -1,
+    keep 1, and for a soft table their one-hot targets."""
+    from mixcls.data import load_train_table
+
+    folds = run.read_folds()
+    ids = folds["image_id"][folds["fold"] == TRAIN_ONLY_FOLD].tolist()
+    columns = ["image_id", "label", "label_given", "fold", "keep"] + \
+        (prob_columns(num_classes) if soft else [])
+    if not ids:
+        return pd.DataFrame(columns=columns)
+    cfg = run.config.data
+    source = load_train_table(cfg.data, csv=cfg.csv, images=cfg.images, id_col=cfg.id_col,
+                              label_col=cfg.label_col, check_images="header",
+                              classes=run.classes).frame.set_index("image_id")
+    gone = [i for i in ids if i not in source.index]
+    if gone:
+        raise DataError(f"{run.path / 'folds.csv'}: {len(gone)} train-only image(s) are not in "
+                        f"the run's training table any more, first {gone[0]!r}")
+    labels = source.loc[ids, "label"].to_numpy(dtype=np.int64)
+    table = pd.DataFrame({"image_id": ids, "label": labels, "label_given": labels,
+                          "fold": TRAIN_ONLY_FOLD, "keep": 1})
+    if soft:
+        table[prob_columns(num_classes)] = np.eye(num_classes)[labels]
+    return table[columns]
 
 
 def read_run_groups(run: RunFolder, oof: pd.DataFrame) -> np.ndarray:
@@ -322,7 +352,8 @@ def write_clean_table(run_dir: str | Path, out: str | Path, *, policy: str,
     Returns (the table as written, number of rows acted on). Columns: image_id, label,
     label_given, fold (from RUN/folds.csv), keep, prob_0 … prob_{K-1} for policy soft, and the
     run's `--group-col` column (its groups, from RUN/folds.csv) when it was grouped, so the
-    cleaned table trains with the same --group-col.
+    cleaned table trains with the same --group-col. The run's train-only rows follow, untouched,
+    with fold -1.
     """
     run = RunFolder.open(run_dir)
     oof, classes = run.read_oof(), run.classes
@@ -330,6 +361,7 @@ def write_clean_table(run_dir: str | Path, out: str | Path, *, policy: str,
     suspects = find_suspects(oof, num_classes=len(classes), method=method, score=score)
     table = clean_table(oof, suspects, num_classes=len(classes), policy=policy, threshold=threshold,
                         max_fraction=max_fraction, soft_weight=soft_weight)
+    extra = train_only_table(run, num_classes=len(classes), soft=policy == "soft")
     n_acted = len(select_actions(suspects, n_rows=len(oof), threshold=threshold,
                                  max_fraction=max_fraction))
     integer = run.integer_labels
@@ -337,13 +369,17 @@ def write_clean_table(run_dir: str | Path, out: str | Path, *, policy: str,
     # the competition's submission format), and the run's class list goes beside the table, so
     # the trainer reads the classes back in the run's order wherever the table is written.
     values = np.arange(len(classes)) if integer else np.asarray(classes, dtype=object)
-    table = table.assign(label=values[table["label"].to_numpy()],
-                         label_given=values[table["label_given"].to_numpy()], fold=folds)
+    table = table.assign(fold=folds)
     group_col = run.config.data.group_col
     if group_col is not None:
         if group_col in table.columns:
             raise DataError(f"the run {run_dir} was grouped by a column named {group_col!r}, a "
                             f"column the cleaned table has already ({', '.join(table.columns)})")
         table[group_col] = read_run_groups(run, oof)
+        extra[group_col] = read_run_groups(run, extra)
+    # the train-only rows last, with fold -1: the retrained run trains on them in every fold
+    table = pd.concat([table, extra], ignore_index=True) if len(extra) else table
+    table = table.assign(label=values[table["label"].to_numpy(dtype=np.int64)],
+                         label_given=values[table["label_given"].to_numpy(dtype=np.int64)])
     write_table_with_classes(out, table, classes, source=f"the run {run_dir}", what="cleaned table")
     return table, n_acted

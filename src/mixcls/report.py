@@ -379,6 +379,8 @@ def _config_items(cfg: dict[str, Any], metrics: dict[str, Any]) -> list[tuple[st
         items.append(("train folds", values["train_folds"]))
     if values.get("group_col"):  # grouped folds: this CV and an ungrouped run's differ in kind
         items.append(("folds grouped by", values["group_col"]))
+    if values.get("train_only_col"):  # those rows trained every fold and are not in the CV
+        items.append(("train-only rows flagged by", values["train_only_col"]))
     return items
 
 

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from mixcls.config import Config, ConfigError, LossConfig, MixConfig, dump_config
-from mixcls.data import DataError, TrainTable, check_class_counts, format_listing, load_train_table
+from mixcls.data import (TRAIN_ONLY_FOLD, DataError, TrainTable, check_class_counts, format_listing,
+                         load_train_table)
 from mixcls.devices import amp_setup
 from mixcls.distributed import check_distributed_options
 from mixcls.folds import empty_folds, find_split_groups, make_folds
@@ -56,12 +57,15 @@ def prepare_table(cfg: Config, *, image_cache: ImageCache | None = None) -> tupl
     decoded again."""
     table = load_train_table(cfg.data.data, csv=cfg.data.csv, images=cfg.data.images,
                              id_col=cfg.data.id_col, label_col=cfg.data.label_col,
-                             group_col=cfg.data.group_col, check_images=cfg.data.check_images,
-                             image_cache=image_cache)
+                             group_col=cfg.data.group_col, train_only_col=cfg.data.train_only_col,
+                             check_images=cfg.data.check_images, image_cache=image_cache)
     frame, source = table.frame, table.csv_path or table.images_dir
     if table.num_classes < 2:
         raise DataError(f"{source}: a classifier needs at least 2 classes, the table has only "
                         f"{table.classes}")
+    if "train_only" in frame.columns and frame["train_only"].all():
+        raise DataError(f"train_only_col {cfg.data.train_only_col!r}: every row of {source} is "
+                        "train-only; the CV needs rows to validate")
     if cfg.train.folds_from is not None:
         if "fold" in frame.columns:
             raise ConfigError(f"folds_from: {source} has its own fold column; drop --folds-from "
@@ -70,10 +74,15 @@ def prepare_table(cfg: Config, *, image_cache: ImageCache | None = None) -> tupl
             f"{Path(cfg.train.folds_from) / 'folds.csv'}"
     elif "fold" not in frame.columns:
         check_class_counts(table, cfg.train.folds)
-        return table, _made_folds(table, cfg.train.folds, cfg.train.seed, cfg.data.group_col)
+        folds = _made_folds(table, cfg.train.folds, cfg.train.seed, cfg.data.group_col)
+        if "group" in frame.columns and "train_only" in frame.columns:  # -1 is a fold here too
+            _check_groups_kept(frame["group"].to_numpy(), folds, "the folds made", cfg.data.group_col)
+        return table, folds
     else:
         folds, where = frame["fold"].to_numpy(dtype=np.int64), f"the fold column of {source}"
-    present = sorted(set(folds.tolist()))
+    if "train_only" in frame.columns:
+        _check_train_only_agrees(frame, folds, where, cfg.data.train_only_col)
+    present = sorted(set(folds.tolist()) - {TRAIN_ONLY_FOLD})
     if present != list(range(cfg.train.folds)):
         hint = (f"set --folds {max(present) + 1}" if present == list(range(max(present) + 1))
                 else f"number the folds 0 … {cfg.train.folds - 1}")
@@ -84,9 +93,34 @@ def prepare_table(cfg: Config, *, image_cache: ImageCache | None = None) -> tupl
     return table, folds
 
 
+def _check_train_only_agrees(frame: pd.DataFrame, folds: np.ndarray, where: str, column: str) -> None:
+    """Given folds and --train-only-col must name the same train-only rows (fold -1)."""
+    flagged, minus = frame["train_only"].to_numpy(dtype=bool), folds == TRAIN_ONLY_FOLD
+    differ = np.flatnonzero(flagged != minus)
+    if len(differ):
+        i = int(differ[0])
+        raise DataError(f"train_only_col {column!r}: {len(differ)} row(s) are train-only in one "
+                        f"of the column and {where} but not in the other (fold {TRAIN_ONLY_FOLD} "
+                        f"means train-only), first {frame['image_id'].iloc[i]!r}; drop one of them")
+
+
 def _made_folds(table: TrainTable, n_folds: int, seed: int, group_col: str | None) -> np.ndarray:
-    """Stratified folds, grouped when the table has groups; DataError when the groups are too
-    few or too unequal to fill every fold."""
+    """Stratified folds (grouped when the table has groups) of the validated rows, and
+    TRAIN_ONLY_FOLD for the train-only rows; DataError when the groups are too few or too
+    unequal to fill every fold."""
+    validated = (~table.frame["train_only"].to_numpy(dtype=bool) if "train_only" in table.frame.columns
+                 else np.ones(len(table.frame), bool))
+    if validated.all():
+        return _stratified_folds(table, n_folds, seed, group_col)
+    sub = TrainTable(frame=table.frame[validated].reset_index(drop=True), classes=table.classes,
+                     images_dir=table.images_dir, csv_path=table.csv_path,
+                     integer_labels=table.integer_labels, soft_targets=None)
+    folds = np.full(len(table.frame), TRAIN_ONLY_FOLD, np.int64)
+    folds[validated] = _stratified_folds(sub, n_folds, seed, group_col)
+    return folds
+
+
+def _stratified_folds(table: TrainTable, n_folds: int, seed: int, group_col: str | None) -> np.ndarray:
     if group_col is None:
         return make_folds(table.labels, n_folds, seed)
     source, groups = table.csv_path, table.frame["group"].to_numpy()
@@ -118,7 +152,7 @@ def read_shared_folds(run_dir: str | Path, image_ids: list[str]) -> np.ndarray:
     """Each row's fold (N,) from another run's folds.csv (`--folds-from`), matched by image_id.
 
     Runs that are to be blended must be scored on the same rows; RunError names the first ids
-    that one table has and the other lacks.
+    that one table has and the other lacks (RUN's train-only rows, fold -1, may be missing).
     """
     from mixcls.runs import RunFolder
 
@@ -126,7 +160,8 @@ def read_shared_folds(run_dir: str | Path, image_ids: list[str]) -> np.ndarray:
     path = Path(run_dir) / "folds.csv"
     by_id = dict(zip(saved["image_id"].astype(str), saved["fold"].astype(np.int64)))
     missing = [i for i in image_ids if i not in by_id]
-    extra = sorted(set(by_id) - set(image_ids))
+    # RUN's train-only rows may be left out: extra training data is each run's own choice
+    extra = sorted(set(by_id) - set(image_ids) - {i for i, f in by_id.items() if f == TRAIN_ONLY_FOLD})
     if missing or extra or len(by_id) != len(saved):
         said = []
         if missing:
@@ -359,7 +394,8 @@ def write_run_header(cfg: Config, table: TrainTable, folds: np.ndarray, run_dir:
         "csv": str(table.csv_path) if table.csv_path else None, "images": str(table.images_dir),
         "rows": len(table.frame), "integer_labels": table.integer_labels,
         "soft_targets": table.soft_targets is not None,
-        "groups": int(table.frame["group"].nunique()) if "group" in table.frame.columns else None})
+        "groups": int(table.frame["group"].nunique()) if "group" in table.frame.columns else None,
+        "train_only_rows": int((folds == TRAIN_ONLY_FOLD).sum())})
     fold_table = pd.DataFrame({"image_id": table.frame["image_id"], "fold": folds})
     if "group" in table.frame.columns:  # so `mixcls clean` can give the cleaned table its groups
         fold_table["group"] = table.frame["group"].to_numpy()

@@ -22,7 +22,7 @@ import torch
 from mixcls import distributed as dist
 from mixcls import fold_extras
 from mixcls.config import Config, config_to_flat
-from mixcls.data import TrainTable, load_image_cache
+from mixcls.data import TRAIN_ONLY_FOLD, TrainTable, load_image_cache
 from mixcls.devices import resolve_device
 from mixcls.distributed import DistContext
 from mixcls.engine import (EpochStats, NonFiniteLossError, compile_seconds_so_far, evaluate,
@@ -328,6 +328,10 @@ def _begin_run(cfg: Config, table: TrainTable, folds: np.ndarray, run_dir: Path,
                log: Callable[[str], None]) -> tuple[BatchPlan, np.ndarray, list[int]]:
     """Rank 0: check the configuration, plan the batch, then open the run folder."""
     check_run_settings(cfg, device, world_size=world_size)
+    train_only = int((folds == TRAIN_ONLY_FOLD).sum())
+    if train_only:
+        log(f"{train_only} train-only row(s) (fold {TRAIN_ONLY_FOLD}): in every fold's training "
+            f"rows, never validated; the CV scores the other {len(folds) - train_only}")
     if cfg.data.group_col is not None:
         log(f"folds grouped by {cfg.data.group_col!r}: {table.frame['group'].nunique()} groups, "
             "each in one fold")

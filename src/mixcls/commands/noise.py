@@ -66,7 +66,11 @@ def run_clean(args: argparse.Namespace) -> int:
                                        score=args.score)
     verb = {"drop": "excluded from training", "relabel": "relabelled for training",
             "soft": "given soft targets for training"}[args.policy]
-    print(f"clean ({args.policy}): {n_acted} of {len(table)} rows {verb}; "
-          f"validation is still scored on label_given for every row")
+    from mixcls.data import TRAIN_ONLY_FOLD
+
+    train_only = int((table["fold"] == TRAIN_ONLY_FOLD).sum())
+    kept = f"; {train_only} train-only row(s) (fold -1) kept as they are" if train_only else ""
+    print(f"clean ({args.policy}): {n_acted} of {len(table) - train_only} OOF rows {verb}; "
+          f"validation is still scored on label_given for every one of them{kept}")
     print(f"wrote {args.out}")
     return 0
