@@ -82,6 +82,8 @@ def test_a_run_scores_only_the_other_rows(tmp_path, capsys, one_thread):
                  str(data / "train_images"), "--out", str(plain), *TINY_TRAIN_FLAGS,
                  "--folds-from", str(out)]) == 0
     assert set(pd.read_csv(plain / "oof.csv")["image_id"]) == set(oof["image_id"])
+    fingerprints = [json.loads((r / "metrics.json").read_text())["folds_fingerprint"] for r in (out, plain)]
+    assert fingerprints[0] == fingerprints[1]
     assert main(["blend", str(out), str(plain), "--out", str(tmp_path / "blend"),
                  "--method", "mean"]) == 0
 
@@ -139,3 +141,11 @@ def test_a_copy_on_both_sides_is_warned_about(tmp_path):
     said.clear()
     _warn_split_copies(table, folds, said.append)
     assert said == []
+
+
+def test_train_only_rows_leave_the_folds_fingerprint_alone():
+    from mixcls.folds import folds_fingerprint
+
+    ids, folds = ["a", "b", "c", "d"], [0, 1, 0, 1]
+    assert folds_fingerprint(ids + ["x", "y"], folds + [TRAIN_ONLY_FOLD] * 2) == folds_fingerprint(ids, folds)
+    assert folds_fingerprint(ids + ["x"], folds + [0]) != folds_fingerprint(ids, folds)

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mixcls.device_augment import WarpItem
+from mixcls.folds import TRAIN_ONLY_FOLD
 from mixcls.image_cache import CACHE_SCALE, RAM_LIMIT_BYTES, ImageCache, decode_image, load_copy
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -34,9 +35,6 @@ def prob_columns(num_classes: int) -> list[str]:
 MAX_LISTED = 20
 # Fold and keep values above this are typos or overflow (they would not fit an int32 index).
 MAX_INDEX = 2**31
-# folds.csv's and a table's fold of a train-only row (--train-only-col): in every fold's training
-# rows, in none's validation rows.
-TRAIN_ONLY_FOLD = -1
 # Caching decoded images avoids re-decoding every epoch; above this the RAM is better left to
 # the OS page cache and the workers (image_cache.py owns the rule).
 CACHE_LIMIT_BYTES = RAM_LIMIT_BYTES

@@ -48,6 +48,9 @@ def find_split_groups(groups: Sequence[str] | np.ndarray, folds: np.ndarray) -> 
 
 
 FINGERPRINT_CHARS = 12
+# The fold of a train-only row (--train-only-col): in every fold's training rows, in none's
+# validation rows; folds.csv and a table's fold column write it so.
+TRAIN_ONLY_FOLD = -1
 
 
 def folds_fingerprint(image_ids: Iterable[str], folds: Iterable[int]) -> str:
@@ -55,12 +58,15 @@ def folds_fingerprint(image_ids: Iterable[str], folds: Iterable[int]) -> str:
     the lines `image_id,fold` (one per row, each ending in a newline, in row order, UTF-8).
 
     Two runs with the same fingerprint validated every image on the same fold, so their CV
-    scores (and OOF probabilities) can be compared or blended row by row.
+    scores (and OOF probabilities) can be compared or blended row by row. Train-only rows
+    (fold -1) are validated nowhere and left out, so a run with extra training data and one
+    without share the fingerprint of the rows both validate.
     """
     image_ids, folds = list(image_ids), list(folds)
     if len(image_ids) != len(folds):
         raise ValueError(f"{len(image_ids)} image ids but {len(folds)} folds")
     digest = hashlib.sha256()
     for image_id, fold in zip(image_ids, folds):
-        digest.update(f"{image_id},{int(fold)}\n".encode())
+        if int(fold) != TRAIN_ONLY_FOLD:
+            digest.update(f"{image_id},{int(fold)}\n".encode())
     return digest.hexdigest()[:FINGERPRINT_CHARS]
