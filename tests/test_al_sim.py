@@ -349,3 +349,12 @@ def test_min_steps_sets_the_epochs_each_round_trains(data_dir, tmp_path, monkeyp
         simulate(cfg, strategies=["random"], start=8, budget=3, rounds=1, seeds=[0],
                  out_dir=tmp_path / "out", holdout=0.25, min_steps=10)
     assert seen == [(8, 5)]  # 8 rows, batch 4: 2 steps per epoch, 5 epochs for 10 steps
+
+
+@pytest.mark.parametrize("key", ["group_col", "train_only_col"])
+def test_fold_flags_the_simulation_would_ignore_are_refused(tmp_path, key):
+    from mixcls.config import ConfigError
+
+    cfg = load_config(None, {"data": str(tmp_path), key: "plant"})
+    with pytest.raises(ConfigError, match=rf"{key} 'plant': al-sim does not use it"):
+        load_sim_data(cfg, holdout=0.25)

@@ -147,6 +147,10 @@ def load_sim_data(cfg: Config, *, holdout: float, split_seed: int = 0) -> SimDat
     """The training table as the pool and a held-out set: DATA/test.csv + DATA/test_images when
     the data folder has them (`mixcls data` writes them), else a stratified `holdout` fraction
     of the training table (split by `split_seed`, the same for every simulation seed)."""
+    for key, value in (("group_col", cfg.data.group_col), ("train_only_col", cfg.data.train_only_col)):
+        if value is not None:  # the simulation draws its own labelled sets; it would ignore them
+            raise ConfigError(f"{key} {value!r}: al-sim does not use it (it labels rows of one "
+                              "pool and retrains from scratch); drop the flag")
     table = load_train_table(cfg.data.data, csv=cfg.data.csv, images=cfg.data.images,
                              id_col=cfg.data.id_col, label_col=cfg.data.label_col,
                              check_images=cfg.data.check_images)
