@@ -88,7 +88,7 @@ def duplicate_row(rng, frame, root):
 def bad_fold_column(rng, frame, root):
     frame["fold"] = [str(i % 2) for i in range(len(frame))]
     frame.loc[int(rng.integers(len(frame))), "fold"] = str(rng.choice(
-        ["x", "-1", "0.5", "1e400", "99999999999999999999", "", "２", "7", "nan"]))
+        ["x", "-2", "0.5", "1e400", "99999999999999999999", "", "２", "7", "nan"]))  # -1: train-only
 
 
 def bad_keep_column(rng, frame, root):
