@@ -149,3 +149,15 @@ def test_train_only_rows_leave_the_folds_fingerprint_alone():
     ids, folds = ["a", "b", "c", "d"], [0, 1, 0, 1]
     assert folds_fingerprint(ids + ["x", "y"], folds + [TRAIN_ONLY_FOLD] * 2) == folds_fingerprint(ids, folds)
     assert folds_fingerprint(ids + ["x"], folds + [0]) != folds_fingerprint(ids, folds)
+
+
+def test_the_report_counts_the_train_only_rows(tmp_path, one_thread):
+    data, raw = _flagged_table(tmp_path / "data", n_per_class=6)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), *TINY_TRAIN_FLAGS,
+                 "--folds", "2", "--train-only-col", "extra_2019"]) == 0
+    page = (out / "report.html").read_text()
+    section = page[page.index('id="cv-summary"'):]
+    n = int(raw["extra_2019"].sum())
+    assert f"<td>train-only rows</td><td class=num>{n}</td>" in section
+    assert "train-only rows flagged by" in page

@@ -75,6 +75,7 @@ class RunFiles:
     suspects_png: bytes | None = None
     tta_grid: pd.DataFrame | None = None   # RUN/tta_grid.csv (mixcls tta)
     tta: dict[str, Any] | None = None      # RUN/tta.json (mixcls tta --apply)
+    train_only_rows: int = 0               # dataset.json: rows trained on in every fold, never validated
 
 
 # ---------------------------------------------------------------- reading the run
@@ -90,7 +91,8 @@ def read_run(run_dir: str | Path) -> RunFiles:
                     suspects=_read_suspects(run.path / SUSPECTS_CSV),
                     suspects_png=_read_png(run.path / SUSPECTS_PNG),
                     tta_grid=_read_tta_grid(run.path / GRID_FILE),
-                    tta=runs.read_json(run.path / TTA_FILE) if (run.path / TTA_FILE).is_file() else None)
+                    tta=runs.read_json(run.path / TTA_FILE) if (run.path / TTA_FILE).is_file() else None,
+                    train_only_rows=int(run.dataset.get("train_only_rows") or 0))
 
 
 def _read_tta_grid(path: Path) -> pd.DataFrame | None:
@@ -423,6 +425,9 @@ def _section_cv(run: RunFiles) -> str:
         if m.get("holdout_tta"):
             detail += f", {m['holdout_tta']} TTA view(s)"
         summary.append(["holdout accuracy", float(m["holdout_accuracy"]), detail])
+    if run.train_only_rows:
+        summary.append(["train-only rows", run.train_only_rows,
+                        "trained on in every fold, validated in none: not in the CV"])
     overall = _table(["metric", "value", ""], summary, table_id="cv-summary", numeric=frozenset({1}))
     body = f'<div class="row"><div>{folds}</div><div>{overall}</div></div>'
     return _section("cv", "Cross-validation", body,
