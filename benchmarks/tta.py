@@ -119,29 +119,21 @@ def apply_tta(run_dir: Path, sizes: list[int], views: str, work: Path, threads: 
 
 def setting_test_probs(run_dir: Path, paths: list[str], grid: pd.DataFrame, cache: Path,
                        batch_size: int) -> np.ndarray:
-    """(S, F, N, K): each setting of the grid, each fold model, on the test images; cached."""
+    """(S, F, N, K): each setting of the grid, each fold model, on the test images (mixcls.tta's
+    predict_settings, the pass mixcls tta makes on the OOF rows); cached."""
     if cache.is_file():
         return np.load(cache)
     import torch
 
-    from mixcls.predict import load_fold_models, predict_fold_outputs
-
     from mixcls.data import load_image_cache
+    from mixcls.predict import load_fold_models
+    from mixcls.tta import Setting, predict_settings
 
-    models = load_fold_models(run_dir, torch.device("cpu"))
-    decoded = load_image_cache(paths, mode="auto")  # decoded once for every size
-    out = np.zeros((len(grid), len(models), len(paths), len(json.loads(
-        (run_dir / "classes.json").read_text()))), np.float32)
-    for size in grid["img_size"].unique():
-        rows = grid.index[grid["img_size"] == size]
-        views = max((grid.loc[i, "views"].split(",") for i in rows), key=len)
-        per_view = predict_fold_outputs(models, paths, device=torch.device("cpu"), views=views,
-                                        img_size=int(size), per_view=True, cache=decoded,
-                                        batch_size=batch_size).probs  # (F, V, N, K)
-        running = np.cumsum(per_view, axis=1)
-        for i in rows:
-            n = int(grid.loc[i, "n_views"])
-            out[i] = running[:, n - 1] / n
+    settings = [Setting(int(size), tuple(views.split(",")))
+                for size, views in zip(grid["img_size"], grid["views"])]
+    out = predict_settings(load_fold_models(run_dir, torch.device("cpu")), paths, settings,
+                           device=torch.device("cpu"), batch_size=batch_size,
+                           cache=load_image_cache(paths, mode="auto")).astype(np.float32)
     partial = cache.with_name(cache.name + ".partial.npy")
     np.save(partial, out)
     partial.replace(cache)

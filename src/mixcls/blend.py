@@ -538,15 +538,21 @@ def member_dir(member: dict[str, Any], blend_dir: str | Path) -> Path:
     return path if path.is_absolute() else Path(blend_dir) / path
 
 
+def existing_member_dir(member: dict[str, Any], blend_dir: str | Path) -> Path:
+    """`member_dir`, or RunError when that folder is gone."""
+    path = member_dir(member, blend_dir)
+    if not path.is_dir():
+        raise RunError(f"blend {blend_dir}: member run {path} does not exist (moved or "
+                       "deleted?); blend the runs again from where they are now")
+    return path
+
+
 def verify_members(spec: dict[str, Any], blend_dir: str | Path, *, models: str = "folds") -> None:
     """RunError naming the member and file unless every member's checkpoints that `models`
     predicts with are as blended (a blend.json written before full/best.pt was hashed knows no
     full model: blend again to predict it with --models full or all)."""
     for member in spec["members"]:
-        path = member_dir(member, blend_dir)
-        if not path.is_dir():
-            raise RunError(f"blend {blend_dir}: member run {path} does not exist (moved or "
-                           "deleted?); blend the runs again from where they are now")
+        path = existing_member_dir(member, blend_dir)
         recorded = _selected(member["checkpoints"], models)
         if not recorded:
             wanted = "full/best.pt" if models == "full" else "fold_K/best.pt"
@@ -637,10 +643,10 @@ def read_blend(blend_dir: str | Path) -> dict[str, Any]:
 
 def make_blend_oof(members: Members, probs: np.ndarray) -> pd.DataFrame:
     """The run-folder oof.csv table (image_id, label, fold, pred, prob_*) of blended probs (N, K)."""
-    frame = pd.DataFrame({"image_id": members.image_ids, "label": members.labels,
-                          "fold": members.folds, "pred": probs.argmax(axis=1)})
-    frame[prob_columns(probs.shape[1])] = probs
-    return frame
+    from mixcls.metrics import oof_frame
+
+    return oof_frame(np.asarray(members.image_ids, dtype=object), members.labels, members.folds,
+                     probs, np.arange(len(probs)))
 
 
 def make_blend_metrics(members: Members, result: BlendFit, oof: pd.DataFrame, *,

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixcls.blend import (BLEND_FILE, FULL_CHECKPOINT, hash_checkpoints, is_blend_folder,
-                          member_dir, read_blend, sha256_file)
+from mixcls.blend import (BLEND_FILE, FULL_CHECKPOINT, existing_member_dir, hash_checkpoints,
+                          is_blend_folder, read_blend, sha256_file)
 from mixcls.runs import RunError, RunFolder, atomic_write_json
 from mixcls.tta import TTA_FILE
 
@@ -95,16 +95,11 @@ def _plan_blend(blend_dir: Path) -> _Plan:
     """The blend's own files, and each member's files below members/NAME with the checkpoints
     blend.json recorded; blend.json rewritten with those relative paths."""
     spec = read_blend(blend_dir)
-    copies = [(blend_dir / name, Path(name)) for name in
-              ("config.yaml", "classes.json", "dataset.json", "metrics.json")
-              if (blend_dir / name).is_file()]
+    copies = [(blend_dir / name, Path(name)) for name in KEPT_FILES if (blend_dir / name).is_file()]
     plan = _Plan(copies, {}, [blend_dir], blend_spec=dict(spec, members=[]))
     used: set[str] = set()
     for member in spec["members"]:
-        path = member_dir(member, blend_dir)
-        if not path.is_dir():
-            raise RunError(f"blend {blend_dir}: member run {path} does not exist (moved or "
-                           "deleted?); blend the runs again from where they are now")
+        path = existing_member_dir(member, blend_dir)
         name = _unique(path.name, used)
         part = _plan_run(path, Path("members") / name, hashes=member["checkpoints"])
         plan.copies += part.copies

@@ -129,7 +129,7 @@ def score_run_settings(run_dir: str | Path, settings: Sequence[Setting], *, devi
     """
     from mixcls.data import load_image_cache
     from mixcls.devices import amp_dtype, resolve_device
-    from mixcls.predict import load_model, predict_fold_outputs
+    from mixcls.predict import load_model
 
     run, oof = _open_scored_run(run_dir)
     folds = oof["fold"].to_numpy(dtype=np.int64)
@@ -138,10 +138,7 @@ def score_run_settings(run_dir: str | Path, settings: Sequence[Setting], *, devi
     if gone:
         raise RunError(f"{run.path}: oof.csv scores folds whose checkpoints are missing: {', '.join(gone)}")
     paths = _image_paths(run, oof["image_id"].tolist())
-    at_size = {size: [i for i, s in enumerate(settings) if s.img_size == size]
-               for size in dict.fromkeys(s.img_size for s in settings)}
-    size_views = {size: _longest_prefix_list([settings[i].views for i in rows])
-                  for size, rows in at_size.items()}
+    _views_per_size(settings)  # a bad grid fails here, before any model runs
     dev = resolve_device(device)
     dtype = amp_dtype(amp, dev)
     k = len(run.classes)
@@ -149,20 +146,51 @@ def score_run_settings(run_dir: str | Path, settings: Sequence[Setting], *, devi
     for g, ckpt in checkpoints.items():
         model = [load_model(ckpt, dev)]
         rows = np.flatnonzero(folds == g)
+        fold_paths = [paths[r] for r in rows]
         # the fold's images decoded once for every size when they fit in RAM (data's limit)
-        cache = load_image_cache([paths[r] for r in rows], mode="auto")
-        for size, views in size_views.items():
-            log(f"fold {g}: {len(rows)} rows at {size} px, {len(views)} view(s)")
-            per_view = predict_fold_outputs(model, [paths[r] for r in rows], device=dev,
-                                            views=views, img_size=size, per_view=True,
-                                            batch_size=batch_size, workers=workers,
-                                            amp_dtype=dtype, cache=cache).probs[0]  # (V, n, K)
-            running = np.cumsum(per_view.astype(np.float64), axis=0)
-            for i in at_size[size]:
-                n = len(settings[i].views)
-                probs[i, rows] = running[n - 1] / n
+        probs[:, rows] = predict_settings(
+            model, fold_paths, settings, device=dev, batch_size=batch_size, workers=workers,
+            amp_dtype=dtype, cache=load_image_cache(fold_paths, mode="auto"),
+            log=lambda size, views: log(f"fold {g}: {len(rows)} rows at {size} px, "
+                                        f"{len(views)} view(s)"))[:, 0]
     return OofGrid(list(settings), oof["image_id"].tolist(), oof["label"].to_numpy(np.int64),
                    folds, probs, oof[prob_columns(k)].to_numpy(np.float64))
+
+
+def predict_settings(models: Sequence, paths: Sequence[str], settings: Sequence[Setting], *,
+                     device, batch_size: int = 64, workers: int = 0, amp_dtype=None,
+                     cache: list | None = None,
+                     log: Callable[[int, tuple[str, ...]], None] = lambda size, views: None
+                     ) -> np.ndarray:
+    """(S, F, N, K) float64: each setting's probabilities of the images at `paths` from each of
+    the loaded models (predict.LoadedModel). One pass per image size runs every view of the
+    longest setting at that size (`per_view`); the n-view setting is the running mean of the
+    first n."""
+    from mixcls.predict import predict_fold_outputs
+
+    sizes = _views_per_size(settings)
+    out = None
+    for size, (views, rows) in sizes.items():
+        log(size, views)
+        per_view = predict_fold_outputs(models, paths, device=device, views=views, img_size=size,
+                                        per_view=True, batch_size=batch_size, workers=workers,
+                                        amp_dtype=amp_dtype, cache=cache).probs  # (F, V, N, K)
+        running = np.cumsum(per_view.astype(np.float64), axis=1)
+        if out is None:
+            out = np.zeros((len(settings), *running.shape[:1], *running.shape[2:]), np.float64)
+        for i in rows:
+            n = len(settings[i].views)
+            out[i] = running[:, n - 1] / n
+    return out
+
+
+def _views_per_size(settings: Sequence[Setting]) -> dict[int, tuple[tuple[str, ...], list[int]]]:
+    """{img_size: (the views one pass runs, the indices of the settings at that size)}, sizes in
+    grid order; ValueError when a size's settings do not share one view list."""
+    rows = {size: [i for i, s in enumerate(settings) if s.img_size == size]
+            for size in dict.fromkeys(s.img_size for s in settings)}
+    return {size: (_longest_prefix_list([settings[i].views for i in at]), at)
+            for size, at in rows.items()}
 
 
 def _longest_prefix_list(views: list[tuple[str, ...]]) -> tuple[str, ...]:
@@ -261,13 +289,13 @@ def apply_setting(run_dir: str | Path, grid: OofGrid, choice: SettingChoice, *,
     columns) first, tta.json (the setting, nested and in-sample scores) last, so a run with
     tta.json always has the matching table."""
     from mixcls.blend import score_probs
+    from mixcls.metrics import oof_frame
 
     run_dir = Path(run_dir)
     setting = grid.settings[choice.chosen]
     probs = grid.probs[choice.chosen]
-    frame = pd.DataFrame({"image_id": grid.image_ids, "label": grid.labels, "fold": grid.folds,
-                          "pred": probs.argmax(axis=1)})
-    frame[prob_columns(probs.shape[1])] = probs
+    frame = oof_frame(np.asarray(grid.image_ids, dtype=object), grid.labels, grid.folds, probs,
+                      np.arange(len(probs)))
     atomic_write_csv(run_dir / TTA_OOF_FILE, frame)
     spec = {"format": TTA_FORMAT, "views": list(setting.views), "img_size": setting.img_size,
             "metric": metric, "setting": setting.name,

@@ -80,8 +80,6 @@ def run_tta(args: argparse.Namespace) -> int:
     _print_summary(grid, choice, table)
     if args.apply:
         apply_setting(run.path, grid, choice, metric=args.metric)
-    _refresh_report(run.path)
-    if args.apply:
         print(f"applied {settings[choice.chosen].name} ({TTA_FILE}, {TTA_OOF_FILE}): mixcls predict "
               f"and mixcls blend now use it; undo with mixcls tta --run {args.run} --reset")
     else:
@@ -89,6 +87,7 @@ def run_tta(args: argparse.Namespace) -> int:
         kept = f"the setting in {TTA_FILE}" if current.applied else "the run's config"
         print(f"wrote {Path(args.run) / GRID_FILE}; nothing applied, predict keeps {kept} "
               "(--apply to change it)")
+    _refresh_report(run.path)
     return 0
 
 
