@@ -117,6 +117,17 @@ def test_images_dir_of_a_hand_made_run_and_when_it_is_gone(tmp_path):
         run.find_images_dir()
 
 
+def test_find_images_gives_the_files_and_names_the_first_missing_one(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data", n_per_class=2, size=8)
+    run = RunFolder.open(hand_made_run(tmp_path / "run", data, ["red", "green", "blue"]))
+    ids = sorted(p.name for p in (data / "train_images").iterdir())[:3]
+    assert run.find_images(ids) == [data / "train_images" / i for i in ids]
+    (data / "train_images" / ids[1]).unlink()
+    (data / "train_images" / ids[2]).unlink()
+    with pytest.raises(DataError, match=rf"2 image\(s\) .*/train_images, first '{ids[1]}'"):
+        run.find_images(ids)
+
+
 def test_dataset_json_decides_over_the_config(tmp_path):
     data = write_tiny_dataset(tmp_path / "data", n_per_class=2, size=8)
     other = tmp_path / "moved_images"

@@ -245,17 +245,6 @@ def read_run_groups(run: RunFolder, oof: pd.DataFrame) -> np.ndarray:
     return oof["image_id"].map(group_of).to_numpy(dtype=object)
 
 
-def resolve_run_images(run: RunFolder, image_ids: list[str]) -> list[Path]:
-    """Image files of `image_ids` in the run's training images folder (RunFolder.find_images_dir)."""
-    images_dir = run.find_images_dir()
-    paths = [images_dir / image_id for image_id in image_ids]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise DataError(f"gallery: {len(missing)} image(s) not found, e.g. {missing[0]} "
-                        f"(images folder of the run {run.path}: {images_dir})")
-    return paths
-
-
 def plot_suspect_gallery(images: list[np.ndarray], titles: list[str]):
     """A matplotlib Figure: a grid of images, each titled "given → suggested (p)"."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
@@ -309,7 +298,10 @@ def write_suspects(run_dir: str | Path, out: str | Path, *, gallery: str | Path 
     figure = None
     if gallery is not None:
         shown = table.head(GALLERY_SIZE)
-        paths = resolve_run_images(run, shown["image_id"].tolist())
+        try:
+            paths = run.find_images(shown["image_id"].tolist())
+        except DataError as exc:
+            raise DataError(f"gallery: {exc}") from None
         try:
             images = [read_image(p) for p in paths]
         except OSError as exc:

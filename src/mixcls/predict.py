@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,9 @@ from mixcls.heap import keep_freed_memory
 from mixcls.sampling import build_collate, worker_init
 from mixcls.devices import amp_dtype, resolve_device
 from mixcls.transforms import Normalizer, build_valid_transform
+
+if TYPE_CHECKING:
+    from mixcls.tta import InferenceSetting
 
 
 @dataclass
@@ -143,17 +146,19 @@ def predict_run_outputs(run_dir: str | Path, paths: Sequence[str], *, tta: int |
                         views: Sequence[str] | None = None, img_size: int | None = None,
                         device: str = "auto", batch_size: int = 64, workers: int = 0,
                         amp: str = "none", features: bool = False,
-                        models: str = "folds") -> FoldOutputs:
+                        models: str = "folds", setting: InferenceSetting | None = None
+                        ) -> FoldOutputs:
     """`predict_fold_outputs` of a run's models (`models`: see load_fold_models): probs
     (F, N, K) and, with `features`, features (F, N, D).
 
     The TTA views are `views`, else the first `tta` of the run's views, else the run's
     inference setting (mixcls.tta.inference_setting: what `mixcls tta --apply` chose, or the
-    config's `predict.tta`); the image size is `img_size`, else the setting's.
+    config's `predict.tta`); the image size is `img_size`, else the setting's. `setting` is that
+    setting when the caller has read it already (mixcls predict prints what it used).
     """
     from mixcls.tta import inference_setting
 
-    setting = inference_setting(run_dir)
+    setting = setting or inference_setting(run_dir)
     if views is None and tta is None:
         views = setting.views
     dev = resolve_device(device)
@@ -167,12 +172,13 @@ def predict_run_outputs(run_dir: str | Path, paths: Sequence[str], *, tta: int |
 def predict_fold_probs(run_dir: str | Path, paths: Sequence[str], *, tta: int | None = None,
                        views: Sequence[str] | None = None, img_size: int | None = None,
                        device: str = "auto", batch_size: int = 64, workers: int = 0,
-                       amp: str = "none", models: str = "folds") -> np.ndarray:
+                       amp: str = "none", models: str = "folds",
+                       setting: InferenceSetting | None = None) -> np.ndarray:
     """Per-model probabilities (F, N, K), each the mean over the TTA views that
     `predict_run_outputs` resolves."""
     return predict_run_outputs(run_dir, paths, tta=tta, views=views, img_size=img_size,
                                device=device, batch_size=batch_size, workers=workers, amp=amp,
-                               models=models).probs
+                               models=models, setting=setting).probs
 
 
 def predict_run(run_dir: str | Path, paths: Sequence[str], **kwargs) -> np.ndarray:

@@ -343,6 +343,17 @@ class RunFolder:
                               "does not exist")
         return folder
 
+    def find_images(self, image_ids: list[str]) -> list[Path]:
+        """The files of `image_ids` in find_images_dir(); DataError counts the missing ones and
+        names the first and the folder."""
+        folder = self.find_images_dir()
+        paths = [folder / image_id for image_id in image_ids]
+        missing = [i for i, p in zip(image_ids, paths) if not p.is_file()]
+        if missing:
+            raise _data_error(f"{len(missing)} image(s) of the run {self.path} are not in its "
+                              f"images folder {folder}, first {missing[0]!r}")
+        return paths
+
     @property
     def images_dir(self) -> Path | None:
         """`find_images_dir()`, or None when the folder is gone (for readers that can do without)."""

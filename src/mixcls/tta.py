@@ -137,7 +137,7 @@ def score_run_settings(run_dir: str | Path, settings: Sequence[Setting], *, devi
     gone = [str(p) for p in checkpoints.values() if not p.is_file()]
     if gone:
         raise RunError(f"{run.path}: oof.csv scores folds whose checkpoints are missing: {', '.join(gone)}")
-    paths = _image_paths(run, oof["image_id"].tolist())
+    paths = [str(p) for p in run.find_images(oof["image_id"].tolist())]
     _views_per_size(settings)  # a bad grid fails here, before any model runs
     dev = resolve_device(device)
     dtype = amp_dtype(amp, dev)
@@ -212,16 +212,6 @@ def _open_scored_run(run_dir: str | Path) -> tuple[RunFolder, pd.DataFrame]:
                        "mixcls tta --apply on each member, then blend them again")
     run = RunFolder.open(run_dir, require=("oof.csv",))
     return run, run.read_oof()
-
-
-def _image_paths(run: RunFolder, image_ids: list[str]) -> list[str]:
-    images = run.find_images_dir()
-    paths = [images / i for i in image_ids]
-    missing = [i for i, p in zip(image_ids, paths) if not p.is_file()]
-    if missing:
-        raise DataError(f"{len(missing)} OOF image(s) of {run.oof_path} are not in {images}, "
-                        f"first {missing[0]!r}")
-    return [str(p) for p in paths]
 
 
 # ---------------------------------------------------------------- the choice

@@ -57,7 +57,8 @@ def run_predict(args: argparse.Namespace) -> int:
     if blend:  # mixcls blend's folder: the rule per model, then the mean
         probs = predict_blend(args.run, paths, models=args.models, **options)
     else:
-        probs = predict_run(args.run, paths, models=args.models, img_size=args.img_size, **options)
+        probs = predict_run(args.run, paths, models=args.models, img_size=args.img_size,
+                            setting=setting, **options)
     seconds = time.perf_counter() - start
     if setting is not None and setting.applied:
         views = (f"the first {args.tta} view(s) (--tta)" if args.tta is not None
