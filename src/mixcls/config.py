@@ -28,7 +28,8 @@ def _opt(default: Any, help: str, *, choices: list[str] | None = None, key: str 
 
 # The names each registry knows, written out so that parsing flags does not import torch,
 # albumentations or timm; tests/test_config.py checks each list against its registry
-# (transforms.PRESETS / TTA_VIEWS, losses.LOSSES, mix.MIX_MODES, optim, devices.amp_dtype).
+# (transforms.PRESETS / TTA_VIEWS, losses.LOSSES, mix.MIX_MODES, optim, devices.amp_dtype,
+# metrics.SELECT_COLUMNS).
 PRESETS = ["light", "cassava", "digits", "none"]
 AMP_MODES = ["none", "bf16", "fp16"]
 OPTIMIZERS = ["adamw", "adam", "sgd"]
@@ -38,6 +39,7 @@ TTA_VIEWS = ["orig", "hflip", "vflip", "transpose", "rot90", "rot180", "rot270",
 MIX_MODES = ["batch", "sample"]
 CHECK_IMAGES = ["full", "header"]
 CACHE_IMAGES = ["auto", "yes", "no", "disk"]
+SELECT_METRICS = ["accuracy", "logloss", "macro_f1"]
 
 
 @dataclass
@@ -123,7 +125,10 @@ class TrainConfig:
     amp: str = _opt("none", "mixed precision: fp16 (CUDA, GradScaler) or bf16 (CPU and CUDA)",
                     choices=AMP_MODES)
     grad_clip: float | None = _opt(None, "clip the gradient norm to this value")
-    patience: int | None = _opt(None, "early stopping: epochs without a better valid accuracy")
+    select_metric: str = _opt("accuracy", "the validation score that picks each fold's best "
+                              "epoch (best.pt, oof.csv), stops it early (--patience) and sets "
+                              "the --full-fit length", choices=SELECT_METRICS)
+    patience: int | None = _opt(None, "early stopping: epochs without a better --select-metric")
     ema: bool = _opt(False, "keep an exponential moving average of the weights (timm ModelEmaV3)")
     ema_decay: float = _opt(0.999, "EMA decay per optimizer step")
     folds: int = _opt(5, "number of stratified folds")

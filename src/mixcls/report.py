@@ -28,6 +28,7 @@ from PIL import Image
 
 from mixcls import __version__, runs
 from mixcls.data import DataError, prob_columns, read_csv, read_image
+from mixcls.metrics import best_epoch_row
 from mixcls.tta import GRID_FILE, TTA_FILE
 
 REPORT_NAME = "report.html"
@@ -383,6 +384,8 @@ def _config_items(cfg: dict[str, Any], metrics: dict[str, Any]) -> list[tuple[st
         items.append(("folds grouped by", values["group_col"]))
     if values.get("train_only_col"):  # those rows trained every fold and are not in the CV
         items.append(("train-only rows flagged by", values["train_only_col"]))
+    if values.get("select_metric", "accuracy") != "accuracy":
+        items.append(("best epoch by", f"valid {values['select_metric']}"))
     return items
 
 
@@ -405,13 +408,18 @@ def _fold_rows(run: RunFiles) -> list[list[Any]]:
             continue
         history = run.histories.get(fold)
         best_epoch, epochs, seconds = "—", "—", "—"
-        if history is not None and "valid_accuracy" in history.columns:
-            best = history.loc[history["valid_accuracy"].idxmax()]
+        best = None if history is None else best_epoch_row(history, _select_metric(run))
+        if best is not None:
             best_epoch, epochs = int(best["epoch"]), len(history)
             if "seconds" in history.columns:
                 seconds = _duration(float(history["seconds"].sum()))
         rows.append([f"fold {fold}", int(counts.get(fold, 0)), float(accuracy), best_epoch, epochs, seconds])
     return rows
+
+
+def _select_metric(run: RunFiles) -> str:
+    """The run's --select-metric (accuracy for a run made before it existed)."""
+    return str(run.config.get("select_metric") or "accuracy")
 
 
 def _section_cv(run: RunFiles) -> str:
@@ -431,7 +439,8 @@ def _section_cv(run: RunFiles) -> str:
     overall = _table(["metric", "value", ""], summary, table_id="cv-summary", numeric=frozenset({1}))
     body = f'<div class="row"><div>{folds}</div><div>{overall}</div></div>'
     return _section("cv", "Cross-validation", body,
-                    intro="Each fold is scored by the model that never trained on it (best epoch); "
+                    intro="Each fold is scored by the model that never trained on it (its best "
+                          f"epoch by valid {_select_metric(run)}); "
                           "CV pools the out-of-fold predictions of all trained folds.")
 
 

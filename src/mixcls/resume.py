@@ -28,7 +28,7 @@ class FoldState:
 
     epoch: int = 0
     batch: int = 0
-    best_score: float = -1.0
+    best_score: float = float("-inf")  # higher is better (metrics.epoch_score)
     best_epoch: int = -1
     bad_epochs: int = 0
     history: list[dict[str, float]] = field(default_factory=list)

@@ -36,7 +36,7 @@ class FoldBoard:
         return lambda steps, lr: self.log_step(first_step + steps, lr)
 
     def log_epoch(self, row: dict[str, float]) -> None:
-        """A history.csv row: train/valid loss and accuracy, images per second."""
+        """A history.csv row: train/valid loss and accuracy, valid macro F1, images per second."""
         epoch = int(row["epoch"])
         for tag, key in EPOCH_TAGS.items():
             self.writer.add_scalar(tag, row[key], global_step=epoch)
@@ -55,6 +55,7 @@ class FoldBoard:
 
 EPOCH_TAGS = {"train/loss": "train_loss", "train/accuracy": "train_accuracy",
               "valid/loss": "valid_loss", "valid/accuracy": "valid_accuracy",
+              "valid/macro_f1": "valid_macro_f1",
               "train/images_per_s": "images_per_s"}
 
 

@@ -30,7 +30,7 @@ from mixcls.engine import (EpochStats, NonFiniteLossError, compile_seconds_so_fa
 from mixcls.fold_parts import FoldParts, build_fold_parts, weights_finite
 from mixcls.folds import folds_fingerprint
 from mixcls.losses import build_loss
-from mixcls.metrics import compute_metrics, merge_oof, oof_frame
+from mixcls.metrics import best_epoch_row, compute_metrics, epoch_score, macro_f1, merge_oof, oof_frame
 from mixcls.pseudo import PseudoTable
 from mixcls.resume import BatchLayout, FoldState, build_last_checkpoint, partial_stats, restore_checkpoint
 from mixcls.run_setup import (BatchPlan, FoldData, build_image_cache, check_run_settings,
@@ -100,12 +100,13 @@ def fit_fold(cfg: Config, data: FoldData, *, fold: int, fold_dir: Path, device: 
         else:  # the full-data model: no validation rows, its last epoch is the one kept
             probs, valid_loss = None, float("nan")
         _end_epoch(parts, state, _history_row(epoch, stats, valid_loss, probs, parts.valid_labels),
-                   probs, header=header, fold_dir=Path(fold_dir), is_main=ctx.is_main, board=board)
+                   probs, metric=cfg.train.select_metric, header=header, fold_dir=Path(fold_dir),
+                   is_main=ctx.is_main, board=board)
         log(f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs}: {_epoch_line(state.history[-1], stats)}")
         save_last(epoch=epoch + 1, batch=0)
         if _patience_spent(cfg.train.patience, state):
             log(f"fold {fold}: early stop after epoch {epoch + 1} "
-                f"({cfg.train.patience} epochs without a better valid accuracy)")
+                f"({cfg.train.patience} epochs without a better valid {cfg.train.select_metric})")
             break
     if board is not None and state.best_probs is not None:
         board.log_confusion(parts.valid_labels, state.best_probs, data.classes, state.best_epoch)
@@ -203,11 +204,12 @@ def _evaluate_fold(parts: FoldParts, *, device: torch.device, num_classes: int,
 
 def _history_row(epoch: int, stats: EpochStats, valid_loss: float, probs: np.ndarray | None,
                  valid_labels: np.ndarray) -> dict[str, float]:
-    """One row of history.csv; valid_accuracy is the score that picks the best epoch (NaN
-    without validation rows)."""
+    """One row of history.csv; its valid_* scores (NaN without validation rows) are what
+    --select-metric picks the best epoch by (metrics.SELECT_COLUMNS)."""
     accuracy = float((probs.argmax(1) == valid_labels).mean()) if probs is not None else float("nan")
+    f1 = macro_f1(valid_labels, probs) if probs is not None else float("nan")
     return {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-            "valid_loss": valid_loss, "valid_accuracy": accuracy,
+            "valid_loss": valid_loss, "valid_accuracy": accuracy, "valid_macro_f1": f1,
             "lr": stats.lr, "seconds": stats.seconds, "images_per_s": stats.images_per_s,
             "skipped_steps": stats.skipped_steps, "compile_seconds": stats.compile_seconds}
 
@@ -233,12 +235,13 @@ def _epoch_line(row: dict[str, float], stats: EpochStats) -> str:
 
 
 def _end_epoch(parts: FoldParts, state: FoldState, row: dict[str, float], probs: np.ndarray | None,
-               *, header: dict[str, Any], fold_dir: Path, is_main: bool,
+               *, metric: str, header: dict[str, Any], fold_dir: Path, is_main: bool,
                board: FoldBoard | None) -> None:
-    """History, best.pt and history.csv (rank 0) after an epoch's evaluation; without
-    validation (probs None) every epoch replaces best.pt, so it holds the last one."""
+    """History, best.pt and history.csv (rank 0) after an epoch's evaluation: best.pt is the
+    first epoch with the best `metric`; without validation (probs None) every epoch replaces
+    it, so it holds the last one."""
     state.history.append(row)
-    score = row["valid_accuracy"]
+    score = epoch_score(row, metric)
     if probs is None or score > state.best_score:
         state.best_score, state.best_epoch, state.bad_epochs, state.best_probs = \
             score, row["epoch"], 0, probs
@@ -396,8 +399,10 @@ def _write_summary(table: TrainTable, folds: np.ndarray, run_dir: Path, plan: Ba
 
 # ---------------------------------------------------------------- the full-data refit
 
-def full_fit_epochs(run_dir: Path, chosen: list[int], asked: int | None) -> int:
-    """`--full-fit-epochs`, else the median best epoch of the trained folds (rounded up).
+def full_fit_epochs(run_dir: Path, chosen: list[int], asked: int | None, *,
+                    metric: str = "accuracy") -> int:
+    """`--full-fit-epochs`, else the median best epoch (by `metric`) of the trained folds,
+    rounded up.
 
     The folds' best epochs are what validation chose; a model on every row has no validation
     of its own, so it trains for the typical length the folds found best.
@@ -407,7 +412,7 @@ def full_fit_epochs(run_dir: Path, chosen: list[int], asked: int | None) -> int:
     best = []
     for fold in chosen:
         history = pd.read_csv(run_dir / f"fold_{fold}" / "history.csv")
-        best.append(int(history.loc[history["valid_accuracy"].idxmax(), "epoch"]))
+        best.append(int(best_epoch_row(history, metric)["epoch"]))
     return int(np.ceil(np.median(best)))
 
 
@@ -416,7 +421,8 @@ def _fit_full(cfg: Config, table: TrainTable, run_dir: Path, metrics: dict[str, 
               resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """One more model on every training row (keep == 1), saved as RUN/full/best.pt."""
     chosen = metrics["folds_trained"]
-    epochs = dist.run_on_main(lambda: full_fit_epochs(run_dir, chosen, cfg.train.full_fit_epochs))
+    epochs = dist.run_on_main(lambda: full_fit_epochs(run_dir, chosen, cfg.train.full_fit_epochs,
+                                                      metric=cfg.train.select_metric))
     full_dir = run_dir / FULL_DIR
     history = full_dir / "history.csv"
     if resume and dist.run_on_main(lambda: history.is_file() and len(pd.read_csv(history)) >= epochs):
