@@ -60,7 +60,26 @@ def test_memory_final_line_matches_the_table(capsys):
         assert params + grads + optim + act == pytest.approx(peak, abs=0.25)  # 4 roundings
 
 
+@pytest.mark.slow
+def test_memory_with_checkpointing_both_ways_reports_the_saving_from_the_table(capsys):
+    memory_bench = load_benchmark("memory")
+    code = memory_bench.main(["--model", "resnet18", "--img-size", "96", "--num-classes", "5",
+                              "--batch", "8", "--amp", "none", "--accum", "", "--limit-mib", "0",
+                              "--grad-checkpointing", "both"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    pairs = dict(item.split("=", 1) for item in lines[-1].split())
+    assert sorted(pairs) == ["activations_saved_pct_b8_fp32", "peak_mib_b8_fp32", "peak_mib_b8_fp32_ckpt"]
+    rows = _table_rows(lines)
+    assert sorted(rows) == ["8", "8 ckpt"]
+    act, act_ckpt = rows["8"][4], rows["8 ckpt"][4]
+    assert float(pairs["activations_saved_pct_b8_fp32"]) == pytest.approx(
+        100 * (1 - act_ckpt / act), abs=0.5)  # the table's act+work, rounded to 0.1 MiB
+    assert float(pairs["peak_mib_b8_fp32_ckpt"]) == pytest.approx(rows["8 ckpt"][5], abs=0.05)
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--model", "mixcls_cnn_tiny", "--grad-checkpointing", "on"], "has no gradient checkpointing"),
     (["--amp", "none,fp8"], "fp8"),
     (["--accum", "8y8"], "8y8"),
     (["--batch", "1,4"], ">= 2"),

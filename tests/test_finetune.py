@@ -16,7 +16,7 @@ from conftest import write_tiny_dataset
 from mixcls.cli import main
 from mixcls.config import ModelConfig, OptimConfig, SchedConfig
 from mixcls.engine import unwrap_model
-from mixcls.models import ModelError, build_model, check_finetune_settings
+from mixcls.models import ModelError, build_model, check_model_options
 from mixcls.optim import OptimError, build_optimizer, build_scheduler
 from mixcls.runs import load_checkpoint
 
@@ -149,7 +149,7 @@ def test_layer_decay_without_a_group_matcher_is_refused_naming_the_model():
         build_optimizer(model, OptimConfig(layer_decay=0.7))
     with pytest.raises(OptimError, match="head_lr_mult: Sequential has no get_classifier"):
         build_optimizer(model, OptimConfig(head_lr_mult=3.0))
-    check_finetune_settings(ModelConfig(name="mixcls_cnn_tiny", freeze_epochs=1), layer_decay=0.7,
+    check_model_options(ModelConfig(name="mixcls_cnn_tiny", freeze_epochs=1), layer_decay=0.7,
                             head_lr_mult=2.0)  # mixcls's own CNNs have both
 
 

@@ -92,6 +92,10 @@ class ModelConfig:
                               "(the body's weights and BatchNorm statistics stay as loaded)")
     freeze_bn: bool = _opt(False, "keep every BatchNorm layer in eval mode (running statistics "
                            "frozen): the usual fix for small batches when fine-tuning")
+    grad_checkpointing: bool = _opt(False, "recompute the model's blocks in the backward pass "
+                                    "instead of keeping their activations (timm's "
+                                    "set_grad_checkpointing): less memory per image, one more "
+                                    "forward pass per step")
 
 
 @dataclass

@@ -11,9 +11,9 @@ import dataclasses
 import re
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -213,6 +213,22 @@ def set_train_mode(model: nn.Module, *, bn_eval: Sequence[nn.Module] = ()) -> No
         module.eval()
 
 
+@contextmanager
+def _running_stats_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """The BatchNorm running statistics of `modules` as they were on entry, once the block ends.
+
+    A checkpointed segment's forward runs again inside backward(), in training mode, so each
+    of its BatchNorm layers would take a second momentum update from the same batch (timm and
+    torch.utils.checkpoint leave this to the caller). The buffers are small: a copy per layer.
+    """
+    saved = [(buffer, buffer.clone()) for m in modules
+             for buffer in (m.running_mean, m.running_var, m.num_batches_tracked) if buffer is not None]
+    yield
+    with torch.no_grad():
+        for buffer, value in saved:
+            buffer.copy_(value)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The bare model inside torch.compile's and DistributedDataParallel's wrappers."""
     model = getattr(model, "_orig_mod", model)
@@ -250,6 +266,7 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
                     amp_dtype: torch.dtype | None = None, grad_clip: float | None = None,
                     ema: nn.Module | None = None, channels_last: bool = False,
                     bn_eval: Sequence[nn.Module] = (),
+                    recomputed_bn: Sequence[nn.Module] = (),
                     device_augment: DeviceColour | DeviceAugment | None = None,
                     start_batch: int = 0, n_batches: int | None = None,
                     start_stats: EpochStats | None = None,
@@ -259,6 +276,9 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
 
     `n_batches` is the epoch's full length when `loader` yields only the remaining batches, and
     `start_stats` the sums of the batches done before the resume (the result includes them).
+    `recomputed_bn` are BatchNorm layers that the backward pass runs again (gradient
+    checkpointing): their running statistics are put back after each backward, so they hold the
+    forward pass's one update per micro-batch, as without checkpointing.
     `on_step(i, stats)` runs after each optimizer step with the index of the last micro-batch
     and the sums so far (batch `i` included; call `stats.settle()` before reading `loss_sum`
     or `correct`). A NaN or infinite loss raises NonFiniteLossError naming its batch when the
@@ -285,7 +305,7 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
             logits = model(images)
             loss = loss_fn(logits, soft_targets, *(() if weights is None else (weights,)))
         scaled = loss / group_size(i, n_batches, accum_steps)
-        with _no_sync(model, sync=step):
+        with _no_sync(model, sync=step), _running_stats_kept(recomputed_bn):
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         sums.add(i, loss, logits, soft_targets)
         stats.images += images.shape[0]

@@ -467,14 +467,15 @@ def _parse_accum(item: str) -> tuple[int, int]:
 
 
 def parse_memory_settings(*, batch: str, amp: str, accum: str, img_size: int, num_classes: int,
-                          model: str, device: str
+                          model: str, device: str, grad_checkpointing: bool = False
                           ) -> tuple[list[int], list[str], list[tuple[int, int]], str]:
     """(batch sizes, AMP modes, (micro_batch, accum_steps) pairs, device) from the text of the
     memory flags (--batch "8,16", --amp "none,bf16", --accum "8x8", --device "auto"), checked
-    before any measuring; ConfigError names the flag. `mixcls explain memory` and
-    benchmarks/memory.py both use it."""
+    before any measuring; ConfigError names the flag, ModelError a model without the gradient
+    checkpointing asked for. `mixcls explain memory` and benchmarks/memory.py both use it."""
+    from mixcls.config import ModelConfig
     from mixcls.devices import resolve_device
-    from mixcls.models import check_model_name  # registers mixcls's own CNNs with timm
+    from mixcls.models import check_model_name, check_model_options  # registers mixcls's CNNs
 
     batches = parse_numbers(batch, "--batch", int)
     amps = [a.strip() for a in amp.split(",") if a.strip()]
@@ -488,6 +489,9 @@ def parse_memory_settings(*, batch: str, amp: str, accum: str, img_size: int, nu
         raise ConfigError(f"--img-size ({img_size}) must be >= 8 and --num-classes "
                           f"({num_classes}) >= 2")
     check_model_name(model)
+    if grad_checkpointing:
+        check_model_options(ModelConfig(name=model, grad_checkpointing=True), layer_decay=None,
+                            head_lr_mult=1.0)
     resolved = resolve_device(device)
     if resolved.type not in ("cpu", "cuda"):  # what measuring supports
         raise ConfigError(f"--device: {device!r} is not auto, cpu, cuda or cuda:N")

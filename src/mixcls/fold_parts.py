@@ -18,7 +18,8 @@ from mixcls.data import ImageDataset
 from mixcls.devices import amp_setup
 from mixcls.distributed import DistContext
 from mixcls.device_augment import DeviceAugment, build_train_augment
-from mixcls.models import batchnorm_modules, build_model, model_mean_std, set_body_trainable
+from mixcls.models import (batchnorm_modules, build_model, enable_grad_checkpointing, model_mean_std,
+                           set_body_trainable)
 from mixcls.optim import build_optimizer, build_scheduler
 from mixcls.resume import Trainables
 from mixcls.run_setup import FoldData, build_mixer, build_training_loss
@@ -48,6 +49,9 @@ class FoldParts:
     compile: bool = False
     freeze_epochs: int = 0
     freeze_bn: bool = False
+    # --grad-checkpointing: the BatchNorm layers whose running statistics each backward pass
+    # would update a second time (engine.train_one_epoch restores them)
+    recomputed_bn: tuple[nn.Module, ...] = ()
     train_model: nn.Module | None = None
     head_only: bool | None = None  # the phase train_model was built for
     _compiled_eval: dict[int, nn.Module] = field(default_factory=dict)
@@ -86,10 +90,13 @@ def build_fold_parts(cfg: Config, data: FoldData, *, fold: int, device: torch.de
     initial weights are the same in every run and on every rank. `log` hears which
     pretrained weights were loaded."""
     model = build_model(cfg.model, data.num_classes, log=log).to(device)
+    if cfg.model.grad_checkpointing:  # training only: predict builds the model without it
+        enable_grad_checkpointing(model, cfg.model.name)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if ctx.world_size > 1 and cfg.train.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    recomputed_bn = tuple(batchnorm_modules(model)) if cfg.model.grad_checkpointing else ()
     mean, std = model_mean_std(model)
     # `mean` only colours the cassava preset's cutout
     train_transform, device_augment = build_train_augment(
@@ -117,7 +124,8 @@ def build_fold_parts(cfg: Config, data: FoldData, *, fold: int, device: torch.de
     return FoldParts(Trainables(model, ema, optimizer, scheduler, scaler), amp_dtype, sampler,
                      train_loader, valid_loader, n_batches, loss_fn, mixer, data.valid_labels,
                      Normalizer(mean, std), device_augment, wrap, compile=cfg.model.compile,
-                     freeze_epochs=cfg.model.freeze_epochs, freeze_bn=cfg.model.freeze_bn)
+                     freeze_epochs=cfg.model.freeze_epochs, freeze_bn=cfg.model.freeze_bn,
+                     recomputed_bn=recomputed_bn)
 
 
 def _build_loaders(cfg: Config, data: FoldData, train_transform: Callable, *, fold: int,

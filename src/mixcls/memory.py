@@ -65,6 +65,7 @@ class MemoryResult:
     process_peak_mb: float
     seconds: float
     oom: bool = False
+    grad_checkpointing: bool = False
 
     @property
     def effective_batch(self) -> int:
@@ -72,21 +73,24 @@ class MemoryResult:
 
     @property
     def label(self) -> str:
-        """Short name of the setting for tables and plots: '64', '8x8', '32 bf16'."""
+        """Short name of the setting for tables and plots: '64', '8x8', '32 bf16', '32 ckpt'."""
         name = str(self.micro_batch) if self.accum_steps == 1 else f"{self.micro_batch}x{self.accum_steps}"
-        return name if self.amp == "none" else f"{name} {self.amp}"
+        name = name if self.amp == "none" else f"{name} {self.amp}"
+        return f"{name} ckpt" if self.grad_checkpointing else name
 
 
 def measure_step(model_name: str, img_size: int, *, num_classes: int, micro_batch: int,
                  accum_steps: int = 1, amp: str = "none", device: str = "cpu", seed: int = 0,
-                 timeout_s: float = 600.0) -> MemoryResult:
-    """Measure one step (accum_steps micro-batches of micro_batch images, one AdamW step)."""
+                 grad_checkpointing: bool = False, timeout_s: float = 600.0) -> MemoryResult:
+    """Measure one step (accum_steps micro-batches of micro_batch images, one AdamW step), with
+    the model's gradient checkpointing on when `grad_checkpointing`."""
     _check_setting(img_size=img_size, num_classes=num_classes, micro_batch=micro_batch,
                    accum_steps=accum_steps, amp=amp)
     spec = {"model": model_name, "img_size": img_size, "num_classes": num_classes,
             "micro_batch": micro_batch, "accum_steps": accum_steps, "amp": amp,
-            "device": device, "seed": seed}
-    what = f"{model_name} at {img_size} px, batch {micro_batch}x{accum_steps}, amp {amp}, {device}"
+            "device": device, "seed": seed, "grad_checkpointing": grad_checkpointing}
+    what = (f"{model_name} at {img_size} px, batch {micro_batch}x{accum_steps}, amp {amp}, {device}"
+            + (", gradient checkpointing" if grad_checkpointing else ""))
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-c", _CHILD_CODE, json.dumps(spec)],
@@ -109,6 +113,7 @@ def measure_step(model_name: str, img_size: int, *, num_classes: int, micro_batc
 def measure_memory(model_name: str, img_size: int, *, num_classes: int,
                    batch_sizes: Sequence[int], amp_modes: Sequence[str] = ("none",),
                    accum: Sequence[tuple[int, int]] = (), device: str = "cpu", seed: int = 0,
+                   grad_checkpointing: bool = False,
                    log: Callable[[str], None] | None = None) -> list[MemoryResult]:
     """Each batch size, then each (micro_batch, accum_steps) pair, under each amp mode.
 
@@ -124,7 +129,7 @@ def measure_memory(model_name: str, img_size: int, *, num_classes: int,
         for micro_batch, steps in settings:
             result = measure_step(model_name, img_size, num_classes=num_classes,
                                   micro_batch=micro_batch, accum_steps=steps, amp=amp,
-                                  device=device, seed=seed)
+                                  device=device, seed=seed, grad_checkpointing=grad_checkpointing)
             if log is not None:
                 peak = "out of memory" if result.oom else f"peak {result.peak_mb:.1f} MiB"
                 log(f"{result.label}: {peak} ({result.seconds:.0f} s)")
@@ -135,7 +140,7 @@ def measure_memory(model_name: str, img_size: int, *, num_classes: int,
 def find_max_batch(model_name: str, img_size: int, *, num_classes: int, budget_mb: float | None,
                    device: str = "cpu", amp: str = "none",
                    candidates: Sequence[int] = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-                   seed: int = 0) -> int:
+                   seed: int = 0, grad_checkpointing: bool = False) -> int:
     """The largest candidate micro-batch whose measured step peak_mb is at most budget_mb.
 
     Binary search over the sorted candidates, which assumes the peak grows with the batch
@@ -154,7 +159,8 @@ def find_max_batch(model_name: str, img_size: int, *, num_classes: int, budget_m
     while low <= high:
         mid = (low + high) // 2
         result = measure_step(model_name, img_size, num_classes=num_classes,
-                              micro_batch=ordered[mid], amp=amp, device=device, seed=seed)
+                              micro_batch=ordered[mid], amp=amp, device=device, seed=seed,
+                              grad_checkpointing=grad_checkpointing)
         if mid == 0:
             smallest_peak = result.peak_mb
         if not result.oom and result.peak_mb <= budget_mb:
@@ -230,7 +236,7 @@ def _oom_result(spec: dict, seconds: float) -> MemoryResult:
                         amp=spec["amp"], micro_batch=spec["micro_batch"],
                         accum_steps=spec["accum_steps"], params_mb=nan, grads_mb=nan,
                         optimizer_mb=nan, activations_mb=nan, peak_mb=nan, process_peak_mb=nan,
-                        seconds=seconds, oom=True)
+                        seconds=seconds, oom=True, grad_checkpointing=spec["grad_checkpointing"])
 
 
 def _child_env() -> dict[str, str]:
@@ -238,6 +244,11 @@ def _child_env() -> dict[str, str]:
     # A fixed mmap threshold makes glibc hand every large free back to the OS at once, so the
     # resident set follows the live tensors instead of glibc's heap (which it keeps).
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    # Not the trainer's heap tuning (mixcls.heap): a heap that keeps freed pages would hold the
+    # warm-up step's memory, which the measured step then re-uses below the baseline, by an
+    # amount that varies from child to child (resnet18, 96 px, batch 16: act+work 33.7 to 37.9
+    # MiB over three children with it, the same to 0.1 MiB without).
+    env["MIXCLS_KEEP_HEAP"] = "0"
     src = str(Path(__file__).resolve().parents[1])  # the child imports this same mixcls
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     return env
@@ -248,8 +259,6 @@ def _child_env() -> dict[str, str]:
 
 def _child_main(spec_json: str) -> None:
     """Entry point of the child: measure the step described by spec_json, print the result."""
-    from mixcls.heap import keep_freed_memory
-    keep_freed_memory()  # the allocator as the trainer's process runs it (mixcls.heap)
     import torch
 
     spec = json.loads(spec_json)
@@ -261,19 +270,22 @@ def _child_main(spec_json: str) -> None:
 
 
 def _measure_in_process(*, model: str, img_size: int, num_classes: int, micro_batch: int,
-                        accum_steps: int, amp: str, device: str, seed: int) -> dict:
+                        accum_steps: int, amp: str, device: str, seed: int,
+                        grad_checkpointing: bool) -> dict:
     import gc
 
     import timm
     import torch
 
-    from mixcls.models import register_models
+    from mixcls.models import enable_grad_checkpointing, register_models
 
     register_models()  # mixcls_cnn_* by name in this child process too
 
     torch.manual_seed(seed)
     dev = torch.device(device)
     net = timm.create_model(model, num_classes=num_classes, pretrained=False).to(dev).train()
+    if grad_checkpointing:
+        enable_grad_checkpointing(net, model)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     # fp16: the loss scale does not change the memory; a scale of 1 keeps a step on random
@@ -300,7 +312,7 @@ def _measure_in_process(*, model: str, img_size: int, num_classes: int, micro_ba
     peak = params + state_before + step_peak
     return {"model": model, "img_size": img_size, "device": device, "amp": amp,
             "micro_batch": micro_batch, "accum_steps": accum_steps,
-            "params_mb": params / _MIB, "grads_mb": grads / _MIB, "optimizer_mb": state / _MIB,
+            "grad_checkpointing": grad_checkpointing, "params_mb": params / _MIB, "grads_mb": grads / _MIB, "optimizer_mb": state / _MIB,
             "activations_mb": (peak - params - grads - state) / _MIB, "peak_mb": peak / _MIB,
             "process_peak_mb": process_peak / _MIB}
 

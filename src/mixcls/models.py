@@ -246,17 +246,33 @@ def batchnorm_modules(model: nn.Module, *, body_only: bool = False) -> list[nn.M
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in head]
 
 
-def check_finetune_settings(cfg: ModelConfig, *, layer_decay: float | None,
-                            head_lr_mult: float) -> None:
-    """ModelError before any work when the model lacks what the fine-tuning options need: a
-    classifier (`get_classifier`) for --freeze-epochs / --head-lr-mult, timm's group_matcher
-    for --layer-decay. The model is built on the meta device: no weights, no time."""
+def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
+    """timm's `set_grad_checkpointing(True)`; ModelError naming the model when it has none (or,
+    as some timm models do, asserts that it cannot)."""
+    setter = getattr(model, "set_grad_checkpointing", None)
+    try:
+        if setter is None:
+            raise AssertionError
+        setter(True)
+    except AssertionError:
+        raise ModelError(f"model {name!r} has no gradient checkpointing (timm's "
+                         "set_grad_checkpointing); unset --grad-checkpointing for it") from None
+
+
+def check_model_options(cfg: ModelConfig, *, layer_decay: float | None,
+                        head_lr_mult: float) -> None:
+    """ModelError before any work when the model lacks what an option needs: a classifier
+    (`get_classifier`) for --freeze-epochs / --head-lr-mult, timm's group_matcher for
+    --layer-decay, set_grad_checkpointing for --grad-checkpointing. The model is built on the
+    meta device: no weights, no time."""
     needs_head = cfg.freeze_epochs > 0 or head_lr_mult != 1.0
-    if not needs_head and layer_decay is None:
+    if not needs_head and layer_decay is None and not cfg.grad_checkpointing:
         return
     register_models()
     with torch.device("meta"):
         model = timm.create_model(cfg.name, pretrained=False, num_classes=2)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model, cfg.name)
     if needs_head and not hasattr(model, "get_classifier"):
         raise ModelError(f"model {cfg.name!r} has no get_classifier(); --freeze-epochs and "
                          "--head-lr-mult need a classifier head")

@@ -27,7 +27,7 @@ from mixcls.distributed import check_distributed_options
 from mixcls.folds import empty_folds, find_split_groups, make_folds
 from mixcls.image_cache import ImageCache
 from mixcls.losses import build_loss
-from mixcls.models import (ModelError, build_model, check_compile, check_finetune_settings,
+from mixcls.models import (ModelError, build_model, check_compile, check_model_options,
                            check_model_name, check_pretrained_available)
 from mixcls.runs import (RunError, atomic_write_csv, atomic_write_json, atomic_write_text,
                          check_writable, read_json, remove_stale_temporaries)
@@ -298,8 +298,8 @@ def check_run_settings(cfg: Config, device: torch.device, *, world_size: int) ->
     the distributed options, the batch split and the TensorBoard package."""
     amp_setup(cfg.train.amp, device)
     check_model_name(cfg.model.name)
-    check_finetune_settings(cfg.model, layer_decay=cfg.optim.layer_decay,
-                            head_lr_mult=cfg.optim.head_lr_mult)
+    check_model_options(cfg.model, layer_decay=cfg.optim.layer_decay,
+                        head_lr_mult=cfg.optim.head_lr_mult)
     if cfg.model.compile:
         check_compile(device)
     if cfg.model.pretrained_file:
@@ -351,7 +351,8 @@ def _plan_auto_batch(cfg: Config, num_classes: int, device: torch.device,
     """(micro-batch, accumulation steps) from the largest micro-batch that fits on `device`."""
     from mixcls.memory import find_max_batch, plan_batch
     micro = find_max_batch(cfg.model.name, cfg.data.img_size, num_classes=num_classes,
-                           budget_mb=cfg.train.max_memory_mb, device=str(device), amp=cfg.train.amp)
+                           budget_mb=cfg.train.max_memory_mb, device=str(device), amp=cfg.train.amp,
+                           grad_checkpointing=cfg.model.grad_checkpointing)
     effective = cfg.train.effective_batch or micro
     batch, accum = plan_batch(effective, micro)
     log(f"batch size auto: micro-batch {batch} x {accum} accumulation steps "

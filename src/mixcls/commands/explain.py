@@ -64,6 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--accum", default="",
                    help="comma-separated MICROxSTEPS, e.g. 8x8 (micro-batch 8, 8 accumulation steps)")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    q.add_argument("--grad-checkpointing", action="store_true",
+                   help="measure with the model's gradient checkpointing on (train --grad-checkpointing)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True, help="picture file (.png, .svg, .pdf)")
     q.set_defaults(func=run_memory)
@@ -120,11 +122,14 @@ def run_memory(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
     batches, amps, accum, device = explain.parse_memory_settings(
         batch=args.batch, amp=args.amp, accum=args.accum, img_size=args.img_size,
-        num_classes=args.num_classes, model=args.model, device=args.device)
+        num_classes=args.num_classes, model=args.model, device=args.device,
+        grad_checkpointing=args.grad_checkpointing)
     results = measure_memory(args.model, args.img_size, num_classes=args.num_classes,
                              batch_sizes=batches, amp_modes=amps, accum=accum, device=device,
-                             seed=args.seed, log=lambda line: print(line, flush=True))
-    print(f"{args.model} at {args.img_size} px on {device}, one training step, MiB:")
+                             seed=args.seed, grad_checkpointing=args.grad_checkpointing,
+                             log=lambda line: print(line, flush=True))
+    checkpointing = ", gradient checkpointing" if args.grad_checkpointing else ""
+    print(f"{args.model} at {args.img_size} px on {device}{checkpointing}, one training step, MiB:")
     print(format_memory_table(results))
     runs.atomic_save_figure(explain.plot_memory(results), out)
     print(f"wrote {out}")
