@@ -85,7 +85,7 @@ def test_a_run_with_checkpointing_is_the_run_without(tmp_path):
         assert main(["train", "--data", str(data), "--out", str(out), *BASE, *extra]) == 0
         runs[name] = out
     a, b = (pd.read_csv(runs[n] / "oof.csv") for n in ("plain", "ckpt"))
-    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
     for fold in range(2):
         best_a, best_b = (load_checkpoint(runs[n] / f"fold_{fold}" / "best.pt")["model"]
                           for n in ("plain", "ckpt"))
