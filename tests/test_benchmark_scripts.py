@@ -19,7 +19,8 @@ MODEL, IMG_SIZE, NUM_CLASSES, BATCHES = "mixcls_cnn_tiny", 16, 3, (2, 4)
 
 
 def _table_rows(lines: list[str]) -> dict[str, list[float]]:
-    """Rows of format_memory_table: label -> [eff.batch, params, grads, optim, act+work, peak, ...]."""
+    """Rows of format_memory_table: label -> [eff.batch, params, grads, optim, act+work, peak,
+    process, seconds, step s]."""
     start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["setting", "eff.batch"])
     assert set(lines[start + 1]) == {"-"}
     rows = {}
@@ -27,8 +28,8 @@ def _table_rows(lines: list[str]) -> dict[str, list[float]]:
         if not line.strip():
             break
         tokens = line.split()
-        label = " ".join(tokens[:-8])
-        rows[label] = [float(t) for t in tokens[-8:]]
+        label = " ".join(tokens[:-9])
+        rows[label] = [float(t) for t in tokens[-9:]]
     return rows
 
 

@@ -48,7 +48,8 @@ class MemoryResult:
     on the device. process_peak_mb is the whole process (CPU: with the Python and library
     code; CUDA: the allocator's reserved peak), for context. `oom` is True when the step ran
     out of memory (CUDA out-of-memory error, or the child killed by the OS); the sizes are then
-    NaN.
+    NaN. `seconds` is the whole child process (start-up, warm-up step); `step_seconds` the
+    measured step alone, one sample of the step time.
     """
 
     model: str
@@ -66,6 +67,7 @@ class MemoryResult:
     seconds: float
     oom: bool = False
     grad_checkpointing: bool = False
+    step_seconds: float = float("nan")  # the measured step alone (seconds: the whole child)
 
     @property
     def effective_batch(self) -> int:
@@ -207,7 +209,7 @@ def default_budget_mb(device: str) -> float:
 def format_memory_table(results: Sequence[MemoryResult]) -> str:
     """A plain-text table, one row per setting, sizes in MiB."""
     head = (f"{'setting':>12} {'eff.batch':>9} {'params':>8} {'grads':>8} {'optim':>8} "
-            f"{'act+work':>9} {'peak':>8} {'process':>8} {'seconds':>8}")
+            f"{'act+work':>9} {'peak':>8} {'process':>8} {'seconds':>8} {'step s':>7}")
     rows = [head, "-" * len(head)]
     for r in results:
         if r.oom:
@@ -215,7 +217,7 @@ def format_memory_table(results: Sequence[MemoryResult]) -> str:
             continue
         rows.append(f"{r.label:>12} {r.effective_batch:>9} {r.params_mb:>8.1f} {r.grads_mb:>8.1f} "
                     f"{r.optimizer_mb:>8.1f} {r.activations_mb:>9.1f} {r.peak_mb:>8.1f} "
-                    f"{r.process_peak_mb:>8.1f} {r.seconds:>8.1f}")
+                    f"{r.process_peak_mb:>8.1f} {r.seconds:>8.1f} {r.step_seconds:>7.2f}")
     return "\n".join(rows)
 
 
@@ -300,8 +302,10 @@ def _measure_in_process(*, model: str, img_size: int, num_classes: int, micro_ba
 
     state_before = _state_bytes(optimizer)
     baseline = _reset_peak(dev)
+    start = time.perf_counter()
     _train_step(net, optimizer, scaler, micro_batch=micro_batch, accum_steps=accum_steps,
                 img_size=img_size, num_classes=num_classes, amp=amp, generator=generator)
+    step_seconds = time.perf_counter() - start  # _train_step synchronises a CUDA device
     step_peak, process_peak = _read_peak(dev, baseline)
 
     params = sum(p.numel() * p.element_size() for p in net.parameters())
@@ -314,7 +318,7 @@ def _measure_in_process(*, model: str, img_size: int, num_classes: int, micro_ba
             "micro_batch": micro_batch, "accum_steps": accum_steps,
             "grad_checkpointing": grad_checkpointing, "params_mb": params / _MIB, "grads_mb": grads / _MIB, "optimizer_mb": state / _MIB,
             "activations_mb": (peak - params - grads - state) / _MIB, "peak_mb": peak / _MIB,
-            "process_peak_mb": process_peak / _MIB}
+            "process_peak_mb": process_peak / _MIB, "step_seconds": step_seconds}
 
 
 def _state_bytes(optimizer) -> int:
