@@ -12,6 +12,9 @@ together the same 8 rows as step s of the single process (18 rows, 2 batches, th
 dropped), each row's augmentation depends only on its seed, and DDP averages the two half-batch
 mean gradients = the mean over 8. What differs is float32 summation order (all-reduce vs one
 sum), ~1e-7 relative per step.
+
+The two-rank run also recomputes its blocks in the backward pass (--grad-checkpointing, timm's
+non-reentrant checkpointing under DDP), which must change none of the numbers.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def runs(tmp_path_factory):
             mp.setenv(name, value)
         mp.setattr(train_command.subprocess, "call", call_and_capture)
         code = main(["train", "--nproc", "2", "--data", str(data), "--out", str(ddp), *FLAGS,
-                     "--batch-size", "4"])
+                     "--batch-size", "4", "--grad-checkpointing"])
     (cmd, done), = launched
     assert code == 0, done.stdout + done.stderr
     return single, ddp, _events(logs, ddp), cmd, done

@@ -249,7 +249,7 @@ def _child_env() -> dict[str, str]:
     # Not the trainer's heap tuning (mixcls.heap): a heap that keeps freed pages would hold the
     # warm-up step's memory, which the measured step then re-uses below the baseline, by an
     # amount that varies from child to child (resnet18, 96 px, batch 16: act+work 33.7 to 37.9
-    # MiB over three children with it, the same to 0.1 MiB without).
+    # MiB over three children with it, within 0.2 MiB of each other without).
     env["MIXCLS_KEEP_HEAP"] = "0"
     src = str(Path(__file__).resolve().parents[1])  # the child imports this same mixcls
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
