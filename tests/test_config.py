@@ -31,7 +31,7 @@ def test_flags_override_yaml(tmp_path):
 @pytest.mark.parametrize("values, words", [
     ({"learning_rate": 1}, ["learning_rate"]),
     ({"amp": "fp8"}, ["amp", "fp8", "bf16"]),
-    ({"optimizer": "lamb"}, ["optimizer", "adamw"]),
+    ({"optimizer": "lbfgs"}, ["optimizer", "adamw", "lamb"]),
     ({"epochs": "ten"}, ["epochs", "ten"]),
     ({"epochs": 0}, ["epochs", ">= 1"]),
     ({"mix_prob": 1.5}, ["mix_prob"]),
@@ -84,7 +84,8 @@ def test_choice_lists_are_the_registries_names():
         opt = optim.build_optimizer(model, cfg.optim)
         optim.build_scheduler(opt, cfg.sched, steps_per_epoch=3, epochs=2)
     with pytest.raises(ValueError, match="unknown optimizer"):
-        optim.build_optimizer(model, config.OptimConfig(name="lion"))
+        optim.build_optimizer(model, config.OptimConfig(name="lbfgs"))
+    assert sorted(config.OPTIMIZERS) == sorted(("adamw", "adam", "sgd") + optim.TIMM_OPTIMIZERS)
     for name in config.AMP_MODES:
         amp_dtype(name, torch.device("cuda"))  # every listed name is known (on CUDA fp16 is allowed)
     with pytest.raises(ConfigError, match="not one of"):

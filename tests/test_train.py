@@ -367,3 +367,12 @@ def test_batch_size_global_sets_the_micro_batch_and_is_logged(tmp_path, capsys):
            "2 optimizer steps per epoch" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["batch_size"], metrics["accum_steps"], metrics["global_batch"]) == (4, 2, 8)
+
+
+def test_a_timm_optimizer_trains_a_run_and_is_recorded(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data", n_per_class=6)
+    out = train(data, tmp_path / "run", "--folds", "2", "--epochs", "2", "--optimizer", "lookahead_radam")
+    cfg = config_from_flat(yaml.safe_load((out / "config.yaml").read_text()))
+    assert cfg.optim.name == "lookahead_radam"
+    history = pd.read_csv(out / "fold_0" / "history.csv")
+    assert np.isfinite(history["train_loss"]).all() and (out / "oof.csv").is_file()

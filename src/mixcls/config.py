@@ -32,7 +32,9 @@ def _opt(default: Any, help: str, *, choices: list[str] | None = None, key: str 
 # metrics.SELECT_COLUMNS).
 PRESETS = ["light", "cassava", "digits", "none"]
 AMP_MODES = ["none", "bf16", "fp16"]
-OPTIMIZERS = ["adamw", "adam", "sgd"]
+# torch's own for the first three; the rest through timm's optimizer factory (optim.TIMM_OPTIMIZERS)
+OPTIMIZERS = ["adamw", "adam", "sgd", "radam", "nadamw", "lamb", "lion", "adan", "madgrad",
+              "adabelief", "adamp", "sgdp", "lookahead_adamw", "lookahead_radam"]
 SCHEDULERS = ["cosine", "cosine_restarts", "onecycle", "constant"]
 LOSSES = ["ce", "label_smoothing", "bi_tempered", "symmetric_ce", "taylor_ce", "focal"]
 TTA_VIEWS = ["orig", "hflip", "vflip", "transpose", "rot90", "rot180", "rot270", "transverse", "zoom"]
@@ -103,7 +105,8 @@ class OptimConfig:
     name: str = _opt("adamw", "optimizer", choices=OPTIMIZERS, key="optimizer")
     lr: float | str = _opt(1e-3, "peak learning rate, or 'auto' (mixcls train runs the lr range "
                            "test on fold 0's training rows first and trains with its suggestion)")
-    weight_decay: float = _opt(1e-2, "decoupled weight decay (adamw) or L2 (adam, sgd)")
+    weight_decay: float = _opt(1e-2, "weight decay, by the optimizer's own rule: decoupled in "
+                               "adamw, L2 in adam and sgd (timm's optimizers: see timm.optim)")
     momentum: float = _opt(0.9, "SGD momentum")
     head_lr_mult: float = _opt(1.0, "the classifier head's learning rate is this times lr")
     layer_decay: float | None = _opt(None, "layer-wise lr decay: layer l of L trains at "

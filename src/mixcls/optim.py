@@ -11,12 +11,19 @@ from torch import nn
 from mixcls.config import OptimConfig, SchedConfig
 
 
+# Built by timm.optim.create_optimizer_v2 from the same parameter groups as torch's three: a
+# `lookahead_` prefix wraps the base optimizer in timm's Lookahead (Zhang et al. 2019).
+TIMM_OPTIMIZERS = ("radam", "nadamw", "lamb", "lion", "adan", "madgrad", "adabelief", "adamp",
+                   "sgdp", "lookahead_adamw", "lookahead_radam")
+
+
 class OptimError(ValueError):
     """An optimizer setting the model cannot follow; the message names the key and the model."""
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW / Adam / SGD; biases and norm weights get no weight decay (timm's grouping).
+    """AdamW / Adam / SGD (torch's), or one of TIMM_OPTIMIZERS (timm's factory); biases and
+    norm weights get no weight decay (timm's grouping).
 
     Every group's lr is `cfg.lr * group["lr_scale"]`: the scale is 1 unless `cfg.layer_decay`
     (timm's layer groups, layer l of L at D^(L - l)) or `cfg.head_lr_mult` (the classifier's
@@ -37,7 +44,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         return torch.optim.Adam(groups, lr=cfg.lr)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    raise ValueError(f"unknown optimizer {cfg.name!r}; use adamw, adam or sgd")
+    if cfg.name in TIMM_OPTIMIZERS:
+        from timm.optim import create_optimizer_v2
+
+        # the groups carry their own weight decay; momentum reaches only those that take it
+        return create_optimizer_v2(groups, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   momentum=cfg.momentum)
+    raise ValueError(f"unknown optimizer {cfg.name!r}; use one of adamw, adam, sgd, "
+                     f"{', '.join(TIMM_OPTIMIZERS)}")
 
 
 def build_param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float | None = None,
