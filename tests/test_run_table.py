@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from sklearn.metrics import f1_score, log_loss
 
 from conftest import write_tiny_dataset
@@ -87,6 +88,8 @@ def test_rows_of_real_runs_equal_their_files(trained):
         assert row["seconds"] == pytest.approx(metrics["seconds"])
         assert row["folds_fingerprint"] == fingerprint_of_csv(run / "folds.csv")
         assert (row["model"], row["img_size"], row["epochs"]) == ("mixcls_cnn_tiny", 16, 1)
+        optim = yaml.safe_load((run / "config.yaml").read_text())
+        assert (row["optimizer"], row["lr"]) == (optim["optimizer"], optim["lr"])
     assert table.loc[1, ["mix", "loss"]].tolist() == ["cutmix", "label_smoothing"]
     assert table.loc[0, ["mix", "loss"]].tolist() == ["none", "ce"]
     assert pd.isna(table.loc[0, "group_col"]) and table.loc[1, "group_col"] == "plant"

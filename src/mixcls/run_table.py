@@ -27,7 +27,7 @@ from mixcls.tta import TTA_FILE
 
 RUN_MARKERS = ("config.yaml", "folds.csv")
 COLUMNS = ["name", "cv_accuracy", "cv_macro_f1", "cv_logloss", "model", "img_size", "loss", "mix",
-           "epochs", "group_col", "tta", "tta_cv_accuracy", "seconds", "folds_fingerprint",
+           "optimizer", "lr", "epochs", "group_col", "tta", "tta_cv_accuracy", "seconds", "folds_fingerprint",
            "finished", "status"]
 SCORES = ("cv_accuracy", "cv_macro_f1", "cv_logloss")
 # With --against RUN: accuracy minus RUN's on the shared OOF rows, its paired SE, those rows.
@@ -86,7 +86,8 @@ def _settings(run: RunFolder) -> dict[str, Any]:
         return {"model": f"blend:{spec.get('method')} of {len(spec.get('members', []))} runs"}
     cfg = run.config
     return {"model": cfg.model.name, "img_size": cfg.data.img_size, "loss": cfg.loss.name,
-            "mix": cfg.mix.method, "epochs": cfg.train.epochs, "group_col": cfg.data.group_col,
+            "mix": cfg.mix.method, "optimizer": cfg.optim.name, "lr": cfg.optim.lr,
+            "epochs": cfg.train.epochs, "group_col": cfg.data.group_col,
             **_applied_tta(run)}
 
 
@@ -226,7 +227,7 @@ def runs_table(dirs: Iterable[str | Path], *, sort: str = "logloss",
 def format_runs_table(table: pd.DataFrame) -> str:
     """The table as aligned text: numbers right-aligned, '-' where a value is missing."""
     formats = {"cv_accuracy": "{:.4f}", "cv_macro_f1": "{:.4f}", "cv_logloss": "{:.4f}",
-               "seconds": "{:.0f}", "img_size": "{:.0f}", "epochs": "{:.0f}",
+               "seconds": "{:.0f}", "img_size": "{:.0f}", "epochs": "{:.0f}", "lr": "{:.3g}",
                "tta_cv_accuracy": "{:.4f}", "acc_diff": "{:+.4f}", "diff_se": "{:.4f}", "shared_rows": "{:.0f}"}
     # status stays last (its text is not padded); the --against columns come before it
     columns = [c for c in COLUMNS if c != "status"] + \
