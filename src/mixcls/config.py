@@ -191,6 +191,9 @@ class LossConfig:
     sce_alpha: float = _opt(0.1, "symmetric CE: weight of cross entropy")
     sce_beta: float = _opt(1.0, "symmetric CE: weight of reverse cross entropy")
     taylor_order: int = _opt(2, "Taylor CE: order of the expansion")
+    class_weights: str = _opt("none", "weights of the classes in the training loss: none, "
+                              "balanced (n / (K x count), from each fold's training rows), or "
+                              "one number > 0 per class, comma-separated")
 
 
 @dataclass
@@ -423,6 +426,8 @@ def _check_ranges(cfg: Config) -> None:
         ("distill_temperature", t.distill_temperature, _finite(0, above=True, high=100),
          "a finite number in (0, 100]"),
     ]
+    from mixcls.class_weights import parse_class_weights  # its count is checked with the table
+    parse_class_weights(lo.class_weights)
     if o.lr == "auto":  # resolved by the range test before training
         rules = [rule for rule in rules if rule[0] != "lr"]
     for key, value, test, allowed in rules:

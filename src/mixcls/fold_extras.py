@@ -1,6 +1,7 @@
 """What a run adds to its folds beyond the table: pseudo-labelled rows and distilled targets
 (both from the teacher's fold-g model for fold g, so fold g's validation rows never reach its
-student), and the learning rate `--lr auto` finds on fold 0's training rows.
+student), the class weights of the training loss (mixcls.class_weights), and the learning rate
+`--lr auto` finds on fold 0's training rows.
 
 The trainer (`train.fit_folds`) calls these in order: `check_teachers` and `find_auto_lr`
 before the run folder is written, `pseudo_image_cache` once, `build_fold_data` per fold and
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from mixcls import distributed as dist
+from mixcls.class_weights import weigh_fold_data
 from mixcls.config import Config, ConfigError
 from mixcls.data import TrainTable, load_image_cache, read_image
 from mixcls.pseudo import (PseudoTable, check_pseudo_folds, check_pseudo_images, passed_paths,
@@ -115,4 +117,13 @@ def build_fold_data(cfg: Config, table: TrainTable, folds: np.ndarray, fold: int
                               cache=None if pseudo_cache is None else [pseudo_cache[p] for p in paths])
         log(f"fold {fold}: {len(paths)} pseudo-labelled rows added to its training part"
             + (f", each of weight {t.pseudo_weight:g} in the loss" if t.pseudo_weight != 1.0 else ""))
+    return weigh_classes(data, cfg.loss.class_weights, what=f"fold {fold}", log=log)
+
+
+def weigh_classes(data: FoldData, spec: str, *, what: str, log: Callable[[str], None]) -> FoldData:
+    """`data` with --class-weights on its training rows (the last change to them), logged."""
+    data, weights = weigh_fold_data(data, spec)
+    if weights is not None:
+        log(f"{what}: class weights {', '.join(f'{c} {w:.3g}' for c, w in zip(data.classes, weights))}"
+            + (" (balanced on its training rows)" if spec == "balanced" else ""))
     return data

@@ -384,6 +384,8 @@ def _config_items(cfg: dict[str, Any], metrics: dict[str, Any]) -> list[tuple[st
         items.append(("folds grouped by", values["group_col"]))
     if values.get("train_only_col"):  # those rows trained every fold and are not in the CV
         items.append(("train-only rows flagged by", values["train_only_col"]))
+    if values.get("class_weights", "none") != "none":
+        items.append(("class weights", values["class_weights"]))
     if values.get("select_metric", "accuracy") != "accuracy":
         items.append(("best epoch by", f"valid {values['select_metric']}"))
     return items
