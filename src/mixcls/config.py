@@ -155,6 +155,9 @@ class TrainConfig:
     full_fit: bool = _opt(False, "after the folds, train one more model on every row (RUN/full/) "
                           "for the median best epoch of the folds")
     full_fit_epochs: int | None = _opt(None, "with --full-fit: train this many epochs instead")
+    class_weights: str = _opt("none", "weights of the classes in the training loss: none, "
+                              "balanced (n / (K x count), from each fold's training rows), or "
+                              "one number > 0 per class, comma-separated")
     pseudo: str | None = _opt(None, "a pseudo-label table (mixcls pseudo): fold K trains also on the "
                               "rows that passed for fold K, labelled by the teacher's fold-K model "
                               "(needs --folds-from TEACHER)")
@@ -191,9 +194,6 @@ class LossConfig:
     sce_alpha: float = _opt(0.1, "symmetric CE: weight of cross entropy")
     sce_beta: float = _opt(1.0, "symmetric CE: weight of reverse cross entropy")
     taylor_order: int = _opt(2, "Taylor CE: order of the expansion")
-    class_weights: str = _opt("none", "weights of the classes in the training loss: none, "
-                              "balanced (n / (K x count), from each fold's training rows), or "
-                              "one number > 0 per class, comma-separated")
 
 
 @dataclass
@@ -427,7 +427,7 @@ def _check_ranges(cfg: Config) -> None:
          "a finite number in (0, 100]"),
     ]
     from mixcls.class_weights import parse_class_weights  # its count is checked with the table
-    parse_class_weights(lo.class_weights)
+    parse_class_weights(t.class_weights)
     if o.lr == "auto":  # resolved by the range test before training
         rules = [rule for rule in rules if rule[0] != "lr"]
     for key, value, test, allowed in rules:

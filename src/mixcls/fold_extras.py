@@ -117,7 +117,7 @@ def build_fold_data(cfg: Config, table: TrainTable, folds: np.ndarray, fold: int
                               cache=None if pseudo_cache is None else [pseudo_cache[p] for p in paths])
         log(f"fold {fold}: {len(paths)} pseudo-labelled rows added to its training part"
             + (f", each of weight {t.pseudo_weight:g} in the loss" if t.pseudo_weight != 1.0 else ""))
-    return weigh_classes(data, cfg.loss.class_weights, what=f"fold {fold}", log=log)
+    return weigh_classes(data, cfg.train.class_weights, what=f"fold {fold}", log=log)
 
 
 def weigh_classes(data: FoldData, spec: str, *, what: str, log: Callable[[str], None]) -> FoldData:

@@ -276,7 +276,7 @@ def fit_folds(cfg: Config, run_dir: str | Path, *, progress: bool = True, resume
     device = dist.device_for(cfg.train.device) if ctx.world_size > 1 else resolve_device(cfg.train.device)
     chosen = cfg.train.train_folds if cfg.train.train_folds is not None else list(range(cfg.train.folds))
     pseudo = dist.run_on_main(lambda: fold_extras.check_teachers(cfg, table, folds, chosen))
-    parse_class_weights(cfg.loss.class_weights, table.num_classes)  # one per class, if a list
+    parse_class_weights(cfg.train.class_weights, table.num_classes)  # one per class, if a list
     lr_found = None
     if cfg.optim.lr == "auto":  # before the run folder, so config.yaml holds the lr trained with
         cfg, lr_found = dist.run_on_main(lambda: fold_extras.find_auto_lr(
@@ -436,7 +436,7 @@ def _fit_full(cfg: Config, table: TrainTable, run_dir: Path, metrics: dict[str, 
     rows = full_fit_rows(table)
     data = fold_extras.weigh_classes(make_fold_data(table, rows, np.array([], dtype=np.int64),
                                                     cache=cache),
-                                     cfg.loss.class_weights, what="full fit", log=log)
+                                     cfg.train.class_weights, what="full fit", log=log)
     full_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs, patience=None))
     log(f"full fit: {len(rows)} rows, {epochs} epochs "
         f"({'--full-fit-epochs' if cfg.train.full_fit_epochs else 'median best epoch of the folds'})")
