@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 from PIL import Image
-from sklearn.metrics import confusion_matrix, f1_score
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, f1_score
 
 from conftest import write_tiny_dataset
 from mixcls.cli import main
@@ -224,10 +224,16 @@ def test_class_names_are_escaped_and_per_class_accuracy_is_right(runs):
     oof = pd.read_csv(full / "oof.csv")
     cm = confusion_matrix(oof["label"], oof["pred"], labels=list(range(len(classes))))
     per_class = table(parser, "class-accuracy")
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        oof["label"], oof["pred"], labels=list(range(len(classes))), zero_division=0)
     for k, name in enumerate(classes):
-        rows, correct, accuracy = per_class[name][:3]
+        rows, correct, accuracy, shown_precision, shown_f1 = per_class[name][:5]
         assert (int(rows), int(correct)) == (cm[k].sum(), cm[k, k])
-        assert accuracy == f"{cm[k, k] / cm[k].sum():.4f}"
+        assert accuracy == f"{cm[k, k] / cm[k].sum():.4f}" == f"{recall[k]:.4f}"
+        assert shown_f1 == f"{f1[k]:.4f}"
+        assert shown_precision == (f"{precision[k]:.4f}" if cm[:, k].sum() else "—")
+    metrics = json.loads((full / "metrics.json").read_text())
+    assert np.mean(f1) == pytest.approx(metrics["cv_macro_f1"])  # the CV's macro F1 is their mean
 
 
 def test_confidently_wrong_images_are_the_top_wrong_oof_rows(runs):

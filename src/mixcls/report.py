@@ -469,8 +469,14 @@ def _class_rows(run: RunFiles) -> list[list[Any]]:
         worst = int(off.argmax())
         confused = f"{run.classes[worst]} ({off[worst]})" if off[worst] > 0 else "—"
         bar = Raw(f'<span class="bar"><span style="width:{100 * (accuracy or 0):.1f}%"></span></span>')
+        predicted = int(confusion[:, k].sum())
+        precision = confusion[k, k] / predicted if predicted else None
+        # F1 = 2 TP / (2 TP + FP + FN), 0 where that is 0 / 0, as the CV's macro F1 counts it
+        f1 = 2 * confusion[k, k] / (given[k] + predicted) if given[k] + predicted else 0.0
         rows.append([name, int(given[k]), int(confusion[k, k]),
-                     float(accuracy) if accuracy is not None else "—", bar, confused])
+                     float(accuracy) if accuracy is not None else "—",
+                     float(precision) if precision is not None else "—",
+                     float(f1), bar, confused])
     return rows
 
 
@@ -482,15 +488,18 @@ def _section_classes(run: RunFiles) -> str:
     if len(rows) > MAX_CLASS_ROWS:
         rows = sorted(rows, key=lambda r: r[3] if isinstance(r[3], float) else 2.0)[:MAX_CLASS_ROWS]
         note = _note(f"The {MAX_CLASS_ROWS} classes of lowest accuracy of {len(run.classes)}.")
-    table = _table(["class", "rows", "correct", "accuracy", "", "most confused with"], rows,
-                   table_id="class-accuracy", numeric=frozenset({1, 2, 3}))
+    table = _table(["class", "rows", "correct", "accuracy", "precision", "F1", "",
+                    "most confused with"], rows,
+                   table_id="class-accuracy", numeric=frozenset({1, 2, 3, 4, 5}))
     size = "wide" if len(run.classes) > 6 else "narrow"  # a larger matrix gets more of the row
     picture = f'<img class="confusion" src="{uri}" alt="confusion matrix">'
     body = (f'<div class="row classes {size}"><div>{picture}</div>'
             f"<div>{table}{note}</div></div>")
     return _section("classes", "Confusion matrix and per-class accuracy", body,
                     intro="Rows are the given labels, columns the out-of-fold predictions; colour is "
-                          "the share of the row, numbers are image counts.")
+                          "the share of the row, numbers are image counts. A class's accuracy is "
+                          "its recall; precision is the share of its predictions that are right; "
+                          "the CV's macro F1 is the mean of every class's F1.")
 
 
 def find_confident_mistakes(oof: pd.DataFrame, num_classes: int, *, limit: int = N_WRONG) -> pd.DataFrame:
