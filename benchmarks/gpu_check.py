@@ -18,7 +18,9 @@ Steps:
    4 views at the training size and 1.25 times it (images/s of the re-scoring, and how far the
    training setting scored again lies from oof.csv), then `mixcls export` of the run and a
    prediction from the export, which must equal the run's own exactly.
-4. DDP: with 2 or more GPUs, `mixcls train --nproc 2 --sync-bn` (torchrun, nccl); with one GPU,
+4. The step-1 run again with --grad-checkpointing: train images/s and peak GPU memory beside
+   step 1's (what recomputing the blocks costs and saves at this size), and its valid accuracy.
+5. DDP: with 2 or more GPUs, `mixcls train --nproc 2 --sync-bn` (torchrun, nccl); with one GPU,
    NCCL refuses two ranks on one device, so it probes nccl with 2 processes on that GPU and
    reports the refusal, then checks a 1-rank nccl all_reduce.
 
@@ -228,6 +230,8 @@ def run_steps(args: argparse.Namespace, opts: dict, gpus: int) -> dict:
         data = write_images(Path(tmp) / "data", n_images, opts["img_size"])
         single = single_device_run(data, Path(tmp) / "single", opts)
         tta = tta_and_export(Path(tmp) / "single", Path(tmp) / "exported", opts)
+        checkpointed = single_device_run(data, Path(tmp) / "checkpointed",
+                                         dict(opts, grad_checkpointing=True))
         cassava = {where: single_device_run(data, Path(tmp) / f"cassava_{where}",
                                             dict(opts, preset="cassava", colour_on_device=where == "device",
                                                  augment_on_device=where == "augment"))
@@ -243,7 +247,7 @@ def run_steps(args: argparse.Namespace, opts: dict, gpus: int) -> dict:
             ddp = {"ok": False, "reason": "one GPU: mixcls gives each rank its own device"}
             two_on_one = nccl_probe(2, args.timeout)
             one_rank = nccl_probe(1, args.timeout)
-    return dict(single=single, tta=tta, cassava=cassava, warp_case=warp_case, warp_ips=warp_ips,
+    return dict(single=single, tta=tta, checkpointed=checkpointed, cassava=cassava, warp_case=warp_case, warp_ips=warp_ips,
                 ddp=ddp, two_on_one=two_on_one, one_rank=one_rank)
 
 
@@ -261,6 +265,9 @@ def table_rows(r: dict, opts: dict, device: str, gpus: int) -> list[tuple[str, o
             ("tta: re-scoring images/s (8 forwards per row)", f"{r['tta']['images_per_s']:.1f}"),
             ("tta: training setting vs oof.csv, max |diff|", f"{r['tta']['max_diff']:.2e}"),
             ("export: predicts exactly as the run", r["tta"]["export_same"]),
+            ("grad checkpointing: train images/s", f"{r['checkpointed']['train_images_per_s']:.1f}"),
+            ("grad checkpointing: peak GPU MiB", f"{r['checkpointed']['peak_gpu_mib']:.0f}"),
+            ("grad checkpointing: valid accuracy", f"{r['checkpointed']['valid_accuracy']:.3f}"),
             ("cassava, colour in loader: images/s", f"{cassava['loader']['train_images_per_s']:.1f}"),
             ("cassava, colour on device: images/s", f"{cassava['device']['train_images_per_s']:.1f}"),
             ("cassava, all augmentation on device: images/s", f"{cassava['augment']['train_images_per_s']:.1f}"),
@@ -300,6 +307,8 @@ def main() -> int:
           f"device_augment_512_ips={r['warp_ips']:.1f} "
           f"tta_rescore_ips={r['tta']['images_per_s']:.1f} tta_oof_max_diff={r['tta']['max_diff']:.2e} "
           f"export_same={int(r['tta']['export_same'])} "
+          f"ckpt_images_per_s={r['checkpointed']['train_images_per_s']:.1f} "
+          f"ckpt_peak_gpu_mib={r['checkpointed']['peak_gpu_mib']:.0f} "
           f"ddp_images_per_s={ddp.get('train_images_per_s', float('nan')):.1f} "
           f"nccl_ok={int(bool(nccl_ok)) if not args.smoke_cpu else 'n/a'} ddp_ok={int(bool(ddp['ok']))}")
     return 0

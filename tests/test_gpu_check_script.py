@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py, the one script a lent GPU runs, kept working without one: its
---smoke-cpu mode takes every step (fit, mixcls tta and export, the three cassava placements,
-the device augmentation, DDP over gloo) on tiny images, and the final line must agree with the table (~16 s)."""
+--smoke-cpu mode takes every step (fit, mixcls tta and export, gradient checkpointing, the three
+cassava placements, the device augmentation, DDP over gloo) on tiny images, and the final line
+must agree with the table (~16 s)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def test_gpu_check_smoke_cpu_takes_every_step_and_its_line_matches_the_table():
     assert figures["export_same"] == "1" and table["export: predicts exactly as the run"] == "True"
     assert float(figures["tta_oof_max_diff"]) < 1e-5 and float(figures["tta_rescore_ips"]) > 0
     assert table["tta: re-scoring images/s (8 forwards per row)"] == figures["tta_rescore_ips"]
+    # the same run with --grad-checkpointing: on a CPU the same numbers, so the same accuracy
+    assert table["grad checkpointing: train images/s"] == figures["ckpt_images_per_s"]
+    assert float(figures["ckpt_images_per_s"]) > 0
+    assert table["grad checkpointing: valid accuracy"] == table["single: valid accuracy"]
 
 
 def test_gpu_check_without_cuda_measures_nothing_and_says_so():
