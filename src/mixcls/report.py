@@ -673,8 +673,8 @@ dt{color:#616e7c;font-size:11px;text-transform:uppercase;letter-spacing:.03em}
 dd{margin:0;font-weight:600;word-break:break-word}
 .row{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}
 .row>div{flex:1 1 400px;min-width:0}
-.row.classes.narrow>div:first-child{flex:0 1 44%}
-.row.classes.wide>div:first-child{flex:0 1 58%}
+.row.classes.narrow>div:first-child{flex:0 1 40%}
+.row.classes.wide>div:first-child{flex:0 1 45%}
 table{border-collapse:collapse;font-size:13px;margin:0 0 8px}
 th,td{padding:4px 8px;border-bottom:1px solid #e4e7eb;text-align:left;vertical-align:top}
 td{max-width:280px;overflow-wrap:break-word}
