@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,17 @@ def write_tiny_dataset(root: Path, *, n_per_class: int = 12, num_classes: int = 
                          "label": f"class_{label}" if string_labels else label})
     pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
     return root
+
+
+def add_test_split(data: Path, *, n_per_class: int, num_classes: int = 3, size: int = 24,
+                   seed: int = 3) -> Path:
+    """Give a write_tiny_dataset folder the test split of `mixcls data fashion-mnist`'s layout
+    (test.csv + test_images/), generated with another seed; return `data`."""
+    held = write_tiny_dataset(data.parent / f"{data.name}_held", n_per_class=n_per_class,
+                              num_classes=num_classes, size=size, seed=seed)
+    shutil.copytree(held / "train_images", data / "test_images")
+    shutil.copyfile(held / "train.csv", data / "test.csv")
+    return data
 
 
 def write_clothing_photos(root: Path, n: int) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import load_benchmark, write_tiny_dataset
+from conftest import add_test_split, load_benchmark, write_tiny_dataset
 
 
 def test_noisy_labels_move_the_share_asked_to_other_classes():
@@ -34,10 +33,8 @@ def test_blurred_keeps_the_size_and_loses_detail(tmp_path):
 @pytest.mark.slow
 def test_the_final_line_is_the_tables(tmp_path, capsys, one_thread):
     bench = load_benchmark("extra_data")
-    data = write_tiny_dataset(tmp_path / "data", n_per_class=20, size=28)
-    test = write_tiny_dataset(tmp_path / "test", n_per_class=4, size=28, seed=3)
-    shutil.copytree(test / "train_images", data / "test_images")
-    shutil.copyfile(test / "train.csv", data / "test.csv")
+    data = add_test_split(write_tiny_dataset(tmp_path / "data", n_per_class=20, size=28),
+                          n_per_class=4, size=28)
     assert bench.main(["--data", str(data), "--work", str(tmp_path / "work"), "--epochs", "1",
                        "--threads", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import load_benchmark, write_tiny_dataset
+from conftest import add_test_split, load_benchmark, write_tiny_dataset
 
 
 def test_class_sizes_fall_geometrically_from_n_max_to_the_ratio():
@@ -32,10 +31,8 @@ def test_long_tail_keeps_the_sizes_and_refuses_a_short_class():
 @pytest.mark.slow
 def test_the_final_line_is_the_tables(tmp_path, capsys, one_thread):
     bench = load_benchmark("imbalance")
-    data = write_tiny_dataset(tmp_path / "data", n_per_class=20, size=28)
-    test = write_tiny_dataset(tmp_path / "test", n_per_class=10, size=28, seed=3)
-    shutil.copytree(test / "train_images", data / "test_images")
-    shutil.copyfile(test / "train.csv", data / "test.csv")
+    data = add_test_split(write_tiny_dataset(tmp_path / "data", n_per_class=20, size=28),
+                          n_per_class=10, size=28)
     assert bench.main(["--data", str(data), "--work", str(tmp_path / "work"), "--epochs", "1",
                        "--n-max", "20", "--ratio", "0.5", "--threads", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import load_benchmark, write_tiny_dataset
+from conftest import add_test_split, load_benchmark, write_tiny_dataset
 
 ROWS = ["baseline", "pseudo_hard", "pseudo_soft", "pseudo_round2", "pseudo_blend_round2",
         "distill", "leaky_pseudo_hard", "leaky_distill"]
@@ -22,11 +21,8 @@ ROWS = ["baseline", "pseudo_hard", "pseudo_soft", "pseudo_round2", "pseudo_blend
 def _fashion_layout(root: Path) -> Path:
     """A `mixcls data fashion-mnist` layout of generated images: 3 classes x 110 training images
     (50 labelled + 60 unlabelled per class are drawn), 3 x 12 test images of another seed."""
-    data = write_tiny_dataset(root / "data", n_per_class=110, num_classes=3)
-    held = write_tiny_dataset(root / "held", n_per_class=12, num_classes=3, seed=7)
-    shutil.copy(held / "train.csv", data / "test.csv")
-    shutil.copytree(held / "train_images", data / "test_images")
-    return data
+    return add_test_split(write_tiny_dataset(root / "data", n_per_class=110, num_classes=3),
+                          n_per_class=12, seed=7)
 
 
 def _parse(out: str) -> tuple[pd.DataFrame, str, dict[str, float]]:
