@@ -18,7 +18,7 @@ from mixcls.data import ImageDataset
 from mixcls.devices import amp_setup
 from mixcls.distributed import DistContext
 from mixcls.device_augment import DeviceAugment, build_train_augment
-from mixcls.models import (batchnorm_modules, build_model, enable_grad_checkpointing, model_mean_std,
+from mixcls.models import (batchnorm_modules, build_training_model, model_mean_std,
                            set_body_trainable)
 from mixcls.optim import build_optimizer, build_scheduler
 from mixcls.resume import Trainables
@@ -89,11 +89,7 @@ def build_fold_parts(cfg: Config, data: FoldData, *, fold: int, device: torch.de
     """The fold's objects, on `device`; the caller seeds (seed, fold) first, so the model's
     initial weights are the same in every run and on every rank. `log` hears which
     pretrained weights were loaded."""
-    model = build_model(cfg.model, data.num_classes, log=log).to(device)
-    if cfg.model.grad_checkpointing:  # training only: predict builds the model without it
-        enable_grad_checkpointing(model, cfg.model.name)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_training_model(cfg.model, data.num_classes, device, log=log)
     if ctx.world_size > 1 and cfg.train.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     recomputed_bn = tuple(batchnorm_modules(model)) if cfg.model.grad_checkpointing else ()

@@ -25,7 +25,7 @@ from mixcls.config import Config, ConfigError
 from mixcls.data import ImageDataset, TrainTable
 from mixcls.devices import amp_setup, resolve_device
 from mixcls.engine import autocast_context, group_size, prepare_batch, should_step
-from mixcls.models import build_model, enable_grad_checkpointing, model_mean_std
+from mixcls.models import build_training_model, model_mean_std
 from mixcls.optim import build_optimizer
 from mixcls.run_setup import build_mixer, build_training_loss, resolve_batch_plan
 from mixcls.runs import RunError
@@ -367,11 +367,7 @@ def _build_pipeline(cfg: Config, table: TrainTable, rows: np.ndarray, *,
     plan = resolve_batch_plan(cfg, table.num_classes, device, world_size=1, run_dir=None,
                               resume=False, log=log)
     batch_size, accum_steps = plan.batch_size, plan.accum_steps
-    model = build_model(cfg.model, table.num_classes).to(device)
-    if cfg.model.grad_checkpointing:  # the memory of the run whose batch it trains with
-        enable_grad_checkpointing(model, cfg.model.name)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_training_model(cfg.model, table.num_classes, device)  # as the run trains it
     mean, std = model_mean_std(model)
     targets = table.soft_targets if table.soft_targets is not None else table.labels
     paths = table.frame["path"].tolist()

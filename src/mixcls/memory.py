@@ -316,7 +316,8 @@ def _measure_in_process(*, model: str, img_size: int, num_classes: int, micro_ba
     peak = params + state_before + step_peak
     return {"model": model, "img_size": img_size, "device": device, "amp": amp,
             "micro_batch": micro_batch, "accum_steps": accum_steps,
-            "grad_checkpointing": grad_checkpointing, "params_mb": params / _MIB, "grads_mb": grads / _MIB, "optimizer_mb": state / _MIB,
+            "grad_checkpointing": grad_checkpointing,
+            "params_mb": params / _MIB, "grads_mb": grads / _MIB, "optimizer_mb": state / _MIB,
             "activations_mb": (peak - params - grads - state) / _MIB, "peak_mb": peak / _MIB,
             "process_peak_mb": process_peak / _MIB, "step_seconds": step_seconds}
 

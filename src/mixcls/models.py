@@ -250,13 +250,27 @@ def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
     """timm's `set_grad_checkpointing(True)`; ModelError naming the model when it has none (or,
     as some timm models do, asserts that it cannot)."""
     setter = getattr(model, "set_grad_checkpointing", None)
-    try:
-        if setter is None:
-            raise AssertionError
-        setter(True)
-    except AssertionError:
-        raise ModelError(f"model {name!r} has no gradient checkpointing (timm's "
-                         "set_grad_checkpointing); unset --grad-checkpointing for it") from None
+    if setter is not None:
+        try:
+            setter(True)
+            return
+        except AssertionError:
+            pass
+    raise ModelError(f"model {name!r} has no gradient checkpointing (timm's "
+                     "set_grad_checkpointing); unset --grad-checkpointing for it")
+
+
+def build_training_model(cfg: ModelConfig, num_classes: int, device: torch.device, *,
+                         log: Callable[[str], None] | None = None) -> nn.Module:
+    """build_model on `device`, as a training process runs it: gradient checkpointing
+    (--grad-checkpointing) and the memory format (--channels-last) set. Prediction builds the
+    model without them (build_model): it has no backward pass."""
+    model = build_model(cfg, num_classes, log=log).to(device)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model, cfg.name)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def check_model_options(cfg: ModelConfig, *, layer_decay: float | None,
