@@ -41,7 +41,8 @@ pytestmark = pytest.mark.slow
 # and its brightness/contrast from the mixing generator (as --colour-on-device does), and all
 # run on the batch in the step.
 FLAGS = ["--model", "test_resnet", "--img-size", "16", "--batch-size", "4", "--folds", "2",
-         "--epochs", "2", "--lr", "3e-3", "--drop-rate", "0.3", "--mix", "mixup", "--ema",
+         "--epochs", "2", "--lr", "3e-3", "--drop-rate", "0.3", "--drop-path-rate", "0.2", "--mix",
+         "mixup", "--ema",
          "--ema-decay", "0.5", "--scheduler", "cosine", "--augment-on-device", "--no-progress"]
 WALL_CLOCK = ["seconds", "images_per_s"]
 

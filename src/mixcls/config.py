@@ -87,6 +87,9 @@ class ModelConfig:
     pretrained: bool = _opt(False, "load the timm hub weights of the model (needs the hub)")
     pretrained_file: str | None = _opt(None, "load weights from a local .pth/.safetensors file")
     drop_rate: float = _opt(0.0, "dropout before the classifier")
+    drop_path_rate: float = _opt(0.0, "stochastic depth: each residual block's branch is dropped "
+                                 "for a sample with a probability rising to this rate at the "
+                                 "last block (timm's drop_path_rate; 0: off)")
     channels_last: bool = _opt(False, "use the channels_last memory format (faster on GPUs)")
     compile: bool = _opt(False, "torch.compile the model for training and evaluation (compile "
                          "time is reported apart from training time; on a CPU it needs a C++ compiler)")
@@ -395,6 +398,7 @@ def _check_ranges(cfg: Config) -> None:
         ("warmup_epochs", s.warmup_epochs, _finite(0, high=t.epochs), f"in [0, epochs={t.epochs}]"),
         ("cache_scale", cfg.data.cache_scale, _finite(1, high=8), "in [1, 8]"),
         ("drop_rate", cfg.model.drop_rate, _finite(0, high=1, below=True), "in [0, 1)"),
+        ("drop_path_rate", cfg.model.drop_path_rate, _finite(0, high=1, below=True), "in [0, 1)"),
         ("freeze_epochs", cfg.model.freeze_epochs, lambda v: 0 <= v <= t.epochs,
          f"an integer in [0, epochs={t.epochs}]"),
         ("head_lr_mult", o.head_lr_mult, _finite(0, above=True, high=1e6), "a finite number > 0"),

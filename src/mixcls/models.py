@@ -182,7 +182,8 @@ def build_model(cfg: ModelConfig, num_classes: int, *,
     register_models()
     try:
         model = timm.create_model(cfg.name, pretrained=cfg.pretrained and not cfg.pretrained_file,
-                                  num_classes=num_classes, drop_rate=cfg.drop_rate)
+                                  num_classes=num_classes, drop_rate=cfg.drop_rate,
+                                  **_drop_path_kwargs(cfg))
     except RuntimeError as exc:
         if "Unknown model" not in str(exc):
             raise
@@ -273,18 +274,41 @@ def build_training_model(cfg: ModelConfig, num_classes: int, device: torch.devic
     return model
 
 
+def _drop_path_kwargs(cfg: ModelConfig) -> dict[str, float]:
+    """timm's drop_path_rate, passed only when set: not every architecture takes it."""
+    return {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate > 0 else {}
+
+
+def drop_path_rates(model: nn.Module) -> list[float]:
+    """The drop probability of each of timm's DropPath layers, in module order."""
+    from timm.layers import DropPath
+
+    return [float(m.drop_prob) for m in model.modules() if isinstance(m, DropPath)]
+
+
 def check_model_options(cfg: ModelConfig, *, layer_decay: float | None,
                         head_lr_mult: float) -> None:
     """ModelError before any work when the model lacks what an option needs: a classifier
     (`get_classifier`) for --freeze-epochs / --head-lr-mult, timm's group_matcher for
-    --layer-decay, set_grad_checkpointing for --grad-checkpointing. The model is built on the
-    meta device: no weights, no time."""
+    --layer-decay, set_grad_checkpointing for --grad-checkpointing, stochastic-depth layers for
+    --drop-path-rate. The model is built on the meta device: no weights, no time."""
     needs_head = cfg.freeze_epochs > 0 or head_lr_mult != 1.0
-    if not needs_head and layer_decay is None and not cfg.grad_checkpointing:
+    if not (needs_head or layer_decay is not None or cfg.grad_checkpointing
+            or cfg.drop_path_rate > 0):
         return
     register_models()
     with torch.device("meta"):
-        model = timm.create_model(cfg.name, pretrained=False, num_classes=2)
+        try:
+            model = timm.create_model(cfg.name, pretrained=False, num_classes=2,
+                                      **_drop_path_kwargs(cfg))
+        except TypeError as exc:  # a constructor without drop_path_rate
+            if "drop_path_rate" not in str(exc):
+                raise
+            model = None
+    # Some constructors take any keyword and ignore it, so the layers themselves are the test.
+    if cfg.drop_path_rate > 0 and (model is None or not any(drop_path_rates(model))):
+        raise ModelError(f"drop_path_rate: model {cfg.name!r} has no stochastic-depth layers "
+                         "(timm's DropPath); unset --drop-path-rate for it")
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model, cfg.name)
     if needs_head and not hasattr(model, "get_classifier"):

@@ -384,6 +384,9 @@ def _config_items(cfg: dict[str, Any], metrics: dict[str, Any]) -> list[tuple[st
         items.append(("folds grouped by", values["group_col"]))
     if values.get("train_only_col"):  # those rows trained every fold and are not in the CV
         items.append(("train-only rows flagged by", values["train_only_col"]))
+    for key, label in (("drop_rate", "dropout"), ("drop_path_rate", "drop path")):
+        if values.get(key):
+            items.append((label, values[key]))
     if values.get("class_weights", "none") != "none":
         items.append(("class weights", values["class_weights"]))
     if values.get("select_metric", "accuracy") != "accuracy":
