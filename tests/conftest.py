@@ -86,6 +86,21 @@ def load_benchmark(name: str):
     return module
 
 
+def final_figures(output: str | list[str]) -> dict[str, str]:
+    """A benchmark's last printed (non-blank) line, `name=value name=value …`, as {name: value}
+    (values as printed)."""
+    lines = output.splitlines() if isinstance(output, str) else output
+    last = [line for line in lines if line.strip()][-1]
+    return dict(pair.split("=", 1) for pair in last.split())
+
+
+def printed_rows(lines: list[str], header: list[str]) -> dict[str, list[str]]:
+    """A benchmark's printed table: the rows after the line whose first words are `header`,
+    up to the final line, keyed by their first word."""
+    start = next(i for i, line in enumerate(lines) if line.split()[:len(header)] == header)
+    return {line.split()[0]: line.split()[1:] for line in lines[start + 1:-1]}
+
+
 # `mixcls train` flags of a tiny CPU run (append --data/--out and what a test varies).
 TINY_TRAIN_FLAGS = ["--model", "mixcls_cnn_tiny", "--img-size", "16", "--epochs", "1",
                     "--batch-size", "8", "--workers", "0", "--preset", "none", "--device", "cpu",

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import load_benchmark, write_clothing_photos
+from conftest import final_figures, load_benchmark, write_clothing_photos
 
 MODEL, IMG_SIZE, NUM_CLASSES, BATCHES = "mixcls_cnn_tiny", 16, 3, (2, 4)
 
@@ -43,8 +43,7 @@ def test_memory_final_line_matches_the_table(capsys):
                               "--amp", "none", "--accum", "", "--limit-mib", "0"])
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
-    final = [line for line in lines if line.strip()][-1]
-    pairs = dict(item.split("=", 1) for item in final.split())
+    pairs = final_figures(lines)
     values = {name: float(value) for name, value in pairs.items()}
     assert all(math.isfinite(v) and v > 0 for v in values.values()), pairs
 
@@ -69,7 +68,7 @@ def test_memory_with_checkpointing_both_ways_reports_the_saving_from_the_table(c
                               "--grad-checkpointing", "both"])
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
-    pairs = dict(item.split("=", 1) for item in lines[-1].split())
+    pairs = final_figures(lines)
     assert sorted(pairs) == ["activations_saved_pct_b8_fp32", "peak_mib_b8_fp32", "peak_mib_b8_fp32_ckpt"]
     rows = _table_rows(lines)
     assert sorted(rows) == ["8", "8 ckpt"]
@@ -148,7 +147,7 @@ def test_loader_final_line_is_the_tables_ratio_of_the_upscaled_copies(tmp_path, 
     assert len(moved) == int(colour_on_device)
     if colour_on_device:
         assert float(moved[0].split()[-1]) > 0
-    values = dict(item.split("=", 1) for item in lines[-1].split())
+    values = final_figures(lines)
     assert sorted(values) == ["disk_cache_speedup_512", "ram_cache_speedup_512", "trainer_ratio"]
     assert values["trainer_ratio"] == "nan"
     row = next(line.split() for line in lines if line.split()[:3] == ["800x600", "48", "0"])

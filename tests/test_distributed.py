@@ -14,7 +14,9 @@ mean gradients = the mean over 8. What differs is float32 summation order (all-r
 sum), ~1e-7 relative per step.
 
 The two-rank run also recomputes its blocks in the backward pass (--grad-checkpointing, timm's
-non-reentrant checkpointing under DDP), which must change none of the numbers.
+non-reentrant checkpointing under DDP), which must change none of the numbers. Both average
+the weights of their last 2 epochs (--swa-epochs 2): every rank keeps the average, rank 0
+alone writes it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ pytestmark = pytest.mark.slow
 
 EPOCHS = 3
 FLAGS = ["--model", "test_efficientnet_gn", "--img-size", "16", "--folds", "2", "--epochs",
-         str(EPOCHS), "--lr", "3e-3", "--workers", "0", "--no-progress"]
+         str(EPOCHS), "--lr", "3e-3", "--swa-epochs", "2", "--workers", "0", "--no-progress"]
 # Rounding differences of ~1e-7 pass through 6 AdamW steps per fold; Adam divides by the root
 # of the second moment, so a gradient component near zero can turn a 1e-7 difference into a
 # larger relative one (measured: up to 4e-6 on a probability). 2e-4 leaves a 50x margin and is
@@ -150,7 +152,8 @@ def test_run_folder_is_complete_and_written_once_by_rank_0(runs):
     for fold in (0, 1):
         assert renames[f"fold_{fold}/last.pt"] == EPOCHS
         assert renames[f"fold_{fold}/history.csv"] == EPOCHS
-        assert 1 <= renames[f"fold_{fold}/best.pt"] <= EPOCHS
+        # the weights' average (--swa-epochs) is written once, when the fold ends
+        assert renames[f"fold_{fold}/best.pt"] == renames[f"fold_{fold}/swa.json"] == 1
     created = [line for line in events["0"] if line[0] == "open" and line[1] == "write"]
     assert all(Path(line[2]).name.endswith(".tmp") or Path(line[2]).name == ".write_probe"
                for line in created), "a file was opened for writing in place, not atomically"
@@ -198,6 +201,10 @@ COLLECTIVES = textwrap.dedent('''
             tdist.all_gather(parts, model[1].running_mean.clone())
             return parts
         assert not torch.equal(*gathered()[:2])
+        expected = torch.stack(gathered()).mean(0)
+        dist.average_running_stats(model)  # the mean over ranks, on every rank
+        assert all(torch.allclose(p, expected, atol=1e-6) for p in gathered())
+        model(torch.randn(8, 3, 6, 6) + rank)
         dist.broadcast_buffers(model)
         assert all(torch.equal(p, gathered()[0]) for p in gathered())
         def fails_on_rank_0():

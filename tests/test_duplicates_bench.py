@@ -11,7 +11,7 @@ import pandas as pd
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from conftest import load_benchmark
+from conftest import final_figures, load_benchmark
 
 
 def _smooth_photo(rng: np.random.Generator) -> Image.Image:
@@ -45,7 +45,7 @@ def test_duplicates_bench_line_matches_its_tables_and_counts_the_planted_heldout
                        "--copies", "4", "--speed-photos", "2", "--workers", "0",
                        "--no-embedding", "--sheets"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    figures = dict(pair.split("=", 1) for pair in lines[-1].split())
+    figures = final_figures(lines)
     assert figures["phash_heldout_near"] == "2"
     table1 = {line.split()[0]: line.split() for line in lines
               if line.split() and line.split()[0] in bench.TRANSFORMS}
@@ -67,7 +67,7 @@ def test_pair_search_bench_finds_the_planted_pairs_both_ways_and_its_line_is_its
     bench = load_benchmark("pair_search")
     assert bench.main(["--rows", "250", "401"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    figures = dict(pair.split("=", 1) for pair in lines[-1].split())
+    figures = final_figures(lines)
     last_row = lines[-2].split()
     assert figures["rows"] == last_row[0] == "401" and figures["same_pairs"] == "1"
     assert last_row[1] == "4"  # rows 1, 101, 201 and 301 copy the row before them

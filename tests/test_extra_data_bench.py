@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import add_test_split, load_benchmark, write_tiny_dataset
+from conftest import add_test_split, final_figures, load_benchmark, printed_rows, write_tiny_dataset
 
 
 def test_noisy_labels_move_the_share_asked_to_other_classes():
@@ -38,9 +38,8 @@ def test_the_final_line_is_the_tables(tmp_path, capsys, one_thread):
     assert bench.main(["--data", str(data), "--work", str(tmp_path / "work"), "--epochs", "1",
                        "--threads", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    figures = {k: float(v) for k, v in (pair.split("=") for pair in lines[-1].split())}
-    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["run", "oof_rows"])
-    rows = {line.split()[0]: line.split()[1:] for line in lines[start + 1:-1]}
+    figures = {k: float(v) for k, v in final_figures(lines).items()}
+    rows = printed_rows(lines, ["run", "oof_rows"])
     assert rows["alone"][0] == rows["train_only"][0] == "30" and rows["validated"][0] == "60"
     for name in ("alone", "validated", "train_only"):
         oof_rows, cv, competition_cv, test_acc, _, gap = map(float, rows[name])

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import load_benchmark, write_clothing_photos
+from conftest import final_figures, load_benchmark, write_clothing_photos
 
 # (CV %, right test images of 8 with 1 view, with 2 views): pretrained_ft has the best CV of the
 # pretrained rows, pretrained_ft_mix the best test accuracy.
@@ -53,7 +53,7 @@ def test_finetune_picks_by_cv_and_reports_its_tta_row(tmp_path, capsys, monkeypa
     assert finetune.main(argv) == 0
     out = capsys.readouterr().out
     assert "32 in 5 folds" in out and "8 held out" in out and "best by CV: pretrained_ft " in out
-    figures = dict(pair.split("=") for pair in out.strip().splitlines()[-1].split())
+    figures = final_figures(out)
     assert figures == {"scratch_test": "37.50", "pretrained_test": "62.50",
                        "best_test": "50.00", "pretrained_gain_points": "25.00"}
     trains = [c for c in calls if c[0] == "train"]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import final_figures
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
@@ -26,7 +28,7 @@ def _run(*flags: str) -> str:
 def test_gpu_check_smoke_cpu_takes_every_step_and_its_line_matches_the_table():
     out = _run("--smoke-cpu")
     lines = out.strip().splitlines()
-    figures = dict(pair.split("=", 1) for pair in lines[-1].split())
+    figures = final_figures(lines)
     table = {line[:47].strip(): line[47:].strip() for line in lines[:-1] if len(line) > 47}
     assert figures["device"] == "cpu_(smoke)" and figures["ddp_ok"] == "1"
     assert figures["fp16_loss_finite"] == "1" and figures["nccl_ok"] == "n/a"

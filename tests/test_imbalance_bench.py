@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import add_test_split, load_benchmark, write_tiny_dataset
+from conftest import add_test_split, final_figures, load_benchmark, printed_rows, write_tiny_dataset
 
 
 def test_class_sizes_fall_geometrically_from_n_max_to_the_ratio():
@@ -36,9 +36,9 @@ def test_the_final_line_is_the_tables(tmp_path, capsys, one_thread):
     assert bench.main(["--data", str(data), "--work", str(tmp_path / "work"), "--epochs", "1",
                        "--n-max", "20", "--ratio", "0.5", "--threads", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    figures = {k: float(v) for k, v in (pair.split("=") for pair in lines[-1].split())}
-    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["run", "cv_acc"])
-    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[start + 1:-1]}
+    figures = {k: float(v) for k, v in final_figures(lines).items()}
+    rows = {name: [float(v) for v in values]
+            for name, values in printed_rows(lines, ["run", "cv_acc"]).items()}
     assert sorted(rows) == ["balanced", "f1_select", "plain"]
     for name in rows:
         cv_acc, cv_f1, test_acc, test_f1, rare_recall, _, gap = rows[name]

@@ -32,7 +32,7 @@ def train_run(data: Path, out: Path, **overrides) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Two real runs (other seeds, so other folds; one with cutmix, folds grouped by a plant
-    column, lamb, log-loss selection and class weights) in runs/ and runs/group/."""
+    column, lamb, log-loss selection, class weights and SWA) in runs/ and runs/group/."""
     root = tmp_path_factory.mktemp("run_table")
     data = write_tiny_dataset(root / "data", n_per_class=8, num_classes=3, size=16, seed=1)
     runs = root / "runs"
@@ -40,7 +40,8 @@ def trained(tmp_path_factory):
     second = train_run(data, runs / "group" / "cutmix", seed=2, mix="cutmix", loss="label_smoothing",
                        smoothing=0.1, csv=str(_with_plants(data, root / "plants.csv")),
                        images=str(data / "train_images"), group_col="plant",
-                       select_metric="logloss", class_weights="1,2,1", optimizer="lamb")
+                       select_metric="logloss", class_weights="1,2,1", optimizer="lamb",
+                       swa_epochs=1)
     return runs, first, second
 
 
@@ -93,8 +94,9 @@ def test_rows_of_real_runs_equal_their_files(trained):
         assert (row["optimizer"], row["lr"]) == (optim["optimizer"], optim["lr"])
     assert table.loc[1, ["mix", "loss"]].tolist() == ["cutmix", "label_smoothing"]
     assert table.loc[0, ["mix", "loss"]].tolist() == ["none", "ce"]
-    assert table.loc[0, ["optimizer", "select_metric", "class_weights"]].tolist() == ["adamw", "accuracy", "none"]
-    assert table.loc[1, ["optimizer", "select_metric", "class_weights"]].tolist() == ["lamb", "logloss", "1,2,1"]
+    chosen = ["optimizer", "select_metric", "class_weights", "swa_epochs"]
+    assert table.loc[0, chosen].tolist() == ["adamw", "accuracy", "none", 0]
+    assert table.loc[1, chosen].tolist() == ["lamb", "logloss", "1,2,1", 1]
     assert pd.isna(table.loc[0, "group_col"]) and table.loc[1, "group_col"] == "plant"
     # Other seeds, other folds: the table says the two runs' scores do not compare row for row.
     assert table.loc[0, "folds_fingerprint"] != table.loc[1, "folds_fingerprint"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import add_test_split, load_benchmark, write_tiny_dataset
+from conftest import add_test_split, final_figures, load_benchmark, write_tiny_dataset
 
 ROWS = ["baseline", "pseudo_hard", "pseudo_soft", "pseudo_round2", "pseudo_blend_round2",
         "distill", "leaky_pseudo_hard", "leaky_distill"]
@@ -36,7 +36,7 @@ def _parse(out: str) -> tuple[pd.DataFrame, str, dict[str, float]]:
             break
         tokens = line.split()
         rows.append({"row": tokens[0], **{h: float(t) for h, t in zip(header[1:], tokens[1:])}})
-    figures = dict(pair.split("=") for pair in lines[-1].split())
+    figures = final_figures(lines)
     return pd.DataFrame(rows).set_index("row"), chosen, {k: float(v) for k, v in figures.items()}
 
 

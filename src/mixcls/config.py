@@ -141,6 +141,9 @@ class TrainConfig:
     patience: int | None = _opt(None, "early stopping: epochs without a better --select-metric")
     ema: bool = _opt(False, "keep an exponential moving average of the weights (timm ModelEmaV3)")
     ema_decay: float = _opt(0.999, "EMA decay per optimizer step")
+    swa_epochs: int = _opt(0, "stochastic weight averaging: each fold's model (best.pt, oof.csv) "
+                           "is the mean of its weights at the end of its last N epochs, with "
+                           "BatchNorm statistics measured again on its training rows (0: off)")
     folds: int = _opt(5, "number of stratified folds")
     train_folds: list[int] | None = _opt(None, "train only these folds (default: all)")
     seed: int = _opt(42, "seed of folds, weights, augmentation, mixing and loader workers")
@@ -156,7 +159,8 @@ class TrainConfig:
     folds_from: str | None = _opt(None, "re-use the folds.csv of this run folder (runs to be "
                                   "blended must share folds); --folds follows it")
     full_fit: bool = _opt(False, "after the folds, train one more model on every row (RUN/full/) "
-                          "for the median best epoch of the folds")
+                          "for the median best epoch of the folds (with --swa-epochs: for "
+                          "--epochs, averaging the same last epochs)")
     full_fit_epochs: int | None = _opt(None, "with --full-fit: train this many epochs instead")
     class_weights: str = _opt("none", "weights of the classes in the training loss: none, "
                               "balanced (n / (K x count), from each fold's training rows), or "
@@ -331,6 +335,8 @@ def validate(cfg: Config) -> None:
         bad = [k for k in cfg.train.train_folds if not 0 <= k < cfg.train.folds]
         if bad:
             raise ConfigError(f"train_folds: {bad} outside 0..{cfg.train.folds - 1}")
+    if cfg.train.swa_epochs:
+        _check_swa(cfg.train)
     if cfg.loss.name == "bi_tempered" and not (cfg.loss.t1 <= 1.0 <= cfg.loss.t2):
         raise ConfigError(f"t1, t2: bi-tempered needs t1 <= 1 <= t2, got {cfg.loss.t1}, {cfg.loss.t2}")
     if cfg.data.augment_on_device:
@@ -345,6 +351,20 @@ def validate(cfg: Config) -> None:
         parse_mix_spec(cfg.mix.method)
     except ValueError as exc:
         raise ConfigError(f"mix: {exc}") from None
+
+
+def _check_swa(t: TrainConfig) -> None:
+    """--swa-epochs averages a fixed tail of every fold: nothing may cut it short or average
+    the weights another way."""
+    if t.ema:
+        raise ConfigError("swa_epochs: --ema keeps another average of the weights; use one of "
+                          "--ema and --swa-epochs")
+    if t.patience is not None:
+        raise ConfigError("swa_epochs: --patience could stop a fold before the epochs it "
+                          "averages; unset --patience (the average is not chosen by validation)")
+    if t.full_fit and t.full_fit_epochs is not None and t.full_fit_epochs < t.swa_epochs:
+        raise ConfigError(f"full_fit_epochs: {t.full_fit_epochs} is fewer than swa_epochs="
+                          f"{t.swa_epochs}, the epochs the full-data model averages")
 
 
 def _check_positive(cfg: Config) -> None:
@@ -415,6 +435,7 @@ def _check_ranges(cfg: Config) -> None:
         ("seed", t.seed, lambda v: 0 <= v < _SEED_LIMIT, f"an integer in [0, {_SEED_LIMIT - 1}]"),
         ("device", t.device, lambda v: _DEVICE_PATTERN.fullmatch(v) is not None,
          "one of auto, cpu, cuda, cuda:N"),
+        ("swa_epochs", t.swa_epochs, lambda v: 0 <= v <= t.epochs, f"an integer in [0, epochs={t.epochs}]"),
         ("mix_off_epochs", m.off_epochs, lambda v: 0 <= v <= t.epochs, f"in [0, epochs={t.epochs}]"),
         ("mix_decay_power", m.decay_power, _finite(0, above=True), "a finite number > 0"),
         ("mix_max_soft", m.max_soft, _finite(0, high=0.5), "in [0, 0.5]"),

@@ -132,6 +132,18 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
         tdist.broadcast(buffer, src=0)
 
 
+def average_running_stats(module: torch.nn.Module) -> None:
+    """Every rank's BatchNorm running means and variances replaced by their mean over ranks,
+    in place (the statistics each rank measured on its own rows)."""
+    if context().world_size == 1:
+        return
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.running_mean is not None:
+            for buffer in (layer.running_mean, layer.running_var):
+                tdist.all_reduce(buffer, op=tdist.ReduceOp.SUM)
+                buffer.div_(context().world_size)
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Elementwise sums over ranks (float64, so counts stay exact)."""
     if context().world_size == 1:

@@ -24,6 +24,7 @@ from mixcls.optim import build_optimizer, build_scheduler
 from mixcls.resume import Trainables
 from mixcls.run_setup import FoldData, build_mixer, build_training_loss
 from mixcls.sampling import EpochSampler, derive_seed, make_loader
+from mixcls.swa import build_averager
 from mixcls.transforms import DeviceColour, Normalizer, build_valid_transform
 
 
@@ -52,6 +53,8 @@ class FoldParts:
     # --grad-checkpointing: the BatchNorm layers whose running statistics each backward pass
     # would update a second time (engine.train_one_epoch restores them)
     recomputed_bn: tuple[nn.Module, ...] = ()
+    # --swa-epochs: this rank's training rows as validation sees them, for the BatchNorm pass
+    bn_loader: DataLoader | None = None
     train_model: nn.Module | None = None
     head_only: bool | None = None  # the phase train_model was built for
     _compiled_eval: dict[int, nn.Module] = field(default_factory=dict)
@@ -74,9 +77,10 @@ class FoldParts:
             return tuple(batchnorm_modules(self.net.model))
         return tuple(batchnorm_modules(self.net.model, body_only=True)) if head_only else ()
 
-    def inference_model(self) -> nn.Module:
-        """The model validation runs (the EMA when there is one), compiled with --compile."""
-        model = self.net.eval_model()
+    def inference_model(self, model: nn.Module | None = None) -> nn.Module:
+        """The model validation runs (`model`, else the EMA when there is one, else the
+        model), compiled with --compile."""
+        model = self.net.eval_model() if model is None else model
         if not self.compile:
             return model
         if id(model) not in self._compiled_eval:
@@ -109,6 +113,7 @@ def build_fold_parts(cfg: Config, data: FoldData, *, fold: int, device: torch.de
     if cfg.train.ema:
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
+    swa = build_averager(model) if cfg.train.swa_epochs else None
     mixer, loss_fn = build_mixer(cfg.mix), build_training_loss(cfg.loss)
 
     def wrap(bare: nn.Module) -> nn.Module:
@@ -117,11 +122,12 @@ def build_fold_parts(cfg: Config, data: FoldData, *, fold: int, device: torch.de
         wrapped = dist.wrap_ddp(bare, device) if ctx.world_size > 1 else bare
         return torch.compile(wrapped) if cfg.model.compile else wrapped
 
-    return FoldParts(Trainables(model, ema, optimizer, scheduler, scaler), amp_dtype, sampler,
+    bn_loader = _build_bn_loader(cfg, data, fold=fold, device=device, ctx=ctx) if swa else None
+    return FoldParts(Trainables(model, ema, optimizer, scheduler, scaler, swa), amp_dtype, sampler,
                      train_loader, valid_loader, n_batches, loss_fn, mixer, data.valid_labels,
                      Normalizer(mean, std), device_augment, wrap, compile=cfg.model.compile,
                      freeze_epochs=cfg.model.freeze_epochs, freeze_bn=cfg.model.freeze_bn,
-                     recomputed_bn=recomputed_bn)
+                     recomputed_bn=recomputed_bn, bn_loader=bn_loader)
 
 
 def _build_loaders(cfg: Config, data: FoldData, train_transform: Callable, *, fold: int,
@@ -147,6 +153,22 @@ def _build_loaders(cfg: Config, data: FoldData, train_transform: Callable, *, fo
                                sampler=None, drop_last=False, device=device,
                                seed=derive_seed(cfg.train.seed, fold, 3))
     return sampler, train_loader, valid_loader
+
+
+def _build_bn_loader(cfg: Config, data: FoldData, *, fold: int, device: torch.device,
+                     ctx: DistContext) -> DataLoader:
+    """The fold's training rows with the validation transform (no augmentation, no mixing:
+    the statistics the averaged model will be validated and used with), in order. Each rank
+    takes every world_size-th of the first world_size x floor(n / world_size) rows, so every
+    rank runs as many batches of the same sizes (SyncBatchNorm would wait otherwise)."""
+    n = len(data.train_paths) // ctx.world_size * ctx.world_size
+    rows = np.arange(ctx.rank, n, ctx.world_size)
+    dataset = ImageDataset([data.train_paths[i] for i in rows], np.zeros(len(rows), np.int64),
+                           build_valid_transform(cfg.data.img_size),
+                           cache=[data.train_cache[i] for i in rows] if data.train_cache is not None else None)
+    return make_loader(dataset, batch_size=int(cfg.train.batch_size) * 2, workers=cfg.data.workers,
+                       sampler=None, drop_last=False, device=device,
+                       seed=derive_seed(cfg.train.seed, fold, 4))
 
 
 def weights_finite(model: nn.Module) -> bool:

@@ -389,6 +389,8 @@ def _config_items(cfg: dict[str, Any], metrics: dict[str, Any]) -> list[tuple[st
             items.append((label, values[key]))
     if values.get("class_weights", "none") != "none":
         items.append(("class weights", values["class_weights"]))
+    if values.get("swa_epochs"):
+        items.append(("weights averaged (SWA)", f"last {values['swa_epochs']} epochs"))
     if values.get("select_metric", "accuracy") != "accuracy":
         items.append(("best epoch by", f"valid {values['select_metric']}"))
     return items
@@ -416,6 +418,9 @@ def _fold_rows(run: RunFiles) -> list[list[Any]]:
         best = None if history is None else best_epoch_row(history, _select_metric(run))
         if best is not None:
             best_epoch, epochs = int(best["epoch"]), len(history)
+            swa = int(run.config.get("swa_epochs") or 0)
+            if swa:  # the fold's model is the average of its last epochs, not one epoch
+                best_epoch = f"SWA {epochs - swa + 1}–{epochs}"
             if "seconds" in history.columns:
                 seconds = _duration(float(history["seconds"].sum()))
         rows.append([f"fold {fold}", int(counts.get(fold, 0)), float(accuracy), best_epoch, epochs, seconds])

@@ -48,6 +48,7 @@ class Trainables:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler | None
+    swa: Any = None  # torch AveragedModel of --swa-epochs, or None
 
     def eval_model(self) -> nn.Module:
         """The weights validation, best.pt and predict use: the EMA when there is one."""
@@ -82,7 +83,7 @@ def build_last_checkpoint(net: Trainables, state: FoldState, *, header: dict[str
 
     `header` holds config, classes and fold. `model` holds the weights predict would use (the
     EMA when there is one, as in best.pt); `train_model` then holds the raw weights the
-    optimizer works on.
+    optimizer works on. `swa_model` holds the --swa-epochs average of the epochs ended so far.
     """
     probs = state.best_probs
     mid_epoch = batch > 0
@@ -91,6 +92,7 @@ def build_last_checkpoint(net: Trainables, state: FoldState, *, header: dict[str
         train_model=net.model.state_dict() if net.ema is not None else None,
         optimizer=net.optimizer.state_dict(), scheduler=net.scheduler.state_dict(),
         scaler=net.scaler.state_dict() if net.scaler is not None else None,
+        swa_model=net.swa.state_dict() if net.swa is not None else None,
         best_score=state.best_score, best_epoch=state.best_epoch, bad_epochs=state.bad_epochs,
         history=state.history, best_probs=torch.from_numpy(probs) if probs is not None else None,
         rng=capture_rng_states(device) if mid_epoch else None,
@@ -111,6 +113,8 @@ def restore_checkpoint(ckpt: dict[str, Any], net: Trainables, *, fold: int, layo
     net.scheduler.load_state_dict(ckpt["scheduler"])
     if net.scaler is not None and ckpt.get("scaler") is not None:
         net.scaler.load_state_dict(ckpt["scaler"])
+    if net.swa is not None:  # the run's options are checked unchanged, so it has one
+        net.swa.load_state_dict(ckpt["swa_model"])
     best, stats = ckpt.get("best_probs"), ckpt.get("epoch_stats")
     return FoldState(epoch=ckpt["epoch"], batch=ckpt["batch"], best_score=ckpt["best_score"],
                      best_epoch=ckpt["best_epoch"], bad_epochs=ckpt["bad_epochs"],

@@ -382,7 +382,8 @@ def estimate_run_mb(cfg: Config, num_classes: int, n_folds: int) -> float:
         return DISK_MARGIN_MB
     weights_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
     moments = {"adamw": 2, "adam": 2, "sgd": 1 if cfg.optim.momentum else 0}.get(cfg.optim.name, 2)
-    last_mb = weights_mb * (1 + moments + (1 if cfg.train.ema else 0))
+    averages = (1 if cfg.train.ema else 0) + (1 if cfg.train.swa_epochs else 0)
+    last_mb = weights_mb * (1 + moments + averages)
     return n_folds * (weights_mb + last_mb) + last_mb + DISK_MARGIN_MB
 
 

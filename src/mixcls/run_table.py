@@ -27,7 +27,7 @@ from mixcls.tta import TTA_FILE
 
 RUN_MARKERS = ("config.yaml", "folds.csv")
 COLUMNS = ["name", "cv_accuracy", "cv_macro_f1", "cv_logloss", "model", "img_size", "loss", "mix",
-           "optimizer", "lr", "epochs", "select_metric", "class_weights", "group_col", "tta", "tta_cv_accuracy", "seconds", "folds_fingerprint",
+           "optimizer", "lr", "epochs", "swa_epochs", "select_metric", "class_weights", "group_col", "tta", "tta_cv_accuracy", "seconds", "folds_fingerprint",
            "finished", "status"]
 SCORES = ("cv_accuracy", "cv_macro_f1", "cv_logloss")
 # With --against RUN: accuracy minus RUN's on the shared OOF rows, its paired SE, those rows.
@@ -87,7 +87,8 @@ def _settings(run: RunFolder) -> dict[str, Any]:
     cfg = run.config
     return {"model": cfg.model.name, "img_size": cfg.data.img_size, "loss": cfg.loss.name,
             "mix": cfg.mix.method, "optimizer": cfg.optim.name, "lr": cfg.optim.lr,
-            "epochs": cfg.train.epochs, "select_metric": cfg.train.select_metric,
+            "epochs": cfg.train.epochs, "swa_epochs": cfg.train.swa_epochs,
+            "select_metric": cfg.train.select_metric,
             "class_weights": cfg.train.class_weights, "group_col": cfg.data.group_col,
             **_applied_tta(run)}
 

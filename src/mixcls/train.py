@@ -40,6 +40,7 @@ from mixcls.run_setup import (BatchPlan, FoldData, build_image_cache, check_run_
                               valid_labels_of, with_batch_plan)
 from mixcls.runs import atomic_write_csv, atomic_write_json, load_checkpoint, save_checkpoint
 from mixcls.sampling import derive_seed, seed_everything, start_epoch_generators
+from mixcls.swa import averaged_epochs, recompute_batchnorm, swa_summary
 from mixcls.tblog import FoldBoard, open_board
 
 # The full-data model's folder: RUN/full/best.pt beside RUN/fold_K/best.pt.
@@ -86,6 +87,7 @@ def fit_fold(cfg: Config, data: FoldData, *, fold: int, fold_dir: Path, device: 
                 parts.net, state, header=header, layout=layout, epoch=epoch, batch=batch,
                 mix_gen=mix_gen, epoch_stats=epoch_stats, device=device))
 
+    averaged = averaged_epochs(cfg.train.epochs, cfg.train.swa_epochs)
     for epoch in range(state.epoch, cfg.train.epochs):
         if _patience_spent(cfg.train.patience, state):
             break  # decided before a resume
@@ -94,6 +96,8 @@ def fit_fold(cfg: Config, data: FoldData, *, fold: int, fold_dir: Path, device: 
         stats = _train_epoch(cfg, parts, state, fold=fold, epoch=epoch, start_batch=start_batch,
                              device=device, ctx=ctx, progress=progress, save_last=save_last,
                              num_classes=data.num_classes, on_lr=on_lr)
+        if parts.net.swa is not None and epoch in averaged:
+            parts.net.swa.update_parameters(parts.net.model)  # saved with this epoch's last.pt
         if data.valid_paths:
             probs, valid_loss, compile_seconds = _evaluate_fold(
                 parts, device=device, num_classes=data.num_classes, channels_last=cfg.model.channels_last)
@@ -109,6 +113,9 @@ def fit_fold(cfg: Config, data: FoldData, *, fold: int, fold_dir: Path, device: 
             log(f"fold {fold}: early stop after epoch {epoch + 1} "
                 f"({cfg.train.patience} epochs without a better valid {cfg.train.select_metric})")
             break
+    if parts.net.swa is not None:
+        _finish_swa(cfg, parts, state, averaged, fold=fold, num_classes=data.num_classes,
+                    fold_dir=Path(fold_dir), header=header, device=device, ctx=ctx, log=log)
     if board is not None and state.best_probs is not None:
         board.log_confusion(parts.valid_labels, state.best_probs, data.classes, state.best_epoch)
     return FoldResult(fold=fold, best_score=state.best_score, best_epoch=state.best_epoch,
@@ -188,14 +195,47 @@ def _stopped_hint(state: FoldState, is_main: bool) -> str:
     return "training stopped before any checkpoint (try a lower --lr or --grad-clip)"
 
 
+def _finish_swa(cfg: Config, parts: FoldParts, state: FoldState, averaged: range, *, fold: int,
+                num_classes: int, fold_dir: Path, header: dict[str, Any], device: torch.device,
+                ctx: DistContext, log: Callable[[str], None]) -> None:
+    """--swa-epochs: the averaged weights get BatchNorm statistics of their own (not under
+    --freeze-bn, whose statistics never moved), are validated, and become the fold's model:
+    best.pt, the OOF probabilities (state.best_probs) and swa.json. Run again after a resume
+    it gives the same model: the pass resets the statistics and reads the rows in order."""
+    model = parts.net.swa.module
+    if not cfg.model.freeze_bn:
+        recompute_batchnorm(model, parts.bn_loader, device=device, normalizer=parts.normalizer,
+                            channels_last=cfg.model.channels_last, amp_dtype=parts.amp_dtype)
+    scores: dict[str, float] = {}
+    if len(parts.valid_labels):
+        probs, valid_loss, _ = _evaluate_fold(parts, device=device, num_classes=num_classes,
+                                              channels_last=cfg.model.channels_last, model=model)
+        scores = _valid_scores(valid_loss, probs, parts.valid_labels)
+        state.best_probs, state.best_score = probs, epoch_score(scores, cfg.train.select_metric)
+        best = best_epoch_row(pd.DataFrame(state.history), cfg.train.select_metric)
+        log(f"fold {fold}: SWA of epochs {averaged.start + 1}-{averaged.stop}: valid_loss "
+            f"{valid_loss:.4f} valid_acc {scores['valid_accuracy']:.4f} (the best single epoch, "
+            f"{int(best['epoch'])}, picked on these rows: valid_loss {best['valid_loss']:.4f} "
+            f"valid_acc {best['valid_accuracy']:.4f})")
+    if ctx.is_main:
+        summary = swa_summary(averaged, scores)
+        save_checkpoint(fold_dir / "best.pt", dict(header, model=model.state_dict(),
+                                                   epoch=averaged.stop, swa=summary,
+                                                   score=state.best_score))
+        atomic_write_json(fold_dir / "swa.json", summary)
+
+
 def _evaluate_fold(parts: FoldParts, *, device: torch.device, num_classes: int,
-                   channels_last: bool) -> tuple[np.ndarray, float, float]:
+                   channels_last: bool, model: torch.nn.Module | None = None
+                   ) -> tuple[np.ndarray, float, float]:
     """Probabilities (n_valid, K) of every validation row and their mean CE loss, on every
-    rank; and the seconds torch.compile took in it (--compile)."""
+    rank; and the seconds torch.compile took in it (--compile). `model` defaults to the one
+    validation scores each epoch (the EMA when there is one)."""
     n_valid = len(parts.valid_labels)
-    dist.broadcast_buffers(parts.net.eval_model())
+    model = parts.net.eval_model() if model is None else model
+    dist.broadcast_buffers(model)
     compile_start = compile_seconds_so_far()
-    local, local_loss = evaluate(parts.inference_model(), parts.valid_loader, device=device,
+    local, local_loss = evaluate(parts.inference_model(model), parts.valid_loader, device=device,
                                  loss_fn=build_loss("ce"), num_classes=num_classes,
                                  normalizer=parts.normalizer, amp_dtype=parts.amp_dtype,
                                  channels_last=channels_last)
@@ -208,12 +248,17 @@ def _history_row(epoch: int, stats: EpochStats, valid_loss: float, probs: np.nda
                  valid_labels: np.ndarray) -> dict[str, float]:
     """One row of history.csv; its valid_* scores (NaN without validation rows) are what
     --select-metric picks the best epoch by (metrics.SELECT_COLUMNS)."""
+    return {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+            **_valid_scores(valid_loss, probs, valid_labels), "lr": stats.lr, "seconds": stats.seconds, "images_per_s": stats.images_per_s,
+            "skipped_steps": stats.skipped_steps, "compile_seconds": stats.compile_seconds}
+
+
+def _valid_scores(valid_loss: float, probs: np.ndarray | None,
+                  valid_labels: np.ndarray) -> dict[str, float]:
+    """valid_loss, valid_accuracy and valid_macro_f1 (NaN without validation rows)."""
     accuracy = float((probs.argmax(1) == valid_labels).mean()) if probs is not None else float("nan")
     f1 = macro_f1(valid_labels, probs) if probs is not None else float("nan")
-    return {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-            "valid_loss": valid_loss, "valid_accuracy": accuracy, "valid_macro_f1": f1,
-            "lr": stats.lr, "seconds": stats.seconds, "images_per_s": stats.images_per_s,
-            "skipped_steps": stats.skipped_steps, "compile_seconds": stats.compile_seconds}
+    return {"valid_loss": valid_loss, "valid_accuracy": accuracy, "valid_macro_f1": f1}
 
 
 def _compile_summary(run_dir: Path, chosen: list[int]) -> dict[str, float]:
@@ -247,7 +292,7 @@ def _end_epoch(parts: FoldParts, state: FoldState, row: dict[str, float], probs:
     if probs is None or score > state.best_score:
         state.best_score, state.best_epoch, state.bad_epochs, state.best_probs = \
             score, row["epoch"], 0, probs
-        if is_main:
+        if is_main and parts.net.swa is None:  # an SWA fold's best.pt is its average, at the end
             save_checkpoint(fold_dir / "best.pt", dict(header, model=parts.net.eval_model().state_dict(),
                                                        epoch=row["epoch"], score=score))
     else:
@@ -424,7 +469,10 @@ def _fit_full(cfg: Config, table: TrainTable, run_dir: Path, metrics: dict[str, 
               resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """One more model on every training row (keep == 1), saved as RUN/full/best.pt."""
     chosen = metrics["folds_trained"]
-    epochs = dist.run_on_main(lambda: full_fit_epochs(run_dir, chosen, cfg.train.full_fit_epochs,
+    # An SWA fold's model is the average of a fixed tail, not a chosen epoch: the full-data
+    # model trains as long as the folds did and averages the same tail.
+    asked = cfg.train.full_fit_epochs or (cfg.train.epochs if cfg.train.swa_epochs else None)
+    epochs = dist.run_on_main(lambda: full_fit_epochs(run_dir, chosen, asked,
                                                       metric=cfg.train.select_metric))
     full_dir = run_dir / FULL_DIR
     history = full_dir / "history.csv"
@@ -438,8 +486,13 @@ def _fit_full(cfg: Config, table: TrainTable, run_dir: Path, metrics: dict[str, 
                                                     cache=cache),
                                      cfg.train.class_weights, what="full fit", log=log)
     full_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs, patience=None))
-    log(f"full fit: {len(rows)} rows, {epochs} epochs "
-        f"({'--full-fit-epochs' if cfg.train.full_fit_epochs else 'median best epoch of the folds'})")
+    if cfg.train.full_fit_epochs:
+        why = "--full-fit-epochs"
+    elif cfg.train.swa_epochs:
+        why = f"--epochs, averaging the last {cfg.train.swa_epochs} as the folds did"
+    else:
+        why = "median best epoch of the folds"
+    log(f"full fit: {len(rows)} rows, {epochs} epochs ({why})")
     started = time.perf_counter()
     # Its seed follows the folds' (seed, fold) rule with the index one past the last fold.
     fit_fold(full_cfg, data, fold=cfg.train.folds, fold_dir=full_dir, device=device, ctx=ctx,

@@ -1,0 +1,118 @@
+"""Stochastic weight averaging (`--swa-epochs`) against the best epoch, on Fashion-MNIST.
+
+Data: a `mixcls data fashion-mnist` export (`--data`; nothing is downloaded). `--n-train`
+training images (the same number of each class, drawn with seed 0) in 5 folds; the export's
+official test images, all of them, held out and never trained on.
+
+Four runs of one recipe (`mixcls_cnn_tiny` at 28 px, preset light, cosine schedule, 5 folds,
+`--epochs` 10), all on the first run's folds (`--folds-from`), so their CVs compare row for row:
+- plain: the defaults (each fold's model is its best epoch by valid accuracy, chosen on the
+  rows that then score it);
+- swa1:  `--swa-epochs 1`: the last epoch's weights with their BatchNorm statistics measured
+  again on the fold's training rows (what the re-measuring alone does);
+- swa3, swa5: the mean of the last 3 or 5 epochs' weights, statistics measured again.
+Each is scored by its CV (oof.csv) and by the test accuracy and log-loss of its fold models'
+average (`mixcls predict --with-probs`). A step whose output exists in WORK is not run again.
+
+Ends with `plain_test_acc=… swa1_test_acc=… swa3_test_acc=… swa5_test_acc=…
+best_swa_gain_points=… plain_test_logloss=… swa3_test_logloss=… max_cv_test_gap_points=…`
+(accuracies in %; gain = the best SWA run's test accuracy − plain's; gap = |CV − test
+accuracy| over the four runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import log_loss
+
+from finetune import run
+from imbalance import write_tables
+
+FLAGS = ["--model", "mixcls_cnn_tiny", "--img-size", "28", "--preset", "light", "--folds", "5",
+         "--batch-size", "128", "--lr", "3e-3", "--scheduler", "cosine", "--workers", "0",
+         "--device", "cpu", "--cache-images", "yes", "--check-images", "header", "--no-progress",
+         "--seed", "0"]
+RUNS = {"plain": [], "swa1": ["--swa-epochs", "1"], "swa3": ["--swa-epochs", "3"],
+        "swa5": ["--swa-epochs", "5"]}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="a Fashion-MNIST export")
+    parser.add_argument("--work", type=Path, required=True, help="folder for the tables and runs")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--n-train", type=int, default=10000, help="training images (balanced)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args(argv)
+    if args.epochs < 5:
+        parser.error(f"--epochs {args.epochs}: swa5 averages 5 epochs; use at least 5")
+    return args
+
+
+def write_balanced_tables(args: argparse.Namespace) -> tuple[int, int]:
+    """WORK/train.csv (n_train / K of each class), WORK/test.csv (every test image) and links."""
+    classes = int(pd.read_csv(args.data / "train.csv")["label"].max()) + 1
+    per_class = args.n_train // classes
+    n_test = len(pd.read_csv(args.data / "test.csv"))
+    # imbalance.write_tables with a ratio of 1 keeps per_class of every class, and of the test
+    # images per_class x len(test) / (K x per_class) = all of them when the test set is balanced
+    write_tables(args.data, args.work, argparse.Namespace(n_max=per_class, ratio=1.0))
+    return per_class * classes, n_test
+
+
+def train_and_score(name: str, args: argparse.Namespace) -> dict[str, float]:
+    """One run (skipped when WORK/NAME/metrics.json exists) and its CV and test scores."""
+    work, out = args.work, args.work / name
+    minutes = 0.0
+    shared = [] if name == "plain" else ["--folds-from", str(work / "plain")]
+    if not (out / "metrics.json").is_file():
+        minutes += run(["train", "--csv", str(work / "train.csv"), "--images", str(work / "train_images"),
+                        "--out", str(out), *FLAGS, "--epochs", str(args.epochs), *RUNS[name], *shared],
+                       work / f"{name}_train.log", args.threads)
+    probs_csv = work / f"{name}_test.csv"
+    if not probs_csv.is_file():
+        minutes += run(["predict", "--run", str(out), "--images", str(work / "test_images"),
+                        "--ids", str(work / "test.csv"), "--out", str(probs_csv), "--device", "cpu",
+                        "--with-probs"], work / f"{name}_predict.log", args.threads)
+    oof = pd.read_csv(out / "oof.csv")
+    k = sum(c.startswith("prob_") for c in oof.columns)
+    columns = [f"prob_{c}" for c in range(k)]
+    truth = pd.read_csv(work / "test.csv")["label"].to_numpy()
+    test = pd.read_csv(probs_csv)[columns].to_numpy()
+    oof_probs = oof[columns].to_numpy()
+    # the CSV files round each probability, so a row sums to 1 only within ~1e-7
+    test, oof_probs = (p / p.sum(axis=1, keepdims=True) for p in (test, oof_probs))
+    return {"run": name, "cv_acc": round(100 * float((oof["pred"] == oof["label"]).mean()), 2),
+            "cv_logloss": round(log_loss(oof["label"], oof_probs, labels=list(range(k))), 4),
+            "test_acc": round(100 * float((test.argmax(1) == truth).mean()), 2),
+            "test_logloss": round(log_loss(truth, test, labels=list(range(k))), 4),
+            "minutes": round(minutes, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    n_train, n_test = write_balanced_tables(args)
+    print(f"{n_train} training images (balanced, of {args.data}) in 5 folds; {n_test} test images "
+          "held out")
+    print(f"recipe: mixcls_cnn_tiny at 28 px, preset light, cosine, 5 folds, {args.epochs} epochs")
+    table = pd.DataFrame([train_and_score(name, args) for name in RUNS]).set_index("run")
+    table["gap_points"] = (table["cv_acc"] - table["test_acc"]).round(2)
+    print(table.reset_index().to_string(index=False))
+    best = max(("swa1", "swa3", "swa5"), key=lambda n: table.loc[n, "test_acc"])
+    gain = round(float(table.loc[best, "test_acc"] - table.loc["plain", "test_acc"]), 2)
+    print(" ".join(f"{n}_test_acc={table.loc[n, 'test_acc']}" for n in RUNS)
+          + f" best_swa_gain_points={gain} plain_test_logloss={table.loc['plain', 'test_logloss']}"
+          f" swa3_test_logloss={table.loc['swa3', 'test_logloss']}"
+          f" max_cv_test_gap_points={round(float(np.abs(table['gap_points']).max()), 2)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
