@@ -2,6 +2,7 @@
 statistics measured again on its training rows; it resumes exactly and is refused where an
 option would cut or replace the average."""
 
+import copy
 import json
 
 import numpy as np
@@ -15,7 +16,9 @@ from conftest import write_tiny_dataset
 from mixcls import train as train_module
 from mixcls.cli import main
 from mixcls.data import ImageDataset
+from mixcls.config import OptimConfig, SchedConfig
 from mixcls.models import model_mean_std
+from mixcls.optim import build_optimizer, build_scheduler
 from mixcls.predict import load_model, predict_fold_outputs
 from mixcls.runs import load_checkpoint
 from mixcls.swa import averaged_epochs, recompute_batchnorm
@@ -168,11 +171,20 @@ def test_the_full_fit_averages_the_same_tail_for_the_runs_epochs(tmp_path):
     assert len(pd.read_csv(out / "full" / "history.csv")) == 3
 
 
+def test_swa_lr_alone_is_refused(tmp_path, capsys):
+    data = write_tiny_dataset(tmp_path / "data", n_per_class=4, size=16)
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(data), "--out", str(out), *BASE, "--swa-lr", "1e-3"])
+    assert code == 2 and "set --swa-epochs too" in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--ema"], "use one of --ema and --swa-epochs"),
     (["--patience", "2"], "unset --patience"),
     (["--full-fit", "--full-fit-epochs", "1"], "fewer than swa_epochs=2"),
     (["--epochs", "1"], "swa_epochs: 2 is not allowed"),
+    (["--swa-lr", "1e-3", "--warmup-epochs", "2"], "before the --swa-lr tail"),
+    (["--swa-lr", "0"], "swa_lr: 0.0 is not allowed"),
 ])
 def test_options_that_would_cut_or_replace_the_average_are_refused(tmp_path, capsys, extra, words):
     data = write_tiny_dataset(tmp_path / "data", n_per_class=4, size=16)
@@ -180,3 +192,58 @@ def test_options_that_would_cut_or_replace_the_average_are_refused(tmp_path, cap
     code = main(["train", "--data", str(data), "--out", str(out), *BASE, "--swa-epochs", "2", *extra])
     assert code == 2 and words in capsys.readouterr().err
     assert not out.exists()
+
+
+def _tail_lrs(name, *, steps, epochs, tail_epochs=0, tail_lr=None, state=None, head_lr_mult=4.0):
+    """The lr of each group before each of `steps` steps, from a fresh optimizer and schedule
+    (loaded from `state`, a (optimizer, scheduler) state-dict pair, when given); and the
+    state after them."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model.get_classifier = lambda: model[2]
+    optimizer = build_optimizer(model, OptimConfig(name="adamw", lr=0.01, head_lr_mult=head_lr_mult))
+    scheduler = build_scheduler(optimizer, SchedConfig(name=name, t0=1, warmup_epochs=0.5),
+                                steps_per_epoch=4, epochs=epochs, tail_epochs=tail_epochs,
+                                tail_lr=tail_lr)
+    if state is not None:
+        optimizer.load_state_dict(state[0])
+        scheduler.load_state_dict(state[1])
+    seen = []
+    for _ in range(steps):
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return np.asarray(seen), copy.deepcopy((optimizer.state_dict(), scheduler.state_dict()))
+
+
+@pytest.mark.parametrize("name", ["cosine", "onecycle", "cosine_restarts", "constant"])
+def test_swa_lr_runs_the_schedule_before_the_tail_and_holds_the_tail_constant(name):
+    got, _ = _tail_lrs(name, steps=20, epochs=5, tail_epochs=2, tail_lr=2e-3)
+    plain, _ = _tail_lrs(name, steps=12, epochs=3)  # the schedule over the 3 epochs before it
+    np.testing.assert_array_equal(got[:12], plain)
+    scale = got[0] / got[0][0]  # the head's groups at 4x, in every step of both parts
+    assert sorted(set(np.round(scale, 9))) == [1.0, 4.0]
+    np.testing.assert_allclose(got[12:], np.tile(2e-3 * scale, (8, 1)), rtol=1e-12)
+    # a resume restores where it stands, in the schedule or in the tail
+    for cut in (6, 14):
+        _, state = _tail_lrs(name, steps=cut, epochs=5, tail_epochs=2, tail_lr=2e-3)
+        rest, _ = _tail_lrs(name, steps=20 - cut, epochs=5, tail_epochs=2, tail_lr=2e-3, state=state)
+        np.testing.assert_array_equal(rest, got[cut:])
+
+
+def test_swa_lr_without_a_schedule_before_it_is_constant_throughout():
+    got, _ = _tail_lrs("cosine", steps=8, epochs=2, tail_epochs=2, tail_lr=5e-4, head_lr_mult=1.0)
+    np.testing.assert_allclose(got, 5e-4, rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_a_run_with_swa_lr_trains_its_averaged_epochs_at_it(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data", size=16)
+    out = _train(data, tmp_path / "run", "--swa-epochs", "1", "--swa-lr", "7e-4")
+    # history.csv's lr is the one after the epoch's last step: the cosine over epochs 1-2 is
+    # half-way down after epoch 1, and from the end of epoch 2 on the tail's lr holds
+    lr = pd.read_csv(out / "fold_0" / "history.csv")["lr"].to_numpy()
+    np.testing.assert_allclose(lr, [1e-6 + (3e-3 - 1e-6) / 2, 7e-4, 7e-4], rtol=1e-9)
+    assert (out / "fold_0" / "swa.json").is_file()
+    report = (out / "report.html").read_text()  # the settings and each fold's model say so
+    assert "weights averaged (SWA)" in report and "last 1 epoch at lr 0.0007" in report
+    assert report.count("SWA 3–3") == 2

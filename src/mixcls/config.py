@@ -144,6 +144,9 @@ class TrainConfig:
     swa_epochs: int = _opt(0, "stochastic weight averaging: each fold's model (best.pt, oof.csv) "
                            "is the mean of its weights at the end of its last N epochs, with "
                            "BatchNorm statistics measured again on its training rows (0: off)")
+    swa_lr: float | None = _opt(None, "with --swa-epochs: the averaged epochs train at this "
+                                "constant learning rate and --scheduler runs over the epochs "
+                                "before them (unset: the schedule runs over every epoch)")
     folds: int = _opt(5, "number of stratified folds")
     train_folds: list[int] | None = _opt(None, "train only these folds (default: all)")
     seed: int = _opt(42, "seed of folds, weights, augmentation, mixing and loader workers")
@@ -337,6 +340,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train_folds: {bad} outside 0..{cfg.train.folds - 1}")
     if cfg.train.swa_epochs:
         _check_swa(cfg.train)
+        if cfg.train.swa_lr is not None and cfg.sched.warmup_epochs > cfg.train.epochs - cfg.train.swa_epochs:
+            raise ConfigError(f"warmup_epochs: {cfg.sched.warmup_epochs} is more than the "
+                              f"{cfg.train.epochs - cfg.train.swa_epochs} epochs before the "
+                              "--swa-lr tail, where the schedule runs")
+    elif cfg.train.swa_lr is not None:
+        raise ConfigError("swa_lr: it sets the learning rate of the averaged epochs; set "
+                          "--swa-epochs too, or unset --swa-lr")
     if cfg.loss.name == "bi_tempered" and not (cfg.loss.t1 <= 1.0 <= cfg.loss.t2):
         raise ConfigError(f"t1, t2: bi-tempered needs t1 <= 1 <= t2, got {cfg.loss.t1}, {cfg.loss.t2}")
     if cfg.data.augment_on_device:
@@ -436,6 +446,7 @@ def _check_ranges(cfg: Config) -> None:
         ("device", t.device, lambda v: _DEVICE_PATTERN.fullmatch(v) is not None,
          "one of auto, cpu, cuda, cuda:N"),
         ("swa_epochs", t.swa_epochs, lambda v: 0 <= v <= t.epochs, f"an integer in [0, epochs={t.epochs}]"),
+        ("swa_lr", t.swa_lr, _finite(0, above=True, high=_FLOAT32_MAX), "a finite number > 0, or unset"),
         ("mix_off_epochs", m.off_epochs, lambda v: 0 <= v <= t.epochs, f"in [0, epochs={t.epochs}]"),
         ("mix_decay_power", m.decay_power, _finite(0, above=True), "a finite number > 0"),
         ("mix_max_soft", m.max_soft, _finite(0, high=0.5), "in [0, 0.5]"),

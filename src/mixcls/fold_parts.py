@@ -107,6 +107,7 @@ def build_fold_parts(cfg: Config, data: FoldData, *, fold: int, device: torch.de
     n_batches = len(train_loader)
     optimizer = build_optimizer(model, cfg.optim)  # before any freezing: every parameter has a group
     scheduler = build_scheduler(optimizer, cfg.sched, epochs=cfg.train.epochs,
+                                tail_epochs=cfg.train.swa_epochs, tail_lr=cfg.train.swa_lr,
                                 steps_per_epoch=-(-n_batches // cfg.train.accum_steps))
     amp_dtype, scaler = amp_setup(cfg.train.amp, device)
     ema = None

@@ -87,8 +87,24 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, *, steps_per_epoch: int,
-                    epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """A schedule over `steps_per_epoch * epochs` optimizer steps."""
+                    epochs: int, tail_epochs: int = 0,
+                    tail_lr: float | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+    """A schedule over `steps_per_epoch * epochs` optimizer steps.
+
+    With `tail_lr` (--swa-lr), `cfg`'s schedule runs over the first `epochs - tail_epochs`
+    epochs and the last `tail_epochs` train at the constant `tail_lr` (each group at tail_lr x
+    its lr_scale, so the head's and the layers' ratios hold): torch's SequentialLR of the two.
+    """
+    if tail_lr is not None:
+        main_epochs = epochs - tail_epochs
+        # the main schedule first: OneCycleLR reads its peak from the groups' lr as it is built
+        main = build_scheduler(optimizer, cfg, steps_per_epoch=steps_per_epoch,
+                               epochs=main_epochs) if main_epochs > 0 else None
+        constant = _ConstantLR(optimizer, tail_lr)
+        if main is None:
+            return constant
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [main, constant],
+                                                     milestones=[steps_per_epoch * main_epochs])
     total = max(1, steps_per_epoch * epochs)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     # The configured lr (a scale-1 group's): with lr_scale groups the floor is a fraction of it
@@ -116,6 +132,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, *, steps
     if cfg.name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     raise ValueError(f"unknown scheduler {cfg.name!r}")
+
+
+class _ConstantLR(torch.optim.lr_scheduler.LRScheduler):
+    """Every group at `lr` x its lr_scale. torch's ConstantLR and LambdaLR scale each group's
+    initial_lr instead, which OneCycleLR rewrites (to its peak / div_factor) when it is built."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float):
+        self.lr = lr
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [self.lr * g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
 
 
 class _CosineRestarts(torch.optim.lr_scheduler.CosineAnnealingWarmRestarts):

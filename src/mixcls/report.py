@@ -390,7 +390,9 @@ def _config_items(cfg: dict[str, Any], metrics: dict[str, Any]) -> list[tuple[st
     if values.get("class_weights", "none") != "none":
         items.append(("class weights", values["class_weights"]))
     if values.get("swa_epochs"):
-        items.append(("weights averaged (SWA)", f"last {values['swa_epochs']} epochs"))
+        at = f" at lr {values['swa_lr']:g}" if values.get("swa_lr") is not None else ""
+        n = int(values["swa_epochs"])
+        items.append(("weights averaged (SWA)", f"last {n} epoch{'s' if n != 1 else ''}{at}"))
     if values.get("select_metric", "accuracy") != "accuracy":
         items.append(("best epoch by", f"valid {values['select_metric']}"))
     return items
