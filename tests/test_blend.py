@@ -486,3 +486,120 @@ def test_the_report_can_be_rebuilt_from_the_folder(two_runs, tmp_path):
     assert "A stacker has no member weights" in page and "blend, nested CV" in page
     (tmp_path / "blend" / "report.html").unlink()
     assert write_blend_report(tmp_path / "blend").read_text() == page
+
+
+# ---------------------------------------------------------------- --class-bias
+
+def under_predicted(rng: np.random.Generator, *, n: int, k: int = 4, shy: int = 2, m: int = 2):
+    """Members whose logits hold class `shy` back by 1.5: their argmax under-predicts it."""
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(size=(m, n, k))
+    logits[:, np.arange(n), labels] += 1.5
+    logits[:, :, shy] -= 1.5
+    return softmax(logits, axis=2), labels, rng.permutation(np.arange(n) % 4)
+
+
+@pytest.mark.parametrize("metric", ["macro_f1", "accuracy"])
+def test_the_fast_scores_of_many_predictions_match_sklearn(metric):
+    rng = np.random.default_rng(20)
+    labels = rng.integers(0, 5, 200)
+    preds = rng.integers(0, 5, (9, 200))
+    preds[0] = 0  # classes never predicted (F1 0, sklearn's zero_division=0)
+    preds[1] = labels
+    got = b._score_predictions(labels, preds, 5, metric)
+    expected = [f1_score(labels, p, average="macro", labels=list(range(5)), zero_division=0)
+                if metric == "macro_f1" else np.mean(p == labels) for p in preds]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_class_bias_is_at_least_the_best_single_threshold_of_two_classes(seed):
+    """Two classes: a bias is a threshold on the log-odds; a slow loop over every grid value with
+    sklearn's macro F1 gives the best one, which the fit must reach or beat."""
+    rng = np.random.default_rng(seed)
+    probs, labels, _ = under_predicted(rng, n=300, k=2, shy=1, m=1)
+    probs = probs[0]
+    bias = b.fit_class_bias(probs, labels, metric="macro_f1")
+    fitted = f1_score(labels, b.apply_class_bias(probs, bias).argmax(1), average="macro")
+    logp = np.log(probs)
+    slow = max(f1_score(labels, (logp[:, 1] + v > logp[:, 0]).astype(int), average="macro")
+               for v in b.CLASS_BIAS_GRID)
+    assert fitted >= slow - 1e-12
+    assert fitted > f1_score(labels, probs.argmax(1), average="macro")  # there was something to gain
+
+
+def test_class_bias_stays_zero_with_nothing_to_gain():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 90)
+    probs = 0.1 / 2 + 0.9 * np.eye(3)[labels]  # every row right already
+    np.testing.assert_array_equal(b.fit_class_bias(probs, labels, metric="macro_f1"), np.zeros(3))
+
+
+def test_class_bias_raises_macro_f1_on_rows_it_never_saw():
+    rng = np.random.default_rng(4)
+    probs, labels, folds = under_predicted(rng, n=2000)
+    plain = b.fit_blend(probs, labels, folds, method="mean")
+    biased = b.fit_blend(probs, labels, folds, method="mean", class_bias="macro_f1")
+    assert biased.class_bias[2] > 0.5 and plain.class_bias is None  # the shy class is raised
+    f1 = lambda p, y: f1_score(y, p.argmax(1), average="macro")  # noqa: E731
+    assert f1(biased.nested.probs, labels) > f1(plain.nested.probs, labels) + 0.01
+    # fresh rows of the same kind, never seen by any fit: the all-rows biases help there too
+    test, test_labels, _ = under_predicted(rng, n=2000)
+    blended = test.mean(axis=0)
+    assert f1(b.apply_class_bias(blended, biased.class_bias), test_labels) > f1(blended, test_labels) + 0.01
+    # the in-sample figure (biases fitted on the rows they score) is the optimistic one
+    assert f1(biased.in_sample_probs, labels) >= f1(biased.nested.probs, labels)
+
+
+def test_nested_class_biases_are_fitted_without_the_fold_on_its_calibrated_blend(monkeypatch):
+    rng = np.random.default_rng(5)
+    probs, labels, folds = under_predicted(rng, n=400)
+    real = b.fit_class_bias
+    seen = []
+
+    def recording(p, y, *, metric):
+        seen.append((p.copy(), y.copy()))
+        return real(p, y, metric=metric)
+
+    monkeypatch.setattr(b, "fit_class_bias", recording)
+    nested = b.fit_nested(probs, labels, folds, fit=b.make_fitter("weighted"), calibrate=True,
+                          class_bias="macro_f1")
+    for g, (p, y) in zip(sorted(set(folds.tolist())), seen):
+        rest = folds != g
+        expected = b.apply_temperature(b.apply_blend(nested.fold_params[g], probs[:, rest]),
+                                       nested.fold_temperatures[g])
+        np.testing.assert_allclose(p, expected)
+        np.testing.assert_array_equal(y, labels[rest])
+        rows = folds == g  # and fold g's rows get that fold's rule, temperature and biases
+        scored = b.apply_class_bias(b.apply_temperature(b.apply_blend(
+            nested.fold_params[g], probs[:, rows]), nested.fold_temperatures[g]),
+            nested.fold_class_biases[g])
+        np.testing.assert_allclose(nested.probs[rows], scored)
+
+
+def test_a_blend_predicts_with_its_class_biases_per_fold_model(two_runs, tmp_path, monkeypatch):
+    import mixcls.predict
+
+    paths, probs, labels, folds = two_runs
+    fake_fold_models(paths)
+    out = tmp_path / "blend"
+    b.blend_runs(paths, out, method="mean", calibrate=True, class_bias="accuracy")
+    spec = b.read_blend(out)
+    assert spec["class_bias_metric"] == "accuracy" and len(spec["class_bias"]) == 3
+    assert all(len(f["class_bias"]) == 3 for f in spec["nested"]["folds"].values())
+    rng = np.random.default_rng(13)
+    test = {str(p.resolve()): rng.dirichlet(np.full(3, 0.5), size=(2, 7)) for p in paths}
+    monkeypatch.setattr(mixcls.predict, "predict_fold_probs", lambda run_dir, *a, **k: test[str(run_dir)])
+    member_fold_probs = np.stack([test[str(p.resolve())] for p in paths])  # (M, F, N, K)
+    bias, t = np.asarray(spec["class_bias"]), spec["temperature"]
+    each = [softmax(np.log(softmax(np.log(member_fold_probs[:, f].mean(0)) / t, axis=1)) + bias,
+                    axis=1) for f in range(2)]
+    np.testing.assert_allclose(b.predict_blend(out, ["x.png"] * 7), np.mean(each, axis=0), atol=1e-9)
+    assert "blend-class-bias" in (out / "report.html").read_text()
+
+
+def test_an_unknown_class_bias_metric_is_refused_before_writing(two_runs, tmp_path):
+    paths, *_ = two_runs
+    with pytest.raises(ValueError, match="unknown class bias metric 'logloss'"):
+        b.blend_runs(paths, tmp_path / "blend", method="mean", class_bias="logloss")
+    assert not (tmp_path / "blend").exists()

@@ -87,6 +87,22 @@ def test_mean_blend_of_one_run_is_its_oof(trained, tmp_path):
     pd.testing.assert_frame_equal(blended[columns], own[columns], check_exact=True)
 
 
+def test_one_run_with_class_biases_scores_its_oof_rows_by_biases_fitted_without_them(
+        trained, tmp_path, capsys):
+    _, runs = trained
+    out = tmp_path / "biased"
+    assert main(["blend", str(runs[0]), "--out", str(out), "--method", "mean",
+                 "--class-bias", "macro_f1"]) == 0
+    printed = capsys.readouterr().out
+    spec = json.loads((out / "blend.json").read_text())
+    assert "class biases for macro_f1 (all rows): " + " ".join(f"{v:+.1f}" for v in spec["class_bias"]) in printed
+    own, blended = pd.read_csv(runs[0] / "oof.csv"), pd.read_csv(out / "oof.csv")
+    for fold, rule in spec["nested"]["folds"].items():
+        rows = own["fold"] == int(fold)
+        logits = np.log(np.clip(own.loc[rows, prob_columns(3)].to_numpy(), 1e-300, 1)) + rule["class_bias"]
+        assert (blended.loc[rows, "pred"].to_numpy() == logits.argmax(1)).all()
+
+
 def test_blend_predict_is_the_per_fold_weighted_average_of_its_members(trained, tmp_path):
     data, runs = trained
     out = tmp_path / "blend"

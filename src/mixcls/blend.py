@@ -46,6 +46,11 @@ CARUANA_ITERATIONS = 30    # forward-selection steps per bag (members may be pic
 CARUANA_BAGS = 10
 CARUANA_BAG_FRACTION = 0.7  # of the members per bag: half of a few runs would drop too many
 TEMPERATURE_BOUNDS = (0.05, 20.0)
+# --class-bias: the metric the per-class log-probability biases are fitted to, their grid
+# (a factor of e^3 ~ 20 either way on a class's probability) and the coordinate-ascent rounds.
+CLASS_BIAS_METRICS = ("none", "macro_f1", "accuracy")
+CLASS_BIAS_GRID = np.round(np.linspace(-3.0, 3.0, 61), 10)
+CLASS_BIAS_ROUNDS = 4
 
 Fitter = Callable[[np.ndarray, np.ndarray, np.ndarray], "BlendParams"]  # probs, labels, folds
 
@@ -282,6 +287,63 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(result.x)
 
 
+def apply_class_bias(probs: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """softmax(log p + bias): each class's probability scaled by exp(bias_k), renormalised;
+    probs (..., K), bias (K,)."""
+    return softmax(np.log(np.clip(probs, EPS, 1.0)) + np.asarray(bias, np.float64), axis=-1)
+
+
+def _score_predictions(labels: np.ndarray, preds: np.ndarray, num_classes: int, metric: str) -> np.ndarray:
+    """accuracy or macro F1 (sklearn's, with zero_division=0) of each row of preds (C, N)."""
+    if metric == "accuracy":
+        return (preds == labels).mean(axis=1)
+    # each candidate's counts in its own block of num_classes bins
+    flat = preds + np.arange(len(preds))[:, None] * num_classes
+    size = len(preds) * num_classes
+    predicted = np.bincount(flat.ravel(), minlength=size).reshape(len(preds), num_classes)
+    tp = np.bincount(flat[preds == labels], minlength=size).reshape(len(preds), num_classes)
+    denominator = predicted + np.bincount(labels, minlength=num_classes)[None, :]
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(denominator.shape), where=denominator > 0)
+    return f1.mean(axis=1)
+
+
+def fit_class_bias(probs: np.ndarray, labels: np.ndarray, *, metric: str) -> np.ndarray:
+    """(K,) log-probability biases that maximise `metric` (macro_f1 or accuracy) of
+    argmax(log p + bias) on these rows: coordinate ascent over CLASS_BIAS_GRID, class by class,
+    for up to CLASS_BIAS_ROUNDS rounds (until a round changes nothing). A class's bias moves
+    only for a strictly better score, to the best grid value nearest its current one, so with
+    nothing to gain the biases stay 0 and the argmax is the plain one.
+
+    Written here because neither scikit-learn nor scipy fits decision biases for a multi-class
+    metric: macro F1 is a step function of the biases, so no gradient method applies.
+    """
+    logp = np.log(np.clip(probs, EPS, 1.0))
+    num_classes = probs.shape[1]
+    bias = np.zeros(num_classes)
+    best = _score_predictions(labels, logp.argmax(1)[None], num_classes, metric)[0]
+    for _ in range(CLASS_BIAS_ROUNDS):
+        changed = False
+        for k in range(num_classes):
+            shifted = logp + bias  # (N, K), with class k's column replaced per candidate
+            others = np.delete(shifted, k, axis=1)
+            other_best = others.max(axis=1)
+            other_arg = others.argmax(axis=1)
+            other_arg = other_arg + (other_arg >= k)  # back to the full class index
+            column = logp[:, k][None, :] + CLASS_BIAS_GRID[:, None]  # (C, N)
+            # argmax's rule: the largest wins, a tie goes to the lower class index
+            wins = (column > other_best) | ((column == other_best) & (k < other_arg))
+            preds = np.where(wins, k, other_arg[None, :])
+            scores = _score_predictions(labels, preds, num_classes, metric)
+            top = scores.max()
+            if top > best + 1e-12:
+                ties = np.flatnonzero(scores >= top - 1e-12)
+                bias[k] = CLASS_BIAS_GRID[ties[np.argmin(np.abs(CLASS_BIAS_GRID[ties] - bias[k]))]]
+                best, changed = top, True
+        if not changed:
+            break
+    return bias
+
+
 def make_fitter(method: str, *, metric: str = "logloss", seed: int = 0) -> Fitter:
     """fit(probs (M, N, K), labels (N,), folds (N,)) -> BlendParams for one of BLEND_METHODS.
 
@@ -324,27 +386,35 @@ class NestedBlend:
     probs: np.ndarray                                 # (N, K) pooled out-of-fold blended rows
     fold_params: dict[int, BlendParams]
     fold_temperatures: dict[int, float] = field(default_factory=dict)
+    fold_class_biases: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def fit_nested(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, *, fit: Fitter,
-               calibrate: bool = False) -> NestedBlend:
-    """For each fold g: fit on the other folds' rows, blend (and calibrate) fold g's rows.
+               calibrate: bool = False, class_bias: str = "none") -> NestedBlend:
+    """For each fold g: fit on the other folds' rows, blend (calibrate, bias) fold g's rows.
 
-    The temperature for fold g is fitted on the other folds' rows blended by fold g's rule, and
-    the stacker's C for fold g is chosen by a CV over the other folds only.
+    The temperature for fold g is fitted on the other folds' rows blended by fold g's rule, the
+    class biases (--class-bias) on those rows blended and calibrated by fold g's rule and
+    temperature, and the stacker's C for fold g is chosen by a CV over the other folds only.
     probs (M, N, K), labels (N,), folds (N,).
     """
     out = np.empty(probs.shape[1:])
-    params, temperatures = {}, {}
+    params, temperatures, biases = {}, {}, {}
     for g in np.unique(folds).tolist():
         rest, rows = folds != g, folds == g
         params[g] = fit(probs[:, rest], labels[rest], folds[rest])
-        blended = apply_blend(params[g], probs[:, rows])
+        blended, fitted_on = apply_blend(params[g], probs[:, rows]), None
+        if calibrate or class_bias != "none":
+            fitted_on = apply_blend(params[g], probs[:, rest])
         if calibrate:
-            temperatures[g] = fit_temperature(apply_blend(params[g], probs[:, rest]), labels[rest])
+            temperatures[g] = fit_temperature(fitted_on, labels[rest])
             blended = apply_temperature(blended, temperatures[g])
+            fitted_on = apply_temperature(fitted_on, temperatures[g])
+        if class_bias != "none":
+            biases[g] = fit_class_bias(fitted_on, labels[rest], metric=class_bias)
+            blended = apply_class_bias(blended, biases[g])
         out[rows] = blended
-    return NestedBlend(out, params, temperatures)
+    return NestedBlend(out, params, temperatures, biases)
 
 
 @dataclass
@@ -353,23 +423,39 @@ class BlendFit:
 
     params: BlendParams
     temperature: float | None
+    class_bias: np.ndarray | None  # (K,) with --class-bias
     in_sample_probs: np.ndarray  # (N, K) fitted and scored on the same rows: optimistic
     nested: NestedBlend
 
 
 def fit_blend(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, *, method: str,
-              metric: str = "logloss", calibrate: bool = False, seed: int = 0) -> BlendFit:
-    """Fit the blend on all rows and nested over `folds`; probs (M, N, K), labels/folds (N,)."""
+              metric: str = "logloss", calibrate: bool = False, class_bias: str = "none",
+              seed: int = 0) -> BlendFit:
+    """Fit the blend on all rows and nested over `folds`; probs (M, N, K), labels/folds (N,).
+
+    The rule is the members' combination, then the temperature (`calibrate`), then one
+    log-probability bias per class fitted to `class_bias` (macro_f1 or accuracy; "none": off).
+    """
     if len(np.unique(folds)) < 2:
         raise DataError("blend: the OOF rows come from one fold only; nested CV needs two or more")
+    check_class_bias(class_bias)
     fit = make_fitter(method, metric=metric, seed=seed)
-    nested = fit_nested(probs, labels, folds, fit=fit, calibrate=calibrate)
+    nested = fit_nested(probs, labels, folds, fit=fit, calibrate=calibrate, class_bias=class_bias)
     params = fit(probs, labels, folds)
     in_sample = apply_blend(params, probs)
     temperature = fit_temperature(in_sample, labels) if calibrate else None
     if temperature is not None:
         in_sample = apply_temperature(in_sample, temperature)
-    return BlendFit(params, temperature, in_sample, nested)
+    bias = fit_class_bias(in_sample, labels, metric=class_bias) if class_bias != "none" else None
+    if bias is not None:
+        in_sample = apply_class_bias(in_sample, bias)
+    return BlendFit(params, temperature, bias, in_sample, nested)
+
+
+def check_class_bias(class_bias: str) -> None:
+    if class_bias not in CLASS_BIAS_METRICS:
+        raise ValueError(f"unknown class bias metric {class_bias!r}; use one of "
+                         f"{', '.join(CLASS_BIAS_METRICS)}")
 
 
 def error_correlation(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -601,7 +687,8 @@ def _params_from_json(method: str, values: dict[str, Any]) -> BlendParams:
 
 
 def make_blend_spec(members: Members, result: BlendFit, *, method: str, metric: str,
-                    calibrate: bool, seed: int, checkpoints: list[dict[str, str]]) -> dict[str, Any]:
+                    calibrate: bool, seed: int, checkpoints: list[dict[str, str]],
+                    class_bias: str = "none") -> dict[str, Any]:
     """The content of blend.json: members (absolute paths, checkpoint hashes), the rule fitted
     on all rows, and the per-fold nested rules for transparency."""
     nested = result.nested
@@ -612,15 +699,24 @@ def make_blend_spec(members: Members, result: BlendFit, *, method: str, metric: 
         "members": [{"name": p.name, "path": str(p), "checkpoints": c, **setting}
                     for p, c, setting in zip(members.paths, checkpoints, members.settings)],
         **_params_to_json(result.params), "temperature": result.temperature,
+        "class_bias_metric": class_bias, "class_bias": _floats(result.class_bias),
         "nested": {"folds": {str(g): {**_params_to_json(p),
-                                      "temperature": nested.fold_temperatures.get(g)}
+                                      "temperature": nested.fold_temperatures.get(g),
+                                      "class_bias": _floats(nested.fold_class_biases.get(g))}
                              for g, p in nested.fold_params.items()}},
         "settings": {"caruana_iterations": CARUANA_ITERATIONS, "caruana_bags": CARUANA_BAGS,
                      "caruana_bag_fraction": CARUANA_BAG_FRACTION,
                      "stack_C": (result.params.stacker or {}).get("C"),
                      "stack_C_grid": list(STACK_C_GRID),
-                     "stack_clip": STACK_CLIP, "temperature_bounds": list(TEMPERATURE_BOUNDS)},
+                     "stack_clip": STACK_CLIP, "temperature_bounds": list(TEMPERATURE_BOUNDS),
+                     "class_bias_grid": [float(CLASS_BIAS_GRID[0]), float(CLASS_BIAS_GRID[-1]),
+                                         len(CLASS_BIAS_GRID)],
+                     "class_bias_rounds": CLASS_BIAS_ROUNDS},
     }
+
+
+def _floats(values: np.ndarray | None) -> list[float] | None:
+    return None if values is None else [float(v) for v in values]
 
 
 def read_blend(blend_dir: str | Path) -> dict[str, Any]:
@@ -678,7 +774,8 @@ def _check_out_folder(out: Path) -> Path:
 
 
 def blend_runs(run_dirs: Sequence[str | Path], out: str | Path, *, method: str,
-               metric: str = "logloss", calibrate: bool = False, seed: int = 0) -> dict[str, Any]:
+               metric: str = "logloss", calibrate: bool = False, class_bias: str = "none",
+               seed: int = 0) -> dict[str, Any]:
     """Blend finished runs into the new folder `out`; return its metrics (nested CV figures).
 
     Every input is read and checked, and the whole blend fitted, before the first file is written.
@@ -686,13 +783,14 @@ def blend_runs(run_dirs: Sequence[str | Path], out: str | Path, *, method: str,
     from mixcls.blend_report import build_blend_html
 
     check_method(method, metric)
+    check_class_bias(class_bias)
     out = _check_out_folder(Path(out))
     members = read_members(run_dirs)
     checkpoints = [hash_checkpoints(p) for p in members.paths]
     result = fit_blend(members.probs, members.labels, members.folds, method=method,
-                       metric=metric, calibrate=calibrate, seed=seed)
+                       metric=metric, calibrate=calibrate, class_bias=class_bias, seed=seed)
     spec = make_blend_spec(members, result, method=method, metric=metric, calibrate=calibrate,
-                           seed=seed, checkpoints=checkpoints)
+                           seed=seed, checkpoints=checkpoints, class_bias=class_bias)
     oof = make_blend_oof(members, result.nested.probs)
     metrics = make_blend_metrics(members, result, oof, method=method, metric=metric)
     page = build_blend_html(spec, metrics, out)
@@ -775,9 +873,12 @@ def combine_each_fold(spec: dict[str, Any], member_fold_probs: Sequence[np.ndarr
 def combine_members(spec: dict[str, Any], member_probs: np.ndarray) -> np.ndarray:
     """A blend's rule (from `read_blend`) on its members' probabilities (M, N, K) -> (N, K).
 
-    The weights or stacker fitted on all OOF rows, then the temperature (when calibrated).
+    The weights or stacker fitted on all OOF rows, then the temperature (when calibrated), then
+    the class biases (with --class-bias; a blend.json from before them has none).
     """
     probs = apply_blend(_params_from_json(spec["method"], spec), np.asarray(member_probs, np.float64))
     if spec["temperature"] is not None:
         probs = apply_temperature(probs, float(spec["temperature"]))
+    if spec.get("class_bias") is not None:
+        probs = apply_class_bias(probs, np.asarray(spec["class_bias"], np.float64))
     return probs

@@ -63,6 +63,15 @@ def _section_weights(spec: dict[str, Any]) -> str:
     if spec.get("temperature") is not None:
         temps = ", ".join(f"without fold {g}: {v['temperature']:.3f}" for g, v in folds.items())
         body += _note(f"Temperature {spec['temperature']:.3f} (all rows; {temps}).")
+    if spec.get("class_bias") is not None:
+        classes = [str(c) for c in spec.get("classes") or range(len(spec["class_bias"]))]
+        rows = [["all rows (used to predict)", *map(float, spec["class_bias"])]]
+        rows += [[f"fitted without fold {g}", *map(float, v["class_bias"])] for g, v in folds.items()]
+        body += _note(f"Class biases for {spec['class_bias_metric']}: added to the blended "
+                      "log-probabilities before the argmax (each fold's OOF rows by the biases "
+                      "fitted without them).")
+        body += _table(["fit", *classes], rows, table_id="blend-class-bias",
+                       numeric=frozenset(range(1, len(classes) + 1)))
     return _section("weights", "Weights", body,
                     intro=f"method {spec['method']}, fit objective {spec['fit_objective']}.")
 
