@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 import numpy as np
 import pandas as pd
@@ -39,7 +41,7 @@ def test_the_final_line_is_the_tables(tmp_path, capsys, one_thread):
     figures = {k: float(v) for k, v in final_figures(lines).items()}
     rows = {name: [float(v) for v in values]
             for name, values in printed_rows(lines, ["run", "cv_acc"]).items()}
-    assert sorted(rows) == ["balanced", "f1_select", "plain"]
+    assert sorted(rows) == ["balanced", "f1_select", "plain", "plain_bias"]
     for name in rows:
         cv_acc, cv_f1, test_acc, test_f1, rare_recall, _, gap = rows[name]
         assert figures[f"{name}_test_f1"] == test_f1
@@ -47,9 +49,14 @@ def test_the_final_line_is_the_tables(tmp_path, capsys, one_thread):
     assert figures["f1_gain_points"] == pytest.approx(
         rows["balanced"][3] - rows["plain"][3], abs=0.011)
     assert figures["rare_recall_balanced"] == rows["balanced"][4]
+    assert figures["bias_gain_points"] == pytest.approx(
+        rows["plain_bias"][3] - rows["plain"][3], abs=0.011)
+    assert figures["rare_recall_plain_bias"] == rows["plain_bias"][4]
     assert figures["max_cv_test_f1_gap_points"] == max(abs(r[6]) for r in rows.values())
     work = tmp_path / "work"
     folds = [pd.read_csv(work / name / "folds.csv") for name in rows]
+    spec = json.loads((work / "plain_bias" / "blend.json").read_text())
+    assert spec["class_bias_metric"] == "macro_f1" and spec["members"][0]["name"] == "plain"
     assert all(f.equals(folds[0]) for f in folds)  # one set of folds
     assert "class weights" in (work / "balanced" / "report.html").read_text()
     train = pd.read_csv(work / "train.csv")
