@@ -96,6 +96,7 @@ def test_one_run_with_class_biases_scores_its_oof_rows_by_biases_fitted_without_
     printed = capsys.readouterr().out
     spec = json.loads((out / "blend.json").read_text())
     assert "class biases for macro_f1 (all rows): " + " ".join(f"{v:+.1f}" for v in spec["class_bias"]) in printed
+    assert run_row(out)["model"] == "blend:mean of 1 runs, class bias for macro_f1"
     own, blended = pd.read_csv(runs[0] / "oof.csv"), pd.read_csv(out / "oof.csv")
     for fold, rule in spec["nested"]["folds"].items():
         rows = own["fold"] == int(fold)

@@ -83,7 +83,9 @@ def _settings(run: RunFolder) -> dict[str, Any]:
     first member's) shows its method and members instead, its scores being the nested ones."""
     if (run.path / BLEND_FILE).is_file():
         spec = read_json(run.path / BLEND_FILE)
-        return {"model": f"blend:{spec.get('method')} of {len(spec.get('members', []))} runs"}
+        bias = spec.get("class_bias_metric")
+        biased = f", class bias for {bias}" if bias not in (None, "none") else ""
+        return {"model": f"blend:{spec.get('method')} of {len(spec.get('members', []))} runs{biased}"}
     cfg = run.config
     return {"model": cfg.model.name, "img_size": cfg.data.img_size, "loss": cfg.loss.name,
             "mix": cfg.mix.method, "optimizer": cfg.optim.name, "lr": cfg.optim.lr,
