@@ -32,6 +32,8 @@ CASES = [
     ("focal", {"focal_gamma": 0.0}),
     ("focal", {"focal_gamma": 2.0, "smoothing": 0.1}),
     ("focal", {"focal_gamma": 0.5}),
+    ("bce", {}),
+    ("bce", {"smoothing": 0.1}),
 ]
 IDS = [f"{name}-{'-'.join(f'{k}{v}' for k, v in params.items()) or 'default'}" for name, params in CASES]
 
@@ -94,6 +96,9 @@ def _row_loss(name: str, params: dict, y: list[float], row: list[float]) -> floa
         return alpha * ce + beta * rce
     if name == "bi_tempered":
         return _bi_tempered_row(y, row, params.get("t1", 0.8), params.get("t2", 1.4))
+    if name == "bce":  # one sigmoid per class, not the softmax: the mean of K binary losses
+        sig = [1 / (1 + math.exp(-z)) for z in row]
+        return -sum(yk * math.log(s) + (1 - yk) * math.log(1 - s) for yk, s in zip(y, sig)) / len(row)
     raise AssertionError(name)
 
 
@@ -278,3 +283,14 @@ def test_targets_of_the_wrong_shape_are_rejected() -> None:
     loss_fn = build_loss("ce")
     with pytest.raises(ValueError, match=r"\(4, 6\).*5 classes"):
         loss_fn(torch.randn(4, 5), torch.rand(4, 6))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_bce_is_timms_binary_cross_entropy(smoothing):
+    from timm.loss import BinaryCrossEntropy
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(16, 5, generator=generator) * 3
+    targets = torch.randint(0, 5, (16,), generator=generator)
+    ours = build_loss("bce", smoothing=smoothing)(logits, targets)
+    torch.testing.assert_close(ours, BinaryCrossEntropy(smoothing=smoothing)(logits, targets))

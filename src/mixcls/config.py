@@ -36,7 +36,7 @@ AMP_MODES = ["none", "bf16", "fp16"]
 OPTIMIZERS = ["adamw", "adam", "sgd", "radam", "nadamw", "lamb", "lion", "adan", "madgrad",
               "adabelief", "adamp", "sgdp", "lookahead_adamw", "lookahead_radam"]
 SCHEDULERS = ["cosine", "cosine_restarts", "onecycle", "constant"]
-LOSSES = ["ce", "label_smoothing", "bi_tempered", "symmetric_ce", "taylor_ce", "focal"]
+LOSSES = ["ce", "label_smoothing", "bi_tempered", "symmetric_ce", "taylor_ce", "focal", "bce"]
 TTA_VIEWS = ["orig", "hflip", "vflip", "transpose", "rot90", "rot180", "rot270", "transverse", "zoom"]
 MIX_MODES = ["batch", "sample"]
 CHECK_IMAGES = ["full", "header"]

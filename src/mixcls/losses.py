@@ -94,6 +94,15 @@ class CrossEntropy(_SoftTargetLoss):
         return -(soft_targets * F.log_softmax(logits, dim=1)).sum(dim=1)
 
 
+class BinaryCE(_SoftTargetLoss):
+    """One-vs-rest binary cross entropy on the (smoothed, maybe mixed) targets, averaged over the
+    K classes: timm's BinaryCrossEntropy (the "ResNet strikes back" recipes' loss) per sample,
+    so the batch mean is timm's figure. torch's binary_cross_entropy_with_logits does the sums."""
+
+    def per_sample(self, logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, soft_targets, reduction="none").mean(dim=1)
+
+
 class Focal(_SoftTargetLoss):
     """Focal loss (Lin et al. 2017) on soft targets: -sum_k t_k (1 - p_k)^gamma log p_k."""
 
@@ -250,6 +259,7 @@ _FACTORIES = {
                                           smoothing=p["smoothing"]),
     "taylor_ce": lambda p: TaylorCE(order=p["taylor_order"], smoothing=p["smoothing"]),
     "focal": lambda p: Focal(gamma=p["focal_gamma"], smoothing=p["smoothing"]),
+    "bce": lambda p: BinaryCE(smoothing=p["smoothing"]),
 }
 LOSSES = tuple(_FACTORIES)
 
