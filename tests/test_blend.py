@@ -503,12 +503,12 @@ def under_predicted(rng: np.random.Generator, *, n: int, k: int = 4, shy: int = 
 def test_the_fast_scores_of_many_predictions_match_sklearn(metric):
     rng = np.random.default_rng(20)
     labels = rng.integers(0, 5, 200)
-    preds = rng.integers(0, 5, (9, 200))
-    preds[0] = 0  # classes never predicted (F1 0, sklearn's zero_division=0)
-    preds[1] = labels
-    got = b._score_predictions(labels, preds, 5, metric)
+    decisions = rng.integers(0, 5, (9, 200))
+    decisions[0] = 0  # classes never predicted (F1 0, sklearn's zero_division=0)
+    decisions[1] = labels
+    got = b._score_decisions(labels, decisions, 5, metric)
     expected = [f1_score(labels, p, average="macro", labels=list(range(5)), zero_division=0)
-                if metric == "macro_f1" else np.mean(p == labels) for p in preds]
+                if metric == "macro_f1" else np.mean(p == labels) for p in decisions]
     np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 

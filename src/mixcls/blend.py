@@ -293,16 +293,18 @@ def apply_class_bias(probs: np.ndarray, bias: np.ndarray) -> np.ndarray:
     return softmax(np.log(np.clip(probs, EPS, 1.0)) + np.asarray(bias, np.float64), axis=-1)
 
 
-def _score_predictions(labels: np.ndarray, preds: np.ndarray, num_classes: int, metric: str) -> np.ndarray:
-    """accuracy or macro F1 (sklearn's, with zero_division=0) of each row of preds (C, N)."""
+def _score_decisions(labels: np.ndarray, decisions: np.ndarray, num_classes: int,
+                     metric: str) -> np.ndarray:
+    """accuracy or macro F1 (sklearn's, with zero_division=0) of each row of `decisions`:
+    (C, N) predicted class indices, one row per candidate bias."""
     if metric == "accuracy":
-        return (preds == labels).mean(axis=1)
+        return (decisions == labels).mean(axis=1)
     # each candidate's counts in its own block of num_classes bins
-    flat = preds + np.arange(len(preds))[:, None] * num_classes
-    size = len(preds) * num_classes
-    predicted = np.bincount(flat.ravel(), minlength=size).reshape(len(preds), num_classes)
-    tp = np.bincount(flat[preds == labels], minlength=size).reshape(len(preds), num_classes)
-    denominator = predicted + np.bincount(labels, minlength=num_classes)[None, :]
+    flat = decisions + np.arange(len(decisions))[:, None] * num_classes
+    size = len(decisions) * num_classes
+    per_class = np.bincount(flat.ravel(), minlength=size).reshape(len(decisions), num_classes)
+    tp = np.bincount(flat[decisions == labels], minlength=size).reshape(len(decisions), num_classes)
+    denominator = per_class + np.bincount(labels, minlength=num_classes)[None, :]
     f1 = np.divide(2 * tp, denominator, out=np.zeros(denominator.shape), where=denominator > 0)
     return f1.mean(axis=1)
 
@@ -320,7 +322,7 @@ def fit_class_bias(probs: np.ndarray, labels: np.ndarray, *, metric: str) -> np.
     logp = np.log(np.clip(probs, EPS, 1.0))
     num_classes = probs.shape[1]
     bias = np.zeros(num_classes)
-    best = _score_predictions(labels, logp.argmax(1)[None], num_classes, metric)[0]
+    best = _score_decisions(labels, logp.argmax(1)[None], num_classes, metric)[0]
     for _ in range(CLASS_BIAS_ROUNDS):
         changed = False
         for k in range(num_classes):
@@ -332,8 +334,8 @@ def fit_class_bias(probs: np.ndarray, labels: np.ndarray, *, metric: str) -> np.
             column = logp[:, k][None, :] + CLASS_BIAS_GRID[:, None]  # (C, N)
             # argmax's rule: the largest wins, a tie goes to the lower class index
             wins = (column > other_best) | ((column == other_best) & (k < other_arg))
-            preds = np.where(wins, k, other_arg[None, :])
-            scores = _score_predictions(labels, preds, num_classes, metric)
+            decisions = np.where(wins, k, other_arg[None, :])
+            scores = _score_decisions(labels, decisions, num_classes, metric)
             top = scores.max()
             if top > best + 1e-12:
                 ties = np.flatnonzero(scores >= top - 1e-12)
