@@ -247,3 +247,14 @@ def test_a_run_with_swa_lr_trains_its_averaged_epochs_at_it(tmp_path):
     report = (out / "report.html").read_text()  # the settings and each fold's model say so
     assert "weights averaged (SWA)" in report and "last 1 epoch at lr 0.0007" in report
     assert report.count("SWA 3–3") == 2
+
+
+def test_under_freeze_bn_the_average_keeps_the_frozen_statistics(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data", n_per_class=6, size=16)
+    out = _train(data, tmp_path / "run", "--swa-epochs", "2", "--freeze-bn")
+    best = load_checkpoint(out / "fold_0" / "best.pt")["model"]
+    trained = load_checkpoint(out / "fold_0" / "last.pt")["model"]
+    stats = [k for k in best if "running" in k]
+    assert stats and all(torch.equal(best[k], trained[k]) for k in stats)  # never measured again
+    assert any(not torch.equal(best[k], trained[k]) for k in best if k not in stats
+               and "num_batches" not in k)  # while the weights are the average
