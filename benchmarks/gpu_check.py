@@ -20,7 +20,8 @@ Steps:
    prediction from the export, which must equal the run's own exactly.
 4. The step-1 run again with --grad-checkpointing: train images/s and peak GPU memory beside
    step 1's (what recomputing the blocks costs and saves at this size), and its valid accuracy.
-5. DDP: with 2 or more GPUs, `mixcls train --nproc 2 --sync-bn` (torchrun, nccl); with one GPU,
+5. DDP: with 2 or more GPUs, `mixcls train --nproc 2 --sync-bn --swa-epochs 1` (torchrun, nccl;
+   the fold's model then has its BatchNorm statistics measured by both ranks); with one GPU,
    NCCL refuses two ranks on one device, so it probes nccl with 2 processes on that GPU and
    reports the refusal, then checks a 1-rank nccl all_reduce.
 
@@ -180,7 +181,7 @@ def ddp_run(data: Path, run: Path, opts: dict, timeout: int) -> dict:
     """`mixcls train --nproc 2` (nccl on CUDA with --sync-bn, gloo on the CPU)."""
     cmd = [sys.executable, "-m", "mixcls", "train", "--nproc", "2", "--data", str(data), "--out", str(run),
            "--epochs", "1", "--folds", "2", "--train-folds", "0", "--no-progress",
-           "--cache-images", "yes"]
+           "--cache-images", "yes", "--swa-epochs", "1"]
     for key, value in opts.items():
         flag = "--" + key.replace("_", "-")
         cmd += [flag] if value is True else [flag, str(value)]
@@ -196,7 +197,10 @@ def ddp_run(data: Path, run: Path, opts: dict, timeout: int) -> dict:
         return {"ok": False, "reason": _last_error(done.stdout + done.stderr)}
     metrics = json.loads((run / "metrics.json").read_text())
     history = pd.read_csv(run / "fold_0" / "history.csv")
+    swa = run / "fold_0" / "swa.json"
+    swa_ok = swa.is_file() and math.isfinite(json.loads(swa.read_text())["valid_accuracy"])
     return {"ok": metrics.get("world_size") == 2, "seconds": time.perf_counter() - started,
+            "swa_ok": swa_ok,
             "train_images_per_s": float(history["images_per_s"].iloc[-1]),
             "loss_finite": bool(np.isfinite(history["train_loss"]).all()),
             "reason": "" if metrics.get("world_size") == 2 else f"world_size {metrics.get('world_size')}"}
@@ -275,6 +279,7 @@ def table_rows(r: dict, opts: dict, device: str, gpus: int) -> list[tuple[str, o
              f"{warp_case['img_size']}: images/s", f"{r['warp_ips']:.1f}"),
             ("ddp 2 ranks: ok", ddp["ok"]),
             ("ddp 2 ranks: images/s", f"{ddp.get('train_images_per_s', float('nan')):.1f}"),
+            ("ddp 2 ranks: SWA model validated", ddp.get("swa_ok", False)),
             ("ddp: reason", ddp.get("reason", "")),
             ("nccl 2 ranks on 1 GPU", f"{r['two_on_one']['ok']} {r['two_on_one']['reason']}".strip()),
             ("nccl 1 rank all_reduce", f"{r['one_rank']['ok']} {r['one_rank']['reason']}".strip())]
@@ -310,7 +315,8 @@ def main() -> int:
           f"ckpt_images_per_s={r['checkpointed']['train_images_per_s']:.1f} "
           f"ckpt_peak_gpu_mib={r['checkpointed']['peak_gpu_mib']:.0f} "
           f"ddp_images_per_s={ddp.get('train_images_per_s', float('nan')):.1f} "
-          f"nccl_ok={int(bool(nccl_ok)) if not args.smoke_cpu else 'n/a'} ddp_ok={int(bool(ddp['ok']))}")
+          f"nccl_ok={int(bool(nccl_ok)) if not args.smoke_cpu else 'n/a'} ddp_ok={int(bool(ddp['ok']))} "
+          f"ddp_swa_ok={int(bool(ddp.get('swa_ok', False)))}")
     return 0
 
 

@@ -31,6 +31,8 @@ def test_gpu_check_smoke_cpu_takes_every_step_and_its_line_matches_the_table():
     figures = final_figures(lines)
     table = {line[:47].strip(): line[47:].strip() for line in lines[:-1] if len(line) > 47}
     assert figures["device"] == "cpu_(smoke)" and figures["ddp_ok"] == "1"
+    # two gloo ranks measured the SWA model's BatchNorm statistics (test_resnet has BatchNorm)
+    assert figures["ddp_swa_ok"] == "1" and table["ddp 2 ranks: SWA model validated"] == "True"
     assert figures["fp16_loss_finite"] == "1" and figures["nccl_ok"] == "n/a"
     for key in ("images_per_s", "cassava_loader_ips", "cassava_device_colour_ips",
                 "cassava_device_augment_ips", "device_augment_512_ips", "ddp_images_per_s"):
