@@ -12,18 +12,19 @@ all on the first run's folds (`--folds-from`), so their CVs compare row for row:
 - plain:     the defaults (each fold's best epoch by valid accuracy);
 - f1_select: `--select-metric macro_f1` (the epoch by the competition's metric);
 - balanced:  `--class-weights balanced --select-metric macro_f1` (and the loss balanced);
-and one row after training, plain_bias: `mixcls blend plain --method mean --class-bias
+and two rows after training, plain_bias: `mixcls blend plain --method mean --class-bias
 macro_f1` (the plain run's probabilities with one bias per class fitted to macro F1; its CV
-nested: each fold's rows biased by biases fitted without them).
+nested: each fold's rows biased by biases fitted without them), and balanced_bias, the same on
+the balanced run (both at once).
 Each is scored by CV accuracy and macro F1 (oof.csv) and by the test accuracy and macro F1 of
 its fold models' average (`mixcls predict`). A step whose output exists in WORK is not run again.
 
 Ends with `plain_test_f1=… f1_select_test_f1=… balanced_test_f1=… f1_gain_points=…
 plain_test_acc=… balanced_test_acc=… rare_recall_plain=… rare_recall_balanced=…
 plain_bias_test_f1=… plain_bias_test_acc=… bias_gain_points=… rare_recall_plain_bias=…
-max_cv_test_f1_gap_points=…` (in %; f1 gain = balanced − plain test macro F1, bias gain =
+balanced_bias_test_f1=… max_cv_test_f1_gap_points=…` (in %; f1 gain = balanced − plain test macro F1, bias gain =
 plain_bias − plain; the rare class is the one with the fewest training rows; gap = |CV − test|
-of macro F1 over the four rows).
+of macro F1 over the five rows).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ FLAGS = ["--model", "mixcls_cnn_tiny", "--img-size", "28", "--preset", "light", 
 RUNS = {"plain": [], "f1_select": ["--select-metric", "macro_f1"],
         "balanced": ["--class-weights", "balanced", "--select-metric", "macro_f1"]}
 # Rows made by `mixcls blend` of a trained run instead of training: name -> (run, blend flags).
-BLENDS = {"plain_bias": ("plain", ["--method", "mean", "--class-bias", "macro_f1"])}
+BLENDS = {"plain_bias": ("plain", ["--method", "mean", "--class-bias", "macro_f1"]),
+          "balanced_bias": ("balanced", ["--method", "mean", "--class-bias", "macro_f1"])}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -148,13 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     table = pd.DataFrame(rows).set_index("run")
     table["f1_gap_points"] = (table["cv_f1"] - table["test_f1"]).round(2)
     print(table.reset_index().to_string(index=False))
-    p, s, b, pb = (table.loc[n] for n in [*RUNS, *BLENDS])
+    p, s, b, pb, bb = (table.loc[n] for n in [*RUNS, *BLENDS])
     print(f"plain_test_f1={p.test_f1} f1_select_test_f1={s.test_f1} balanced_test_f1={b.test_f1} "
           f"f1_gain_points={round(b.test_f1 - p.test_f1, 2)} plain_test_acc={p.test_acc} "
           f"balanced_test_acc={b.test_acc} rare_recall_plain={p.rare_recall} "
           f"rare_recall_balanced={b.rare_recall} plain_bias_test_f1={pb.test_f1} "
           f"plain_bias_test_acc={pb.test_acc} bias_gain_points={round(pb.test_f1 - p.test_f1, 2)} "
-          f"rare_recall_plain_bias={pb.rare_recall} "
+          f"rare_recall_plain_bias={pb.rare_recall} balanced_bias_test_f1={bb.test_f1} "
           f"max_cv_test_f1_gap_points={round(float(table['f1_gap_points'].abs().max()), 2)}")
     return 0
 

@@ -41,7 +41,7 @@ def test_the_final_line_is_the_tables(tmp_path, capsys, one_thread):
     figures = {k: float(v) for k, v in final_figures(lines).items()}
     rows = {name: [float(v) for v in values]
             for name, values in printed_rows(lines, ["run", "cv_acc"]).items()}
-    assert sorted(rows) == ["balanced", "f1_select", "plain", "plain_bias"]
+    assert sorted(rows) == ["balanced", "balanced_bias", "f1_select", "plain", "plain_bias"]
     for name in rows:
         cv_acc, cv_f1, test_acc, test_f1, rare_recall, _, gap = rows[name]
         assert figures[f"{name}_test_f1"] == test_f1
@@ -52,6 +52,7 @@ def test_the_final_line_is_the_tables(tmp_path, capsys, one_thread):
     assert figures["bias_gain_points"] == pytest.approx(
         rows["plain_bias"][3] - rows["plain"][3], abs=0.011)
     assert figures["rare_recall_plain_bias"] == rows["plain_bias"][4]
+    assert figures["balanced_bias_test_f1"] == rows["balanced_bias"][3]
     assert figures["max_cv_test_f1_gap_points"] == max(abs(r[6]) for r in rows.values())
     work = tmp_path / "work"
     folds = [pd.read_csv(work / name / "folds.csv") for name in rows]
