@@ -213,6 +213,7 @@ def _finish_swa(cfg: Config, parts: FoldParts, state: FoldState, averaged: range
         scores = _valid_scores(valid_loss, probs, parts.valid_labels)
         state.best_probs, state.best_score = probs, epoch_score(scores, cfg.train.select_metric)
         best = best_epoch_row(pd.DataFrame(state.history), cfg.train.select_metric)
+        state.best_epoch = averaged.stop  # as best.pt's "epoch": the average's last epoch
         log(f"fold {fold}: SWA of epochs {averaged.start + 1}-{averaged.stop}: valid_loss "
             f"{valid_loss:.4f} valid_acc {scores['valid_accuracy']:.4f} (the best single epoch, "
             f"{int(best['epoch'])}, picked on these rows: valid_loss {best['valid_loss']:.4f} "
@@ -249,7 +250,8 @@ def _history_row(epoch: int, stats: EpochStats, valid_loss: float, probs: np.nda
     """One row of history.csv; its valid_* scores (NaN without validation rows) are what
     --select-metric picks the best epoch by (metrics.SELECT_COLUMNS)."""
     return {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-            **_valid_scores(valid_loss, probs, valid_labels), "lr": stats.lr, "seconds": stats.seconds, "images_per_s": stats.images_per_s,
+            **_valid_scores(valid_loss, probs, valid_labels), "lr": stats.lr,
+            "seconds": stats.seconds, "images_per_s": stats.images_per_s,
             "skipped_steps": stats.skipped_steps, "compile_seconds": stats.compile_seconds}
 
 
