@@ -135,25 +135,33 @@ def _build_loaders(cfg: Config, data: FoldData, train_transform: Callable, *, fo
                    device: torch.device, ctx: DistContext
                    ) -> tuple[EpochSampler, DataLoader, DataLoader]:
     """uint8 batches (or WarpBatches of sources and plans under --augment-on-device)."""
-    batch_size, img_size = int(cfg.train.batch_size), cfg.data.img_size
+    batch_size = int(cfg.train.batch_size)
     train_ds = ImageDataset(data.train_paths, data.train_targets, train_transform,
                             cache=data.train_cache, weights=data.train_weights)
     # Each rank evaluates every world_size-th validation row and the probabilities are gathered:
     # with 8 GPUs and a 4,000-image fold (times the TTA views) evaluating the whole fold on
     # every rank would cost 8x the evaluation time for the same numbers.
     shard = dist.shard_indices(len(data.valid_paths))
-    valid_ds = ImageDataset([data.valid_paths[i] for i in shard], data.valid_labels[shard],
-                            build_valid_transform(img_size),
-                            cache=[data.valid_cache[i] for i in shard] if data.valid_cache is not None else None)
     sampler = EpochSampler(len(train_ds), seed=derive_seed(cfg.train.seed, fold, 1),
                            rank=ctx.rank, world_size=ctx.world_size)
     train_loader = make_loader(train_ds, batch_size=batch_size, workers=cfg.data.workers,
                                sampler=sampler, drop_last=len(sampler) > batch_size, device=device,
                                seed=derive_seed(cfg.train.seed, fold, 2))
-    valid_loader = make_loader(valid_ds, batch_size=batch_size * 2, workers=cfg.data.workers,
-                               sampler=None, drop_last=False, device=device,
-                               seed=derive_seed(cfg.train.seed, fold, 3))
+    valid_loader = _in_order_loader(cfg, data.valid_paths, data.valid_labels, data.valid_cache,
+                                    shard, device=device, seed=derive_seed(cfg.train.seed, fold, 3))
     return sampler, train_loader, valid_loader
+
+
+def _in_order_loader(cfg: Config, paths: list[str], labels: np.ndarray,
+                     cache: list[np.ndarray] | None, rows: np.ndarray, *, device: torch.device,
+                     seed: int) -> DataLoader:
+    """`rows` of the images with the validation transform, in order, in batches of twice the
+    training micro-batch (no backward pass): validation and the --swa-epochs BatchNorm pass."""
+    dataset = ImageDataset([paths[i] for i in rows], labels[rows],
+                           build_valid_transform(cfg.data.img_size),
+                           cache=[cache[i] for i in rows] if cache is not None else None)
+    return make_loader(dataset, batch_size=int(cfg.train.batch_size) * 2, workers=cfg.data.workers,
+                       sampler=None, drop_last=False, device=device, seed=seed)
 
 
 def _build_bn_loader(cfg: Config, data: FoldData, *, fold: int, device: torch.device,
@@ -164,12 +172,9 @@ def _build_bn_loader(cfg: Config, data: FoldData, *, fold: int, device: torch.de
     rank runs as many batches of the same sizes (SyncBatchNorm would wait otherwise)."""
     n = len(data.train_paths) // ctx.world_size * ctx.world_size
     rows = np.arange(ctx.rank, n, ctx.world_size)
-    dataset = ImageDataset([data.train_paths[i] for i in rows], np.zeros(len(rows), np.int64),
-                           build_valid_transform(cfg.data.img_size),
-                           cache=[data.train_cache[i] for i in rows] if data.train_cache is not None else None)
-    return make_loader(dataset, batch_size=int(cfg.train.batch_size) * 2, workers=cfg.data.workers,
-                       sampler=None, drop_last=False, device=device,
-                       seed=derive_seed(cfg.train.seed, fold, 4))
+    no_labels = np.zeros(len(data.train_paths), np.int64)  # the pass reads only the images
+    return _in_order_loader(cfg, data.train_paths, no_labels, data.train_cache, rows,
+                            device=device, seed=derive_seed(cfg.train.seed, fold, 4))
 
 
 def weights_finite(model: nn.Module) -> bool:

@@ -63,8 +63,8 @@ def recompute_batchnorm(model: nn.Module, loader: Sequence, *, device: torch.dev
     dist.average_running_stats(model)
 
 
-def swa_summary(epochs: range, probs_row: dict[str, Any]) -> dict[str, Any]:
+def swa_summary(epochs: range, scores: dict[str, Any]) -> dict[str, Any]:
     """swa.json: which epochs were averaged (1-based, as in history.csv) and the average's
     validation scores."""
     return dict({"first_epoch": epochs.start + 1, "last_epoch": epochs.stop,
-                 "epochs_averaged": len(epochs)}, **probs_row)
+                 "epochs_averaged": len(epochs)}, **scores)
