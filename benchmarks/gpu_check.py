@@ -20,7 +20,9 @@ Steps:
    prediction from the export, which must equal the run's own exactly.
 4. The step-1 run again with --grad-checkpointing: train images/s and peak GPU memory beside
    step 1's (what recomputing the blocks costs and saves at this size), and its valid accuracy.
-5. DDP: with 2 or more GPUs, `mixcls train --nproc 2 --sync-bn --swa-epochs 1` (torchrun, nccl;
+5. The step-1 run again with --sam sam (two passes per step, fp16 GradScaler between them):
+   train images/s, peak GPU memory, whether every loss was finite.
+6. DDP: with 2 or more GPUs, `mixcls train --nproc 2 --sync-bn --swa-epochs 1` (torchrun, nccl;
    the fold's model then has its BatchNorm statistics measured by both ranks); with one GPU,
    NCCL refuses two ranks on one device, so it probes nccl with 2 processes on that GPU and
    reports the refusal, then checks a 1-rank nccl all_reduce.
@@ -236,6 +238,7 @@ def run_steps(args: argparse.Namespace, opts: dict, gpus: int) -> dict:
         tta = tta_and_export(Path(tmp) / "single", Path(tmp) / "exported", opts)
         checkpointed = single_device_run(data, Path(tmp) / "checkpointed",
                                          dict(opts, grad_checkpointing=True))
+        sam = single_device_run(data, Path(tmp) / "sam", dict(opts, sam="sam"))
         cassava = {where: single_device_run(data, Path(tmp) / f"cassava_{where}",
                                             dict(opts, preset="cassava", colour_on_device=where == "device",
                                                  augment_on_device=where == "augment"))
@@ -251,7 +254,7 @@ def run_steps(args: argparse.Namespace, opts: dict, gpus: int) -> dict:
             ddp = {"ok": False, "reason": "one GPU: mixcls gives each rank its own device"}
             two_on_one = nccl_probe(2, args.timeout)
             one_rank = nccl_probe(1, args.timeout)
-    return dict(single=single, tta=tta, checkpointed=checkpointed, cassava=cassava, warp_case=warp_case, warp_ips=warp_ips,
+    return dict(single=single, tta=tta, checkpointed=checkpointed, sam=sam, cassava=cassava, warp_case=warp_case, warp_ips=warp_ips,
                 ddp=ddp, two_on_one=two_on_one, one_rank=one_rank)
 
 
@@ -272,6 +275,9 @@ def table_rows(r: dict, opts: dict, device: str, gpus: int) -> list[tuple[str, o
             ("grad checkpointing: train images/s", f"{r['checkpointed']['train_images_per_s']:.1f}"),
             ("grad checkpointing: peak GPU MiB", f"{r['checkpointed']['peak_gpu_mib']:.0f}"),
             ("grad checkpointing: valid accuracy", f"{r['checkpointed']['valid_accuracy']:.3f}"),
+            ("sam: train images/s", f"{r['sam']['train_images_per_s']:.1f}"),
+            ("sam: peak GPU MiB", f"{r['sam']['peak_gpu_mib']:.0f}"),
+            ("sam: losses finite", r["sam"]["loss_finite"]),
             ("cassava, colour in loader: images/s", f"{cassava['loader']['train_images_per_s']:.1f}"),
             ("cassava, colour on device: images/s", f"{cassava['device']['train_images_per_s']:.1f}"),
             ("cassava, all augmentation on device: images/s", f"{cassava['augment']['train_images_per_s']:.1f}"),
@@ -314,6 +320,8 @@ def main() -> int:
           f"export_same={int(r['tta']['export_same'])} "
           f"ckpt_images_per_s={r['checkpointed']['train_images_per_s']:.1f} "
           f"ckpt_peak_gpu_mib={r['checkpointed']['peak_gpu_mib']:.0f} "
+          f"sam_images_per_s={r['sam']['train_images_per_s']:.1f} "
+          f"sam_peak_gpu_mib={r['sam']['peak_gpu_mib']:.0f} sam_loss_finite={int(r['sam']['loss_finite'])} "
           f"ddp_images_per_s={ddp.get('train_images_per_s', float('nan')):.1f} "
           f"nccl_ok={int(bool(nccl_ok)) if not args.smoke_cpu else 'n/a'} ddp_ok={int(bool(ddp['ok']))} "
           f"ddp_swa_ok={int(bool(ddp.get('swa_ok', False)))}")

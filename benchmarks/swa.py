@@ -74,17 +74,25 @@ def write_balanced_tables(args: argparse.Namespace) -> tuple[int, int]:
 
 def train_and_score(name: str, args: argparse.Namespace) -> dict[str, float]:
     """One run (skipped when WORK/NAME/metrics.json exists) and its CV and test scores."""
+    shared = [] if name == "plain" else ["--folds-from", str(args.work / "plain")]
+    return fit_and_score(name, args, [*FLAGS, "--epochs", str(args.epochs), *RUNS[name], *shared],
+                         train_csv=args.work / "train.csv")
+
+
+def fit_and_score(name: str, args: argparse.Namespace, flags: list[str], *,
+                  train_csv: Path) -> dict[str, float]:
+    """`mixcls train FLAGS` on TRAIN_CSV into WORK/NAME, then `mixcls predict` on WORK's test
+    images (each skipped when its output exists): the run's CV and test accuracy and log-loss
+    (the CV against TRAIN_CSV's labels, the test against test.csv's) and training minutes."""
     work, out = args.work, args.work / name
-    shared = [] if name == "plain" else ["--folds-from", str(work / "plain")]
     if not (out / "metrics.json").is_file():
-        run(["train", "--csv", str(work / "train.csv"), "--images", str(work / "train_images"),
-                        "--out", str(out), *FLAGS, "--epochs", str(args.epochs), *RUNS[name], *shared],
-                       work / f"{name}_train.log", args.threads)
+        run(["train", "--csv", str(train_csv), "--images", str(work / "train_images"),
+             "--out", str(out), *flags], work / f"{name}_train.log", args.threads)
     probs_csv = work / f"{name}_test.csv"
     if not probs_csv.is_file():
         run(["predict", "--run", str(out), "--images", str(work / "test_images"),
-                        "--ids", str(work / "test.csv"), "--out", str(probs_csv), "--device", "cpu",
-                        "--with-probs"], work / f"{name}_predict.log", args.threads)
+             "--ids", str(work / "test.csv"), "--out", str(probs_csv), "--device", "cpu",
+             "--with-probs"], work / f"{name}_predict.log", args.threads)
     oof = pd.read_csv(out / "oof.csv")
     k = sum(c.startswith("prob_") for c in oof.columns)
     columns = [f"prob_{c}" for c in range(k)]

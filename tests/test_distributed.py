@@ -16,7 +16,8 @@ sum), ~1e-7 relative per step.
 The two-rank run also recomputes its blocks in the backward pass (--grad-checkpointing, timm's
 non-reentrant checkpointing under DDP), which must change none of the numbers. Both average
 the weights of their last 2 epochs (--swa-epochs 2): every rank keeps the average, rank 0
-alone writes it.
+alone writes it. Both take SAM's steps (--sam sam): the ranks climb along the all-reduced
+gradient, so to the same w + e(w) as the single process.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ pytestmark = pytest.mark.slow
 
 EPOCHS = 3
 FLAGS = ["--model", "test_efficientnet_gn", "--img-size", "16", "--folds", "2", "--epochs",
-         str(EPOCHS), "--lr", "3e-3", "--swa-epochs", "2", "--workers", "0", "--no-progress"]
+         str(EPOCHS), "--lr", "3e-3", "--swa-epochs", "2", "--sam", "sam", "--workers", "0",
+         "--no-progress"]
 # Rounding differences of ~1e-7 pass through 6 AdamW steps per fold; Adam divides by the root
 # of the second moment, so a gradient component near zero can turn a 1e-7 difference into a
 # larger relative one (measured: up to 4e-6 on a probability). 2e-4 leaves a 50x margin and is

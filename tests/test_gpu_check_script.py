@@ -50,6 +50,9 @@ def test_gpu_check_smoke_cpu_takes_every_step_and_its_line_matches_the_table():
     assert table["grad checkpointing: train images/s"] == figures["ckpt_images_per_s"]
     assert float(figures["ckpt_images_per_s"]) > 0
     assert table["grad checkpointing: valid accuracy"] == table["single: valid accuracy"]
+    # the same run with --sam sam: its own line, finite losses
+    assert table["sam: train images/s"] == figures["sam_images_per_s"]
+    assert float(figures["sam_images_per_s"]) > 0 and figures["sam_loss_finite"] == "1"
 
 
 def test_gpu_check_without_cuda_measures_nothing_and_says_so():

@@ -39,10 +39,10 @@ pytestmark = pytest.mark.slow
 # Dropout, mixup and EMA make the torch RNG, the mixing generator and the EMA weights matter;
 # --augment-on-device: the light preset's crop and flip are drawn in the loader from the item seeds
 # and its brightness/contrast from the mixing generator (as --colour-on-device does), and all
-# run on the batch in the step.
+# run on the batch in the step. --sam asam: its second pass draws dropout masks of its own.
 FLAGS = ["--model", "test_resnet", "--img-size", "16", "--batch-size", "4", "--folds", "2",
          "--epochs", "2", "--lr", "3e-3", "--drop-rate", "0.3", "--drop-path-rate", "0.2", "--mix",
-         "mixup", "--ema",
+         "mixup", "--ema", "--sam", "asam",
          "--ema-decay", "0.5", "--scheduler", "cosine", "--augment-on-device", "--no-progress"]
 WALL_CLOCK = ["seconds", "images_per_s"]
 

@@ -42,6 +42,10 @@ MIX_MODES = ["batch", "sample"]
 CHECK_IMAGES = ["full", "header"]
 CACHE_IMAGES = ["auto", "yes", "no", "disk"]
 SELECT_METRICS = ["accuracy", "logloss", "macro_f1"]
+SAM_MODES = ["none", "sam", "asam"]
+# --sam-rho when unset: the radii the methods' authors use (davda54/sam's README: asam's is
+# about 10x larger, its perturbation being scaled by |w|).
+DEFAULT_SAM_RHO = {"sam": 0.05, "asam": 2.0}
 
 
 @dataclass
@@ -114,6 +118,12 @@ class OptimConfig:
     head_lr_mult: float = _opt(1.0, "the classifier head's learning rate is this times lr")
     layer_decay: float | None = _opt(None, "layer-wise lr decay: layer l of L trains at "
                                      "lr x D^(L - l) (timm's layer groups; unset: off)")
+    sam: str = _opt("none", "sharpness-aware minimization: each step's gradient is taken at the "
+                    "worst weights within --sam-rho of the current ones (sam), or within a "
+                    "radius scaled by each weight's size (asam); two forward and backward passes "
+                    "per step", choices=SAM_MODES)
+    sam_rho: float | None = _opt(None, "with --sam: the neighbourhood's radius (unset: 0.05 for "
+                                 "sam, 2.0 for asam)")
 
 
 @dataclass
@@ -347,6 +357,9 @@ def validate(cfg: Config) -> None:
     elif cfg.train.swa_lr is not None:
         raise ConfigError("swa_lr: it sets the learning rate of the averaged epochs; set "
                           "--swa-epochs too, or unset --swa-lr")
+    if cfg.optim.sam_rho is not None and cfg.optim.sam == "none":
+        raise ConfigError("sam_rho: it sets the radius of --sam; set --sam sam or --sam asam "
+                          "too, or unset --sam-rho")
     if cfg.loss.name == "bi_tempered" and not (cfg.loss.t1 <= 1.0 <= cfg.loss.t2):
         raise ConfigError(f"t1, t2: bi-tempered needs t1 <= 1 <= t2, got {cfg.loss.t1}, {cfg.loss.t2}")
     if cfg.data.augment_on_device:
@@ -433,6 +446,7 @@ def _check_ranges(cfg: Config) -> None:
          f"an integer in [0, epochs={t.epochs}]"),
         ("head_lr_mult", o.head_lr_mult, _finite(0, above=True, high=1e6), "a finite number > 0"),
         ("layer_decay", o.layer_decay, _finite(0, above=True, high=1), "in (0, 1], or unset (off)"),
+        ("sam_rho", o.sam_rho, _finite(0, above=True, high=100), "in (0, 100], or unset"),
         ("grad_clip", t.grad_clip, _finite(0, above=True), "a finite number > 0, or unset (no clipping)"),
         ("patience", t.patience, lambda v: v >= 1, "an integer >= 1, or unset (no early stopping)"),
         ("save_every_steps", t.save_every_steps, lambda v: v >= 1,

@@ -2,7 +2,7 @@
 
 What a batch does is readable top to bottom in `train_one_epoch`: mix, forward under autocast,
 loss on soft targets, backward outside autocast, and one optimizer + scheduler step per
-`accum_steps` micro-batches.
+`accum_steps` micro-batches (with --sam, after a second pass at the worst nearby weights).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from mixcls.device_augment import DeviceAugment, WarpBatch
 from mixcls.losses import to_soft_targets
 from mixcls.optim import current_lr
+from mixcls.sam import Sharpness, climb, come_back
 from mixcls.transforms import DeviceColour, Normalizer, apply_tta_view
 
 # The running loss and accuracy are read from the device (a synchronisation) at most this
@@ -267,6 +268,7 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
                     ema: nn.Module | None = None, channels_last: bool = False,
                     bn_eval: Sequence[nn.Module] = (),
                     recomputed_bn: Sequence[nn.Module] = (),
+                    sharpness: Sharpness | None = None,
                     device_augment: DeviceColour | DeviceAugment | None = None,
                     start_batch: int = 0, n_batches: int | None = None,
                     start_stats: EpochStats | None = None,
@@ -279,6 +281,8 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
     `recomputed_bn` are BatchNorm layers that the backward pass runs again (gradient
     checkpointing): their running statistics are put back after each backward, so they hold the
     forward pass's one update per micro-batch, as without checkpointing.
+    `sharpness` (--sam) takes each step's gradient at the worst nearby weights: the group's
+    micro-batches are kept, as mixed and augmented, for the second pass (sharpness_pass).
     `on_step(i, stats)` runs after each optimizer step with the index of the last micro-batch
     and the sums so far (batch `i` included; call `stats.settle()` before reading `loss_sum`
     or `correct`). A NaN or infinite loss raises NonFiniteLossError naming its batch when the
@@ -293,6 +297,8 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
     bar = tqdm(total=n_batches, initial=start_batch, desc=desc, disable=not progress,
                leave=False, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
+    group: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]] = []
+    bn_layers = batchnorm_layers(model) if sharpness is not None else ()
     for i, batch in enumerate(loader, start=start_batch):
         images, targets, weights = batch_parts(batch)
         images, soft_targets, weights = prepare_batch(
@@ -304,12 +310,19 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
         with _no_sync(model, sync=step), autocast_context(device, amp_dtype):
             logits = model(images)
             loss = loss_fn(logits, soft_targets, *(() if weights is None else (weights,)))
-        scaled = loss / group_size(i, n_batches, accum_steps)
+        divisor = group_size(i, n_batches, accum_steps)
         with _no_sync(model, sync=step), _running_stats_kept(recomputed_bn):
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            (scaler.scale(loss / divisor) if scaler is not None else loss / divisor).backward()
         sums.add(i, loss, logits, soft_targets)
         stats.images += images.shape[0]
+        if sharpness is not None:
+            group.append((images, soft_targets, weights, divisor))
         if step:
+            if sharpness is not None:
+                sharpness_pass(model, optimizer, group, sharpness=sharpness, loss_fn=loss_fn,
+                               device=device, scaler=scaler, amp_dtype=amp_dtype,
+                               bn_layers=bn_layers)
+                group.clear()
             _finish_step(model, optimizer, stats, scaler=scaler, grad_clip=grad_clip,
                          scheduler=scheduler, ema=ema)
             clock.update(stats)
@@ -327,6 +340,37 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
     clock.update(stats)
     stats.lr = current_lr(optimizer)
     return stats
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of `model` (timm's BatchNormAct2d and SyncBatchNorm included)."""
+    return [m for m in unwrap_model(model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def sharpness_pass(model: nn.Module, optimizer: torch.optim.Optimizer,
+                   group: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]], *,
+                   sharpness: Sharpness, loss_fn: Callable, device: torch.device,
+                   scaler: torch.amp.GradScaler | None, amp_dtype: torch.dtype | None,
+                   bn_layers: Sequence[nn.Module]) -> None:
+    """SAM's second pass over an accumulation group: its gradients, taken at w + e(w), replace
+    the first pass's, and the weights are w again when it returns.
+
+    `group` holds each micro-batch's images, soft targets, row weights and the divisor of its
+    loss, as the first pass used them. Under DDP the first pass's gradients were all-reduced,
+    so every rank climbs to the same w + e(w) (e from the step's whole batch), and the second
+    pass all-reduces at its last micro-batch. The BatchNorm running statistics keep the first
+    pass's update only: the second sees the same images again.
+    """
+    moved = climb(list(model.parameters()), sharpness)
+    optimizer.zero_grad(set_to_none=True)
+    for j, (images, soft_targets, weights, divisor) in enumerate(group):
+        sync = j == len(group) - 1
+        with _running_stats_kept(bn_layers):
+            with _no_sync(model, sync=sync), autocast_context(device, amp_dtype):
+                loss = loss_fn(model(images), soft_targets, *(() if weights is None else (weights,)))
+            with _no_sync(model, sync=sync):
+                (scaler.scale(loss / divisor) if scaler is not None else loss / divisor).backward()
+    come_back(moved)
 
 
 def compile_seconds_so_far() -> float:

@@ -29,6 +29,7 @@ from PIL import Image
 from mixcls import __version__, runs
 from mixcls.data import DataError, prob_columns, read_csv, read_image
 from mixcls.metrics import best_epoch_row
+from mixcls.sam import sam_label
 from mixcls.tta import GRID_FILE, TTA_FILE
 
 REPORT_NAME = "report.html"
@@ -389,6 +390,8 @@ def _config_items(cfg: dict[str, Any], metrics: dict[str, Any]) -> list[tuple[st
             items.append((label, values[key]))
     if values.get("class_weights", "none") != "none":
         items.append(("class weights", values["class_weights"]))
+    if values.get("sam", "none") != "none":
+        items.append(("sharpness-aware minimization", sam_label(values["sam"], values.get("sam_rho"))))
     if values.get("swa_epochs"):
         at = f" at lr {values['swa_lr']:g}" if values.get("swa_lr") is not None else ""
         n = int(values["swa_epochs"])

@@ -23,6 +23,7 @@ from mixcls.data import DataError, prob_columns
 from mixcls.folds import folds_fingerprint
 from mixcls.metrics import cv_logloss
 from mixcls.runs import RunError, RunFolder, read_json
+from mixcls.sam import sam_label
 from mixcls.tta import TTA_FILE
 
 RUN_MARKERS = ("config.yaml", "folds.csv")
@@ -88,11 +89,18 @@ def _settings(run: RunFolder) -> dict[str, Any]:
         return {"model": f"blend:{spec.get('method')} of {len(spec.get('members', []))} runs{biased}"}
     cfg = run.config
     return {"model": cfg.model.name, "img_size": cfg.data.img_size, "loss": cfg.loss.name,
-            "mix": cfg.mix.method, "optimizer": cfg.optim.name, "lr": cfg.optim.lr,
+            "mix": cfg.mix.method, "optimizer": _optimizer(cfg), "lr": cfg.optim.lr,
             "epochs": cfg.train.epochs, "swa_epochs": cfg.train.swa_epochs,
             "select_metric": cfg.train.select_metric,
             "class_weights": cfg.train.class_weights, "group_col": cfg.data.group_col,
             **_applied_tta(run)}
+
+
+def _optimizer(cfg) -> str:
+    """The optimizer's name, and --sam's setting after it ("adamw, sam rho=0.05")."""
+    if cfg.optim.sam == "none":
+        return cfg.optim.name
+    return f"{cfg.optim.name}, {sam_label(cfg.optim.sam, cfg.optim.sam_rho)}"
 
 
 def _applied_tta(run: RunFolder) -> dict[str, Any]:
