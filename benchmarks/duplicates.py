@@ -43,6 +43,7 @@ import pandas as pd
 from PIL import Image, ImageEnhance
 
 from clothing import list_photos
+from finetune import work_parser
 
 
 def _jpeg(image: Image.Image, quality: int) -> Image.Image:
@@ -68,9 +69,8 @@ TRANSFORMS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="clothing-dataset-small checkout")
-    parser.add_argument("--work", type=Path, required=True, help="folder for the copies and tables")
+    parser = work_parser(__doc__, data="clothing-dataset-small checkout",
+                         work="folder for the copies and tables")
     parser.add_argument("--copies", type=int, default=300, help="photos copied under each transform")
     parser.add_argument("--speed-photos", type=int, default=300, help="photos timed at 800 x 600")
     parser.add_argument("--workers", type=int, default=2)

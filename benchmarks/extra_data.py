@@ -29,7 +29,6 @@ train_only_gap_points=…` (accuracies in %; gain = train_only test - alone test
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -39,7 +38,7 @@ import pandas as pd
 from PIL import Image
 
 from duplicates import link_photo
-from finetune import run
+from finetune import run, work_parser
 
 FLAGS = ["--model", "mixcls_cnn_tiny", "--img-size", "28", "--preset", "light", "--folds", "5",
          "--batch-size", "128", "--lr", "3e-3", "--workers", "0", "--device", "cpu",
@@ -47,9 +46,7 @@ FLAGS = ["--model", "mixcls_cnn_tiny", "--img-size", "28", "--preset", "light", 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="a Fashion-MNIST export")
-    parser.add_argument("--work", type=Path, required=True, help="folder for the tables and runs")
+    parser = work_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--extra-noise", type=float, default=0.2,
                         help="share of the extra rows' labels moved to another class")

@@ -73,6 +73,16 @@ def split_photos(data: Path, work: Path, limit: int | None, seed: int) -> tuple[
     return cv_csv, test_csv
 
 
+def work_parser(doc: str, *, data: str = "a Fashion-MNIST export",
+                work: str = "folder for the tables and runs") -> argparse.ArgumentParser:
+    """The start of the parser of a benchmark that reads an export and writes to a folder:
+    the script's docstring as its help, --data and --work (both required)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help=data)
+    parser.add_argument("--work", type=Path, required=True, help=work)
+    return parser
+
+
 def run(args: list[str], log: Path, threads: int) -> float:
     """Wall minutes of `python -m mixcls ARGS`; SystemExit naming the log on failure."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

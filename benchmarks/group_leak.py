@@ -36,13 +36,11 @@ from PIL import Image
 
 from clothing import list_photos
 from duplicates import link_photo
-from finetune import run, test_accuracy
+from finetune import run, test_accuracy, work_parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="clothing-dataset-small checkout")
-    parser.add_argument("--work", type=Path, required=True, help="folder for the tables and runs")
+    parser = work_parser(__doc__, data="clothing-dataset-small checkout")
     parser.add_argument("--copied", type=float, default=0.5, help="share of training photos copied")
     parser.add_argument("--model", default="mixcls_cnn_small")
     parser.add_argument("--img-size", type=int, default=64)

@@ -39,7 +39,7 @@ import pandas as pd
 from sklearn.metrics import f1_score, recall_score
 
 from duplicates import link_photo
-from finetune import run
+from finetune import run, work_parser
 
 FLAGS = ["--model", "mixcls_cnn_tiny", "--img-size", "28", "--preset", "light", "--folds", "5",
          "--batch-size", "128", "--lr", "3e-3", "--workers", "0", "--device", "cpu",
@@ -52,9 +52,7 @@ BLENDS = {"plain_bias": ("plain", ["--method", "mean", "--class-bias", "macro_f1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="a Fashion-MNIST export")
-    parser.add_argument("--work", type=Path, required=True, help="folder for the tables and runs")
+    parser = work_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--n-max", type=int, default=2000, help="training images of the commonest class")
     parser.add_argument("--ratio", type=float, default=0.1, help="rarest / commonest class size")

@@ -10,7 +10,8 @@ drawn uniformly from the other classes (symmetric noise). Its CV is scored again
 labels, as a competitor's CV is; the test set says how well the truth was learnt.
 
 Five runs of one recipe (`mixcls_cnn_tiny` at 28 px, preset light, AdamW at 3e-3, cosine,
-5 folds, `--epochs` 10), all on the first run's folds (`--folds-from`):
+5 folds, `--epochs` 10), all on the first run's folds (`--folds-from`; `--runs` picks some of
+them, in its order, the first making the folds):
 - clean_plain, clean_sam: the clean labels, plain steps and `--sam sam` (rho 0.05);
 - noisy_plain, noisy_sam, noisy_asam: the noisy labels, plain steps, `--sam sam` (rho 0.05)
   and `--sam asam` (rho 2.0), the radii the methods' authors use, fixed before any run.
@@ -21,7 +22,8 @@ Ends with `clean_plain_test_acc=… clean_sam_test_acc=… noisy_plain_test_acc=
 noisy_sam_test_acc=… noisy_asam_test_acc=… clean_gain_points=… noisy_gain_points=…
 sam_time_ratio=…` (accuracies in %; the gains are the SAM run's test accuracy − the plain
 run's on the same labels, the noisy one the better of sam and asam; the time ratio is
-noisy_sam's training minutes over noisy_plain's, from metrics.json).
+noisy_sam's training minutes over noisy_plain's, from metrics.json; with `--runs`, the figures
+whose runs were run).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from finetune import work_parser
 from mixcls.runs import read_json
 from swa import FLAGS, fit_and_score, write_balanced_tables
 
@@ -43,16 +46,19 @@ RUNS = {"clean_plain": ("train.csv", []), "clean_sam": ("train.csv", ["--sam", "
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="a Fashion-MNIST export")
-    parser.add_argument("--work", type=Path, required=True, help="folder for the tables and runs")
+    parser = work_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--n-train", type=int, default=10000, help="training images (balanced)")
     parser.add_argument("--noise", type=float, default=0.2, help="share of training labels made wrong")
+    parser.add_argument("--runs", type=lambda v: v.split(","), default=list(RUNS),
+                        help="comma-separated, of " + ", ".join(RUNS) + " (default: all)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args(argv)
     if not 0 < args.noise < 1:
         parser.error(f"--noise {args.noise}: a share in (0, 1)")
+    unknown = [name for name in args.runs if name not in RUNS]
+    if unknown or len(set(args.runs)) != len(args.runs):
+        parser.error(f"--runs {','.join(args.runs)}: each once, of {', '.join(RUNS)}")
     return args
 
 
@@ -78,24 +84,33 @@ def main(argv: list[str] | None = None) -> int:
           f"held out; the noisy table changes {flipped} labels ({100 * flipped / n_train:.1f} %)")
     print(f"recipe: mixcls_cnn_tiny at 28 px, preset light, AdamW 3e-3, cosine, 5 folds, "
           f"{args.epochs} epochs")
-    rows = []
-    for name, (table, extra) in RUNS.items():
-        shared = [] if name == "clean_plain" else ["--folds-from", str(args.work / "clean_plain")]
+    rows, names = [], args.runs
+    for name in names:
+        table, extra = RUNS[name]
+        shared = [] if name == names[0] else ["--folds-from", str(args.work / names[0])]
         row = fit_and_score(name, args, [*FLAGS, "--epochs", str(args.epochs), *extra, *shared],
                             train_csv=args.work / table)
         rows.append({"run": name, "labels": table.removesuffix(".csv").removeprefix("train_")
                      .replace("train", "clean"), **{k: v for k, v in row.items() if k != "run"}})
     table = pd.DataFrame(rows).set_index("run")
     print(table.reset_index().to_string(index=False))
-    acc = table["test_acc"]
-    noisy_best = max(acc["noisy_sam"], acc["noisy_asam"])
-    seconds = {n: float(read_json(args.work / n / "metrics.json")["seconds"]) for n in RUNS}
-    ratio = seconds["noisy_sam"] / seconds["noisy_plain"]
-    print(" ".join(f"{n}_test_acc={acc[n]}" for n in RUNS)
-          + f" clean_gain_points={round(float(acc['clean_sam'] - acc['clean_plain']), 2)}"
-          f" noisy_gain_points={round(float(noisy_best - acc['noisy_plain']), 2)}"
-          f" sam_time_ratio={ratio:.2f}")
+    print(final_line(table["test_acc"], args.work, names))
     return 0
+
+
+def final_line(acc: pd.Series, work: Path, names: list[str]) -> str:
+    """The test accuracies, then each figure whose runs were among `names`."""
+    figures = [f"{n}_test_acc={acc[n]}" for n in names]
+    if {"clean_plain", "clean_sam"} <= set(names):
+        figures.append(f"clean_gain_points={round(float(acc['clean_sam'] - acc['clean_plain']), 2)}")
+    noisy_sam = [n for n in ("noisy_sam", "noisy_asam") if n in names]
+    if "noisy_plain" in names and noisy_sam:
+        best = max(acc[n] for n in noisy_sam)
+        figures.append(f"noisy_gain_points={round(float(best - acc['noisy_plain']), 2)}")
+    if {"noisy_plain", "noisy_sam"} <= set(names):
+        seconds = {n: float(read_json(work / n / "metrics.json")["seconds"]) for n in ("noisy_plain", "noisy_sam")}
+        figures.append(f"sam_time_ratio={seconds['noisy_sam'] / seconds['noisy_plain']:.2f}")
+    return " ".join(figures)
 
 
 if __name__ == "__main__":

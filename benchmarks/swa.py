@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import log_loss
 
-from finetune import run
+from finetune import run, work_parser
 from mixcls.runs import read_json
 from imbalance import write_tables
 
@@ -49,9 +49,7 @@ SWA_RUNS = [name for name in RUNS if name != "plain"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="a Fashion-MNIST export")
-    parser.add_argument("--work", type=Path, required=True, help="folder for the tables and runs")
+    parser = work_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--n-train", type=int, default=10000, help="training images (balanced)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)

@@ -38,3 +38,13 @@ def test_the_noise_is_as_asked_and_the_final_line_is_the_tables(tmp_path, capsys
     for name, (table, extra) in bench.RUNS.items():
         cfg = load_config(work / name / "config.yaml")
         assert cfg.optim.sam == (extra[1] if extra else "none") and cfg.data.csv.endswith(table)
+
+    # --runs: some of them (found trained, so not run again), and only the figures they make
+    assert bench.main(["--data", str(data), "--work", str(work), "--epochs", "1", "--n-train", "45",
+                       "--runs", "noisy_plain,noisy_sam", "--threads", "1"]) == 0
+    again = final_figures(capsys.readouterr().out.strip().splitlines())
+    assert sorted(again) == ["noisy_gain_points", "noisy_plain_test_acc", "noisy_sam_test_acc",
+                             "sam_time_ratio"]
+    assert float(again["noisy_gain_points"]) == pytest.approx(acc["noisy_sam"] - acc["noisy_plain"], abs=0.011)
+    with pytest.raises(SystemExit):
+        bench.main(["--data", str(data), "--work", str(work), "--runs", "noisy_plain,noisy_plain"])

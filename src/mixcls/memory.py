@@ -1,6 +1,7 @@
 """Measure the memory of one training step, and pick the batch size that fits a budget.
 
-One step is forward + backward + AdamW step on random images. Each setting is measured in a
+One step is forward + backward + AdamW step on random images (with `sam`, the trainer's second
+pass at the moved weights before the AdamW step, and the copy of the weights it keeps). Each setting is measured in a
 fresh child process, so nothing left over from an earlier setting (cached blocks, a larger
 high-water mark, lazily built kernels) leaks into the next one:
 
@@ -68,6 +69,7 @@ class MemoryResult:
     oom: bool = False
     grad_checkpointing: bool = False
     step_seconds: float = float("nan")  # the measured step alone (seconds: the whole child)
+    sam: str = "none"
 
     @property
     def effective_batch(self) -> int:
@@ -78,21 +80,25 @@ class MemoryResult:
         """Short name of the setting for tables and plots: '64', '8x8', '32 bf16', '32 ckpt'."""
         name = str(self.micro_batch) if self.accum_steps == 1 else f"{self.micro_batch}x{self.accum_steps}"
         name = name if self.amp == "none" else f"{name} {self.amp}"
-        return f"{name} ckpt" if self.grad_checkpointing else name
+        name = f"{name} ckpt" if self.grad_checkpointing else name
+        return name if self.sam == "none" else f"{name} {self.sam}"
 
 
 def measure_step(model_name: str, img_size: int, *, num_classes: int, micro_batch: int,
                  accum_steps: int = 1, amp: str = "none", device: str = "cpu", seed: int = 0,
-                 grad_checkpointing: bool = False, timeout_s: float = 600.0) -> MemoryResult:
+                 grad_checkpointing: bool = False, sam: str = "none",
+                 timeout_s: float = 600.0) -> MemoryResult:
     """Measure one step (accum_steps micro-batches of micro_batch images, one AdamW step), with
-    the model's gradient checkpointing on when `grad_checkpointing`."""
+    the model's gradient checkpointing on when `grad_checkpointing`, and --sam's second pass
+    when `sam` is sam or asam."""
     _check_setting(img_size=img_size, num_classes=num_classes, micro_batch=micro_batch,
                    accum_steps=accum_steps, amp=amp)
     spec = {"model": model_name, "img_size": img_size, "num_classes": num_classes,
             "micro_batch": micro_batch, "accum_steps": accum_steps, "amp": amp,
-            "device": device, "seed": seed, "grad_checkpointing": grad_checkpointing}
+            "device": device, "seed": seed, "grad_checkpointing": grad_checkpointing, "sam": sam}
     what = (f"{model_name} at {img_size} px, batch {micro_batch}x{accum_steps}, amp {amp}, {device}"
-            + (", gradient checkpointing" if grad_checkpointing else ""))
+            + (", gradient checkpointing" if grad_checkpointing else "")
+            + (f", --sam {sam}" if sam != "none" else ""))
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-c", _CHILD_CODE, json.dumps(spec)],
@@ -142,7 +148,7 @@ def measure_memory(model_name: str, img_size: int, *, num_classes: int,
 def find_max_batch(model_name: str, img_size: int, *, num_classes: int, budget_mb: float | None,
                    device: str = "cpu", amp: str = "none",
                    candidates: Sequence[int] = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-                   seed: int = 0, grad_checkpointing: bool = False) -> int:
+                   seed: int = 0, grad_checkpointing: bool = False, sam: str = "none") -> int:
     """The largest candidate micro-batch whose measured step peak_mb is at most budget_mb.
 
     Binary search over the sorted candidates, which assumes the peak grows with the batch
@@ -162,7 +168,7 @@ def find_max_batch(model_name: str, img_size: int, *, num_classes: int, budget_m
         mid = (low + high) // 2
         result = measure_step(model_name, img_size, num_classes=num_classes,
                               micro_batch=ordered[mid], amp=amp, device=device, seed=seed,
-                              grad_checkpointing=grad_checkpointing)
+                              grad_checkpointing=grad_checkpointing, sam=sam)
         if mid == 0:
             smallest_peak = result.peak_mb
         if not result.oom and result.peak_mb <= budget_mb:
@@ -273,7 +279,7 @@ def _child_main(spec_json: str) -> None:
 
 def _measure_in_process(*, model: str, img_size: int, num_classes: int, micro_batch: int,
                         accum_steps: int, amp: str, device: str, seed: int,
-                        grad_checkpointing: bool) -> dict:
+                        grad_checkpointing: bool, sam: str = "none") -> dict:
     import gc
 
     import timm
@@ -296,7 +302,7 @@ def _measure_in_process(*, model: str, img_size: int, num_classes: int, micro_ba
     # The warm-up step creates the optimizer state, as every step after a trainer's first one
     # finds it; its gradients go, as with zero_grad(set_to_none=True) in the trainer.
     _train_step(net, optimizer, scaler, micro_batch=2, accum_steps=1, img_size=img_size,
-                num_classes=num_classes, amp=amp, generator=generator)
+                num_classes=num_classes, amp=amp, generator=generator, sam=sam)
     net.zero_grad(set_to_none=True)
     gc.collect()
 
@@ -304,7 +310,7 @@ def _measure_in_process(*, model: str, img_size: int, num_classes: int, micro_ba
     baseline = _reset_peak(dev)
     start = time.perf_counter()
     _train_step(net, optimizer, scaler, micro_batch=micro_batch, accum_steps=accum_steps,
-                img_size=img_size, num_classes=num_classes, amp=amp, generator=generator)
+                img_size=img_size, num_classes=num_classes, amp=amp, generator=generator, sam=sam)
     step_seconds = time.perf_counter() - start  # _train_step synchronises a CUDA device
     step_peak, process_peak = _read_peak(dev, baseline)
 
@@ -316,7 +322,7 @@ def _measure_in_process(*, model: str, img_size: int, num_classes: int, micro_ba
     peak = params + state_before + step_peak
     return {"model": model, "img_size": img_size, "device": device, "amp": amp,
             "micro_batch": micro_batch, "accum_steps": accum_steps,
-            "grad_checkpointing": grad_checkpointing,
+            "grad_checkpointing": grad_checkpointing, "sam": sam,
             "params_mb": params / _MIB, "grads_mb": grads / _MIB, "optimizer_mb": state / _MIB,
             "activations_mb": (peak - params - grads - state) / _MIB, "peak_mb": peak / _MIB,
             "process_peak_mb": process_peak / _MIB, "step_seconds": step_seconds}
@@ -330,15 +336,19 @@ def _state_bytes(optimizer) -> int:
 
 
 def _train_step(model, optimizer, scaler, *, micro_batch: int, accum_steps: int, img_size: int,
-                num_classes: int, amp: str, generator) -> None:
-    """accum_steps forward/backward passes on random images, then one optimizer step."""
+                num_classes: int, amp: str, generator, sam: str = "none") -> None:
+    """accum_steps forward/backward passes on random images, then (with `sam`) the trainer's
+    second pass over the kept micro-batches, then one optimizer step."""
     import torch
     import torch.nn.functional as F
 
     from mixcls.devices import amp_dtype  # the trainer's rule (fp16 only on CUDA)
+    from mixcls.engine import batchnorm_layers, sharpness_pass
+    from mixcls.sam import sharpness_settings
 
     dev = next(model.parameters()).device
     dtype = amp_dtype(amp, dev)
+    kept = []  # what the trainer keeps for --sam's second pass: each micro-batch, as it was
     for _ in range(accum_steps):
         images = torch.randn(micro_batch, 3, img_size, img_size, generator=generator).to(dev)
         labels = torch.randint(num_classes, (micro_batch,), generator=generator).to(dev)
@@ -348,6 +358,12 @@ def _train_step(model, optimizer, scaler, *, micro_batch: int, accum_steps: int,
         # the effective batch, as in the trainer.
         loss = F.cross_entropy(logits.float(), labels) / accum_steps
         (scaler.scale(loss) if scaler else loss).backward()
+        if sam != "none":
+            kept.append((images, labels, None, accum_steps))
+    if kept:
+        sharpness_pass(model, optimizer, kept, sharpness=sharpness_settings(sam, None),
+                       loss_fn=lambda out, labels: F.cross_entropy(out.float(), labels),
+                       device=dev, scaler=scaler, amp_dtype=dtype, bn_layers=batchnorm_layers(model))
     if scaler:
         scale = scaler.get_scale()
         scaler.step(optimizer)

@@ -352,7 +352,7 @@ def _plan_auto_batch(cfg: Config, num_classes: int, device: torch.device,
     from mixcls.memory import find_max_batch, plan_batch
     micro = find_max_batch(cfg.model.name, cfg.data.img_size, num_classes=num_classes,
                            budget_mb=cfg.train.max_memory_mb, device=str(device), amp=cfg.train.amp,
-                           grad_checkpointing=cfg.model.grad_checkpointing)
+                           grad_checkpointing=cfg.model.grad_checkpointing, sam=cfg.optim.sam)
     effective = cfg.train.effective_batch or micro
     batch, accum = plan_batch(effective, micro)
     log(f"batch size auto: micro-batch {batch} x {accum} accumulation steps "

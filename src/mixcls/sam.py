@@ -61,13 +61,16 @@ def climb(params: Sequence[nn.Parameter], sharpness: Sharpness) -> list[tuple[nn
     The check stays on the device (torch.where), so a step waits for no host read.
     """
     with_grad = [p for p in params if p.grad is not None]
-    scaled = [p.grad * p.abs() if sharpness.adaptive else p.grad for p in with_grad]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s.float()) for s in scaled]))
+    # One parameter's temporaries at a time (no list of T g): the climb then needs no more
+    # memory than the copies of w it returns.
+    norm = torch.linalg.vector_norm(torch.stack([
+        torch.linalg.vector_norm(p.grad * p.abs() if sharpness.adaptive else p.grad, dtype=torch.float32)
+        for p in with_grad]))
     factor = torch.where(torch.isfinite(norm), sharpness.rho / (norm + _EPS), torch.zeros_like(norm))
     moved = []
-    for p, s in zip(with_grad, scaled):
+    for p in with_grad:
         moved.append((p, p.detach().clone()))
-        step = (s * p.abs() if sharpness.adaptive else s) * factor.to(p.dtype)
+        step = (p.grad * p.square() if sharpness.adaptive else p.grad) * factor.to(p.dtype)
         p.add_(torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0))
     return moved
 
