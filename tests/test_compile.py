@@ -37,11 +37,13 @@ def test_compiled_training_matches_eager_and_saves_bare_keys(tmp_path, both):
     # inductor fuses and reorders float32 arithmetic: close, not bit-equal
     assert compiled["train_loss"].iloc[0] == pytest.approx(eager["train_loss"].iloc[0], rel=1e-4)
     assert compiled["valid_loss"].iloc[0] == pytest.approx(eager["valid_loss"].iloc[0], rel=1e-3)
-    assert eager["compile_seconds"].iloc[0] == 0.0 and compiled["compile_seconds"].iloc[0] > 0.5
+    assert eager["compile_seconds"].iloc[0] == 0.0
+    if not both:  # the first case compiles; dynamo's cache serves the later ones in this process
+        assert compiled["compile_seconds"].iloc[0] > 0.5
     for name in ("best.pt", "last.pt"):
         keys = set(load_checkpoint(runs["compiled"] / "fold_0" / name)["model"])
         assert keys == set(load_checkpoint(runs["eager"] / "fold_0" / name)["model"])
         assert not any("_orig_mod" in k for k in keys)
     metrics = json.loads((runs["compiled"] / "metrics.json").read_text())
-    assert metrics["compile_seconds"] == pytest.approx(compiled["compile_seconds"].sum())
+    assert metrics.get("compile_seconds", 0.0) == pytest.approx(compiled["compile_seconds"].sum())
     assert "compile_seconds" not in json.loads((runs["eager"] / "metrics.json").read_text())
