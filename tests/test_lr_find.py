@@ -192,6 +192,41 @@ def test_range_test_smooths_what_it_records() -> None:
     np.testing.assert_allclose(result.smoothed, expected, rtol=1e-10)
 
 
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_a_range_test_under_sam_takes_the_trainers_sam_steps(accum_steps: int) -> None:
+    from mixcls.engine import train_one_epoch
+    from mixcls.sam import Sharpness
+
+    steps = 10
+    sharpness, batches = Sharpness(0.5, adaptive=True), _batches(5, n=steps * accum_steps)
+    model = _net(6)
+    model.eval()  # the range test puts it in train mode and back, its BatchNorm statistics too
+    result = range_test(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=_ce,
+                        device=CPU, num_classes=3, min_lr=1e-3, max_lr=1e-1, steps=steps,
+                        accum_steps=accum_steps, sharpness=sharpness)
+    # The trainer, one group at a time at the range test's lrs: the loss of each step is the
+    # first pass's at the weights the steps before it left. Dropout draws from the global RNG,
+    # which the range test forks from the same state.
+    reference = _net(6)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    expected = []
+    with torch.random.fork_rng(devices=[]):
+        for k, lr in enumerate(lr_schedule(1e-3, 1e-1, steps)):
+            optimizer.param_groups[0]["lr"] = float(lr)
+            group = batches[k * accum_steps:(k + 1) * accum_steps]
+            stats = train_one_epoch(reference, group, optimizer, loss_fn=_ce, device=CPU,
+                                    num_classes=3, accum_steps=accum_steps, sharpness=sharpness,
+                                    progress=False)
+            expected.append(stats.loss)
+    assert len(result.losses) == steps and not result.stopped_early
+    np.testing.assert_allclose(result.losses, expected, rtol=1e-5)
+    plain = range_test(_net(6), batches, torch.optim.SGD(_net(6).parameters(), lr=0.1), loss_fn=_ce,
+                       device=CPU, num_classes=3, min_lr=1e-3, max_lr=1e-1, steps=steps,
+                       accum_steps=accum_steps)
+    assert plain.losses[0] == pytest.approx(result.losses[0])  # the same first pass at w
+    assert not np.allclose(plain.losses[1:], result.losses[1:], rtol=1e-5)
+
+
 def _least_squares(seed: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Isotropic linear regression; plain gradient descent on the MSE diverges for lr > 2 / L."""
     rng = np.random.default_rng(seed)

@@ -24,10 +24,12 @@ from torch.utils.data import DataLoader
 from mixcls.config import Config, ConfigError
 from mixcls.data import ImageDataset, TrainTable
 from mixcls.devices import amp_setup, resolve_device
-from mixcls.engine import autocast_context, group_size, prepare_batch, should_step
+from mixcls.engine import (autocast_context, batchnorm_layers, group_size, prepare_batch,
+                           sharpness_pass, should_step)
 from mixcls.models import build_training_model, model_mean_std
 from mixcls.optim import build_optimizer
 from mixcls.run_setup import build_mixer, build_training_loss, resolve_batch_plan
+from mixcls.sam import Sharpness, sharpness_settings
 from mixcls.runs import RunError
 from mixcls.heap import keep_freed_memory
 from mixcls.sampling import build_collate, worker_init
@@ -97,14 +99,16 @@ def range_test(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
                scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None,
                channels_last: bool = False, beta: float = 0.98,
                diverge_factor: float = 4.0, normalizer: Normalizer | None = None,
-               device_augment: DeviceColour | DeviceAugment | None = None) -> LRFindResult:
+               device_augment: DeviceColour | DeviceAugment | None = None,
+               sharpness: Sharpness | None = None) -> LRFindResult:
     """Train `steps` optimizer steps at lrs rising exponentially from min_lr to max_lr; then restore.
 
     Each step is `accum_steps` micro-batches from `loader` (batches of images (B, C, H, W) and
     targets (B,) class indices or (B, K) soft targets; the loader is cycled when it runs out),
     treated as in `engine.train_one_epoch`: mixing, autocast, loss on soft targets, the loss
     divided by the group size, fp16 loss scaling with `scaler` (a step its scaler skips for an
-    overflow is still recorded: its loss was measured), clipping to `grad_clip`. Every param
+    overflow is still recorded: its loss was measured), clipping to `grad_clip`, and with
+    `sharpness` (--sam) the second pass at w + e(w) before each step. Every param
     group gets the step's lr (the optimizer's own lr and any scheduler play no part).
     Afterwards the model's parameters and buffers, its gradients and train/eval mode, the
     optimizer's state and param groups, the scaler's state and the global torch RNG are exactly
@@ -120,7 +124,8 @@ def range_test(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
                               accum_steps=accum_steps, mixer=mixer, generator=generator,
                               amp_dtype=amp_dtype, scaler=scaler, grad_clip=grad_clip,
                               channels_last=channels_last, beta=beta, diverge_factor=diverge_factor,
-                              normalizer=normalizer, device_augment=device_augment)
+                              normalizer=normalizer, device_augment=device_augment,
+                              sharpness=sharpness)
     finally:
         _restore_snapshot(snapshot, model, optimizer, scaler)
 
@@ -131,9 +136,11 @@ def _run_range(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
                amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
                grad_clip: float | None, channels_last: bool, beta: float,
                diverge_factor: float, normalizer: Normalizer | None = None,
-               device_augment: DeviceColour | DeviceAugment | None = None) -> LRFindResult:
+               device_augment: DeviceColour | DeviceAugment | None = None,
+               sharpness: Sharpness | None = None) -> LRFindResult:
     """The plain loop: one lr per accumulation group, one recorded loss per optimizer step."""
     model.train()
+    group, bn_layers = [], batchnorm_layers(model) if sharpness is not None else []
     n_batches = len(lrs) * accum_steps
     batches = _cycle(loader)
     tried, losses, smoothed = [], [], np.zeros(0)
@@ -156,7 +163,13 @@ def _run_range(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
         scaled = loss / group_size(i, n_batches, accum_steps)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         step_loss += scaled.item()
+        if sharpness is not None:
+            group.append((images, soft_targets, None, group_size(i, n_batches, accum_steps)))
         if should_step(i, n_batches, accum_steps):
+            if sharpness is not None:  # the trainer's second pass (engine.train_one_epoch)
+                sharpness_pass(model, optimizer, group, sharpness=sharpness, loss_fn=loss_fn,
+                               device=device, scaler=scaler, amp_dtype=amp_dtype, bn_layers=bn_layers)
+                group.clear()
             _optimizer_step(model, optimizer, scaler=scaler, grad_clip=grad_clip)
             tried.append(lr)
             losses.append(step_loss)
@@ -306,8 +319,8 @@ def find_lr_for_config(cfg: Config, *, rows: np.ndarray | None = None, device: s
 
     `rows` (n,) are the table rows to draw batches from; None: fold 0's training rows (never a
     validation row, so an lr chosen here does not peek at what it will be scored on). `device`
-    None means cfg.train.device. The model, loss, optimizer, mixing, AMP, micro-batch and
-    accumulation are the trainer's; the schedule, warm-up and EMA are not (the test sets the lr
+    None means cfg.train.device. The model, loss, optimizer, mixing, AMP, micro-batch,
+    accumulation and --sam are the trainer's; the schedule, warm-up and EMA are not (the test sets the lr
     itself, and the EMA does not change the training loss).
     """
     from mixcls.run_setup import fold_rows, prepare_table
@@ -325,9 +338,11 @@ def find_lr_for_config(cfg: Config, *, rows: np.ndarray | None = None, device: s
     with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
         torch.manual_seed(cfg.train.seed)
         parts = _build_pipeline(cfg, table, rows, device=device, log=log)
+    sharpness = sharpness_settings(cfg.optim.sam, cfg.optim.sam_rho)
     log(f"lr range test: {cfg.model.name}, {len(rows)} training rows, micro-batch "
         f"{parts.batch_size} x {parts.accum_steps} accumulation steps, {steps} steps, "
-        f"lr {min_lr:.1e} -> {max_lr:.1e}, on {parts.device}")
+        f"lr {min_lr:.1e} -> {max_lr:.1e}, on {parts.device}"
+        + (f", {sharpness.label}" if sharpness is not None else ""))
     result = range_test(parts.model, parts.loader, parts.optimizer, loss_fn=parts.loss_fn,
                         device=parts.device, num_classes=table.num_classes, min_lr=min_lr,
                         max_lr=max_lr, steps=steps, accum_steps=parts.accum_steps,
@@ -335,7 +350,7 @@ def find_lr_for_config(cfg: Config, *, rows: np.ndarray | None = None, device: s
                         scaler=parts.scaler, grad_clip=cfg.train.grad_clip,
                         channels_last=cfg.model.channels_last, beta=beta,
                         diverge_factor=diverge_factor, normalizer=parts.normalizer,
-                        device_augment=parts.device_augment)
+                        device_augment=parts.device_augment, sharpness=sharpness)
     return result, suggest_lr(result, rule=rule)
 
 
