@@ -16,6 +16,7 @@ import torch
 import torch.distributed as tdist
 
 from mixcls.config import ConfigError
+from mixcls.models import batchnorm_modules
 
 T = TypeVar("T")
 
@@ -137,8 +138,8 @@ def average_running_stats(module: torch.nn.Module) -> None:
     in place (the statistics each rank measured on its own rows)."""
     if context().world_size == 1:
         return
-    for layer in module.modules():
-        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.running_mean is not None:
+    for layer in batchnorm_modules(module):
+        if layer.running_mean is not None:  # track_running_stats=False keeps none
             for buffer in (layer.running_mean, layer.running_var):
                 tdist.all_reduce(buffer, op=tdist.ReduceOp.SUM)
                 buffer.div_(context().world_size)

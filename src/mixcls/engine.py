@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mixcls.device_augment import DeviceAugment, WarpBatch
 from mixcls.losses import to_soft_targets
+from mixcls.models import batchnorm_modules
 from mixcls.optim import current_lr
 from mixcls.sam import Sharpness, climb, come_back
 from mixcls.transforms import DeviceColour, Normalizer, apply_tta_view
@@ -298,7 +299,7 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
                leave=False, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
     group: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]] = []
-    bn_layers = batchnorm_layers(model) if sharpness is not None else ()
+    bn_layers = batchnorm_modules(model) if sharpness is not None else ()
     for i, batch in enumerate(loader, start=start_batch):
         images, targets, weights = batch_parts(batch)
         images, soft_targets, weights = prepare_batch(
@@ -340,11 +341,6 @@ def train_one_epoch(model: nn.Module, loader: Sequence, optimizer: torch.optim.O
     clock.update(stats)
     stats.lr = current_lr(optimizer)
     return stats
-
-
-def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
-    """The BatchNorm layers of `model` (timm's BatchNormAct2d and SyncBatchNorm included)."""
-    return [m for m in unwrap_model(model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def sharpness_pass(model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -24,9 +24,8 @@ from torch.utils.data import DataLoader
 from mixcls.config import Config, ConfigError
 from mixcls.data import ImageDataset, TrainTable
 from mixcls.devices import amp_setup, resolve_device
-from mixcls.engine import (autocast_context, batchnorm_layers, group_size, prepare_batch,
-                           sharpness_pass, should_step)
-from mixcls.models import build_training_model, model_mean_std
+from mixcls.engine import autocast_context, group_size, prepare_batch, sharpness_pass, should_step
+from mixcls.models import batchnorm_modules, build_training_model, model_mean_std
 from mixcls.optim import build_optimizer
 from mixcls.run_setup import build_mixer, build_training_loss, resolve_batch_plan
 from mixcls.sam import Sharpness, sharpness_settings
@@ -140,7 +139,7 @@ def _run_range(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimi
                sharpness: Sharpness | None = None) -> LRFindResult:
     """The plain loop: one lr per accumulation group, one recorded loss per optimizer step."""
     model.train()
-    group, bn_layers = [], batchnorm_layers(model) if sharpness is not None else []
+    group, bn_layers = [], batchnorm_modules(model) if sharpness is not None else []
     n_batches = len(lrs) * accum_steps
     batches = _cycle(loader)
     tried, losses, smoothed = [], [], np.zeros(0)

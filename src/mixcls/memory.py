@@ -343,7 +343,8 @@ def _train_step(model, optimizer, scaler, *, micro_batch: int, accum_steps: int,
     import torch.nn.functional as F
 
     from mixcls.devices import amp_dtype  # the trainer's rule (fp16 only on CUDA)
-    from mixcls.engine import batchnorm_layers, sharpness_pass
+    from mixcls.engine import sharpness_pass
+    from mixcls.models import batchnorm_modules
     from mixcls.sam import sharpness_settings
 
     dev = next(model.parameters()).device
@@ -363,7 +364,7 @@ def _train_step(model, optimizer, scaler, *, micro_batch: int, accum_steps: int,
     if kept:
         sharpness_pass(model, optimizer, kept, sharpness=sharpness_settings(sam, None),
                        loss_fn=lambda out, labels: F.cross_entropy(out.float(), labels),
-                       device=dev, scaler=scaler, amp_dtype=dtype, bn_layers=batchnorm_layers(model))
+                       device=dev, scaler=scaler, amp_dtype=dtype, bn_layers=batchnorm_modules(model))
     if scaler:
         scale = scaler.get_scale()
         scaler.step(optimizer)
