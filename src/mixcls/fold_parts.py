@@ -23,6 +23,7 @@ from mixcls.models import (batchnorm_modules, build_training_model, model_mean_s
 from mixcls.optim import build_optimizer, build_scheduler
 from mixcls.resume import Trainables
 from mixcls.run_setup import FoldData, build_mixer, build_training_loss
+from mixcls.sam import Sharpness, sharpness_settings
 from mixcls.sampling import EpochSampler, derive_seed, make_loader
 from mixcls.swa import build_averager
 from mixcls.transforms import DeviceColour, Normalizer, build_valid_transform
@@ -55,6 +56,7 @@ class FoldParts:
     recomputed_bn: tuple[nn.Module, ...] = ()
     # --swa-epochs: this rank's training rows as validation sees them, for the BatchNorm pass
     bn_loader: DataLoader | None = None
+    sharpness: Sharpness | None = None  # --sam's ascent (engine.train_one_epoch's second pass)
     train_model: nn.Module | None = None
     head_only: bool | None = None  # the phase train_model was built for
     _compiled_eval: dict[int, nn.Module] = field(default_factory=dict)
@@ -128,7 +130,8 @@ def build_fold_parts(cfg: Config, data: FoldData, *, fold: int, device: torch.de
                      train_loader, valid_loader, n_batches, loss_fn, mixer, data.valid_labels,
                      Normalizer(mean, std), device_augment, wrap, compile=cfg.model.compile,
                      freeze_epochs=cfg.model.freeze_epochs, freeze_bn=cfg.model.freeze_bn,
-                     recomputed_bn=recomputed_bn, bn_loader=bn_loader)
+                     recomputed_bn=recomputed_bn, bn_loader=bn_loader,
+                     sharpness=sharpness_settings(cfg.optim.sam, cfg.optim.sam_rho))
 
 
 def _build_loaders(cfg: Config, data: FoldData, train_transform: Callable, *, fold: int,

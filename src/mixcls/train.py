@@ -40,7 +40,6 @@ from mixcls.run_setup import (BatchPlan, FoldData, build_image_cache, check_run_
                               valid_labels_of, with_batch_plan)
 from mixcls.runs import atomic_write_csv, atomic_write_json, load_checkpoint, save_checkpoint
 from mixcls.sampling import derive_seed, seed_everything, start_epoch_generators
-from mixcls.sam import sharpness_settings
 from mixcls.swa import averaged_epochs, recompute_batchnorm, swa_summary
 from mixcls.tblog import FoldBoard, open_board
 
@@ -73,7 +72,7 @@ def fit_fold(cfg: Config, data: FoldData, *, fold: int, fold_dir: Path, device: 
     parts = build_fold_parts(cfg, data, fold=fold, device=device, ctx=ctx, log=log)
     layout = BatchLayout(ctx.world_size, int(cfg.train.batch_size), cfg.train.accum_steps)
     steps_per_epoch = -(-parts.n_batches // layout.accum_steps)
-    sharpness = sharpness_settings(cfg.optim.sam, cfg.optim.sam_rho)
+    sharpness = parts.sharpness
     two_passes = f"; {sharpness.label}: two passes per step" if sharpness is not None else ""
     log(f"fold {fold}: {layout.describe(n_train=len(data.train_paths), steps_per_epoch=steps_per_epoch)}"
         f"{two_passes}")
@@ -173,7 +172,7 @@ def _train_epoch(cfg: Config, parts: FoldParts, state: FoldState, *, fold: int, 
             mixer=mixing, generator=mix_gen, accum_steps=accum, scaler=parts.net.scaler,
             amp_dtype=parts.amp_dtype, grad_clip=cfg.train.grad_clip, ema=parts.net.ema,
             channels_last=cfg.model.channels_last, recomputed_bn=parts.recomputed_bn,
-            sharpness=sharpness_settings(cfg.optim.sam, cfg.optim.sam_rho), start_batch=start_batch,
+            sharpness=parts.sharpness, start_batch=start_batch,
             n_batches=parts.n_batches, start_stats=state.epoch_stats if resumed else None,
             on_step=on_step, progress=progress and ctx.is_main,
             desc=f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs}")
