@@ -405,18 +405,38 @@ def fit_nested(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, *, fit:
     for g in np.unique(folds).tolist():
         rest, rows = folds != g, folds == g
         params[g] = fit(probs[:, rest], labels[rest], folds[rest])
-        blended, fitted_on = apply_blend(params[g], probs[:, rows]), None
+        temperature = bias = None
         if calibrate or class_bias != "none":
-            fitted_on = apply_blend(params[g], probs[:, rest])
-        if calibrate:
-            temperatures[g] = fit_temperature(fitted_on, labels[rest])
-            blended = apply_temperature(blended, temperatures[g])
-            fitted_on = apply_temperature(fitted_on, temperatures[g])
-        if class_bias != "none":
-            biases[g] = fit_class_bias(fitted_on, labels[rest], metric=class_bias)
-            blended = apply_class_bias(blended, biases[g])
-        out[rows] = blended
+            temperature, bias, _ = fit_after_blend(apply_blend(params[g], probs[:, rest]), labels[rest],
+                                                   calibrate=calibrate, class_bias=class_bias)
+        if temperature is not None:
+            temperatures[g] = temperature
+        if bias is not None:
+            biases[g] = bias
+        out[rows] = apply_after_blend(apply_blend(params[g], probs[:, rows]), temperature, bias)
     return NestedBlend(out, params, temperatures, biases)
+
+
+def fit_after_blend(blended: np.ndarray, labels: np.ndarray, *, calibrate: bool, class_bias: str
+                    ) -> tuple[float | None, np.ndarray | None, np.ndarray]:
+    """What follows the members' combination, fitted on these blended rows (N, K): the
+    temperature (`calibrate`), then the class biases on the calibrated rows (`class_bias`);
+    each None when off. Also the rows with both applied (apply_after_blend's result)."""
+    temperature = fit_temperature(blended, labels) if calibrate else None
+    if temperature is not None:
+        blended = apply_temperature(blended, temperature)
+    bias = fit_class_bias(blended, labels, metric=class_bias) if class_bias != "none" else None
+    return temperature, bias, apply_after_blend(blended, None, bias)
+
+
+def apply_after_blend(blended: np.ndarray, temperature: float | None,
+                      bias: np.ndarray | None) -> np.ndarray:
+    """The temperature, then the class biases, on blended probabilities; None: skipped."""
+    if temperature is not None:
+        blended = apply_temperature(blended, temperature)
+    if bias is not None:
+        blended = apply_class_bias(blended, bias)
+    return blended
 
 
 @dataclass
@@ -444,13 +464,8 @@ def fit_blend(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, *, metho
     fit = make_fitter(method, metric=metric, seed=seed)
     nested = fit_nested(probs, labels, folds, fit=fit, calibrate=calibrate, class_bias=class_bias)
     params = fit(probs, labels, folds)
-    in_sample = apply_blend(params, probs)
-    temperature = fit_temperature(in_sample, labels) if calibrate else None
-    if temperature is not None:
-        in_sample = apply_temperature(in_sample, temperature)
-    bias = fit_class_bias(in_sample, labels, metric=class_bias) if class_bias != "none" else None
-    if bias is not None:
-        in_sample = apply_class_bias(in_sample, bias)
+    temperature, bias, in_sample = fit_after_blend(apply_blend(params, probs), labels,
+                                                   calibrate=calibrate, class_bias=class_bias)
     return BlendFit(params, temperature, bias, in_sample, nested)
 
 
@@ -879,8 +894,6 @@ def combine_members(spec: dict[str, Any], member_probs: np.ndarray) -> np.ndarra
     the class biases (with --class-bias; a blend.json from before them has none).
     """
     probs = apply_blend(_params_from_json(spec["method"], spec), np.asarray(member_probs, np.float64))
-    if spec["temperature"] is not None:
-        probs = apply_temperature(probs, float(spec["temperature"]))
-    if spec.get("class_bias") is not None:
-        probs = apply_class_bias(probs, np.asarray(spec["class_bias"], np.float64))
-    return probs
+    temperature, bias = spec["temperature"], spec.get("class_bias")
+    return apply_after_blend(probs, None if temperature is None else float(temperature),
+                             None if bias is None else np.asarray(bias, np.float64))
