@@ -130,6 +130,14 @@ def no_training(monkeypatch):
 
 
 @pytest.fixture
+def tiny_export(tmp_path: Path) -> Path:
+    """A small stand-in for a `mixcls data fashion-mnist` export, as the benchmarks read it:
+    3 classes x 20 training and x 10 test images of 28 px."""
+    return add_test_split(write_tiny_dataset(tmp_path / "data", n_per_class=20, size=28),
+                          n_per_class=10, size=28)
+
+
+@pytest.fixture
 def tiny_data(tmp_path: Path) -> Path:
     """3 classes x 12 images of 24 px, integer labels, Kaggle layout."""
     return write_tiny_dataset(tmp_path / "data")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import add_test_split, final_figures, load_benchmark, printed_rows, write_tiny_dataset
+from conftest import final_figures, load_benchmark, printed_rows
 
 
 def test_class_sizes_fall_geometrically_from_n_max_to_the_ratio():
@@ -31,10 +31,9 @@ def test_long_tail_keeps_the_sizes_and_refuses_a_short_class():
 
 
 @pytest.mark.slow
-def test_the_final_line_is_the_tables(tmp_path, capsys, one_thread):
+def test_the_final_line_is_the_tables(tiny_export, tmp_path, capsys, one_thread):
     bench = load_benchmark("imbalance")
-    data = add_test_split(write_tiny_dataset(tmp_path / "data", n_per_class=20, size=28),
-                          n_per_class=10, size=28)
+    data = tiny_export
     assert bench.main(["--data", str(data), "--work", str(tmp_path / "work"), "--epochs", "1",
                        "--n-max", "20", "--ratio", "0.5", "--threads", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from conftest import add_test_split, final_figures, load_benchmark, printed_rows, write_tiny_dataset
+from conftest import final_figures, load_benchmark, printed_rows
 from mixcls.config import load_config
 
 
 @pytest.mark.slow
-def test_the_noise_is_as_asked_and_the_final_line_is_the_tables(tmp_path, capsys, one_thread):
+def test_the_noise_is_as_asked_and_the_final_line_is_the_tables(tiny_export, tmp_path, capsys,
+                                                                  one_thread):
     bench = load_benchmark("sam")
-    data = add_test_split(write_tiny_dataset(tmp_path / "data", n_per_class=20, size=28),
-                          n_per_class=10, size=28)
+    data = tiny_export
     work = tmp_path / "work"
     assert bench.main(["--data", str(data), "--work", str(work), "--epochs", "1",
                        "--n-train", "45", "--noise", "0.2", "--threads", "1"]) == 0

@@ -7,14 +7,13 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import add_test_split, final_figures, load_benchmark, printed_rows, write_tiny_dataset
+from conftest import final_figures, load_benchmark, printed_rows
 
 
 @pytest.mark.slow
-def test_the_final_line_is_the_tables(tmp_path, capsys, one_thread):
+def test_the_final_line_is_the_tables(tiny_export, tmp_path, capsys, one_thread):
     bench = load_benchmark("swa")
-    data = add_test_split(write_tiny_dataset(tmp_path / "data", n_per_class=20, size=28),
-                          n_per_class=10, size=28)
+    data = tiny_export
     work = tmp_path / "work"
     assert bench.main(["--data", str(data), "--work", str(work), "--epochs", "5",
                        "--n-train", "45", "--threads", "1"]) == 0
