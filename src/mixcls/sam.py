@@ -56,8 +56,8 @@ def climb(params: Sequence[nn.Parameter], sharpness: Sharpness) -> list[tuple[nn
     """Move every parameter that has a gradient to w + e(w); return (parameter, w) pairs.
 
     The gradient may still carry GradScaler's loss scale: e(w) divides g by a norm of g, so
-    the scale cancels. A gradient with a NaN or infinity (an fp16 overflow, which the step
-    will skip) gives e = 0: the second pass is then taken at w and the skip rule sees it.
+    the scale cancels. A gradient with a NaN or infinity (an fp16 overflow) gives e = 0: the
+    second pass is then taken at w, and the step's skip rule judges that pass's gradients.
     The check stays on the device (torch.where), so a step waits for no host read.
     """
     with_grad = [p for p in params if p.grad is not None]
